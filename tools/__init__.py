@@ -1,0 +1,1 @@
+"""Operator commands behind the one console script, ``sketchstream <command>``."""
