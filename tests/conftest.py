@@ -1,0 +1,113 @@
+"""Fixtures shared by all tests: the real Kafka broker that integration tests talk to.
+
+- ``kafka_bootstrap`` (session): bootstrap servers. ``SKETCHSTREAM_KAFKA`` when set; otherwise
+  the local broker, started for the session if it was not running (then stopped at the end,
+  unless another test session still uses it), so a bare ``pytest`` works too.
+- ``kafka_settings`` (session): a :class:`Settings` pointing at that broker.
+- ``make_topic`` (function): ``make_topic(partitions=1, config=None) -> name`` creates a fresh
+  uniquely named topic, deleted again after the test. Usable from sync and async tests.
+- ``delete_after`` (function): ``delete_after(*names)`` deletes those topics after the test.
+
+Tests that use them carry ``pytest.mark.kafka``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import pytest
+from sketchstream.stream.settings import Settings, load_settings
+from sketchstream.tools.broker import LocalBroker, kafka_answers
+from sketchstream.tools.topics import TopicSpec, create_topics
+
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """Bootstrap servers of a broker that answers, started for this session when needed."""
+    settings = load_settings()
+    if not settings.uses_local_broker:
+        if not kafka_answers(settings.client_kwargs(), timeout=15.0):
+            pytest.fail(f"SKETCHSTREAM_KAFKA={settings.kafka} does not answer", pytrace=False)
+        yield settings.bootstrap_servers
+        return
+    broker = LocalBroker(settings)
+    if broker.pid() is None and broker.answering():  # a broker we did not start: use it
+        yield broker.bootstrap_servers
+        return
+    with broker.lease():
+        started = broker.start()
+        yield broker.bootstrap_servers
+    if started and not broker.users():
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_settings(kafka_bootstrap: str) -> Settings:
+    """Settings (environment as for the commands) whose Kafka is the session's broker."""
+    return load_settings(kafka=kafka_bootstrap)
+
+
+@pytest.fixture
+def make_topic(kafka_settings: Settings) -> Iterator[Callable[..., str]]:
+    """Factory of fresh topics: ``make_topic(partitions=1, config={"cleanup.policy": ...})``."""
+    made: list[str] = []
+    kwargs = kafka_settings.client_kwargs()
+
+    def make(partitions: int = 1, config: Mapping[str, str] | None = None) -> str:
+        name = f"test-{uuid.uuid4().hex[:12]}"
+        spec = TopicSpec(name, partitions, dict(config or {}))
+        run_in_thread(create_topics(kwargs, [spec], kafka_settings.replication_factor))
+        made.append(name)
+        return name
+
+    yield make
+    if made:
+        run_in_thread(delete_topics(kwargs, made))
+
+
+@pytest.fixture
+def delete_after(kafka_settings: Settings) -> Iterator[Callable[..., None]]:
+    """``delete_after(*names)``: topics a test creates by other means, deleted after it."""
+    names: list[str] = []
+
+    def delete(*topics: str) -> None:
+        names.extend(topics)
+
+    yield delete
+    if names:
+        run_in_thread(delete_topics(kafka_settings.client_kwargs(), names))
+
+
+async def delete_topics(client_kwargs: Mapping[str, Any], names: Sequence[str]) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**client_kwargs)
+    await admin.start()
+    try:
+        await admin.delete_topics(list(names))
+    finally:
+        await admin.close()
+
+
+def run_in_thread(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` on a fresh event loop in a helper thread: fine inside async tests."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = asyncio.run(coroutine)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

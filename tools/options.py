@@ -1,0 +1,56 @@
+"""Command-line options that stand for a :class:`Settings` field.
+
+A flag given on the command line wins; left out, the field's ``SKETCHSTREAM_*`` environment
+variable or its default applies, because the command passes the flag to
+:func:`~sketchstream.stream.settings.load_settings`, which ignores ``None``::
+
+    def start(port: Annotated[int | None, setting_option("kafka_port", "--port")] = None):
+        settings = load_settings(kafka_port=port)
+
+The help text names the variable and the default, so ``--help`` documents both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from sketchstream.stream.settings import ENV_PREFIX, Settings
+
+__all__ = ["env_var", "load_settings_or_exit", "setting_option"]
+
+
+def env_var(field: str) -> str:
+    """The variable of a Settings field: ``kafka_port`` → ``SKETCHSTREAM_KAFKA_PORT``."""
+    if field not in Settings.model_fields:
+        raise KeyError(f"{field!r} is not a Settings field")
+    return ENV_PREFIX + field.upper()
+
+
+def setting_option(field: str, *param_decls: str, **kwargs: Any) -> Any:
+    """A ``typer.Option`` (for ``Annotated``; default None) overriding Settings ``field``."""
+    info = Settings.model_fields[field]
+    default = info.get_default(call_default_factory=True, validated_data={})
+    help_text = kwargs.pop("help", None) or info.description or field
+    return typer.Option(
+        *param_decls,
+        help=f"{help_text} (env {env_var(field)}, default {default})",
+        show_default=False,
+        **kwargs,
+    )
+
+
+def load_settings_or_exit(**flags: Any) -> Settings:
+    """Settings from the environment and the given flags; a bad value ends the command (exit 2)
+    with a message naming the variable or flag and what is expected."""
+    from pydantic import ValidationError
+    from sketchstream.stream.settings import load_settings
+
+    try:
+        return load_settings(**flags)
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            name = env_var(field) if field in Settings.model_fields else field
+            typer.echo(f"invalid setting {name}={error.get('input')!r}: {error['msg']}", err=True)
+        raise typer.Exit(2) from None
