@@ -1,0 +1,224 @@
+"""Canonical event/item files, the protocol split and label heads; check figures on ML-1M."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from sketchstream.models.errors import SketchstreamError
+from sketchstream.models.events import (
+    DEFAULT_HEADS,
+    EventError,
+    EventTable,
+    Head,
+    Item,
+    check_event,
+    labels,
+    protocol_order,
+    protocol_split,
+    read_events,
+    read_items,
+    stream_md5,
+    write_events,
+    write_items,
+)
+
+RECORDS = [
+    {"user": "u1", "item": "a", "action": "rate", "ts": 10, "value": 5},
+    {"user": "u2", "item": "b", "action": "view", "ts": 11.5},
+    {"user": "u1", "item": "b", "action": "rate", "ts": 12, "value": 2},
+    {"user": "u3", "item": "a", "action": "buy", "ts": 13, "value": 9.99, "event_id": "e4"},
+    {"user": "u2", "item": "c", "action": "rate", "ts": 14, "value": 4, "context": {"hour": 3}},
+]
+
+
+def _write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_events_round_trip_through_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    assert write_events(path, RECORDS) == 5
+    events = read_events(path)
+    assert len(events) == 5
+    assert events.user.tolist() == ["u1", "u2", "u1", "u3", "u2"]
+    assert events.ts.dtype == np.float64 and events.value.dtype == np.float32
+    assert math.isnan(events.value[1])
+    assert events.event_id.tolist() == [None, None, None, "e4", None]
+    assert events.context["hour"][4] == 3 and np.isnan(events.context["hour"][0])
+    assert list(events.records()) == RECORDS
+    write_events(tmp_path / "again.jsonl", events)
+    assert (tmp_path / "again.jsonl").read_bytes() == path.read_bytes()
+
+
+def test_integral_numbers_are_written_as_integers(tmp_path: Path) -> None:
+    write_events(tmp_path / "e.jsonl", RECORDS[:1])
+    assert b'"ts":10,"value":5}' in (tmp_path / "e.jsonl").read_bytes()
+
+
+def test_blank_lines_are_skipped_and_line_numbers_stay_physical(tmp_path: Path) -> None:
+    good = orjson.dumps(RECORDS[0]).decode()
+    path = _write_lines(tmp_path / "e.jsonl", [good, "", good, "  ", '{"user": "u"}'])
+    with pytest.raises(EventError, match=r"line 5: missing required field 'item'"):
+        read_events(path)
+
+
+_EVENT = '{"user":"u","item":"i","action":"rate"'
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (_EVENT + ',"ts":"abc"}', "line 2: 'ts' must be a number, got 'abc'"),
+        (_EVENT + "}", "line 2: missing required field 'ts'"),
+        ('{"user":7,"item":"i","action":"r","ts":1}', "'user' must be a non-empty string, got 7"),
+        ('{"user":"u","item":"","action":"r","ts":1}', "2: 'item' must be a non-empty string"),
+        (_EVENT + ',"ts":true}', "line 2: 'ts' must be a number, got True"),
+        (_EVENT + ',"ts":1,"value":"5"}', "line 2: 'value' must be a number or absent"),
+        (_EVENT + ',"ts":1,"context":{"h":"x"}}', "line 2: 'context.h' must be a number"),
+        (_EVENT + ',"ts":1,"event_id":3}', "line 2: 'event_id' must be a string"),
+        ('{"user":"u","item":"i",', "line 2: not valid JSON"),
+        ("[1, 2]", "line 2: an event must be a JSON object"),
+    ],
+)  # fmt: skip
+def test_a_bad_line_is_reported_by_number_and_field(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    path = _write_lines(tmp_path / "e.jsonl", [orjson.dumps(RECORDS[0]).decode(), line])
+    with pytest.raises(EventError) as error:
+        read_events(path)
+    assert message in str(error.value)
+    assert isinstance(error.value, SketchstreamError) and isinstance(error.value, ValueError)
+
+
+def test_a_bad_line_deep_in_a_large_file_is_found(tmp_path: Path) -> None:
+    good = orjson.dumps(RECORDS[0]).decode()
+    lines = [good] * 70_000
+    lines[66_000] = good.replace('"ts":10', '"ts":"x"')
+    path = _write_lines(tmp_path / "e.jsonl", lines)
+    with pytest.raises(EventError, match="line 66001: 'ts'"):
+        read_events(path)
+
+
+def test_check_event_accepts_a_valid_event_and_names_the_place() -> None:
+    check_event(RECORDS[4])
+    with pytest.raises(EventError, match=r"^event at 3: missing required field 'user'"):
+        check_event({"item": "i"}, "event at 3")
+
+
+def test_event_table_selects_rows_and_checks_column_lengths() -> None:
+    events = EventTable.from_records(RECORDS)
+    assert events[1:3].item.tolist() == ["b", "b"]
+    assert events[np.array([True, False, False, True, False])].user.tolist() == ["u1", "u3"]
+    with pytest.raises(EventError, match="column 'ts' has 1 rows"):
+        EventTable(events.user, events.item, events.action, events.ts[:1], events.value)
+
+
+def test_items_round_trip_and_metadata_is_optional(tmp_path: Path) -> None:
+    items = [
+        Item("Toy Story (1995)", title="Toy Story", categories=("Animation", "Comedy"), year=1995),
+        Item("bare"),
+        Item("tagged", tags=("space", "robots")),
+    ]
+    path = tmp_path / "items.jsonl"
+    assert write_items(path, items) == 3
+    assert read_items(path) == items
+    assert path.read_text().splitlines()[1] == '{"item":"bare"}'
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"title": "x"}', "line 1: missing required field 'item'"),
+        ('{"item": "x", "year": "1995"}', "line 1: 'year' must be an integer"),
+        ('{"item": "x", "categories": "Drama"}', "line 1: 'categories' must be a list of strings"),
+    ],
+)
+def test_bad_item_lines_are_reported(tmp_path: Path, line: str, message: str) -> None:
+    with pytest.raises(EventError, match=message):
+        read_items(_write_lines(tmp_path / "items.jsonl", [line]))
+
+
+def test_a_repeated_item_is_an_error(tmp_path: Path) -> None:
+    path = _write_lines(tmp_path / "items.jsonl", ['{"item": "x"}', '{"item": "x"}'])
+    with pytest.raises(EventError, match="line 2: item 'x' already defined on line 1"):
+        read_items(path)
+
+
+def test_protocol_split_boundaries() -> None:
+    assert protocol_split(1_000_209) == (
+        slice(0, 800_167),
+        slice(800_167, 900_188),
+        slice(900_188, 1_000_209),
+    )
+    assert protocol_split(10) == (slice(0, 8), slice(8, 9), slice(9, 10))
+    for n in range(0, 200):
+        train, val, test = protocol_split(n)
+        assert train.stop == val.start and val.stop == test.start and test.stop == n
+        assert train.stop == math.floor(0.8 * n + 1e-9) and val.stop == math.floor(0.9 * n + 1e-9)
+
+
+def test_protocol_order_sorts_by_time_then_ids_as_strings_stably() -> None:
+    user = np.array(["9", "10", "10", "2", "10"], dtype=object)
+    item = np.array(["b", "a", "a", "z", "a"], dtype=object)
+    ts = np.array([5.0, 5.0, 5.0, 1.0, 4.0])
+    assert protocol_order(user, item, ts).tolist() == [3, 4, 1, 2, 0]
+
+
+def test_stream_md5_hashes_user_tab_item_lines() -> None:
+    events = EventTable.from_records(RECORDS[:2])
+    assert stream_md5(events) == hashlib.md5(b"u1\ta\nu2\tb\n").hexdigest()
+
+
+def test_like_head_labels_ratings_of_four_and_up() -> None:
+    y = labels(EventTable.from_records(RECORDS))
+    assert y.shape == (5, 1) and y.dtype == np.float32
+    np.testing.assert_array_equal(y[:, 0], [1, np.nan, 0, np.nan, 1])
+
+
+def test_heads_without_threshold_and_with_wider_scope() -> None:
+    events = EventTable.from_records(RECORDS)
+    heads = [Head("bought", actions=("buy",), applies_to=("view", "buy")), *DEFAULT_HEADS]
+    y = labels(events, heads)
+    np.testing.assert_array_equal(y[:, 0], [np.nan, 0, np.nan, 1, np.nan])
+    with pytest.raises(SketchstreamError, match="head names must be unique"):
+        labels(events, [DEFAULT_HEADS[0], DEFAULT_HEADS[0]])
+    with pytest.raises(SketchstreamError, match="'actions' must be a non-empty tuple"):
+        Head("x", actions="rate")  # type: ignore[arg-type]
+
+
+# --- check figures on the real data set -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def movielens(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MovieLens-1M converted into the user's cache (once; later sessions reuse it)."""
+    from sketchstream.stream.settings import load_settings
+    from sketchstream.tools.movielens import SourceUnavailableError, prepare
+
+    if os.environ.get("SKETCHSTREAM_TEST_OFFLINE"):
+        pytest.skip("SKETCHSTREAM_TEST_OFFLINE is set: no MovieLens-1M download")
+    cache = load_settings().home / "cache"
+    try:
+        prepare(cache / "ml-1m", cache)
+    except SourceUnavailableError as exc:
+        pytest.skip(f"MovieLens-1M unavailable: {exc}")
+    return cache / "ml-1m"
+
+
+@pytest.mark.slow
+def test_movielens_check_figures(movielens: Path) -> None:
+    events = read_events(movielens / "events.jsonl")
+    assert len(events) == 1_000_209
+    _, _, test = protocol_split(len(events))
+    assert (test.start, test.stop) == (900_188, 1_000_209)
+    y = labels(events)[test, 0]
+    assert round(float(y.mean()), 4) == 0.5444
+    assert stream_md5(events) == "49b1222f67be297b7a4de1cb63da8501"
+    assert np.all(np.diff(events.ts) >= 0)
