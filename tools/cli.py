@@ -10,7 +10,7 @@ import logging
 
 import typer
 
-from sketchstream.tools import kafka, topics
+from sketchstream.tools import bench, data, kafka, topics
 
 __all__ = ["app", "main"]
 
@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 app.add_typer(kafka.app, name="kafka")
 app.add_typer(topics.app, name="topics")
+app.add_typer(data.app, name="data")
+app.add_typer(bench.app, name="bench")
 
 
 @app.callback()
