@@ -1,0 +1,1331 @@
+"""The user-state aggregator: fold events into decayed EMDE sketches, score before folding.
+
+One :class:`Aggregator` serves both the offline replay (trainer) and the streaming worker, so
+training and serving build features with the same code::
+
+    agg = Aggregator(default_config(), {"interactions": cb_i, "metadata": cb_m})
+    batch = agg.load(blobs)                      # list[bytes | None] -> StateBatch
+    feats = agg.score_then_fold(batch, events)   # EventBatch in offset order -> Features
+    blobs = agg.dump(batch)                      # list[bytes], written back explicitly
+
+A user state holds, per :class:`Channel`, a decayed sketch ``(depth, width)`` of the items of
+the events the channel accepts (an action set and a value range), kept at the state's clock;
+the clock (the latest event time folded); the last folded offset per source partition; a
+bounded history (top ``history_size`` events by decayed weight) to rebuild the sketches under a
+new codebook; and the codebook version the sketches were built on.
+
+Semantics (DESIGN.md, "Semantics that must hold"):
+
+- *Score, then fold*: event ``i``'s features are read from the state before ``i`` is folded,
+  and see every earlier event of its user, including earlier events of the same batch.
+- *Idempotence*: an event whose offset is ``<=`` the last folded offset of its partition is
+  skipped (``Features.valid`` False); redelivery is a no-op.
+- *Lazy decay*: reading at ``t`` multiplies a channel's sketch by ``2^(-(t - clock)/half_life)``;
+  an event older than the clock adds ``weight * 2^(-(clock - ts)/half_life)`` and leaves the
+  clock where it is; the clock never moves back.
+- *Unknown items* (not in a modality's codebook) add nothing to that modality's channels and
+  are counted (``Aggregator.counters``); they still enter the history.
+- *Versions*: :meth:`Aggregator.load` rebuilds a state made under other codebooks (or another
+  channel layout) from its history and counts it.
+- *Table writes are reassignments*: a :class:`StateBatch` is a working buffer; only
+  :meth:`Aggregator.dump` bytes, written back, persist.
+
+Batches are columnar and folds vectorize across users: within a batch, each user's events are
+folded in closed form (exponential decay makes a user's sketch a weighted prefix sum), so the
+cost is a few sorts and scatters per batch, not a Python loop per event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import struct
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from sketchstream.models.emde import Codebook, item_hash
+from sketchstream.models.errors import ArtifactError, ModelError
+
+__all__ = [
+    "Aggregator",
+    "AggregatorConfig",
+    "Channel",
+    "Event",
+    "EventBatch",
+    "Features",
+    "StateBatch",
+    "default_config",
+    "replay_benchmark",
+    "state_size_report",
+    "synthetic_ratings",
+]
+
+log = logging.getLogger(__name__)
+
+DAY = 86_400.0
+_MAGIC = b"SU"
+_FORMAT_VERSION = 1
+_HEADER = struct.Struct("<2sBB8sd")  # magic, format version, flags, layout hash, clock
+# Within one pass, a user's events span at most this many (shortest) half-lives, so the
+# scaled weights 2^((ts - t0)/h) stay within float64's comfortable range (see _fold_pass).
+_MAX_PASS_HALF_LIVES = 24.0
+_ITEM_CACHE_MAX = 4_000_000
+# A contribution decayed below this is forgotten (exactly 0): it keeps float32 out of
+# denormals and makes "is the channel empty" the same question on every code path.
+_FORGET = 2.0**-100
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One decayed sketch per user: which events feed it and how fast it forgets.
+
+    ``modality``: the codebook the items are sketched with (``"interactions"``, ``"metadata"``).
+    ``actions``: action names that feed the channel (None: all known actions).
+    ``min_value`` (inclusive) / ``max_value`` (exclusive): a filter on the event value; events
+    without a value (nan) fail any filter that is set.
+    ``half_life_s``: seconds for a contribution to halve (``math.inf``: no decay).
+    ``weight``: multiplies every contribution.
+    """
+
+    name: str
+    modality: str
+    actions: frozenset[str] | None = None
+    min_value: float | None = None
+    max_value: float | None = None
+    half_life_s: float = math.inf
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.modality:
+            raise ModelError(f"Channel needs a name and a modality, got {self!r}")
+        if not self.half_life_s > 0:
+            raise ModelError(f"Channel {self.name!r}: half_life_s must be > 0 (or inf)")
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ModelError(f"Channel {self.name!r}: weight must be finite and > 0")
+        lo, hi = self.min_value, self.max_value
+        if lo is not None and hi is not None and not lo < hi:
+            raise ModelError(f"Channel {self.name!r}: min_value {lo} must be < max_value {hi}")
+        if self.actions is not None:
+            object.__setattr__(self, "actions", frozenset(self.actions))
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """Channels, action vocabulary and history bound of a user state.
+
+    ``actions``: the known action names; events carry an index into this tuple. Keep it
+    append-only: serialized histories store action indices.
+    ``history_size``: K, the events kept per user to rebuild sketches under a new codebook.
+    ``history_half_life_s``: the decay that ranks history entries (top K by decayed weight;
+    ties go to the most recent).
+    """
+
+    channels: tuple[Channel, ...]
+    actions: tuple[str, ...]
+    history_size: int = 128
+    history_half_life_s: float = 30 * DAY
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(self.channels))
+        object.__setattr__(self, "actions", tuple(self.actions))
+        if not self.channels:
+            raise ModelError("AggregatorConfig needs at least one channel")
+        names = [c.name for c in self.channels]
+        if len(set(names)) != len(names):
+            raise ModelError(f"AggregatorConfig: channel names must be unique, got {names}")
+        if not self.actions or len(set(self.actions)) != len(self.actions):
+            raise ModelError(
+                f"AggregatorConfig: actions must be unique and non-empty: {self.actions}"
+            )
+        if len(self.actions) > 255:
+            raise ModelError(f"AggregatorConfig: at most 255 actions, got {len(self.actions)}")
+        for c in self.channels:
+            unknown = sorted((c.actions or frozenset()) - set(self.actions))
+            if unknown:
+                raise ModelError(
+                    f"channel {c.name!r}: unknown actions {unknown}: expected some of "
+                    f"{', '.join(self.actions)}"
+                )
+        if not 0 <= self.history_size <= 65_535:
+            raise ModelError(f"history_size must be in [0, 65535], got {self.history_size}")
+        if not self.history_half_life_s > 0:
+            raise ModelError("history_half_life_s must be > 0 (or inf)")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Modalities in order of first use by a channel."""
+        return tuple(dict.fromkeys(c.modality for c in self.channels))
+
+    def fingerprint(self) -> str:
+        """A stable hash of the configuration (part of a serialized state's layout)."""
+
+        def enc(c: Channel) -> dict[str, Any]:
+            d = asdict(c)
+            d["actions"] = None if c.actions is None else sorted(c.actions)
+            return d
+
+        doc = {
+            "channels": [enc(c) for c in self.channels],
+            "actions": list(self.actions),
+            "history_size": self.history_size,
+            "history_half_life_s": self.history_half_life_s,
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_config(actions: Sequence[str] = ("rate",)) -> AggregatorConfig:
+    """Channels for a rating data set (MovieLens): liked (value >= 4) and disliked (< 4).
+
+    interactions × {liked, disliked} × {30-day half-life, no decay}, and
+    metadata × {liked, disliked} without decay: 6 channels. The decayed metadata channels are
+    left out to keep the median MovieLens-1M state under 8 KB (its non-integer values cost 4
+    bytes a bucket; the undecayed ones are integer counts, 1 byte). History: 128 events.
+    """
+    month = 30 * DAY
+    liked = {"min_value": 4.0}
+    disliked = {"max_value": 4.0}
+    return AggregatorConfig(
+        channels=(
+            Channel("liked", "interactions", **liked),
+            Channel("liked_30d", "interactions", half_life_s=month, **liked),
+            Channel("disliked", "interactions", **disliked),
+            Channel("disliked_30d", "interactions", half_life_s=month, **disliked),
+            Channel("meta_liked", "metadata", **liked),
+            Channel("meta_disliked", "metadata", **disliked),
+        ),
+        actions=tuple(actions),
+        history_size=128,
+    )
+
+
+# --- events, states, features ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event for the scalar path (:meth:`Aggregator.fold`). ``offset`` None: next one."""
+
+    item: str
+    action: str
+    ts: float
+    value: float = math.nan
+    partition: int = 0
+    offset: int | None = None
+    weight: float = 1.0
+
+
+@dataclass
+class EventBatch:
+    """Columnar micro-batch of events, in offset order per user. All arrays ``(n,)``.
+
+    ``user_index`` row in the StateBatch; ``item`` item ids (str); ``action`` index into
+    ``config.actions`` (``-1``: an action the config does not know, folded into no channel);
+    ``value`` float32 (nan: none); ``ts`` float64 seconds; ``partition`` int32; ``offset``
+    int64 (>= 0); ``weight`` float32 (None: all 1).
+    """
+
+    user_index: np.ndarray
+    item: np.ndarray
+    action: np.ndarray
+    value: np.ndarray
+    ts: np.ndarray
+    partition: np.ndarray
+    offset: np.ndarray
+    weight: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.user_index = np.asarray(self.user_index, dtype=np.int64)
+        n = self.user_index.shape[0]
+        items = self.item
+        self.item = items if isinstance(items, np.ndarray) else np.array(items, dtype=object)
+        self.action = np.asarray(self.action, dtype=np.int64)
+        self.value = np.asarray(self.value, dtype=np.float32)
+        self.ts = np.asarray(self.ts, dtype=np.float64)
+        self.partition = np.asarray(self.partition, dtype=np.int32)
+        self.offset = np.asarray(self.offset, dtype=np.int64)
+        w = np.ones(n, np.float32) if self.weight is None else self.weight
+        self.weight = np.asarray(w, dtype=np.float32)
+        for name in ("item", "action", "value", "ts", "partition", "offset", "weight"):
+            a = getattr(self, name)
+            if a.shape != (n,):
+                raise ModelError(f"EventBatch.{name} has shape {a.shape}, expected ({n},)")
+
+    def __len__(self) -> int:
+        return int(self.user_index.shape[0])
+
+
+@dataclass
+class StateBatch:
+    """User states of a batch, dense and columnar. ``U`` users, ``C`` channels, ``D`` depth,
+    ``W`` width, ``P`` partition slots, ``K`` history size.
+
+    ``sketches (U, C, D, W)`` float32, at each user's clock; ``clocks (U,)`` float64 (nan: no
+    event yet); ``n_events (U,)`` int64 events folded; ``partitions (U, P)`` int32 (-1: free
+    slot) with ``offsets (U, P)`` int64 last folded offset; history ``hist_len (U,)`` and
+    ``hist_item`` (uint64 :func:`item_hash`), ``hist_ts`` float64, ``hist_action`` int16,
+    ``hist_value`` float32, ``hist_weight`` float32, each ``(U, K)``, slots in rank order
+    (highest decayed weight first), padding zeros (action -1) after ``hist_len``.
+    ``codebook_version``: the codebooks the sketches were built on. ``rebuilt``: rows
+    :meth:`Aggregator.load` rebuilt from history.
+    """
+
+    sketches: np.ndarray
+    clocks: np.ndarray
+    n_events: np.ndarray
+    partitions: np.ndarray
+    offsets: np.ndarray
+    hist_len: np.ndarray
+    hist_item: np.ndarray
+    hist_ts: np.ndarray
+    hist_action: np.ndarray
+    hist_value: np.ndarray
+    hist_weight: np.ndarray
+    codebook_version: str
+    rebuilt: int = 0
+
+    def __len__(self) -> int:
+        return int(self.clocks.shape[0])
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+
+    def take(self, rows: Sequence[int] | np.ndarray | slice) -> StateBatch:
+        """A copy holding the given rows."""
+        arrays = {k: np.array(v[rows], copy=True) for k, v in self._arrays().items()}
+        return StateBatch(**arrays, codebook_version=self.codebook_version)
+
+    def copy(self) -> StateBatch:
+        """A deep copy."""
+        return self.take(slice(None))
+
+    def same_as(self, other: StateBatch) -> bool:
+        """Exact equality (nan equals nan; unused partition slots ignored)."""
+        if self.codebook_version != other.codebook_version or len(self) != len(other):
+            return False
+        p = max(_used_slots(self.partitions), _used_slots(other.partitions))
+        for k, a in self._arrays().items():
+            b = getattr(other, k)
+            if k in ("partitions", "offsets"):
+                a, b = _pad_slots(a, p), _pad_slots(b, p)
+            if a.shape != b.shape or not np.array_equal(a, b, equal_nan=a.dtype.kind == "f"):
+                return False
+        return True
+
+
+def _used_slots(partitions: np.ndarray) -> int:
+    used = (partitions >= 0).sum(axis=1)
+    return int(used.max()) if used.size else 0
+
+
+def _pad_slots(a: np.ndarray, p: int) -> np.ndarray:
+    """``(U, P)`` partition-slot array cut or padded with -1 to ``p`` slots."""
+    if a.shape[1] >= p:
+        return a[:, :p]
+    return np.concatenate([a, np.full((a.shape[0], p - a.shape[1]), -1, a.dtype)], axis=1)
+
+
+@dataclass
+class Features:
+    """Features of each event, read before the event was folded. ``n`` events, ``C`` channels,
+    ``M`` modalities, ``D`` depth, ``W`` width; rows in the batch's event order.
+
+    ``valid (n,)``: False for skipped events (offset already folded); their rows are zero.
+    ``density (n, C)``: for channel c, the share of the channel's decayed sketch mass in the
+    item's buckets under the channel's modality, averaged over depths (0 when the channel is
+    empty or the item unknown in its modality). The channels already span modalities, so this
+    is the "channel × modality" block: cross pairs (an interactions sketch read with metadata
+    buckets) would compare unrelated partitionings.
+    ``counts (n, C + 2)``: raw non-negative counts (consumers log-scale them): per channel the
+    decayed mass (events) at the event's time, then hours since the user's previous event (0
+    for a first event), then events folded so far.
+    ``item_codes (n, M, D)`` int16: the item's buckets per modality, -1 unknown.
+    ``user_sketch (n, C, D, W)`` float32: the decayed sketches, only with ``with_sketches``.
+    ``names``: column names of ``density`` then ``counts``.
+    """
+
+    valid: np.ndarray
+    density: np.ndarray
+    counts: np.ndarray
+    item_codes: np.ndarray
+    user_sketch: np.ndarray | None = None
+    codebook_version: str = ""
+    names: tuple[str, ...] = field(default=())
+
+
+# --- varints ---------------------------------------------------------------------------------
+
+
+def _uvarint(x: int) -> bytes:
+    out = bytearray()
+    while x >= 0x80:
+        out.append((x & 0x7F) | 0x80)
+        x >>= 7
+    out.append(x)
+    return bytes(out)
+
+
+def _read_uvarint(buf: bytes, pos: int) -> tuple[int, int]:
+    x = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ArtifactError("user state: truncated or malformed varint")
+        b = buf[pos]
+        pos += 1
+        x |= (b & 0x7F) << shift
+        if b < 0x80:
+            return x, pos
+        shift += 7
+
+
+def _varints(a: np.ndarray) -> bytes:
+    """LEB128 varints of non-negative integers ``(n,)``, vectorized."""
+    a = np.asarray(a, dtype=np.uint64)
+    if a.size == 0:
+        return b""
+    top = a.max()
+    if top < 0x80:  # the common case: small counts, one byte each
+        return a.astype(np.uint8).tobytes()
+    if top < np.uint64(1) << np.uint64(53):  # bit length from the float exponent (exact here)
+        nb = np.maximum(1, (np.frexp(a.astype(np.float64))[1] + 6) // 7).astype(np.int64)
+    else:
+        nb = np.ones(a.shape, np.int64)
+        for k in range(1, 10):
+            nb += a >= np.uint64(1) << np.uint64(7 * k)
+    ends = np.cumsum(nb)
+    starts = ends - nb
+    out = np.zeros(int(ends[-1]), np.uint8)
+    for k in range(int(nb.max())):
+        m = nb > k
+        byte = (a[m] >> np.uint64(7 * k)) & np.uint64(0x7F)
+        out[starts[m] + k] = byte.astype(np.uint8) | ((nb[m] > k + 1).astype(np.uint8) << 7)
+    return out.tobytes()
+
+
+def _read_varints(buf: np.ndarray, pos: int, count: int) -> tuple[np.ndarray, int]:
+    """Decode ``count`` varints from ``buf (uint8)`` at ``pos``: ``(values uint64, new pos)``."""
+    if count == 0:
+        return np.zeros(0, np.uint64), pos
+    head = buf[pos : pos + count]
+    if head.size == count and head.max() < 0x80:  # all one-byte varints
+        return head.astype(np.uint64), pos + count
+    window = buf[pos : pos + 10 * count]
+    term = np.flatnonzero(window < 0x80)[:count]
+    if term.size < count:
+        raise ArtifactError("user state: truncated varint block")
+    end = int(term[-1]) + 1
+    w = window[:end].astype(np.uint64)
+    starts = np.concatenate([[0], term[:-1] + 1])
+    gid = np.zeros(end, np.int64)
+    gid[starts[1:]] = 1
+    gid = np.cumsum(gid)
+    shift = ((np.arange(end) - starts[gid]) * 7).astype(np.uint64)
+    if shift.max() > 63:
+        raise ArtifactError("user state: varint too long")
+    return np.add.reduceat((w & np.uint64(0x7F)) << shift, starts), pos + end
+
+
+# --- group helpers (rows sorted by group; ``first`` = index of each row's group start) ------
+
+
+def _group_first(starts: np.ndarray) -> np.ndarray:
+    return np.maximum.accumulate(np.where(starts, np.arange(starts.shape[0]), 0), axis=0)
+
+
+def _excl_cumsum(x: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Per row: the sum of integer ``x (n,)`` over earlier rows of its group (exact)."""
+    ex = np.cumsum(x, axis=0) - x
+    return ex - ex[first]
+
+
+def _excl_scan(x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Per row: the sum of ``x`` over earlier rows of its group, along axis 0, for floats.
+
+    ``pos``: each row's position in its (contiguous) group, shape ``x.shape[:pos.ndim]``. A
+    segmented Hillis-Steele scan: log2(longest group) vectorized steps, each adding only rows of
+    the same group, so one user's small decayed weights never mix with another user's rounding
+    (a single global cumsum would) and an empty prefix is exactly 0.
+    """
+    p = pos.reshape(pos.shape + (1,) * (x.ndim - pos.ndim))
+    y = np.zeros_like(x)
+    y[1:] = np.where(p[1:] >= 1, x[:-1], 0)
+    top = int(pos.max()) if pos.size else 0
+    k = 1
+    while k <= top:
+        prev = y
+        y = y.copy()
+        y[k:] += np.where(p[k:] >= k, prev[:-k], 0)
+        k *= 2
+    return y
+
+
+def _group_cummax(x: np.ndarray, gid: np.ndarray) -> np.ndarray:
+    """Inclusive running max of float ``x (n,)`` within groups ``gid`` (non-decreasing)."""
+    uniq, rank = np.unique(x, return_inverse=True)
+    m = len(uniq)
+    key = gid * m + rank
+    return uniq[np.maximum.accumulate(key) - gid * m]
+
+
+def _decay(dt: np.ndarray, half_life: np.ndarray) -> np.ndarray:
+    """``2^(-dt/h)`` with broadcasting; h = inf gives 1 (dt must be finite)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.exp2(-dt / half_life)
+
+
+# --- the aggregator --------------------------------------------------------------------------
+
+
+class Aggregator:
+    """Folds events into user states and reads features before each fold.
+
+    ``config``: channels, actions, history size. ``codebooks``: modality -> fitted
+    :class:`~sketchstream.models.emde.Codebook`, one per modality the channels use, all of the
+    same depth and width. ``counters``: events folded, duplicates skipped, unknown items per
+    modality, states rebuilt; ever-increasing, for metrics.
+    """
+
+    def __init__(self, config: AggregatorConfig, codebooks: Mapping[str, Codebook]) -> None:
+        self.config = config
+        mods = config.modalities
+        missing = [m for m in mods if m not in codebooks]
+        if missing:
+            raise ModelError(
+                f"Aggregator: no codebook for modalities {missing}; got {sorted(codebooks)}"
+            )
+        self.codebooks = {m: codebooks[m] for m in mods}
+        shapes = {(cb.depth, cb.width) for cb in self.codebooks.values()}
+        if len(shapes) != 1:
+            raise ModelError(f"Aggregator: codebooks must share depth and width, got {shapes}")
+        for m, cb in self.codebooks.items():
+            cb._check_fitted()
+            if cb.width > 256:
+                raise ModelError(f"Aggregator: codebook {m!r} width {cb.width} > 256")
+        ((self.depth, self.width),) = shapes
+        self.modalities = mods
+        self.codebook_version = ";".join(f"{m}={cb.version}" for m, cb in self.codebooks.items())
+        layout = f"{config.fingerprint()}/{self.depth}/{self.width}"
+        self._layout = hashlib.sha256(layout.encode()).digest()[:8]
+        chans = config.channels
+        self._ch_mod = np.array([mods.index(c.modality) for c in chans], np.int64)
+        self._ch_half = np.array([c.half_life_s for c in chans], np.float64)
+        self._ch_weight = np.array([c.weight for c in chans], np.float64)
+        self._ch_lo = np.array([-np.inf if c.min_value is None else c.min_value for c in chans])
+        self._ch_hi = np.array([np.inf if c.max_value is None else c.max_value for c in chans])
+        self._ch_filtered = np.array(
+            [c.min_value is not None or c.max_value is not None for c in chans]
+        )
+        n_act = len(config.actions)
+        ok = np.zeros((n_act + 1, len(chans)), bool)  # last row: action -1 (unknown)
+        for j, c in enumerate(chans):
+            for a, name in enumerate(config.actions):
+                ok[a, j] = c.actions is None or name in c.actions
+        self._action_ok = ok
+        self._cell_base = (np.arange(len(chans))[:, None] * self.depth + np.arange(self.depth))[
+            None
+        ] * self.width  # (1, C, D): offset of each (channel, depth) row in a user's sketches
+        self._mod_channels = [np.flatnonzero(self._ch_mod == mo) for mo in range(len(mods))]
+        self.counters: dict[str, int] = {"events": 0, "duplicates": 0, "rebuilt": 0}
+        self.counters.update({f"unknown_item/{m}": 0 for m in mods})
+        self._reset_item_cache()
+
+    # -- naming ---------------------------------------------------------------------------------
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Column names: ``density/<channel>`` ..., then ``mass/<channel>`` ...,
+        ``hours_since_last``, ``events``."""
+        chans = [c.name for c in self.config.channels]
+        return (
+            [f"density/{c}" for c in chans]
+            + [f"mass/{c}" for c in chans]
+            + ["hours_since_last", "events"]
+        )
+
+    # -- item lookup ----------------------------------------------------------------------------
+
+    def _reset_item_cache(self) -> None:
+        ids = list(dict.fromkeys(i for cb in self.codebooks.values() for i in cb.ids_))
+        self._item_index: dict[str, int] = {}
+        self._item_hash = np.zeros(0, np.uint64)
+        self._item_codes = np.zeros((0, len(self.modalities), self.depth), np.int16)
+        self._add_items(ids)
+
+    def _add_items(self, ids: list[str]) -> None:
+        start = len(self._item_index)
+        codes = np.stack([cb.encode(ids) for cb in self.codebooks.values()], axis=1)
+        self._item_hash = np.concatenate([self._item_hash, item_hash(ids)])
+        self._item_codes = np.concatenate([self._item_codes, codes])
+        self._item_index.update(zip(ids, range(start, start + len(ids)), strict=True))
+
+    def _lookup(self, items: np.ndarray) -> np.ndarray:
+        """Row of each item in the item cache ``(n,)``; unseen items are added."""
+        lst = items.tolist()
+        get = self._item_index.get
+        idx = np.fromiter((get(x, -1) for x in lst), np.int64, len(lst))
+        miss = idx < 0
+        if miss.any():
+            new = list(dict.fromkeys(str(lst[i]) for i in np.flatnonzero(miss)))
+            if len(self._item_index) + len(new) > _ITEM_CACHE_MAX:
+                self._reset_item_cache()
+            self._add_items([x for x in new if x not in self._item_index])
+            get = self._item_index.get
+            idx = np.fromiter((get(str(x)) for x in lst), np.int64, len(lst))
+        return idx
+
+    # -- states ---------------------------------------------------------------------------------
+
+    def new_batch(self, n_users: int) -> StateBatch:
+        """``n_users`` empty states."""
+        c, d, w, k = len(self.config.channels), self.depth, self.width, self.config.history_size
+        return StateBatch(
+            sketches=np.zeros((n_users, c, d, w), np.float32),
+            clocks=np.full(n_users, np.nan),
+            n_events=np.zeros(n_users, np.int64),
+            partitions=np.full((n_users, 1), -1, np.int32),
+            offsets=np.full((n_users, 1), -1, np.int64),
+            hist_len=np.zeros(n_users, np.int32),
+            hist_item=np.zeros((n_users, k), np.uint64),
+            hist_ts=np.zeros((n_users, k), np.float64),
+            hist_action=np.full((n_users, k), -1, np.int16),
+            hist_value=np.zeros((n_users, k), np.float32),
+            hist_weight=np.zeros((n_users, k), np.float32),
+            codebook_version=self.codebook_version,
+        )
+
+    def _check_batch(self, batch: StateBatch) -> None:
+        if batch.codebook_version != self.codebook_version:
+            raise ModelError(
+                f"state batch built on codebooks {batch.codebook_version!r}, this aggregator "
+                f"has {self.codebook_version!r}: load the states through this aggregator"
+            )
+        want = (len(self.config.channels), self.depth, self.width)
+        if batch.sketches.shape[1:] != want:
+            raise ModelError(f"state sketches {batch.sketches.shape[1:]}, expected {want}")
+
+    # -- the hot path ---------------------------------------------------------------------------
+
+    def score_then_fold(
+        self, batch: StateBatch, events: EventBatch, *, with_sketches: bool = False
+    ) -> Features:
+        """Features of every event read before it is folded, then fold them all into ``batch``.
+
+        ``events`` in offset order per user (users may interleave). Updates ``batch`` in place.
+        ``with_sketches``: also return each event's decayed user sketches ``(n, C, D, W)``
+        (memory heavy: keep such batches small).
+        """
+        self._check_batch(batch)
+        if not batch.sketches.flags.c_contiguous:
+            batch.sketches = np.ascontiguousarray(batch.sketches)
+        ev = events
+        n = len(ev)
+        n_ch = len(self.config.channels)
+        self._validate_events(batch, ev)
+        item_rows = self._lookup(ev.item) if n else np.zeros(0, np.int64)
+        codes = self._item_codes[item_rows]  # (n, M, D)
+        density = np.zeros((n, n_ch), np.float32)
+        counts = np.zeros((n, n_ch + 2), np.float32)
+        sk_out = np.zeros((n, n_ch, self.depth, self.width), np.float32) if with_sketches else None
+        names = tuple(self.feature_names)
+        if n == 0:
+            return Features(
+                np.zeros(0, bool), density, counts, codes, sk_out, self.codebook_version, names
+            )
+        # Work in user-sorted order (stable: each user's events stay in offset order).
+        order = np.argsort(ev.user_index, kind="stable")
+        u = ev.user_index[order]
+        starts = np.r_[True, u[1:] != u[:-1]]
+        gid = np.cumsum(starts) - 1
+        first = _group_first(starts)
+        ts = ev.ts[order]
+        part, off = ev.partition[order], ev.offset[order]
+        valid, slot = self._dedup(batch, u, part, off)
+        # The clock before each event: the state's clock or the latest earlier valid event.
+        clock0 = np.where(np.isnan(batch.clocks[u]), -np.inf, batch.clocks[u])
+        incl = np.maximum(clock0, _group_cummax(np.where(valid, ts, -np.inf), gid))
+        before = np.where(starts, clock0, np.maximum(clock0, np.roll(incl, 1)))
+        read_t = np.maximum(ts, before)
+        n_before = batch.n_events[u] + _excl_cumsum(valid.astype(np.int64), first)
+        hours = np.where(np.isfinite(before), np.maximum(ts - before, 0.0) / 3600.0, 0.0)
+        action = ev.action[order]
+        value = ev.value[order].astype(np.float64)
+        c_sorted = codes[order]
+        arrays = {
+            "u": u,
+            "ts": ts,
+            "valid": valid,
+            "codes": c_sorted,
+            "known": c_sorted[:, self._ch_mod, 0] >= 0,
+            "member": self._membership(action, value) & valid[:, None],
+            "w": ev.weight[order].astype(np.float64),
+            "read_t": read_t,
+            "order": order,
+        }
+        self._count(valid, c_sorted)
+
+        # Passes: cut a user's events where they span too many half-lives for scaled sums.
+        h_min = float(self._ch_half.min())
+        if math.isfinite(h_min):
+            base = np.where(np.isfinite(clock0), clock0, ts[first])
+            span = np.where(np.isfinite(incl), incl - base, 0.0)
+            seg = np.floor(np.maximum(span, 0.0) / (_MAX_PASS_HALF_LIVES * h_min))
+            cut = (starts | np.r_[True, seg[1:] != seg[:-1]]).astype(np.int64)
+            pass_id = np.cumsum(cut) - np.cumsum(cut)[first]
+        else:
+            pass_id = np.zeros(n, np.int64)
+        dens_s = np.zeros((n, n_ch))
+        mass_s = np.zeros((n, n_ch))
+        for p in range(int(pass_id.max()) + 1):
+            sel = np.flatnonzero(pass_id == p)
+            self._fold_pass(batch, sel, arrays, dens_s, mass_s, sk_out)
+        self._merge_history(
+            batch,
+            u,
+            valid & (action >= 0),
+            ts,
+            action,
+            value,
+            arrays["w"],
+            self._item_hash[item_rows[order]],
+        )
+        np.maximum.at(batch.offsets, (u[valid], slot[valid]), off[valid])
+        np.add.at(batch.n_events, u[valid], 1)
+
+        dens_s[~valid] = 0.0
+        mass_s[~valid] = 0.0
+        density[order] = dens_s
+        counts[order, :n_ch] = mass_s
+        counts[order, n_ch] = np.where(valid, hours, 0.0)
+        counts[order, n_ch + 1] = np.where(valid, n_before, 0)
+        valid_out = np.zeros(n, bool)
+        valid_out[order] = valid
+        return Features(valid_out, density, counts, codes, sk_out, self.codebook_version, names)
+
+    # -- pieces of the hot path -----------------------------------------------------------------
+
+    def _validate_events(self, batch: StateBatch, ev: EventBatch) -> None:
+        n_act = len(self.config.actions)
+        checks = (
+            (
+                (ev.user_index < 0) | (ev.user_index >= len(batch)),
+                f"user_index outside [0, {len(batch)})",
+            ),
+            (
+                (ev.action < -1) | (ev.action >= n_act),
+                f"action outside [-1, {n_act}) (index into {self.config.actions})",
+            ),
+            (~np.isfinite(ev.ts), "ts not finite"),
+            (~np.isfinite(ev.weight) | (ev.weight < 0), "weight not finite and >= 0"),
+            (ev.offset < 0, "offset < 0"),
+            (ev.partition < 0, "partition < 0"),
+        )
+        for bad, what in checks:
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise ModelError(f"event {i} of the batch: {what} ({int(bad.sum())} such events)")
+
+    def _slots(self, batch: StateBatch, u: np.ndarray, part: np.ndarray) -> np.ndarray:
+        """Partition slot of each event ``(n,)``, allocating slots for new partitions."""
+        match = batch.partitions[u] == part[:, None]
+        missing = ~match.any(axis=1)
+        if missing.any():
+            for uu, pp in dict.fromkeys(
+                zip(u[missing].tolist(), part[missing].tolist(), strict=True)
+            ):
+                free = np.flatnonzero(batch.partitions[uu] < 0)
+                if free.size == 0:
+                    rows = len(batch)
+                    batch.partitions = np.concatenate(
+                        [batch.partitions, np.full((rows, 1), -1, np.int32)], axis=1
+                    )
+                    batch.offsets = np.concatenate(
+                        [batch.offsets, np.full((rows, 1), -1, np.int64)], axis=1
+                    )
+                    free = np.array([batch.partitions.shape[1] - 1])
+                batch.partitions[uu, free[0]] = pp
+            match = batch.partitions[u] == part[:, None]
+        return match.argmax(axis=1)
+
+    def _dedup(
+        self, batch: StateBatch, u: np.ndarray, part: np.ndarray, off: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(valid, slot)``: events beyond their partition's last folded offset, in order."""
+        slot = self._slots(batch, u, part)
+        prev = batch.offsets[u, slot]
+        key = u * batch.partitions.shape[1] + slot
+        o2 = np.argsort(key, kind="stable")
+        kk, ko = key[o2], off[o2]
+        if not np.any((kk[1:] == kk[:-1]) & (ko[1:] <= ko[:-1])):
+            return off > prev, slot
+        # Redelivery inside one batch (rare): walk the events in order.
+        valid = np.zeros(len(u), bool)
+        last: dict[int, int] = {}
+        for j, (k, o, p) in enumerate(zip(key.tolist(), off.tolist(), prev.tolist(), strict=True)):
+            m = last.get(k, p)
+            if o > m:
+                valid[j] = True
+                last[k] = o
+        return valid, slot
+
+    def _membership(self, action: np.ndarray, value: np.ndarray) -> np.ndarray:
+        """``(n, C)`` bool: the channels each event's action and value feed."""
+        ok = self._action_ok[action]
+        v = value[:, None]
+        in_range = (v >= self._ch_lo[None, :]) & (v < self._ch_hi[None, :])
+        return ok & (in_range | ~self._ch_filtered[None, :])
+
+    def _count(self, valid: np.ndarray, codes: np.ndarray) -> None:
+        self.counters["events"] += int(valid.sum())
+        self.counters["duplicates"] += int((~valid).sum())
+        for m, name in enumerate(self.modalities):
+            self.counters[f"unknown_item/{name}"] += int((valid & (codes[:, m, 0] < 0)).sum())
+
+    def _fold_pass(
+        self,
+        batch: StateBatch,
+        sel: np.ndarray,
+        arrays: dict[str, np.ndarray],
+        dens_out: np.ndarray,
+        mass_out: np.ndarray,
+        sk_out: np.ndarray | None,
+    ) -> None:
+        """Features then fold for events ``sel`` (positions in user-sorted order).
+
+        Exponential decay makes a user's sketch at time t0 a sum of ``w 2^((ts - t0)/h)``: with
+        t0 the user's clock after this pass, every earlier-event prefix is a cumulative sum of
+        scaled weights <= w, so the whole pass is sorts, cumsums and one scatter.
+        """
+        u = arrays["u"][sel]
+        ts = arrays["ts"][sel]
+        valid = arrays["valid"][sel]
+        codes = arrays["codes"][sel]  # (m, M, D)
+        known = arrays["known"][sel]  # (m, C)
+        contrib = arrays["member"][sel] & known
+        m = len(sel)
+        n_ch, depth, width = len(self.config.channels), self.depth, self.width
+        starts = np.r_[True, u[1:] != u[:-1]]
+        first = _group_first(starts)
+        gl = np.cumsum(starts) - 1
+        users = u[starts]
+        clock0 = batch.clocks[users]
+        has_clock = ~np.isnan(clock0)
+        t_valid = np.where(valid, ts, -np.inf)
+        t0 = np.maximum(
+            np.where(has_clock, clock0, -np.inf),
+            np.maximum.reduceat(t_valid, np.flatnonzero(starts)),
+        )
+        active = np.isfinite(t0)
+        t0 = np.where(active, t0, 0.0)
+        half = self._ch_half[None, :]
+        f0 = _decay(np.where(has_clock, t0 - np.nan_to_num(clock0), 0.0)[:, None], half)
+        dt = np.where(contrib, (t0[gl] - ts)[:, None], 0.0)
+        sw = np.where(contrib, arrays["w"][sel][:, None] * self._ch_weight * _decay(dt, half), 0.0)
+        sw[sw < _FORGET] = 0.0
+
+        sk = batch.sketches
+        sk_flat = sk.reshape(-1)
+        ch_codes = codes[:, self._ch_mod, :]  # (m, C, D) int16
+        # Flat index of each (event, channel, depth) bucket in the state's sketches (unknown
+        # items point at a neighbouring cell; they are masked out below).
+        flat = (u * (n_ch * depth * width))[:, None, None] + self._cell_base + ch_codes
+        bucket = sk_flat.take(flat, mode="wrap").astype(np.float64)
+        bucket *= f0[gl][:, :, None]
+        bucket[bucket < _FORGET] = 0.0
+        # Every known event adds to one bucket per depth: depth 0 carries the channel's mass.
+        mass0 = sk[users, :, 0, :].sum(axis=-1, dtype=np.float64) * f0  # (Up, C)
+        mass0[mass0 < _FORGET] = 0.0
+        upos = np.arange(m) - first
+        mass = (mass0[gl] + _excl_scan(sw, upos))[:, :, None]  # (m, C, 1)
+        # Earlier events of the same user in the same bucket: per modality and depth, group
+        # rows by (user, bucket) and scan each group in event order.
+        d_ix = np.arange(depth)[None, :]
+        rows = np.arange(m)[:, None]
+        for mo, chans in enumerate(self._mod_channels):
+            keys = gl[:, None] * (width + 1) + codes[:, mo, :].astype(np.int64) + 1  # (m, D)
+            perm = np.argsort(keys, axis=0, kind="stable")
+            ks = keys[perm, d_ix]
+            kstarts = np.ones_like(ks, dtype=bool)
+            kstarts[1:] = ks[1:] != ks[:-1]
+            kpos = rows - np.maximum.accumulate(np.where(kstarts, rows, 0), axis=0)
+            # Column by column, end to end; only groups of two or more rows have a prefix.
+            pos = kpos.T.reshape(-1)
+            multi = np.flatnonzero((pos >= 1) | np.r_[pos[1:] >= 1, False])
+            if multi.size:
+                ev_row = perm.T.reshape(-1)[multi]
+                ex = _excl_scan(sw[ev_row][:, chans], pos[multi])  # (k, Cm)
+                bucket[ev_row[:, None], chans[None, :], (multi // m)[:, None]] += ex
+        ok = known[:, :, None] & (mass > 0) & valid[:, None, None]
+        share = np.divide(bucket, mass, out=np.zeros_like(bucket), where=ok)
+        dens_out[sel] = share.mean(axis=-1)
+        read_t = arrays["read_t"][sel]
+        grow = _decay(np.where(valid, read_t - t0[gl], 0.0)[:, None], half)  # >= 1
+        mass_out[sel] = mass[:, :, 0] * grow
+        i_idx, c_idx = np.nonzero(contrib)
+        if sk_out is not None:
+            onehot = np.zeros((m, n_ch, depth, width))
+            for d in range(depth):
+                onehot[i_idx, c_idx, d, ch_codes[i_idx, c_idx, d]] = sw[i_idx, c_idx]
+            s0 = sk[users] * f0.astype(np.float32)[:, :, None, None]
+            before = _excl_scan(onehot, upos) + s0[gl]
+            sk_out[arrays["order"][sel]] = np.where(
+                valid[:, None, None, None], before * grow[:, :, None, None], 0.0
+            )
+        # Fold: decay the touched sketches to t0, then add the scaled contributions.
+        for c in np.flatnonzero(np.isfinite(self._ch_half)).tolist():
+            moved = f0[:, c] != 1.0
+            if moved.any():
+                rows_c = sk[users[moved], c] * f0[moved, c].astype(np.float32)[:, None, None]
+                rows_c[rows_c < _FORGET] = 0.0
+                sk[users[moved], c] = rows_c
+        vals = np.repeat(sw[i_idx, c_idx].astype(np.float32), depth)
+        np.add.at(sk_flat, flat[i_idx, c_idx].reshape(-1), vals)
+        batch.clocks[users] = np.where(active, t0, clock0)
+
+    def _merge_history(
+        self,
+        batch: StateBatch,
+        u: np.ndarray,
+        cand: np.ndarray,
+        ts: np.ndarray,
+        action: np.ndarray,
+        value: np.ndarray,
+        weight: np.ndarray,
+        hashes: np.ndarray,
+    ) -> None:
+        """Keep each user's top-K events by decayed weight (ties: most recent first)."""
+        k_max = self.config.history_size
+        ci = np.flatnonzero(cand)
+        if ci.size == 0 or k_max == 0:
+            return
+        nu = u[ci]
+        users = np.unique(nu)
+        n_old = batch.hist_len[users].astype(np.int64)
+        ol, oslot = np.nonzero(np.arange(k_max)[None, :] < n_old[:, None])
+        ou = users[ol]
+        nl = np.searchsorted(users, nu)
+        nstarts = np.r_[True, nu[1:] != nu[:-1]]
+        rank_new = np.arange(ci.size) - _group_first(nstarts)
+        user = np.concatenate([ou, nu])
+        c_item = np.concatenate([batch.hist_item[ou, oslot], hashes[ci]])
+        c_ts = np.concatenate([batch.hist_ts[ou, oslot], ts[ci]])
+        c_act = np.concatenate([batch.hist_action[ou, oslot], action[ci].astype(np.int16)])
+        c_val = np.concatenate([batch.hist_value[ou, oslot], value[ci].astype(np.float32)])
+        c_w = np.concatenate([batch.hist_weight[ou, oslot], weight[ci].astype(np.float32)])
+        recency = np.concatenate([n_old[ol] - 1 - oslot, n_old[nl] + rank_new])
+        with np.errstate(divide="ignore"):
+            score = np.log2(c_w.astype(np.float64)) + c_ts / self.config.history_half_life_s
+        o = np.lexsort((-recency, -c_ts, -score, user))
+        su = user[o]
+        s_starts = np.r_[True, su[1:] != su[:-1]]
+        rank = np.arange(o.size) - _group_first(s_starts)
+        keep = rank < k_max
+        o, su, rank = o[keep], su[keep], rank[keep]
+        batch.hist_item[users] = 0
+        batch.hist_ts[users] = 0.0
+        batch.hist_action[users] = -1
+        batch.hist_value[users] = 0.0
+        batch.hist_weight[users] = 0.0
+        batch.hist_item[su, rank] = c_item[o]
+        batch.hist_ts[su, rank] = c_ts[o]
+        batch.hist_action[su, rank] = c_act[o]
+        batch.hist_value[su, rank] = c_val[o]
+        batch.hist_weight[su, rank] = c_w[o]
+        batch.hist_len[users] = np.minimum(k_max, n_old + np.bincount(nl, minlength=users.size))
+
+    # -- scalar path, rebuild -------------------------------------------------------------------
+
+    def fold(self, state: StateBatch, event: Event) -> StateBatch:
+        """A new one-user state: ``state`` with ``event`` folded in (a one-event batch)."""
+        if len(state) != 1:
+            raise ModelError(f"fold: expected a one-user state, got {len(state)} users")
+        if event.action not in self.config.actions:
+            raise ModelError(
+                f"unknown action {event.action!r}: expected one of {', '.join(self.config.actions)}"
+            )
+        out = state.copy()
+        offset = event.offset
+        if offset is None:
+            here = out.partitions[0] == event.partition
+            offset = int(out.offsets[0][here].max()) + 1 if here.any() else 0
+        self.score_then_fold(
+            out,
+            EventBatch(
+                user_index=[0],
+                item=np.array([event.item], dtype=object),
+                action=[self.config.actions.index(event.action)],
+                value=[event.value],
+                ts=[event.ts],
+                partition=[event.partition],
+                offset=[offset],
+                weight=[event.weight],
+            ),
+        )
+        return out
+
+    def rebuild(self, batch: StateBatch) -> StateBatch:
+        """A copy of ``batch`` whose sketches are re-sketched from the histories under this
+        aggregator's codebooks (clock, offsets and counts kept)."""
+        out = batch.copy()
+        out.codebook_version = self.codebook_version
+        self._rebuild_rows(out, np.arange(len(out)))
+        return out
+
+    def _rebuild_rows(self, batch: StateBatch, rows: np.ndarray, chunk: int = 512) -> None:
+        n_ch, depth, width = len(self.config.channels), self.depth, self.width
+        for lo in range(0, len(rows), chunk):
+            r = np.asarray(rows[lo : lo + chunk])
+            k = batch.hist_item.shape[1]
+            mask = (np.arange(k)[None, :] < batch.hist_len[r][:, None]) & (
+                batch.hist_action[r] >= 0
+            )
+            rl, slot = np.nonzero(mask)
+            acc = np.zeros(len(r) * n_ch * depth * width)
+            if rl.size:
+                hashes = batch.hist_item[r[rl], slot]
+                codes = np.stack(
+                    [cb._codes_at(cb.rows_for_hashes(hashes)) for cb in self.codebooks.values()],
+                    axis=1,
+                )
+                ch_codes = codes[:, self._ch_mod, :].astype(np.int64)  # (E, C, D)
+                ts = batch.hist_ts[r[rl], slot]
+                member = self._membership(
+                    batch.hist_action[r[rl], slot].astype(np.int64),
+                    batch.hist_value[r[rl], slot].astype(np.float64),
+                ) & (ch_codes[:, :, 0] >= 0)
+                dt = np.where(member, (batch.clocks[r[rl]] - ts)[:, None], 0.0)
+                sw = (
+                    batch.hist_weight[r[rl], slot][:, None]
+                    * self._ch_weight
+                    * _decay(dt, self._ch_half[None, :])
+                )
+                sw[sw < _FORGET] = 0.0
+                e_idx, c_idx = np.nonzero(member)
+                flat = ((rl[e_idx] * n_ch + c_idx)[:, None] * depth + np.arange(depth)) * width
+                flat = flat + ch_codes[e_idx, c_idx, :]
+                acc = np.bincount(
+                    flat.reshape(-1),
+                    weights=np.repeat(sw[e_idx, c_idx], depth),
+                    minlength=acc.size,
+                )
+            batch.sketches[r] = acc.reshape(len(r), n_ch, depth, width).astype(np.float32)
+
+    # -- bytes ----------------------------------------------------------------------------------
+
+    def load(self, blobs: Sequence[bytes | None]) -> StateBatch:
+        """States from :meth:`dump` bytes (None: a new user), in order.
+
+        A state built on other codebooks or another channel layout is rebuilt from its history;
+        ``StateBatch.rebuilt`` and ``counters["rebuilt"]`` count them. Unreadable bytes raise
+        :class:`~sketchstream.models.errors.ArtifactError`.
+        """
+        batch = self.new_batch(len(blobs))
+        parts: list[tuple[int, list[int]]] = []
+        stale: list[int] = []
+        for r, blob in enumerate(blobs):
+            if blob is None:
+                continue
+            try:
+                fresh, pairs = self._decode_into(batch, r, blob)
+            except (struct.error, ValueError, IndexError, UnicodeDecodeError) as e:
+                raise ArtifactError(f"user state {r}: unreadable bytes ({e})") from e
+            parts.append((r, pairs))
+            if not fresh:
+                stale.append(r)
+        n_slots = max([len(p) // 2 for _, p in parts], default=1) or 1
+        batch.partitions = np.full((len(blobs), n_slots), -1, np.int32)
+        batch.offsets = np.full((len(blobs), n_slots), -1, np.int64)
+        for r, pairs in parts:
+            k = len(pairs) // 2
+            batch.partitions[r, :k] = pairs[0::2]
+            batch.offsets[r, :k] = np.asarray(pairs[1::2], np.int64) - 1
+        if stale:
+            self._rebuild_rows(batch, np.array(stale))
+            self.counters["rebuilt"] += len(stale)
+            log.info(
+                "rebuilt %d of %d user states under %s",
+                len(stale),
+                len(blobs),
+                self.codebook_version,
+            )
+        batch.rebuilt = len(stale)
+        return batch
+
+    def dump(self, batch: StateBatch) -> list[bytes]:
+        """One compact, versioned byte string per user (no pickle): write each one back."""
+        self._check_batch(batch)
+        return [self._encode(batch, r) for r in range(len(batch))]
+
+    def _encode(self, b: StateBatch, r: int) -> bytes:
+        clock = float(b.clocks[r])
+        out = [_HEADER.pack(_MAGIC, _FORMAT_VERSION, 0, self._layout, clock)]
+        ver = self.codebook_version.encode()
+        out += [_uvarint(len(ver)), ver, _uvarint(int(b.n_events[r]))]
+        used = np.flatnonzero(b.partitions[r] >= 0)
+        pairs = np.stack([b.partitions[r, used], b.offsets[r, used] + 1], axis=1).reshape(-1)
+        out += [_uvarint(used.size), _varints(pairs)]
+        n_hist = int(b.hist_len[r])
+        out.append(_uvarint(n_hist))
+        if n_hist:
+            ts = b.hist_ts[r, :n_hist]
+            delta = clock - ts
+            if np.all((delta >= 0) & (delta < 2.0**53) & (delta == np.floor(delta))) and (
+                np.array_equal(clock - np.floor(delta), ts)
+            ):
+                ts_part = b"\x00" + _varints(delta)
+            else:
+                ts_part = b"\x01" + ts.astype("<f8").tobytes()
+            val = b.hist_value[r, :n_hist]
+            nan = np.isnan(val)
+            small = ~nan & (val >= 0) & (val <= 254) & (val == np.floor(val))
+            if np.all(nan | small):
+                val_part = (
+                    b"\x00" + np.where(nan, 255, np.nan_to_num(val)).astype(np.uint8).tobytes()
+                )
+            else:
+                val_part = b"\x01" + val.astype("<f4").tobytes()
+            w = b.hist_weight[r, :n_hist]
+            w_part = b"\x00" if np.all(w == 1.0) else b"\x01" + w.astype("<f4").tobytes()
+            out += [
+                b.hist_item[r, :n_hist].astype("<u8").tobytes(),
+                ts_part,
+                b.hist_action[r, :n_hist].astype(np.uint8).tobytes(),
+                val_part,
+                w_part,
+            ]
+        for c in range(b.sketches.shape[1]):
+            s = b.sketches[r, c].reshape(-1)
+            nz = s != 0
+            if not nz.any():
+                out.append(b"\x00")
+                continue
+            vals = s[nz]
+            bitmap = np.packbits(nz).tobytes()
+            if np.all(vals == np.floor(vals)) and vals.max() < 2.0**32:
+                out += [b"\x01", bitmap, _varints(vals.astype(np.uint64))]
+            else:
+                out += [b"\x02", bitmap, vals.astype("<f4").tobytes()]
+        return b"".join(out)
+
+    def _decode_into(self, b: StateBatch, r: int, blob: bytes) -> tuple[bool, list[int]]:
+        """Fill row ``r`` from ``blob``; ``(fresh, [partition, offset + 1, ...])``. ``fresh``:
+        the sketches were built on this aggregator's codebooks and layout (else rebuild)."""
+        magic, fmt, _flags, layout, clock = _HEADER.unpack_from(blob, 0)
+        if magic != _MAGIC or fmt != _FORMAT_VERSION:
+            raise ArtifactError(
+                f"user state {r}: not a sketchstream user state of format v{_FORMAT_VERSION} "
+                f"(magic {magic!r}, format {fmt})"
+            )
+        pos = _HEADER.size
+        n, pos = _read_uvarint(blob, pos)
+        version = blob[pos : pos + n].decode()
+        pos += n
+        n_events, pos = _read_uvarint(blob, pos)
+        n_parts, pos = _read_uvarint(blob, pos)
+        buf = np.frombuffer(blob, np.uint8)
+        pairs, pos = _read_varints(buf, pos, 2 * n_parts)
+        b.clocks[r] = clock
+        b.n_events[r] = n_events
+        n_hist, pos = _read_uvarint(blob, pos)
+        if n_hist:
+            items = np.frombuffer(blob, "<u8", n_hist, pos)
+            pos += 8 * n_hist
+            kind, pos = blob[pos], pos + 1
+            if kind == 0:
+                delta, pos = _read_varints(buf, pos, n_hist)
+                ts = clock - delta.astype(np.float64)
+            else:
+                ts = np.frombuffer(blob, "<f8", n_hist, pos)
+                pos += 8 * n_hist
+            action = np.frombuffer(blob, np.uint8, n_hist, pos).astype(np.int16)
+            pos += n_hist
+            kind, pos = blob[pos], pos + 1
+            if kind == 0:
+                raw = np.frombuffer(blob, np.uint8, n_hist, pos)
+                value = np.where(raw == 255, np.nan, raw).astype(np.float32)
+                pos += n_hist
+            else:
+                value = np.frombuffer(blob, "<f4", n_hist, pos)
+                pos += 4 * n_hist
+            kind, pos = blob[pos], pos + 1
+            if kind == 0:
+                weight = np.ones(n_hist, np.float32)
+            else:
+                weight = np.frombuffer(blob, "<f4", n_hist, pos)
+                pos += 4 * n_hist
+            k = min(n_hist, self.config.history_size)  # stored in rank order: keep the top k
+            b.hist_len[r] = k
+            b.hist_item[r, :k] = items[:k]
+            b.hist_ts[r, :k] = ts[:k]
+            b.hist_action[r, :k] = action[:k]
+            b.hist_value[r, :k] = value[:k]
+            b.hist_weight[r, :k] = weight[:k]
+        if layout != self._layout or version != self.codebook_version:
+            return False, pairs.astype(np.int64).tolist()
+        cells = self.depth * self.width
+        n_bytes = (cells + 7) // 8
+        for c in range(b.sketches.shape[1]):
+            kind, pos = blob[pos], pos + 1
+            if kind == 0:
+                continue
+            nz = np.unpackbits(buf[pos : pos + n_bytes], count=cells).astype(bool)
+            pos += n_bytes
+            k = int(nz.sum())
+            if kind == 1:
+                vals, pos = _read_varints(buf, pos, k)
+            elif kind == 2:
+                vals = np.frombuffer(blob, "<f4", k, pos)
+                pos += 4 * k
+            else:
+                raise ArtifactError(f"user state {r}: unknown sketch encoding {kind}")
+            b.sketches[r, c].reshape(-1)[nz] = vals
+        if pos != len(blob):
+            raise ArtifactError(f"user state {r}: {len(blob) - pos} trailing bytes")
+        return True, pairs.astype(np.int64).tolist()
+
+
+# --- size report and benchmark ---------------------------------------------------------------
+
+
+def state_size_report(states: Iterable[bytes]) -> dict[str, float]:
+    """Bytes per serialized user state: ``{"n", "median", "p90", "max", "mean"}``."""
+    sizes = np.array([len(s) for s in states], np.float64)
+    if sizes.size == 0:
+        return {"n": 0, "median": 0.0, "p90": 0.0, "max": 0.0, "mean": 0.0}
+    return {
+        "n": int(sizes.size),
+        "median": float(np.median(sizes)),
+        "p90": float(np.percentile(sizes, 90)),
+        "max": float(sizes.max()),
+        "mean": float(sizes.mean()),
+    }
+
+
+def synthetic_ratings(
+    n_users: int = 6040,
+    n_items: int = 3700,
+    *,
+    median_events: float = 96.0,
+    mean_events: float = 165.0,
+    n_clusters: int = 40,
+    dim: int = 32,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """A rating stream shaped like MovieLens-1M, with item embeddings for two modalities.
+
+    Events per user: log-normal with the given median and mean, at least 20. Items: Zipf
+    popularity; each item belongs to one of ``n_clusters`` taste clusters and each user draws
+    60 % of its items from two favourite clusters (so user sketches are as concentrated as
+    real ones, not uniform). Ratings 1..5 with MovieLens-1M's frequencies; times integral
+    seconds, sessions of minutes with gaps of days.
+
+    Returns ``user (n,)`` int64, ``item (n,)`` str, ``value (n,)`` float32, ``ts (n,)``
+    float64 sorted by time; ``item_ids (n_items,)``, ``interaction_vectors`` and
+    ``metadata_vectors (n_items, dim)`` float32.
+    """
+    rng = np.random.default_rng(seed)
+    sigma = math.sqrt(2.0 * math.log(mean_events / median_events))
+    per_user = np.maximum(20, rng.lognormal(math.log(median_events), sigma, n_users))
+    per_user = np.minimum(per_user, n_items // 2).astype(np.int64)
+    popularity = 1.0 / (np.arange(n_items) + 10.0)
+    popularity = rng.permutation(popularity / popularity.sum())
+    cluster = rng.integers(0, n_clusters, n_items)
+    users, items, stamps = [], [], []
+    t_start = 956_700_000.0  # April 2000, as MovieLens-1M
+    span = 3 * 365 * DAY
+    for user, count in enumerate(per_user.tolist()):
+        fav = np.isin(cluster, rng.integers(0, n_clusters, 2))
+        p = 0.4 * popularity + 0.6 * np.where(fav, popularity, 0.0) / popularity[fav].sum()
+        items.append(rng.choice(n_items, size=count, replace=False, p=p))
+        gaps = rng.exponential(90.0, count)
+        gaps[rng.random(count) < 0.03] = rng.exponential(20 * DAY)
+        stamps.append(np.floor(t_start + span * rng.beta(0.6, 3.0) + np.cumsum(gaps)))
+        users.append(np.full(count, user))
+    user = np.concatenate(users)
+    item = np.concatenate(items)
+    ts = np.concatenate(stamps)
+    value = rng.choice(5, size=ts.size, p=[0.056, 0.108, 0.261, 0.349, 0.226]) + 1.0
+    order = np.argsort(ts, kind="stable")
+    centers = rng.standard_normal((n_clusters, dim))
+    inter = centers[cluster] + 0.5 * rng.standard_normal((n_items, dim))
+    combos = rng.standard_normal((300, dim))
+    combo_of = (cluster * 7 + rng.integers(0, 8, n_items)) % 300  # genres follow taste
+    meta = combos[combo_of] + 0.01 * rng.standard_normal((n_items, dim))
+    ids = np.array([f"i{k}" for k in range(n_items)], dtype=object)
+    return {
+        "user": user[order].astype(np.int64),
+        "item": ids[item[order]],
+        "value": value[order].astype(np.float32),
+        "ts": ts[order],
+        "item_ids": ids,
+        "interaction_vectors": inter.astype(np.float32),
+        "metadata_vectors": meta.astype(np.float32),
+    }
+
+
+def replay_benchmark(
+    data: Mapping[str, np.ndarray] | None = None,
+    *,
+    config: AggregatorConfig | None = None,
+    depth: int = 12,
+    width: int = 64,
+    batch_size: int = 4096,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Replay a rating stream through ``score_then_fold`` in time order; events/s and bytes.
+
+    ``data``: :func:`synthetic_ratings` output (default: the MovieLens-1M-shaped synthetic
+    stream). Returns ``{"events", "users", "seconds", "events_per_s", "cpu_seconds",
+    "events_per_cpu_s", "dump_seconds", "bytes": state_size_report(...)}`` (CPU time is the
+    fairer figure on a shared machine).
+    """
+    data = synthetic_ratings(seed=seed) if data is None else data
+    config = config or default_config()
+    ids = [str(i) for i in data["item_ids"]]
+    codebooks = {
+        "interactions": Codebook(depth, width, seed).fit(data["interaction_vectors"], ids),
+        "metadata": Codebook(depth, width, seed + 1).fit(data["metadata_vectors"], ids),
+    }
+    agg = Aggregator(config, {m: codebooks[m] for m in config.modalities})
+    n = len(data["ts"])
+    n_users = int(data["user"].max()) + 1
+    batch = agg.load([None] * n_users)
+    action = np.zeros(n, np.int64)
+    offsets = np.arange(n, dtype=np.int64)
+    part = np.zeros(n, np.int32)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for lo in range(0, n, batch_size):
+        s = slice(lo, lo + batch_size)
+        agg.score_then_fold(
+            batch,
+            EventBatch(
+                data["user"][s],
+                data["item"][s],
+                action[s],
+                data["value"][s],
+                data["ts"][s],
+                part[s],
+                offsets[s],
+            ),
+        )
+    seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - c0
+    t1 = time.perf_counter()
+    blobs = agg.dump(batch)
+    dump_seconds = time.perf_counter() - t1
+    return {
+        "events": n,
+        "users": n_users,
+        "seconds": seconds,
+        "events_per_s": n / seconds,
+        "cpu_seconds": cpu_seconds,
+        "events_per_cpu_s": n / cpu_seconds,
+        "dump_seconds": dump_seconds,
+        "bytes": state_size_report(blobs),
+    }

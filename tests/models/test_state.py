@@ -1,0 +1,355 @@
+"""The user-state aggregator (models/state.py): decay, idempotence, score-then-fold, bytes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sketchstream.models.emde import Codebook
+from sketchstream.models.errors import ArtifactError, ModelError
+from sketchstream.models.state import (
+    Aggregator,
+    AggregatorConfig,
+    Channel,
+    Event,
+    EventBatch,
+    default_config,
+    state_size_report,
+    synthetic_ratings,
+)
+
+N_ITEMS, DEPTH, WIDTH = 40, 4, 8
+ITEMS = [f"i{k}" for k in range(N_ITEMS)]
+ACTIONS = ("rate", "view")
+
+
+def _codebook(seed: int, n: int = N_ITEMS) -> Codebook:
+    x = np.random.default_rng(seed).standard_normal((n, 8)).astype(np.float32)
+    return Codebook(depth=DEPTH, width=WIDTH, seed=seed).fit(x, ITEMS[:n])
+
+
+def _config(history_size: int = 64) -> AggregatorConfig:
+    return AggregatorConfig(
+        channels=(
+            Channel("liked", "interactions", frozenset({"rate"}), min_value=4.0),
+            Channel("liked_100s", "interactions", frozenset({"rate"}), 4.0, half_life_s=100.0),
+            Channel("disliked", "interactions", frozenset({"rate"}), max_value=4.0),
+            Channel("views_50s", "interactions", frozenset({"view"}), half_life_s=50.0),
+            Channel("meta_all_30s", "metadata", half_life_s=30.0, weight=2.0),
+        ),
+        actions=ACTIONS,
+        history_size=history_size,
+        history_half_life_s=60.0,
+    )
+
+
+def _aggregator(history_size: int = 64, seed: int = 0) -> Aggregator:
+    # metadata knows only 30 items: the rest are unknown to it, as new items are.
+    codebooks = {"interactions": _codebook(seed), "metadata": _codebook(seed + 1, 30)}
+    return Aggregator(_config(history_size), codebooks)
+
+
+def _batch(rows: list[tuple]) -> EventBatch:
+    """Rows: (user, item, action, value, ts, partition, offset, weight)."""
+    cols = list(zip(*rows, strict=True)) if rows else [()] * 8
+    return EventBatch(
+        user_index=np.array(cols[0], np.int64),
+        item=np.array(cols[1], dtype=object),
+        action=np.array(cols[2], np.int64),
+        value=np.array(cols[3], np.float32),
+        ts=np.array(cols[4], np.float64),
+        partition=np.array(cols[5], np.int32),
+        offset=np.array(cols[6], np.int64),
+        weight=np.array(cols[7], np.float32),
+    )
+
+
+@st.composite
+def event_rows(draw: st.DrawFn, n_users: int = 3, max_events: int = 14, span: float = 400.0):
+    """Events in offset order per (user, partition), with some redelivered offsets."""
+    n = draw(st.integers(1, max_events))
+    next_offset: dict[tuple[int, int], int] = {}
+    rows = []
+    for _ in range(n):
+        user = draw(st.integers(0, n_users - 1))
+        part = draw(st.integers(0, 1))
+        off = next_offset.get((user, part), 0)
+        if off and draw(st.integers(0, 6)) == 0:
+            off -= 1  # redelivery of the previous offset
+        next_offset[(user, part)] = off + 1
+        item = f"i{draw(st.integers(0, N_ITEMS + 4))}"  # i40..i44: unknown to both
+        action = draw(st.sampled_from([0, 0, 1, -1]))
+        value = draw(st.sampled_from([math.nan, 1.0, 3.0, 3.5, 4.0, 5.0]))
+        ts = draw(st.floats(0, span, allow_nan=False).map(lambda t: round(t, 1)))
+        weight = draw(st.sampled_from([1.0, 1.0, 0.5, 2.0]))
+        rows.append((user, item, action, value, 1000.0 + ts, part, off, weight))
+    return rows
+
+
+def _fold_one_by_one(agg: Aggregator, n_users: int, rows: list[tuple]):
+    state = agg.new_batch(n_users)
+    feats = [agg.score_then_fold(state, _batch([r])) for r in rows]
+    return state, feats
+
+
+def test_default_config_has_liked_and_disliked_channels_per_modality() -> None:
+    cfg = default_config()
+    assert {c.modality for c in cfg.channels} == {"interactions", "metadata"}
+    assert cfg.actions == ("rate",)
+    assert {c.min_value for c in cfg.channels} == {4.0, None}
+
+
+def test_config_rejects_unknown_channel_actions() -> None:
+    with pytest.raises(ModelError, match="unknown actions"):
+        AggregatorConfig((Channel("x", "interactions", frozenset({"lik"})),), actions=ACTIONS)
+
+
+def test_aggregator_requires_a_codebook_per_modality() -> None:
+    with pytest.raises(ModelError, match="metadata"):
+        Aggregator(_config(), {"interactions": _codebook(0)})
+
+
+@settings(max_examples=20, deadline=None)
+@given(t1=st.floats(0, 500), t2=st.floats(0, 500))
+def test_decay_composes(t1: float, t2: float) -> None:
+    agg = _aggregator()
+    start = agg.new_batch(1)
+    agg.score_then_fold(start, _batch([(0, "i1", 1, math.nan, 0.0, 0, 0, 1.0)]))
+    zero = (0, "i2", 1, math.nan)
+    two_steps = start.copy()
+    agg.score_then_fold(two_steps, _batch([(*zero, t1, 0, 1, 0.0)]))
+    agg.score_then_fold(two_steps, _batch([(*zero, t1 + t2, 0, 2, 0.0)]))
+    one_step = start.copy()
+    agg.score_then_fold(one_step, _batch([(*zero, t1 + t2, 0, 1, 0.0)]))
+    assert two_steps.clocks[0] == one_step.clocks[0] == t1 + t2
+    np.testing.assert_allclose(two_steps.sketches, one_step.sketches, rtol=1e-5, atol=1e-30)
+    expected = 2.0 ** (-(t1 + t2) / 50.0)  # views_50s channel, one view of weight 1
+    np.testing.assert_allclose(one_step.sketches[0, 3, 0].sum(), expected, rtol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=event_rows())
+def test_refolding_a_folded_offset_is_a_noop(rows: list[tuple]) -> None:
+    agg = _aggregator()
+    state = agg.new_batch(3)
+    agg.score_then_fold(state, _batch(rows))
+    before = agg.dump(state)
+    again = agg.score_then_fold(state, _batch(rows))
+    assert not again.valid.any()
+    assert np.all(again.density == 0) and np.all(again.counts == 0)
+    assert agg.dump(state) == before
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    items=st.lists(st.integers(0, N_ITEMS + 2), min_size=1, max_size=12),
+    seed=st.integers(0, 1000),
+)
+def test_a_set_folded_at_one_timestamp_in_any_order_gives_the_same_sketch(
+    items: list[int], seed: int
+) -> None:
+    agg = _aggregator()
+    rows = [(0, f"i{k}", j % 2, 4.0 + j % 2, 500.0, 0, j, 1.0) for j, k in enumerate(items)]
+    shuffled = [rows[j] for j in np.random.default_rng(seed).permutation(len(rows))]
+    shuffled = [(*r[:6], j, r[7]) for j, r in enumerate(shuffled)]  # offsets stay in order
+    a, b = agg.new_batch(1), agg.new_batch(1)
+    agg.score_then_fold(a, _batch(rows))
+    agg.score_then_fold(b, _batch(shuffled))
+    assert np.array_equal(a.sketches, b.sketches)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=event_rows())
+def test_serialized_state_deserializes_to_the_same_state(rows: list[tuple]) -> None:
+    agg = _aggregator(history_size=5)
+    state = agg.new_batch(4)  # user 3 stays empty
+    agg.score_then_fold(state, _batch(rows))
+    blobs = agg.dump(state)
+    back = agg.load(blobs)
+    assert back.rebuilt == 0
+    assert back.same_as(state)
+    assert _aggregator(history_size=5).load(blobs).same_as(state)  # a fresh process agrees
+
+
+def test_serialized_bytes_are_versioned_and_tampering_is_refused() -> None:
+    agg = _aggregator()
+    state = agg.new_batch(1)
+    agg.score_then_fold(state, _batch([(0, "i1", 0, 5.0, 10.0, 0, 0, 1.0)]))
+    blob = agg.dump(state)[0]
+    assert blob[:2] == b"SU"
+    with pytest.raises(ArtifactError):
+        agg.load([b"XX" + blob[2:]])
+    with pytest.raises(ArtifactError):
+        agg.load([blob[:-3]])
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=event_rows(n_users=2))
+def test_rebuild_under_the_same_codebook_equals_the_incremental_state(rows: list[tuple]) -> None:
+    agg = _aggregator(history_size=64)  # holds every event
+    state = agg.new_batch(2)
+    agg.score_then_fold(state, _batch(rows))
+    rebuilt = agg.rebuild(state)
+    np.testing.assert_allclose(rebuilt.sketches, state.sketches, rtol=1e-5, atol=1e-6)
+
+
+def test_load_rebuilds_a_state_built_on_another_codebook() -> None:
+    old, new = _aggregator(seed=0), _aggregator(seed=5)
+    state = old.new_batch(1)
+    rows = [(0, f"i{k}", 0, 5.0, 10.0 * k, 0, k, 1.0) for k in range(6)]
+    old.score_then_fold(state, _batch(rows))
+    loaded = new.load([*old.dump(state), None])
+    assert loaded.rebuilt == 1 and new.counters["rebuilt"] == 1
+    assert loaded.codebook_version == new.codebook_version != old.codebook_version
+    fresh = new.new_batch(1)
+    new.score_then_fold(fresh, _batch(rows))
+    np.testing.assert_allclose(loaded.sketches[:1], fresh.sketches, rtol=1e-5)
+    assert loaded.clocks[0] == state.clocks[0] and loaded.n_events[0] == 6
+
+
+def test_out_of_order_event_is_folded_with_the_decay_of_its_age_and_keeps_the_clock() -> None:
+    agg = _aggregator()
+    state = agg.new_batch(1)
+    agg.score_then_fold(state, _batch([(0, "i1", 0, 5.0, 1000.0, 0, 0, 1.0)]))
+    agg.score_then_fold(state, _batch([(0, "i2", 0, 5.0, 900.0, 0, 1, 1.0)]))
+    assert state.clocks[0] == 1000.0
+    liked_100s = state.sketches[0, 1]
+    np.testing.assert_allclose(liked_100s.sum(axis=-1), 1.5, rtol=1e-6)  # 1 + 2^(-100/100)
+    assert state.sketches[0, 0].sum(axis=-1).tolist() == [2.0] * DEPTH  # no decay: counts
+
+
+def test_unknown_items_do_not_crash_and_are_counted_but_enter_history() -> None:
+    agg = _aggregator()
+    state = agg.new_batch(1)
+    feats = agg.score_then_fold(state, _batch([(0, "brand-new", 0, 5.0, 1.0, 0, 0, 1.0)]))
+    assert feats.valid.all() and np.all(feats.item_codes == -1)
+    assert agg.counters["unknown_item/interactions"] == 1
+    assert agg.counters["unknown_item/metadata"] == 1
+    assert np.all(state.sketches == 0)
+    assert state.hist_len[0] == 1 and state.n_events[0] == 1
+
+
+def test_items_unknown_to_one_modality_still_feed_the_other() -> None:
+    agg = _aggregator()
+    state = agg.new_batch(1)
+    agg.score_then_fold(state, _batch([(0, "i35", 0, 5.0, 1.0, 0, 0, 1.0)]))  # not in metadata
+    assert agg.counters["unknown_item/metadata"] == 1
+    assert state.sketches[0, 0].sum() == DEPTH and state.sketches[0, 4].sum() == 0
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=event_rows(), cut=st.integers(0, 13), seed=st.integers(0, 100))
+def test_features_of_an_event_do_not_depend_on_it_or_later_events(
+    rows: list[tuple], cut: int, seed: int
+) -> None:
+    cut = min(cut, len(rows) - 1)
+    rng = np.random.default_rng(seed)
+    changed = rows[:cut] + [
+        (r[0], f"i{rng.integers(N_ITEMS)}", r[2], 5.0, r[4] + 3.0, *r[5:]) for r in rows[cut:]
+    ]
+    agg = _aggregator()
+    a = agg.score_then_fold(agg.new_batch(3), _batch(rows))
+    b = agg.score_then_fold(agg.new_batch(3), _batch(changed))
+    np.testing.assert_allclose(a.density[:cut], b.density[:cut], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a.counts[:cut], b.counts[:cut], rtol=1e-5, atol=1e-7)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=event_rows(span=20_000.0))
+def test_a_batch_gives_the_same_result_as_one_event_at_a_time(rows: list[tuple]) -> None:
+    agg = _aggregator(history_size=4)
+    state = agg.new_batch(3)
+    feats = agg.score_then_fold(state, _batch(rows))
+    one_state, one_feats = _fold_one_by_one(agg, 3, rows)
+    assert feats.valid.tolist() == [f.valid[0] for f in one_feats]
+    np.testing.assert_allclose(
+        feats.density, np.concatenate([f.density for f in one_feats]), rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        feats.counts, np.concatenate([f.counts for f in one_feats]), rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(state.sketches, one_state.sketches, rtol=1e-5, atol=1e-7)
+    one_state.sketches = state.sketches
+    assert state.same_as(one_state)  # clocks, offsets, histories exactly
+
+
+def test_density_is_the_share_of_channel_mass_in_the_items_buckets() -> None:
+    agg = _aggregator()
+    state = agg.new_batch(1)
+    liked = [(0, "i1", 0, 5.0, 0.0, 0, 0, 1.0), (0, "i2", 0, 5.0, 0.0, 0, 1, 1.0)]
+    agg.score_then_fold(state, _batch(liked))
+    feats = agg.score_then_fold(state, _batch([(0, "i1", 0, math.nan, 0.0, 0, 2, 1.0)]))
+    codes = agg.codebooks["interactions"].encode(["i1", "i2"])
+    expected = np.mean((1 + (codes[0] == codes[1])) / 2.0)
+    assert feats.density[0, 0] == pytest.approx(expected)
+    names = list(feats.names)
+    assert names == agg.feature_names and len(names) == 5 + 5 + 2
+    assert feats.counts[0, names.index("events") - 5] == 2
+    assert feats.counts[0, names.index("mass/liked") - 5] == 2
+
+
+def test_with_sketches_returns_the_decayed_state_before_each_event() -> None:
+    agg = _aggregator()
+    state = agg.new_batch(1)
+    rows = [(0, f"i{k}", k % 2, 5.0, 7.0 * k, 0, k, 1.0) for k in range(5)]
+    feats = agg.score_then_fold(state, _batch(rows), with_sketches=True)
+    replay = agg.new_batch(1)
+    for k, r in enumerate(rows):
+        probe = replay.copy()
+        agg.score_then_fold(probe, _batch([(0, "i0", 1, math.nan, r[4], 0, 99, 0.0)]))
+        np.testing.assert_allclose(feats.user_sketch[k], probe.sketches[0], rtol=1e-5, atol=1e-7)
+        agg.score_then_fold(replay, _batch([r]))
+
+
+def test_history_keeps_the_top_k_by_decayed_weight_ties_to_the_most_recent() -> None:
+    agg = _aggregator(history_size=3)
+    state = agg.new_batch(1)
+    rows = [(0, f"i{k}", 0, 5.0, 100.0, 0, k, 1.0) for k in range(4)]
+    rows.append((0, "i9", 0, 5.0, 40.0, 0, 4, 8.0))  # 8 * 2^(-60/60) = 4 > 1: kept first
+    agg.score_then_fold(state, _batch(rows))
+    kept = agg.codebooks["interactions"].rows_for_hashes(state.hist_item[0])
+    assert [agg.codebooks["interactions"].ids_[k] for k in kept] == ["i9", "i3", "i2"]
+
+
+def test_scalar_fold_equals_a_one_event_batch() -> None:
+    agg = _aggregator()
+    s = agg.fold(agg.new_batch(1), Event("i4", "rate", ts=5.0, value=5.0))
+    s = agg.fold(s, Event("i5", "view", ts=6.0))
+    batch = agg.new_batch(1)
+    agg.score_then_fold(
+        batch, _batch([(0, "i4", 0, 5.0, 5.0, 0, 0, 1.0), (0, "i5", 1, math.nan, 6.0, 0, 1, 1.0)])
+    )
+    assert s.same_as(batch)
+    with pytest.raises(ModelError, match="unknown action 'lik'"):
+        agg.fold(s, Event("i5", "lik", ts=6.0))
+
+
+def test_bad_events_are_refused_with_the_event_named() -> None:
+    agg = _aggregator()
+    with pytest.raises(ModelError, match=r"event 1 .*action"):
+        agg.score_then_fold(
+            agg.new_batch(1),
+            _batch([(0, "i1", 0, 5.0, 1.0, 0, 0, 1.0), (0, "i1", 7, 5.0, 1.0, 0, 1, 1.0)]),
+        )
+
+
+def test_state_size_report_and_synthetic_stream_shape() -> None:
+    data = synthetic_ratings(n_users=200, n_items=500, seed=1)
+    per_user = np.bincount(data["user"])
+    assert 60 < np.median(per_user) < 140 and per_user.min() >= 20
+    assert np.all(np.diff(data["ts"]) >= 0)
+    report = state_size_report([b"x" * 10, b"x" * 20, b"x" * 30])
+    assert report["median"] == 20 and report["max"] == 30 and report["n"] == 3
+
+
+def test_serialized_state_keeps_large_offsets_counts_and_fractional_times() -> None:
+    agg = _aggregator()
+    state = agg.new_batch(1)
+    rows = [(0, "i1", 0, 5.0, 1e9 + 0.25 * k, 3, 2**40 + k, 1.0) for k in range(200)]
+    rows.append((0, "i2", 1, 7.25, 2e9, 70_000, 2**62, 3.5))
+    agg.score_then_fold(state, _batch(rows))
+    assert state.sketches.max() == 200  # one bucket counted past one varint byte
+    assert agg.load(agg.dump(state)).same_as(state)
