@@ -10,7 +10,7 @@ import logging
 
 import typer
 
-from sketchstream.tools import bench, data, kafka, topics
+from sketchstream.tools import bench, data, evaluate, kafka, topics, train
 
 __all__ = ["app", "main"]
 
@@ -30,6 +30,8 @@ app.add_typer(kafka.app, name="kafka")
 app.add_typer(topics.app, name="topics")
 app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")
+app.command("train")(train.train)
+app.command("evaluate")(evaluate.evaluate)
 
 
 @app.callback()

@@ -1,0 +1,384 @@
+"""Model artifacts: immutable, content-addressed, checksummed directories that load safely.
+
+A model artifact is a directory named by its version (the first 16 hex digits of its content
+hash) holding everything a worker needs to rebuild the exact scorer::
+
+    <version>/
+      manifest.json            format version, created, config, codebook versions, metrics,
+                               per-file sha256, content hash
+      weights.safetensors      MLP weights and the dense-feature standardization (no pickle)
+      codebook-<modality>.bin  one EMDE codebook per modality (``Codebook.to_bytes``)
+
+``manifest["config"]`` holds the MLP config, the aggregator config, the heads and the item
+statistics config. The content hash covers the manifest (less ``created`` and the hash itself)
+including every file's sha256, so changing one byte anywhere is caught at load time:
+:func:`load_model_artifact` verifies every checksum before it reads anything and raises
+:class:`~sketchstream.models.errors.ArtifactError` naming the offending file.
+
+:class:`ArtifactStore` keeps published versions under one root: ``publish``, ``versions``
+(newest first), ``latest``, ``prune`` (never the version being served).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sketchstream.models.errors import ArtifactError, SketchstreamError
+from sketchstream.models.mlp import EngagementMLP, MLPConfig
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "WEIGHTS",
+    "ArtifactStore",
+    "ModelBundle",
+    "content_hash",
+    "load_model_artifact",
+    "save_model_artifact",
+    "verify_model_artifact",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+_KIND = "sketchstream.model"
+_VERSION_CHARS = 16
+_CHUNK = 1 << 20
+_UNHASHED = ("created", "content_hash", "version")  # version is derived from the hash
+
+
+@dataclass
+class ModelBundle:
+    """A loaded, verified model artifact: the parts a worker needs to score events."""
+
+    version: str
+    path: Path
+    manifest: dict[str, Any]
+    mlp_config: MLPConfig
+    model: EngagementMLP
+    codebooks: dict[str, Any]  # modality -> Codebook
+    aggregator_config: dict[str, Any]  # JSON form; see trainer.aggregator_config_from_dict
+    heads: tuple[str, ...]
+    item_stats: dict[str, Any] | None = None  # ItemStats config, None when not used
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def codebook_versions(self) -> dict[str, str]:
+        """``{modality: codebook version}`` as recorded in the manifest."""
+        return dict(self.manifest.get("codebooks", {}))
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _json_safe(obj: Any) -> Any:
+    """Copy with nan/inf floats as None and tuples as lists (the manifest is strict JSON)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, str | bytes):
+        obj = obj.item()  # numpy scalar
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def content_hash(manifest: Mapping[str, Any]) -> str:
+    """sha256 over the manifest less ``created``, ``content_hash``, ``version`` (64 hex chars).
+
+    File contents enter through ``manifest["files"]`` (their sha256), so the hash names the
+    whole artifact; ``created`` is left out so that identical content gets the same version.
+    """
+    body = {k: v for k, v in manifest.items() if k not in _UNHASHED}
+    return hashlib.sha256(_canonical(body)).hexdigest()
+
+
+def _codebook_file(modality: str) -> str:
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in modality)
+    return f"codebook-{safe}.bin"
+
+
+def save_model_artifact(
+    root: str | Path,
+    *,
+    model: EngagementMLP,
+    codebooks: Mapping[str, Any],
+    aggregator_config: Mapping[str, Any],
+    item_stats: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """Write a model artifact under ``root/<version>`` and return the version.
+
+    ``codebooks``: ``{modality: Codebook}`` (anything with ``to_bytes()`` and ``version``).
+    ``aggregator_config``, ``item_stats``, ``metrics``, ``extra``: JSON-ready mappings.
+    The directory is written under a temporary name and renamed into place, so readers never
+    see half an artifact; saving identical content twice returns the same version.
+    """
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        # one metadata key: safetensors writes its metadata map in hash order, not sorted
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        files = {WEIGHTS: _sha256_file(tmp / WEIGHTS)}
+        cb_versions: dict[str, str] = {}
+        cb_files: dict[str, str] = {}
+        for modality, codebook in sorted(codebooks.items()):
+            name = _codebook_file(modality)
+            (tmp / name).write_bytes(codebook.to_bytes())
+            files[name] = _sha256_file(tmp / name)
+            cb_versions[modality] = str(codebook.version)
+            cb_files[modality] = name
+        manifest: dict[str, Any] = _json_safe(
+            {
+                "kind": _KIND,
+                "format_version": FORMAT_VERSION,
+                "created": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "config": {
+                    "mlp": model.config.to_dict(),
+                    "aggregator": dict(aggregator_config),
+                    "heads": list(model.config.heads),
+                    "item_stats": dict(item_stats) if item_stats is not None else None,
+                    **(dict(extra) if extra else {}),
+                },
+                "codebooks": cb_versions,
+                "codebook_files": cb_files,
+                "metrics": dict(metrics or {}),
+                "files": files,
+            }
+        )
+        try:
+            manifest["content_hash"] = content_hash(manifest)
+        except (TypeError, ValueError) as exc:
+            raise ArtifactError(f"model artifact: config or metrics not JSON-ready: {exc}") from exc
+        version = manifest["content_hash"][:_VERSION_CHARS]
+        manifest["version"] = version
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        dest = root / version
+        if dest.exists():
+            log.info("model artifact %s already present at %s", version, dest)
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, dest)
+            log.info("wrote model artifact %s to %s", version, dest)
+        return version
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise ArtifactError(f"model artifact {path}: not a directory")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"model artifact {path}: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"model artifact {path}: {MANIFEST} is unreadable: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("kind") != _KIND:
+        raise ArtifactError(
+            f"model artifact {path}: {MANIFEST} is not a sketchstream model manifest"
+        )
+    fv = manifest.get("format_version")
+    if fv != FORMAT_VERSION:
+        raise ArtifactError(
+            f"model artifact {path}: format version {fv!r}, this code reads {FORMAT_VERSION}; "
+            "retrain or upgrade sketchstream"
+        )
+    return manifest
+
+
+def verify_model_artifact(path: str | Path) -> dict[str, Any]:
+    """Check every checksum of the artifact at ``path``; return its manifest.
+
+    Raises :class:`ArtifactError` naming the file on a missing, extra or altered file, or on a
+    manifest whose content hash does not match its content.
+    """
+    path = Path(path)
+    manifest = _read_manifest(path)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or WEIGHTS not in files:
+        raise ArtifactError(f"model artifact {path}: {MANIFEST} lists no {WEIGHTS}")
+    expected = manifest.get("content_hash")
+    try:
+        actual = content_hash(manifest)
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"model artifact {path}: {MANIFEST} is malformed: {exc}") from exc
+    if actual != expected:
+        raise ArtifactError(
+            f"model artifact {path}: {MANIFEST} was modified (content hash {actual[:16]} does not "
+            f"match the recorded {str(expected)[:16]}); refusing to load it"
+        )
+    if manifest.get("version") != str(expected)[:_VERSION_CHARS]:
+        raise ArtifactError(f"model artifact {path}: version does not match its content hash")
+    for name, digest in sorted(files.items()):
+        fpath = path / name
+        if Path(name).name != name or not fpath.is_file():
+            raise ArtifactError(f"model artifact {path}: file {name!r} is missing")
+        got = _sha256_file(fpath)
+        if got != digest:
+            raise ArtifactError(
+                f"model artifact {path}: file {name!r} fails its checksum (sha256 {got[:16]}…, "
+                f"manifest says {str(digest)[:16]}…): tampered with or corrupt; refusing to load it"
+            )
+    extra = sorted(p.name for p in path.iterdir() if p.name not in files and p.name != MANIFEST)
+    if extra:
+        raise ArtifactError(f"model artifact {path}: unexpected files {extra}; refusing to load it")
+    return manifest
+
+
+def load_model_artifact(path: str | Path) -> ModelBundle:
+    """Verify and load the model artifact at ``path`` (weights via safetensors, never pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from sketchstream.models.emde import Codebook
+
+    path = Path(path)
+    manifest = verify_model_artifact(path)
+    config = manifest.get("config", {})
+    try:
+        mlp_config = MLPConfig.from_dict(config["mlp"])
+    except (KeyError, TypeError, SketchstreamError) as exc:
+        raise ArtifactError(f"model artifact {path}: bad MLP config: {exc}") from exc
+    model = EngagementMLP(mlp_config)
+    try:
+        state = load_file(str(path / WEIGHTS))
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise ArtifactError(
+            f"model artifact {path}: {WEIGHTS} does not fit the config: {exc}"
+        ) from exc
+    model.eval()
+    codebooks: dict[str, Any] = {}
+    for modality, name in sorted(manifest.get("codebook_files", {}).items()):
+        try:
+            codebooks[modality] = Codebook.from_bytes((path / name).read_bytes())
+        except SketchstreamError as exc:
+            raise ArtifactError(f"model artifact {path}: codebook file {name!r}: {exc}") from exc
+        want = manifest.get("codebooks", {}).get(modality)
+        if str(codebooks[modality].version) != want:
+            raise ArtifactError(
+                f"model artifact {path}: codebook {name!r} has version "
+                f"{codebooks[modality].version}, manifest says {want}"
+            )
+    return ModelBundle(
+        version=manifest["version"],
+        path=path,
+        manifest=manifest,
+        mlp_config=mlp_config,
+        model=model,
+        codebooks=codebooks,
+        aggregator_config=dict(config.get("aggregator") or {}),
+        heads=tuple(config.get("heads") or mlp_config.heads),
+        item_stats=config.get("item_stats"),
+        metrics=dict(manifest.get("metrics") or {}),
+    )
+
+
+class ArtifactStore:
+    """Published model versions under one root directory, one subdirectory per version."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def publish(self, src: str | Path) -> str:
+        """Verify the artifact at ``src`` and copy it in (atomically); return its version."""
+        manifest = verify_model_artifact(src)
+        version = manifest["version"]
+        dest = self.root / version
+        if dest.exists():
+            verify_model_artifact(dest)
+            return version
+        self.root.mkdir(parents=True, exist_ok=True)
+        if Path(src).resolve() == dest.resolve():  # pragma: no cover - already in place
+            return version
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        try:
+            shutil.copytree(src, tmp)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("published model %s to %s", version, self.root)
+        return version
+
+    def _manifests(self) -> list[tuple[str, str]]:
+        out = []
+        if not self.root.is_dir():
+            return out
+        for d in self.root.iterdir():
+            if d.name.startswith(".") or not (d / MANIFEST).is_file():
+                continue
+            try:
+                created = str(json.loads((d / MANIFEST).read_text()).get("created", ""))
+            except (OSError, ValueError):
+                log.warning("skipping %s: unreadable manifest", d)
+                continue
+            out.append((created, d.name))
+        return out
+
+    def versions(self) -> list[str]:
+        """Published versions, newest first (by ``created``, then name)."""
+        return [name for _, name in sorted(self._manifests(), reverse=True)]
+
+    def latest(self) -> str | None:
+        """The newest version, or None when nothing is published."""
+        versions = self.versions()
+        return versions[0] if versions else None
+
+    def path(self, version: str) -> Path:
+        """Directory of ``version``; ArtifactError when it is not published here."""
+        p = self.root / version
+        if not (p / MANIFEST).is_file():
+            raise ArtifactError(f"model version {version!r} is not in {self.root}")
+        return p
+
+    def load(self, version: str | None = None) -> ModelBundle:
+        """Load ``version`` (default: the latest), verified."""
+        version = version or self.latest()
+        if version is None:
+            raise ArtifactError(f"no model published in {self.root}")
+        return load_model_artifact(self.path(version))
+
+    def prune(self, keep: int = 3, serving: str | None = None) -> list[str]:
+        """Delete all but the ``keep`` newest versions, never ``serving``; return those deleted."""
+        if keep < 0:
+            raise ArtifactError(f"prune: keep={keep} must be >= 0")
+        removed = []
+        for version in self.versions()[keep:]:
+            if version == serving:
+                continue
+            shutil.rmtree(self.root / version, ignore_errors=True)
+            removed.append(version)
+        if removed:
+            log.info("pruned %d model versions from %s", len(removed), self.root)
+        return removed

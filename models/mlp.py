@@ -1,0 +1,267 @@
+"""The engagement MLP: a small residual feed-forward network over sketch features.
+
+One module, one ``forward`` for training and inference, a frozen config that travels with the
+weights. Inputs come in two parts, built by :func:`assemble` from the aggregator's
+:class:`~sketchstream.models.state.Features` (the trainer and the worker call the same
+function, so serving cannot drift from training):
+
+* ``dense (n, n_dense)``: density features read off the user sketches, log-scaled counts and
+  optional online item statistics; standardized inside the module with statistics fitted on
+  the training rows (buffers, so they are saved with the weights);
+* ``codes (n, modalities, depth)``: the target item's EMDE bucket per (modality, depth), ``-1``
+  where unknown. The item sketch is one-hot per depth, so instead of a dense
+  ``modalities × depth × width`` first layer the module sums one learned row per non-zero
+  (``nn.EmbeddingBag(mode="sum")``, padding row for ``-1``): O(non-zeros), as the design asks.
+
+Then ``blocks`` residual blocks (Linear → LayerNorm → LeakyReLU → dropout, plus the skip) and
+one logit per engagement head; :meth:`EngagementMLP.predict` applies the sigmoid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from sketchstream.models.errors import ModelError
+from torch import nn
+
+__all__ = [
+    "EngagementMLP",
+    "MLPConfig",
+    "MLPInputs",
+    "assemble",
+    "code_indices",
+    "to_tensors",
+]
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """Shape and regularization of :class:`EngagementMLP`. Saved in every model artifact."""
+
+    n_dense: int = 0  # width of the dense block: density + counts + item stats
+    modalities: int = 2  # codebooks whose item buckets feed the sparse first layer
+    depth: int = 12  # codebook depth (buckets per item per modality)
+    width: int = 64  # codebook width (buckets per depth)
+    hidden: int = 512  # width of every residual block
+    blocks: int = 2  # residual blocks after the input layer
+    dropout: float = 0.1  # inside each block, training only
+    leaky_slope: float = 0.01  # negative slope of LeakyReLU
+    heads: tuple[str, ...] = ("like",)  # one sigmoid output per engagement type
+    dense_names: tuple[str, ...] = field(default=())  # names of the dense columns, for reports
+
+    def __post_init__(self) -> None:
+        if self.n_dense < 0 or self.modalities < 0:
+            raise ModelError(f"MLPConfig: n_dense={self.n_dense}, modalities={self.modalities}")
+        if self.n_dense == 0 and self.modalities == 0:
+            raise ModelError("MLPConfig: no inputs (n_dense=0 and modalities=0)")
+        if self.hidden < 1 or self.blocks < 0 or self.depth < 1 or self.width < 1:
+            raise ModelError(
+                f"MLPConfig: hidden={self.hidden}, blocks={self.blocks}, depth={self.depth}, "
+                f"width={self.width}: expected hidden, depth, width >= 1 and blocks >= 0"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelError(f"MLPConfig: dropout={self.dropout} not in [0, 1)")
+        if not self.heads:
+            raise ModelError("MLPConfig: at least one head is needed")
+        if self.dense_names and len(self.dense_names) != self.n_dense:
+            raise ModelError(
+                f"MLPConfig: {len(self.dense_names)} dense_names for n_dense={self.n_dense}"
+            )
+
+    @property
+    def n_codes(self) -> int:
+        """Rows of the sparse first layer, padding excluded: modalities × depth × width."""
+        return self.modalities * self.depth * self.width
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (tuples become lists)."""
+        d = asdict(self)
+        d["heads"] = list(self.heads)
+        d["dense_names"] = list(self.dense_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MLPConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error, not silently dropped."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ModelError(f"MLPConfig: unknown keys {sorted(unknown)}")
+        d = dict(d)
+        d["heads"] = tuple(d.get("heads", ("like",)))
+        d["dense_names"] = tuple(d.get("dense_names", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class MLPInputs:
+    """What the MLP reads for ``n`` events.
+
+    ``dense``: ``(n, n_dense)`` float32, not yet standardized.
+    ``codes``: ``(n, modalities, depth)`` int16/int32, the target item's bucket per depth, -1
+    where the item is unknown to that modality's codebook.
+    """
+
+    dense: np.ndarray
+    codes: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.dense.shape[0])
+
+    def take(self, rows: np.ndarray | slice) -> MLPInputs:
+        """The inputs of a subset of rows (index array, boolean mask or slice)."""
+        return MLPInputs(dense=self.dense[rows], codes=self.codes[rows])
+
+
+def assemble(features: Any, item_stats: np.ndarray | None = None) -> MLPInputs:
+    """Build MLP inputs from the aggregator's ``Features`` (and optional item statistics).
+
+    The one feature-assembly function: the trainer and the streaming worker both call it.
+
+    ``features.density``: ``(n, C*M)`` shares of user sketch mass in the item's buckets.
+    ``features.counts``: ``(n, k)`` non-negative counts, log1p-scaled here (heavy-tailed).
+    ``features.item_codes``: ``(n, M, D)`` int16 bucket codes, -1 unknown.
+    ``item_stats``: ``(n, s)`` float32 online item statistics (already scaled), or None.
+    Returns :class:`MLPInputs` with ``dense (n, C*M + k + s)`` float32.
+    """
+    density = np.asarray(features.density, dtype=np.float32)
+    n = density.shape[0]
+    parts = [density.reshape(n, -1)]
+    counts = getattr(features, "counts", None)
+    if counts is not None and np.size(counts):
+        c = np.asarray(counts, dtype=np.float32).reshape(n, -1)
+        parts.append(np.sign(c) * np.log1p(np.abs(c)))
+    if item_stats is not None:
+        s = np.asarray(item_stats, dtype=np.float32)
+        if s.shape[0] != n:
+            raise ModelError(f"assemble: item_stats has {s.shape[0]} rows, features have {n}")
+        parts.append(s.reshape(n, -1))
+    dense = np.concatenate(parts, axis=1) if parts else np.zeros((n, 0), np.float32)
+    dense = np.nan_to_num(dense, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32, copy=False)
+    codes = np.asarray(features.item_codes)
+    if codes.ndim != 3 or codes.shape[0] != n:
+        raise ModelError(f"assemble: item_codes shape {codes.shape}, expected ({n}, M, D)")
+    return MLPInputs(dense=np.ascontiguousarray(dense), codes=codes)
+
+
+def code_indices(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Flatten ``(n, M, D)`` bucket codes to rows of the sparse layer: ``(n, M*D)`` int64.
+
+    Row ``(m*D + d)*width + code`` for a known bucket, ``M*D*width`` (the padding row) for -1.
+    """
+    n, m, d = codes.shape
+    c = codes.long()
+    base = (torch.arange(m * d, device=codes.device).view(1, m, d)) * width
+    pad = m * d * width
+    return torch.where(c >= 0, base + c.clamp(min=0, max=width - 1), pad).view(n, m * d)
+
+
+class _Block(nn.Module):
+    """x + Dropout(LeakyReLU(LayerNorm(Linear(x)))): ``(n, hidden) -> (n, hidden)``."""
+
+    def __init__(self, hidden: int, dropout: float, slope: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.act = nn.LeakyReLU(slope)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.act(self.norm(self.fc(x))))
+
+
+class EngagementMLP(nn.Module):
+    """Residual MLP: (dense features, item bucket codes) → one logit per head."""
+
+    def __init__(self, config: MLPConfig) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden
+        # Standardization of the dense block, fitted on training rows (set_normalization).
+        self.register_buffer("dense_mean", torch.zeros(config.n_dense))
+        self.register_buffer("dense_std", torch.ones(config.n_dense))
+        self.dense_in = nn.Linear(config.n_dense, h) if config.n_dense else None
+        if config.modalities:
+            self.codes_in = nn.EmbeddingBag(
+                config.n_codes + 1, h, mode="sum", padding_idx=config.n_codes
+            )
+            # Summing M*D rows: scale the init so the sum has about unit variance.
+            nn.init.normal_(
+                self.codes_in.weight, std=1.0 / math.sqrt(config.modalities * config.depth)
+            )
+            with torch.no_grad():
+                self.codes_in.weight[config.n_codes].zero_()
+        else:
+            self.codes_in = None
+        self.bias_in = nn.Parameter(torch.zeros(h))
+        self.norm_in = nn.LayerNorm(h)
+        self.act_in = nn.LeakyReLU(config.leaky_slope)
+        self.blocks = nn.ModuleList(
+            _Block(h, config.dropout, config.leaky_slope) for _ in range(config.blocks)
+        )
+        self.head = nn.Linear(h, len(config.heads))
+
+    def set_normalization(self, dense: np.ndarray) -> None:
+        """Fit the dense standardization on training rows ``(n, n_dense)``."""
+        x = np.asarray(dense, dtype=np.float64)
+        if x.shape[1] != self.config.n_dense:
+            raise ModelError(
+                f"set_normalization: {x.shape[1]} columns, n_dense={self.config.n_dense}"
+            )
+        mean = x.mean(axis=0)
+        std = x.std(axis=0)
+        std = np.where(std > 1e-6, std, 1.0)
+        self.dense_mean.copy_(torch.from_numpy(mean.astype(np.float32)))
+        self.dense_std.copy_(torch.from_numpy(std.astype(np.float32)))
+
+    def forward(self, dense: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """``dense (n, n_dense)`` float32, ``codes (n, M, D)`` int → logits ``(n, n_heads)``."""
+        x = self.bias_in
+        if self.dense_in is not None:
+            x = x + self.dense_in((dense - self.dense_mean) / self.dense_std)
+        if self.codes_in is not None:
+            x = x + self.codes_in(code_indices(codes, self.config.width))
+        x = self.act_in(self.norm_in(x))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+    def predict(self, inputs: MLPInputs, batch_size: int = 8192) -> np.ndarray:
+        """Engagement probabilities ``(n, n_heads)`` float32, batched, no autograd."""
+        self._check(inputs)
+        was_training = self.training
+        self.eval()
+        out = np.empty((len(inputs), len(self.config.heads)), dtype=np.float32)
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(inputs), batch_size):
+                    stop = min(start + batch_size, len(inputs))
+                    dense, codes = to_tensors(inputs.take(slice(start, stop)))
+                    out[start:stop] = torch.sigmoid(self(dense, codes)).numpy()
+        finally:
+            self.train(was_training)
+        return out
+
+    def _check(self, inputs: MLPInputs) -> None:
+        cfg = self.config
+        if inputs.dense.ndim != 2 or inputs.dense.shape[1] != cfg.n_dense:
+            raise ModelError(
+                f"dense features of shape {inputs.dense.shape}: "
+                f"the model expects (n, {cfg.n_dense})"
+            )
+        if cfg.modalities and inputs.codes.shape[1:] != (cfg.modalities, cfg.depth):
+            raise ModelError(
+                f"item codes of shape {inputs.codes.shape}: the model expects "
+                f"(n, {cfg.modalities}, {cfg.depth})"
+            )
+
+
+def to_tensors(inputs: MLPInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``MLPInputs`` → (dense float32, codes int64) tensors sharing memory where possible."""
+    dense = torch.from_numpy(np.ascontiguousarray(inputs.dense, dtype=np.float32))
+    codes = torch.from_numpy(np.ascontiguousarray(inputs.codes).astype(np.int64, copy=False))
+    return dense, codes

@@ -1,0 +1,143 @@
+"""Model artifacts: content-addressed, checksummed, refused when tampered with."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from sketchstream.models.artifacts import (
+    MANIFEST,
+    WEIGHTS,
+    ArtifactStore,
+    load_model_artifact,
+    save_model_artifact,
+)
+from sketchstream.models.emde import Codebook
+from sketchstream.models.errors import ArtifactError
+from sketchstream.models.mlp import EngagementMLP, MLPConfig, MLPInputs
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def parts():
+    rng = np.random.default_rng(0)
+    ids = [f"i{k}" for k in range(40)]
+    codebook = Codebook(depth=3, width=8, seed=0).fit(rng.normal(size=(40, 6)).astype("f4"), ids)
+    torch.manual_seed(0)
+    model = EngagementMLP(MLPConfig(n_dense=4, modalities=1, depth=3, width=8, hidden=8))
+    model.set_normalization(rng.normal(size=(10, 4)) * 3 + 1)
+    return model, {"interactions": codebook}
+
+
+def _save(root, parts, **kw):
+    model, codebooks = parts
+    return save_model_artifact(
+        root,
+        model=model,
+        codebooks=codebooks,
+        aggregator_config={"half_life_days": 30.0},
+        item_stats={"heads": ["like"], "prior": 10.0},
+        metrics={"test": {"auc": 0.8}},
+        **kw,
+    )
+
+
+def test_round_trip_gives_the_same_predictions_and_config(tmp_path, parts):
+    model, codebooks = parts
+    version = _save(tmp_path, parts)
+    bundle = load_model_artifact(tmp_path / version)
+    assert bundle.version == version
+    assert bundle.mlp_config == model.config
+    assert bundle.codebook_versions == {"interactions": codebooks["interactions"].version}
+    assert bundle.aggregator_config == {"half_life_days": 30.0}
+    assert bundle.metrics["test"]["auc"] == 0.8
+    rng = np.random.default_rng(1)
+    x = MLPInputs(rng.normal(size=(5, 4)).astype("f4"), rng.integers(-1, 8, (5, 1, 3)))
+    np.testing.assert_array_equal(bundle.model.predict(x), model.predict(x))
+    np.testing.assert_array_equal(
+        bundle.codebooks["interactions"].encode(["i1", "zz"]),
+        codebooks["interactions"].encode(["i1", "zz"]),
+    )
+
+
+def test_directory_is_named_by_content_and_identical_content_saves_once(tmp_path, parts):
+    v1 = _save(tmp_path, parts)
+    v2 = _save(tmp_path, parts)
+    assert v1 == v2
+    assert [p.name for p in tmp_path.iterdir()] == [v1]
+    manifest = json.loads((tmp_path / v1 / MANIFEST).read_text())
+    assert manifest["content_hash"].startswith(v1)
+
+
+def test_a_tampered_weights_file_is_refused_naming_the_file(tmp_path, parts):
+    version = _save(tmp_path, parts)
+    path = tmp_path / version / WEIGHTS
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"weights\.safetensors.*checksum"):
+        load_model_artifact(tmp_path / version)
+
+
+def test_a_tampered_manifest_is_refused(tmp_path, parts):
+    version = _save(tmp_path, parts)
+    path = tmp_path / version / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["metrics"]["test"]["auc"] = 0.99
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"manifest\.json was modified"):
+        load_model_artifact(tmp_path / version)
+
+
+def test_a_missing_or_extra_file_is_refused(tmp_path, parts):
+    version = _save(tmp_path, parts)
+    (tmp_path / version / "evil.pt").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match="unexpected files"):
+        load_model_artifact(tmp_path / version)
+    (tmp_path / version / "evil.pt").unlink()
+    (tmp_path / version / "codebook-interactions.bin").unlink()
+    with pytest.raises(ArtifactError, match=r"codebook-interactions\.bin.*missing"):
+        load_model_artifact(tmp_path / version)
+
+
+def test_an_unknown_format_version_is_refused(tmp_path, parts):
+    version = _save(tmp_path, parts)
+    path = tmp_path / version / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["format_version"] = 99
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="format version 99"):
+        load_model_artifact(tmp_path / version)
+
+
+def test_store_publishes_lists_newest_first_and_prunes_but_never_the_served(tmp_path, parts):
+    model, codebooks = parts
+    build = tmp_path / "build"
+    versions = []
+    for k in range(3):
+        with torch.no_grad():
+            model.head.bias.fill_(float(k))
+        versions.append(_save(build, (model, codebooks)))
+    store = ArtifactStore(tmp_path / "store")
+    for v in versions:
+        assert store.publish(build / v) == v
+    assert store.versions() == versions[::-1]
+    assert store.latest() == versions[-1]
+    removed = store.prune(keep=1, serving=versions[0])
+    assert removed == [versions[1]]
+    assert set(store.versions()) == {versions[2], versions[0]}
+    assert store.load(versions[0]).version == versions[0]
+
+
+def test_store_refuses_to_publish_a_tampered_artifact(tmp_path, parts):
+    version = _save(tmp_path / "build", parts)
+    src = tmp_path / "build" / version
+    shutil.copy(src / WEIGHTS, tmp_path / "w")
+    (src / WEIGHTS).write_bytes((tmp_path / "w").read_bytes()[:-1])
+    with pytest.raises(ArtifactError, match="checksum"):
+        ArtifactStore(tmp_path / "store").publish(src)
+    assert ArtifactStore(tmp_path / "store").versions() == []

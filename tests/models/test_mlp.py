@@ -1,0 +1,116 @@
+"""The engagement MLP: shapes, the sparse first layer, normalization, batched inference."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from sketchstream.models.errors import ModelError
+from sketchstream.models.mlp import EngagementMLP, MLPConfig, MLPInputs, assemble, code_indices
+
+torch.set_num_threads(1)
+
+
+def _inputs(n: int = 64, n_dense: int = 5, m: int = 2, d: int = 3, w: int = 8, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    dense = rng.normal(size=(n, n_dense)).astype(np.float32)
+    codes = rng.integers(-1, w, size=(n, m, d)).astype(np.int16)
+    return MLPInputs(dense=dense, codes=codes)
+
+
+def _config(**kw) -> MLPConfig:
+    base = dict(n_dense=5, modalities=2, depth=3, width=8, hidden=16, blocks=2, heads=("a", "b"))
+    base.update(kw)
+    return MLPConfig(**base)
+
+
+def test_predict_returns_one_probability_per_head():
+    model = EngagementMLP(_config())
+    p = model.predict(_inputs(), batch_size=10)
+    assert p.shape == (64, 2) and p.dtype == np.float32
+    assert np.all((p > 0) & (p < 1))
+
+
+def test_predict_is_independent_of_batch_size():
+    model = EngagementMLP(_config())
+    x = _inputs()
+    np.testing.assert_allclose(model.predict(x, batch_size=7), model.predict(x), atol=1e-6)
+
+
+def test_forward_matches_dense_one_hot_first_layer():
+    cfg = _config(n_dense=0, blocks=0)
+    model = EngagementMLP(cfg)
+    codes = torch.tensor([[[0, 7, -1], [3, -1, 2]]])
+    idx = code_indices(codes, cfg.width)
+    one_hot = torch.zeros(1, cfg.n_codes + 1)
+    one_hot[0, idx[0]] = 1.0
+    manual = one_hot @ model.codes_in.weight + model.bias_in
+    manual = model.head(model.act_in(model.norm_in(manual)))
+    torch.testing.assert_close(model(torch.zeros(1, 0), codes), manual)
+
+
+def test_unknown_codes_hit_the_zero_padding_row():
+    cfg = _config()
+    idx = code_indices(torch.full((2, 2, 3), -1, dtype=torch.int16), cfg.width)
+    assert torch.all(idx == cfg.n_codes)
+    model = EngagementMLP(cfg)
+    assert torch.all(model.codes_in.weight[cfg.n_codes] == 0)
+
+
+def test_normalization_is_a_buffer_saved_with_the_weights():
+    model = EngagementMLP(_config())
+    x = _inputs()
+    model.set_normalization(x.dense * 10 + 3)
+    state = model.state_dict()
+    assert "dense_mean" in state and "dense_std" in state
+    np.testing.assert_allclose(state["dense_mean"].numpy(), (x.dense * 10 + 3).mean(0), rtol=1e-4)
+
+
+def test_wrong_dense_width_is_refused_with_the_expected_shape():
+    model = EngagementMLP(_config())
+    x = _inputs(n_dense=4)
+    with pytest.raises(ModelError, match=r"expects \(n, 5\)"):
+        model.predict(x)
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = _config(dense_names=tuple("abcde"))
+    assert MLPConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_config_refuses_no_heads():
+    with pytest.raises(ModelError, match="head"):
+        _config(heads=())
+
+
+def test_assemble_concatenates_density_log_counts_and_item_stats():
+    n = 4
+    features = SimpleNamespace(
+        density=np.ones((n, 3), np.float32),
+        counts=np.full((n, 2), np.e - 1, np.float32),
+        item_codes=np.zeros((n, 2, 3), np.int16),
+    )
+    stats = np.full((n, 1), 7.0, np.float32)
+    x = assemble(features, stats)
+    assert x.dense.shape == (n, 6)
+    np.testing.assert_allclose(x.dense[0], [1, 1, 1, 1, 1, 7], rtol=1e-6)
+    assert x.codes.shape == (n, 2, 3)
+
+
+def test_a_few_steps_of_training_lower_the_loss():
+    torch.manual_seed(0)
+    x = _inputs(n=256)
+    y = torch.from_numpy((x.dense[:, :1] > 0).astype(np.float32)).repeat(1, 2)
+    model = EngagementMLP(_config(dropout=0.0))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    dense, codes = torch.from_numpy(x.dense), torch.from_numpy(x.codes.astype(np.int64))
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(dense, codes), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
