@@ -8,9 +8,12 @@ hash) holding everything a worker needs to rebuild the exact scorer::
                                per-file sha256, content hash
       weights.safetensors      MLP weights and the dense-feature standardization (no pickle)
       codebook-<modality>.bin  one EMDE codebook per modality (``Codebook.to_bytes``)
+      item-snapshot.safetensors  the item snapshot the worker scores with (optional;
+                               ``ItemSnapshot.to_bytes``, no pickle)
 
-``manifest["config"]`` holds the MLP config, the aggregator config, the heads and the item
-statistics config. The content hash covers the manifest (less ``created`` and the hash itself)
+``manifest["config"]`` holds the MLP config, the aggregator config, the heads and what the
+item snapshot covers (``item_snapshot``: heads, prior, items, events, as_of). The content
+hash covers the manifest (less ``created`` and the hash itself)
 including every file's sha256, so changing one byte anywhere is caught at load time:
 :func:`load_model_artifact` verifies every checksum before it reads anything and raises
 :class:`~sketchstream.models.errors.ArtifactError` naming the offending file.
@@ -39,6 +42,7 @@ from sketchstream.models.mlp import EngagementMLP, MLPConfig
 
 __all__ = [
     "FORMAT_VERSION",
+    "ITEM_SNAPSHOT",
     "MANIFEST",
     "WEIGHTS",
     "ArtifactStore",
@@ -54,6 +58,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+ITEM_SNAPSHOT = "item-snapshot.safetensors"
 _KIND = "sketchstream.model"
 _VERSION_CHARS = 16
 _CHUNK = 1 << 20
@@ -72,7 +77,7 @@ class ModelBundle:
     codebooks: dict[str, Any]  # modality -> Codebook
     aggregator_config: dict[str, Any]  # JSON form; see trainer.aggregator_config_from_dict
     heads: tuple[str, ...]
-    item_stats: dict[str, Any] | None = None  # ItemStats config, None when not used
+    item_snapshot: Any = None  # ItemSnapshot the worker scores with; None: no item features
     metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -127,19 +132,29 @@ def save_model_artifact(
     model: EngagementMLP,
     codebooks: Mapping[str, Any],
     aggregator_config: Mapping[str, Any],
-    item_stats: Mapping[str, Any] | None = None,
+    item_snapshot: Any = None,
     metrics: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    item_stats: Any = None,
 ) -> str:
     """Write a model artifact under ``root/<version>`` and return the version.
 
     ``codebooks``: ``{modality: Codebook}`` (anything with ``to_bytes()`` and ``version``).
-    ``aggregator_config``, ``item_stats``, ``metrics``, ``extra``: JSON-ready mappings.
+    ``item_snapshot``: an :class:`~sketchstream.models.snapshot.ItemSnapshot` (or None), stored
+    as :data:`ITEM_SNAPSHOT`; ``item_stats`` is an older name for it.
+    ``aggregator_config``, ``metrics``, ``extra``: JSON-ready mappings.
     The directory is written under a temporary name and renamed into place, so readers never
     see half an artifact; saving identical content twice returns the same version.
     """
     from safetensors.torch import save_file
 
+    if item_snapshot is None:
+        item_snapshot = item_stats
+    if item_snapshot is not None and not hasattr(item_snapshot, "to_bytes"):
+        raise ArtifactError(
+            "model artifact: online item statistics are gone; pass item_snapshot=ItemSnapshot "
+            f"(got {type(item_snapshot).__name__})"
+        )
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{uuid.uuid4().hex}"
@@ -157,6 +172,9 @@ def save_model_artifact(
             files[name] = _sha256_file(tmp / name)
             cb_versions[modality] = str(codebook.version)
             cb_files[modality] = name
+        if item_snapshot is not None:
+            (tmp / ITEM_SNAPSHOT).write_bytes(item_snapshot.to_bytes())
+            files[ITEM_SNAPSHOT] = _sha256_file(tmp / ITEM_SNAPSHOT)
         manifest: dict[str, Any] = _json_safe(
             {
                 "kind": _KIND,
@@ -166,7 +184,7 @@ def save_model_artifact(
                     "mlp": model.config.to_dict(),
                     "aggregator": dict(aggregator_config),
                     "heads": list(model.config.heads),
-                    "item_stats": dict(item_stats) if item_stats is not None else None,
+                    "item_snapshot": item_snapshot.config() if item_snapshot is not None else None,
                     **(dict(extra) if extra else {}),
                 },
                 "codebooks": cb_versions,
@@ -291,6 +309,18 @@ def load_model_artifact(path: str | Path) -> ModelBundle:
                 f"model artifact {path}: codebook {name!r} has version "
                 f"{codebooks[modality].version}, manifest says {want}"
             )
+    snapshot = None
+    if config.get("item_snapshot") is not None:
+        from sketchstream.models.snapshot import ItemSnapshot
+
+        if ITEM_SNAPSHOT not in manifest.get("files", {}):
+            raise ArtifactError(f"model artifact {path}: config names an item snapshot, no file")
+        snapshot = ItemSnapshot.from_bytes((path / ITEM_SNAPSHOT).read_bytes())
+    elif config.get("item_stats"):
+        raise ArtifactError(
+            f"model artifact {path}: made with online item statistics, which workers no longer "
+            "keep (train/serve skew); retrain it to get an item snapshot"
+        )
     return ModelBundle(
         version=manifest["version"],
         path=path,
@@ -300,7 +330,7 @@ def load_model_artifact(path: str | Path) -> ModelBundle:
         codebooks=codebooks,
         aggregator_config=dict(config.get("aggregator") or {}),
         heads=tuple(config.get("heads") or mlp_config.heads),
-        item_stats=config.get("item_stats"),
+        item_snapshot=snapshot,
         metrics=dict(manifest.get("metrics") or {}),
     )
 

@@ -125,8 +125,9 @@ def assemble(features: Any, item_stats: np.ndarray | None = None) -> MLPInputs:
     ``features.density``: ``(n, C*M)`` shares of user sketch mass in the item's buckets.
     ``features.counts``: ``(n, k)`` non-negative counts, log1p-scaled here (heavy-tailed).
     ``features.item_codes``: ``(n, M, D)`` int16 bucket codes, -1 unknown.
+    ``features.cf``: ``(n, f)`` item-item CF columns (optional, None: absent).
     ``item_stats``: ``(n, s)`` float32 online item statistics (already scaled), or None.
-    Returns :class:`MLPInputs` with ``dense (n, C*M + k + s)`` float32.
+    Returns :class:`MLPInputs` with ``dense (n, C*M + k + f + s)`` float32.
     """
     density = np.asarray(features.density, dtype=np.float32)
     n = density.shape[0]
@@ -135,6 +136,9 @@ def assemble(features: Any, item_stats: np.ndarray | None = None) -> MLPInputs:
     if counts is not None and np.size(counts):
         c = np.asarray(counts, dtype=np.float32).reshape(n, -1)
         parts.append(np.sign(c) * np.log1p(np.abs(c)))
+    cf = getattr(features, "cf", None)
+    if cf is not None:  # item-item CF columns, already in [-1, 1]
+        parts.append(np.asarray(cf, dtype=np.float32).reshape(n, -1))
     if item_stats is not None:
         s = np.asarray(item_stats, dtype=np.float32)
         if s.shape[0] != n:

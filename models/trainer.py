@@ -8,9 +8,9 @@ Pure: no CLI, no printing (progress bars aside). The pieces, in the order ``trai
 * :func:`replay` — run an ordered event stream through
   :meth:`~sketchstream.models.state.Aggregator.score_then_fold`, the very call the streaming
   worker makes, micro-batch by micro-batch with every user's state kept in memory: each event
-  is scored on the state built from the events before it, then folded in. Optional
-  :class:`ItemStats` (online item counts and rates) are computed in the same pass, the same
-  way (score, then fold).
+  is scored on the state built from the events before it, then folded in. Item-side
+  features come from an :class:`~sketchstream.models.snapshot.ItemSnapshot` refreshed every
+  ``item_refresh_s`` (:func:`~sketchstream.models.snapshot.refreshed_item_features`).
 * :func:`train_mlp` — Adam on masked binary cross-entropy, one head per engagement type,
   early stopping on the validation period's mean AUC, fixed seeds.
 * :func:`run_protocol` — the evaluation protocol of DESIGN.md end to end; :func:`score_events`
@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -32,7 +32,6 @@ from sketchstream.models.errors import ModelError
 from sketchstream.models.mlp import EngagementMLP, MLPConfig, MLPInputs, assemble, to_tensors
 
 __all__ = [
-    "ItemStats",
     "ProtocolResult",
     "Replayed",
     "TrainConfig",
@@ -61,8 +60,15 @@ class TrainConfig:
     metadata: bool = True  # build the metadata modality when items carry metadata
     # --- replay --------------------------------------------------------------------------
     replay_batch: int = 4096  # events per score_then_fold call
-    item_stats: bool = True  # online item counts and rates as extra dense features
+    item_snapshot: bool = True  # item counts and rates from a refreshed snapshot, as features
     item_prior: float = 10.0  # pseudo-count shrinking item rates to the global rate
+    item_refresh_s: float = 86_400.0  # offline refresh cadence of the snapshot (1 day)
+    item_age: bool = False  # item age column (off: costs test AUC on MovieLens-1M)
+    item_global_rate: bool = False  # global positive rate column (off: likewise)
+    item_similarity: bool = True  # item-item CF columns (needs item_snapshot)
+    similarity_top_k: int = 100  # neighbours kept per item
+    similarity_like_min: float = 4.0  # "liked" = value >= this, "disliked" = value < this
+    similarity_min_new_likes: int = 2000  # offline: rebuild at a boundary after this many likes
     # --- MLP -----------------------------------------------------------------------------
     hidden: int = 512
     blocks: int = 2
@@ -159,127 +165,14 @@ def fit_codebooks(
     return codebooks
 
 
-# --- online item statistics ------------------------------------------------------------------
-
-
-def _exclusive_group_cumsum(keys: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """For each row j: the sum of ``q`` over earlier rows with the same key. ``q (n, k)``."""
-    order = np.argsort(keys, kind="stable")
-    qs = q[order]
-    cs = np.cumsum(qs, axis=0) - qs
-    ks = keys[order]
-    start = np.ones(len(ks), dtype=bool)
-    start[1:] = ks[1:] != ks[:-1]
-    group_start = np.maximum.accumulate(np.where(start, np.arange(len(ks)), 0))
-    cs = cs - cs[group_start]
-    out = np.empty_like(cs)
-    out[order] = cs
-    return out
-
-
-class ItemStats:
-    """Online per-item counts and rates, score-then-fold, vectorized per micro-batch.
-
-    For each event, features read from the events *before* it (earlier batches and earlier
-    rows of the same batch): ``log1p`` of the item's event count; per head, the item's
-    positive rate shrunk to the running global rate with ``prior`` pseudo-counts and
-    ``log1p`` of its labelled count; the item's mean value (shrunk likewise); ``log1p`` of the
-    item's age in days (time since its first event); the running global rate per head.
-    """
-
-    def __init__(self, heads: Sequence[str], prior: float = 10.0) -> None:
-        self.heads = tuple(heads)
-        self.prior = float(prior)
-        self._index: dict[Any, int] = {}
-        k = len(self.heads)
-        # per item: [events, labelled_h..., positive_h..., value_count, value_sum]
-        self._width = 1 + 2 * k + 2
-        self._totals = np.zeros((0, self._width), dtype=np.float64)
-        self._first_ts = np.zeros(0, dtype=np.float64)
-        self._global = np.zeros(self._width, dtype=np.float64)
-
-    def config(self) -> dict[str, Any]:
-        """JSON-ready constructor arguments (the artifact stores them)."""
-        return {"heads": list(self.heads), "prior": self.prior}
-
-    @property
-    def feature_names(self) -> list[str]:
-        names = ["item_log_events"]
-        for h in self.heads:
-            names += [f"item_rate_{h}", f"item_log_labelled_{h}"]
-        names += ["item_mean_value", "item_log_age_days"]
-        names += [f"global_rate_{h}" for h in self.heads]
-        return names
-
-    def _rows(self, items: np.ndarray) -> np.ndarray:
-        index = self._index
-        rows = np.fromiter((index.setdefault(i, len(index)) for i in items), np.int64, len(items))
-        grow = len(index) - len(self._totals)
-        if grow > 0:
-            self._totals = np.vstack([self._totals, np.zeros((grow, self._width))])
-            self._first_ts = np.concatenate([self._first_ts, np.full(grow, np.nan)])
-        return rows
-
-    def score_then_fold(
-        self, items: np.ndarray, ts: np.ndarray, y: np.ndarray, value: np.ndarray
-    ) -> np.ndarray:
-        """Features ``(n, s)`` float32 for a batch in stream order, then fold the batch in.
-
-        ``items (n,)`` ids, ``ts (n,)`` float64 seconds, ``y (n, heads)`` float labels with nan
-        where a head does not apply, ``value (n,)`` float with nan where absent.
-        """
-        n, k = len(items), len(self.heads)
-        rows = self._rows(items)
-        q = np.zeros((n, self._width), dtype=np.float64)
-        q[:, 0] = 1.0
-        labelled = ~np.isnan(y)
-        q[:, 1 : 1 + k] = labelled
-        q[:, 1 + k : 1 + 2 * k] = np.where(labelled, y, 0.0)
-        has_value = ~np.isnan(value)
-        q[:, 1 + 2 * k] = has_value
-        q[:, 2 + 2 * k] = np.where(has_value, value, 0.0)
-        before = self._totals[rows] + _exclusive_group_cumsum(rows, q)
-        glob = self._global + np.cumsum(q, axis=0) - q
-        # first event time: stored, else the first row of this item in the batch
-        first = self._first_ts[rows]
-        order = np.argsort(rows, kind="stable")
-        rs = rows[order]
-        start = np.ones(n, dtype=bool)
-        start[1:] = rs[1:] != rs[:-1]
-        gs = np.maximum.accumulate(np.where(start, np.arange(n), 0))
-        batch_first = np.empty(n)
-        batch_first[order] = ts[order][gs]
-        first = np.where(np.isnan(first), batch_first, first)
-
-        a = self.prior
-        out = [np.log1p(before[:, 0])]
-        g_lab = glob[:, 1 : 1 + k]
-        g_rate = (glob[:, 1 + k : 1 + 2 * k] + 0.5) / (g_lab + 1.0)
-        for h in range(k):
-            lab, pos = before[:, 1 + h], before[:, 1 + k + h]
-            out += [(pos + a * g_rate[:, h]) / np.maximum(lab + a, 1e-9), np.log1p(lab)]
-        g_mean = (glob[:, 2 + 2 * k] + 3.0) / (glob[:, 1 + 2 * k] + 1.0)
-        vsum, vcount = before[:, 2 + 2 * k], before[:, 1 + 2 * k]
-        out.append((vsum + a * g_mean) / np.maximum(vcount + a, 1e-9) - g_mean)
-        out.append(np.log1p(np.maximum(ts - first, 0.0) / 86400.0))
-        out += [g_rate[:, h] for h in range(k)]
-
-        np.add.at(self._totals, rows, q)
-        self._global += q.sum(axis=0)
-        fresh = np.isnan(self._first_ts[rows])
-        self._first_ts[rows[fresh]] = batch_first[fresh]
-        return np.stack(out, axis=1).astype(np.float32)
-
-
 # --- replay ----------------------------------------------------------------------------------
 
 
 @dataclass
 class Replayed:
-    """What :func:`replay` returns: the aggregator's features and the optional item stats."""
+    """What :func:`replay` returns: the aggregator's features over the whole stream."""
 
     features: Any  # state.Features over the whole stream, row per event
-    item_stats: np.ndarray | None  # (n, s) float32 or None
     seconds: float = 0.0
 
 
@@ -302,17 +195,24 @@ def replay(
     events: Any,
     aggregator: Any,
     *,
-    labels: np.ndarray | None = None,
-    item_stats: ItemStats | None = None,
     batch_size: int = 4096,
     progress: bool = True,
+    windows: Iterable[tuple[np.ndarray, Any]] | None = None,
+    on_window: Callable[[np.ndarray, Any, Any], None] | None = None,
 ) -> Replayed:
     """Score-then-fold an ordered stream through ``aggregator``; features row per event.
 
     ``events``: an :class:`~sketchstream.models.events.EventTable` in stream order. Every
     user's state lives in memory for the whole replay; each micro-batch of ``batch_size``
     events goes through ``aggregator.score_then_fold`` (the worker's call), so an event's
-    features depend only on the events before it. ``labels (n, heads)`` feed ``item_stats``.
+    features depend only on the events before it.
+
+    ``windows``: refresh windows ``(rows, snapshot)`` in stream order
+    (:func:`~sketchstream.models.snapshot.refresh_windows`; the stream must be in time order
+    so each window is a run of consecutive rows). Batches then never cross a window, and each
+    passes its window's ``snapshot.similarity`` (when set) as ``item_similarity``: the CF
+    features read the similarity the refresh job had published at the event's time.
+    ``on_window(rows, snapshot, features)`` is called per window while its snapshot is current.
     """
     from sketchstream.models.state import EventBatch
     from tqdm.auto import tqdm
@@ -332,38 +232,64 @@ def replay(
     # every user starts empty: new_batch is load([None] * n_users) without the decoding
     state = aggregator.new_batch(len(users))
     parts = []
-    stats = []
     offsets = np.arange(n, dtype=np.int64)
     bar = tqdm(total=n, desc="replay", unit="ev", disable=not progress, mininterval=1.0)
-    for start in range(0, n, batch_size):
-        rows = slice(start, min(start + batch_size, n))
-        batch = EventBatch(
-            user_index=user_index[rows],
-            item=events.item[rows],
-            action=action[rows],
-            value=events.value[rows],
-            ts=events.ts[rows],
-            partition=np.zeros(rows.stop - rows.start, dtype=np.int32),
-            offset=offsets[rows],
-        )
-        parts.append(aggregator.score_then_fold(state, batch))
-        if item_stats is not None:
-            y = labels[rows] if labels is not None else np.full((rows.stop - start, 0), np.nan)
-            stats.append(
-                item_stats.score_then_fold(
-                    events.item[rows], events.ts[rows], y, events.value[rows]
-                )
+
+    def run(lo: int, hi: int, sim: Any) -> list[Any]:
+        out = []
+        for start in range(lo, hi, batch_size):
+            rows = slice(start, min(start + batch_size, hi))
+            batch = EventBatch(
+                user_index=user_index[rows],
+                item=events.item[rows],
+                action=action[rows],
+                value=events.value[rows],
+                ts=events.ts[rows],
+                partition=np.zeros(rows.stop - rows.start, dtype=np.int32),
+                offset=offsets[rows],
             )
-        bar.update(rows.stop - rows.start)
+            out.append(aggregator.score_then_fold(state, batch, item_similarity=sim))
+            bar.update(rows.stop - rows.start)
+        return out
+
+    if windows is None:
+        parts = run(0, n, None)
+    else:
+        done = 0
+        for rows, snapshot in windows:
+            rows = np.asarray(rows)
+            if len(rows) == 0:
+                continue
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            if lo != done or hi - lo != len(rows):
+                raise ModelError(
+                    "replay: refresh windows need the stream in time order (window rows "
+                    f"{lo}..{hi - 1} after row {done - 1})"
+                )
+            got = run(lo, hi, getattr(snapshot, "similarity", None))
+            if on_window is not None:
+                on_window(rows, snapshot, _concat_features(got))
+            parts += got
+            done = hi
+        if done != n:
+            raise ModelError(f"replay: windows cover {done} of {n} events")
     bar.close()
     features = _concat_features(parts)
     secs = time.perf_counter() - t0
     log.info("replayed %d events of %d users in %.1fs", n, len(users), secs)
-    return Replayed(
-        features=features,
-        item_stats=np.concatenate(stats, axis=0) if stats else None,
-        seconds=secs,
-    )
+    return Replayed(features=features, seconds=secs)
+
+
+def take_features(features: Any, rows: np.ndarray | slice) -> Any:
+    """The given rows of a ``Features`` (array fields with a row axis; the rest as is)."""
+    n = len(features.valid)
+    kwargs = {}
+    for f in fields(features):
+        v = getattr(features, f.name)
+        if isinstance(v, np.ndarray) and v.ndim and v.shape[0] == n:
+            v = v[rows]
+        kwargs[f.name] = v
+    return type(features)(**kwargs)
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -496,7 +422,7 @@ class ProtocolResult:
     model: EngagementMLP
     codebooks: dict[str, Any]
     aggregator_config: dict[str, Any]
-    item_stats: dict[str, Any] | None
+    item_snapshot: Any  # ItemSnapshot of the training period, or None (no item features)
     train_config: TrainConfig
     heads: tuple[str, ...]
     y: np.ndarray  # (n, heads) labels over the whole stream
@@ -505,6 +431,11 @@ class ProtocolResult:
     metrics: dict[str, dict[str, float]]
     history: list[dict[str, float]]
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def item_stats(self) -> Any:
+        """Alias of :attr:`item_snapshot` (what ``save_model_artifact(item_stats=...)`` takes)."""
+        return self.item_snapshot
 
 
 def aggregator_config_to_dict(config: Any) -> dict[str, Any]:
@@ -571,22 +502,67 @@ def build_inputs(
     aggregator: Any,
     y: np.ndarray,
     *,
-    item_stats: ItemStats | None,
-    batch_size: int,
-    progress: bool,
+    heads: Sequence[str],
+    item_snapshot: bool,
+    prior: float = 10.0,
+    refresh_s: float = 86_400.0,
+    batch_size: int = 4096,
+    progress: bool = True,
+    snapshot_options: Mapping[str, Any] | None = None,
 ) -> tuple[MLPInputs, np.ndarray, Replayed]:
-    """Replay and assemble: ``(inputs for every event, valid (n,) bool, the replay)``."""
-    rep = replay(
-        events,
-        aggregator,
-        labels=y,
-        item_stats=item_stats,
-        batch_size=batch_size,
-        progress=progress,
-    )
-    inputs = assemble(rep.features, rep.item_stats)
+    """Replay and assemble: ``(inputs for every event, valid (n,) bool, the replay)``.
+
+    With ``item_snapshot``, item features are read off a snapshot refreshed every
+    ``refresh_s`` from the events before each refresh boundary, as the refresh job serves them;
+    ``snapshot_options`` (keyword arguments of
+    :func:`~sketchstream.models.snapshot.refresh_windows`: ``item_age``, ``similarity``, ...)
+    shape it. With a similarity, the replay runs window by window and the aggregator adds
+    the CF columns from each window's similarity.
+    """
+    from sketchstream.models.snapshot import ItemSnapshot, refresh_windows
+
+    if not item_snapshot:
+        rep = replay(events, aggregator, batch_size=batch_size, progress=progress)
+        item_features = None
+    else:
+        opts = dict(snapshot_options or {})
+        t0 = time.perf_counter()
+        probe = ItemSnapshot(
+            heads, item_age=opts.get("item_age", False), global_rate=opts.get("global_rate", False)
+        )
+        item_features = np.zeros((len(events), len(probe.feature_names)), np.float32)
+        items = np.asarray(events.item, dtype=object)
+        ts = np.asarray(events.ts, dtype=np.float64)
+
+        def on_window(rows: np.ndarray, snap: Any, _feats: Any) -> None:
+            item_features[rows] = snap.features(items[rows], ts[rows])
+
+        windows = refresh_windows(events, y, heads, prior=prior, refresh_s=refresh_s, **opts)
+        rep = replay(
+            events,
+            aggregator,
+            batch_size=batch_size,
+            progress=progress,
+            windows=windows,
+            on_window=on_window,
+        )
+        log.info("replay with refreshed item snapshots in %.1fs", time.perf_counter() - t0)
+    inputs = assemble(rep.features, item_features)
     valid = np.asarray(getattr(rep.features, "valid", np.ones(len(events), bool)), dtype=bool)
     return inputs, valid, rep
+
+
+def snapshot_options(config: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments of :func:`~sketchstream.models.snapshot.refresh_windows` that a
+    training configuration asks for."""
+    return {
+        "item_age": config.item_age,
+        "global_rate": config.item_global_rate,
+        "similarity": config.item_similarity,
+        "similarity_top_k": config.similarity_top_k,
+        "like_min": config.similarity_like_min,
+        "similarity_min_new_likes": config.similarity_min_new_likes,
+    }
 
 
 def run_protocol(
@@ -634,16 +610,42 @@ def run_protocol(
         events[split[0]], heads, metadata="metadata" in codebooks
     )
     aggregator = state.Aggregator(agg_config, codebooks)
-    stats = ItemStats(head_names, prior=config.item_prior) if config.item_stats else None
+    snap_opts = snapshot_options(config)
     inputs, valid, rep = build_inputs(
-        events, aggregator, y, item_stats=stats, batch_size=config.replay_batch, progress=progress
+        events,
+        aggregator,
+        y,
+        heads=head_names,
+        item_snapshot=config.item_snapshot,
+        prior=config.item_prior,
+        refresh_s=config.item_refresh_s,
+        batch_size=config.replay_batch,
+        progress=progress,
+        snapshot_options=snap_opts,
     )
+    snapshot = None
+    if config.item_snapshot:
+        from sketchstream.models.snapshot import ItemSnapshot
+
+        # the artifact's snapshot: as of the end of the training window
+        snapshot = ItemSnapshot.from_events(
+            events[split[0]],
+            y[split[0]],
+            head_names,
+            prior=config.item_prior,
+            item_age=snap_opts["item_age"],
+            global_rate=snap_opts["global_rate"],
+            similarity=snap_opts["similarity"],
+            similarity_top_k=snap_opts["similarity_top_k"],
+            like_min=snap_opts["like_min"],
+        )
     timings["replay"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     names = list(getattr(rep.features, "names", ()) or ())
-    if stats is not None:
-        names += stats.feature_names
+    names += list(getattr(rep.features, "cf_names", ()) or ())
+    if snapshot is not None:
+        names += snapshot.feature_names
     mlp_config = MLPConfig(
         n_dense=inputs.dense.shape[1],
         modalities=inputs.codes.shape[1],
@@ -690,7 +692,7 @@ def run_protocol(
         model=model,
         codebooks=codebooks,
         aggregator_config=aggregator_config_to_dict(agg_config),
-        item_stats=stats.config() if stats is not None else None,
+        item_snapshot=snapshot,
         train_config=config,
         heads=head_names,
         y=y,
@@ -718,15 +720,83 @@ def score_events(
 ) -> Scored:
     """Replay ``events`` through a loaded model artifact's aggregator and score every event.
 
-    The state keeps updating through validation and test; the weights are the artifact's.
+    The user state keeps updating through validation and test; the weights are the
+    artifact's. Item features: a snapshot refreshed every ``item_refresh_s`` (the artifact's
+    training setting) from the scored events before each boundary, as the refresh job would
+    publish it; each window is scored through :class:`~sketchstream.models.scorer.Scorer`, the
+    worker's scoring path.
     """
     from sketchstream.models import state
-    from sketchstream.models.events import DEFAULT_HEADS, Head, labels, protocol_split
+    from sketchstream.models.events import labels, protocol_split
+    from sketchstream.models.scorer import Scorer
+    from sketchstream.models.snapshot import DEFAULT_REFRESH_S, refresh_windows
 
-    heads_by_name = {h.name: h for h in DEFAULT_HEADS}
+    heads = bundle_heads(bundle)
+    timings: dict[str, float] = {}
+    split = protocol_split(len(events))
+    y = labels(events, heads)
+    t0 = time.perf_counter()
+    aggregator = state.Aggregator(
+        aggregator_config_from_dict(bundle.aggregator_config), bundle.codebooks
+    )
+    scorer = Scorer.from_bundle(bundle)
+    items = np.asarray(events.item, dtype=object)
+    ts = np.asarray(events.ts, dtype=np.float64)
+    p = np.zeros((len(events), len(bundle.heads)), np.float32)
+    snap = scorer.snapshot
+    if snap is None:
+        rep = replay(events, aggregator, batch_size=batch_size, progress=progress)
+        timings["replay"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        p[:] = scorer.score(rep.features, items, ts)
+    else:
+        train = bundle.manifest.get("config", {}).get("train", {})
+        refresh_s = float(train.get("item_refresh_s") or DEFAULT_REFRESH_S)
+        sim = scorer.item_similarity
+        windows = refresh_windows(
+            events,
+            y,
+            snap.heads,
+            prior=snap.prior,
+            refresh_s=refresh_s,
+            item_age=snap.item_age,
+            global_rate=snap.global_rate,
+            similarity=sim is not None,
+            similarity_top_k=sim.top_k if sim is not None else 100,
+            like_min=sim.like_min if sim is not None else 4.0,
+            similarity_min_new_likes=int(train.get("similarity_min_new_likes") or 2000),
+        )
+
+        spent = [0.0]
+
+        def on_window(rows: np.ndarray, snapshot: Any, feats: Any) -> None:
+            t = time.perf_counter()
+            p[rows] = scorer.score(feats, items[rows], ts[rows], snapshot=snapshot)
+            spent[0] += time.perf_counter() - t
+
+        replay(
+            events,
+            aggregator,
+            batch_size=batch_size,
+            progress=progress,
+            windows=windows,
+            on_window=on_window,
+        )
+        timings["replay"] = time.perf_counter() - t0 - spent[0]
+        t0 = time.perf_counter() - spent[0]  # scoring ran window by window inside the replay
+    timings["predict"] = time.perf_counter() - t0
+    return Scored(
+        y=y, p=p, split=split, metrics=_head_metrics(y, p, split, bundle.heads), timings=timings
+    )
+
+
+def bundle_heads(bundle: Any) -> list[Any]:
+    """The label heads of a loaded model artifact (its ``head_defs``, else by name)."""
+    from sketchstream.models.events import DEFAULT_HEADS, Head
+
     head_defs = bundle.manifest.get("config", {}).get("head_defs")
     if head_defs:
-        heads = [
+        return [
             Head(
                 h["name"],
                 tuple(h["actions"]),
@@ -735,26 +805,8 @@ def score_events(
             )
             for h in head_defs
         ]
-    else:
-        heads = [heads_by_name[name] for name in bundle.heads]
-    timings: dict[str, float] = {}
-    split = protocol_split(len(events))
-    y = labels(events, heads)
-    t0 = time.perf_counter()
-    aggregator = state.Aggregator(
-        aggregator_config_from_dict(bundle.aggregator_config), bundle.codebooks
-    )
-    stats = ItemStats(**bundle.item_stats) if bundle.item_stats else None
-    inputs, _, _ = build_inputs(
-        events, aggregator, y, item_stats=stats, batch_size=batch_size, progress=progress
-    )
-    timings["replay"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    p = bundle.model.predict(inputs)
-    timings["predict"] = time.perf_counter() - t0
-    return Scored(
-        y=y, p=p, split=split, metrics=_head_metrics(y, p, split, bundle.heads), timings=timings
-    )
+    known = {h.name: h for h in DEFAULT_HEADS}
+    return [known[name] for name in bundle.heads]
 
 
 def head_defs(heads: Sequence[Any]) -> list[dict[str, Any]]:

@@ -97,7 +97,7 @@ def train(
             model=result.model,
             codebooks=result.codebooks,
             aggregator_config=result.aggregator_config,
-            item_stats=result.item_stats,
+            item_snapshot=result.item_snapshot,
             metrics=metrics,
             extra={
                 "train": config.to_dict(),

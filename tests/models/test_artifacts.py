@@ -40,7 +40,6 @@ def _save(root, parts, **kw):
         model=model,
         codebooks=codebooks,
         aggregator_config={"half_life_days": 30.0},
-        item_stats={"heads": ["like"], "prior": 10.0},
         metrics={"test": {"auc": 0.8}},
         **kw,
     )
@@ -141,3 +140,33 @@ def test_store_refuses_to_publish_a_tampered_artifact(tmp_path, parts):
     with pytest.raises(ArtifactError, match="checksum"):
         ArtifactStore(tmp_path / "store").publish(src)
     assert ArtifactStore(tmp_path / "store").versions() == []
+
+
+def _snapshot():
+    from sketchstream.models.snapshot import ItemSnapshot
+
+    items = np.array(["i1", "i2", "i1", "ünï"], dtype=object)
+    y = np.array([[1.0], [0.0], [np.nan], [1.0]])
+    return ItemSnapshot(["like"], prior=5.0).fold(
+        items, np.array([10.0, 20.0, 30.0, 40.5]), y, np.array([5, 1, np.nan, 4.0])
+    )
+
+
+def test_the_item_snapshot_round_trips_exactly_and_is_checksummed(tmp_path, parts):
+    snap = _snapshot()
+    version = _save(tmp_path, parts, item_snapshot=snap)
+    bundle = load_model_artifact(tmp_path / version)
+    assert bundle.item_snapshot.same_as(snap)
+    assert bundle.manifest["config"]["item_snapshot"]["items"] == 3
+    assert _save(tmp_path / "again", parts, item_snapshot=_snapshot()) == version
+    path = tmp_path / version / "item-snapshot.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"item-snapshot\.safetensors"):
+        load_model_artifact(tmp_path / version)
+
+
+def test_online_item_stats_configs_are_refused(tmp_path, parts):
+    with pytest.raises(ArtifactError, match="item_snapshot"):
+        _save(tmp_path, parts, item_stats={"heads": ["like"], "prior": 10.0})

@@ -8,12 +8,14 @@ import torch
 from sketchstream.models.emde import Codebook
 from sketchstream.models.events import DEFAULT_HEADS, EventTable, Item, labels
 from sketchstream.models.mlp import MLPConfig, assemble
+from sketchstream.models.snapshot import refreshed_item_features
 from sketchstream.models.state import Aggregator, default_config
-from sketchstream.models.trainer import ItemStats, metadata_hyperedges, replay, train_mlp
+from sketchstream.models.trainer import build_inputs, metadata_hyperedges, replay, train_mlp
 
 torch.set_num_threads(1)
 
 N_USERS, N_ITEMS = 12, 30
+D5 = 5 * 86400.0  # the refresh interval of the item snapshot in these tests
 
 
 def _stream(n: int = 400, seed: int = 0) -> EventTable:
@@ -39,18 +41,32 @@ def codebooks():
     }
 
 
-def _features(events: EventTable, codebooks, batch_size: int = 64) -> np.ndarray:
-    """Replay ``events`` and return the assembled dense block ``(n, F)`` and codes."""
+def _features(events: EventTable, codebooks, batch_size: int = 64, cf: bool = False) -> np.ndarray:
+    """Replay ``events`` and return the assembled dense block ``(n, F)`` and codes.
+
+    ``cf``: through the trainer's :func:`build_inputs` with the item-item CF similarity,
+    rebuilt at every 5-day refresh boundary."""
     y = labels(events, DEFAULT_HEADS)
+    if cf:
+        x, _, rep = build_inputs(
+            events,
+            Aggregator(default_config(), codebooks),
+            y,
+            heads=["like"],
+            item_snapshot=True,
+            refresh_s=D5,
+            batch_size=batch_size,
+            progress=False,
+            snapshot_options={"similarity": True, "similarity_min_new_likes": 1},
+        )
+        assert rep.features.cf is not None and np.abs(rep.features.cf[:, 0]).max() > 0
+        return np.concatenate([x.dense, x.codes.reshape(len(events), -1)], axis=1)
     rep = replay(
-        events,
-        Aggregator(default_config(), codebooks),
-        labels=y,
-        item_stats=ItemStats(["like"]),
-        batch_size=batch_size,
-        progress=False,
+        events, Aggregator(default_config(), codebooks), batch_size=batch_size, progress=False
     )
-    x = assemble(rep.features, rep.item_stats)
+    # a 5-day refresh so that the 200-day test stream crosses many refresh boundaries
+    items = refreshed_item_features(events, y, ["like"], refresh_s=D5)
+    x = assemble(rep.features, items)
     return np.concatenate([x.dense, x.codes.reshape(len(events), -1)], axis=1)
 
 
@@ -60,49 +76,40 @@ def _with_value(events: EventTable, i: int, value: float) -> EventTable:
     return EventTable(events.user, events.item, events.action, events.ts, v)
 
 
+@pytest.mark.parametrize("cf", [False, True], ids=["base", "cf"])
 @pytest.mark.parametrize("i", [0, 137, 398])
-def test_changing_a_rating_changes_no_earlier_or_own_features_but_some_later(codebooks, i):
+def test_changing_a_rating_changes_no_earlier_or_own_features_but_some_later(codebooks, i, cf):
     events = _stream()
     flipped = 1.0 if events.value[i] >= 4 else 5.0
-    a = _features(events, codebooks)
-    b = _features(_with_value(events, i, flipped), codebooks)
+    a = _features(events, codebooks, cf=cf)
+    b = _features(_with_value(events, i, flipped), codebooks, cf=cf)
     # (tolerance: the aggregator's batched decay sums may differ in the last bits)
     np.testing.assert_allclose(a[: i + 1], b[: i + 1], rtol=1e-6, atol=1e-9)
-    if i < len(events) - 1:
-        assert np.abs(a[i + 1 :] - b[i + 1 :]).max() > 1e-3
+    # later events of the same user see it at once, other events after the next refresh
+    later = np.arange(len(events)) > i
+    sees = later & ((events.user == events.user[i]) | (events.ts >= (events.ts[i] // D5 + 1) * D5))
+    if sees.any():
+        assert np.abs(a[sees] - b[sees]).max() > 1e-3
 
 
-def test_a_prefix_of_the_stream_gives_the_same_features_as_the_full_stream(codebooks):
+@pytest.mark.parametrize("cf", [False, True], ids=["base", "cf"])
+def test_a_prefix_of_the_stream_gives_the_same_features_as_the_full_stream(codebooks, cf):
     events = _stream()
-    full = _features(events, codebooks, batch_size=64)
-    for stop in (1, 63, 64, 250):
-        prefix = _features(events[:stop], codebooks, batch_size=64)
+    full = _features(events, codebooks, batch_size=64, cf=cf)
+    for stop in (1, 63, 64, 250) if not cf else (120, 250):
+        prefix = _features(events[:stop], codebooks, batch_size=64, cf=cf)
         np.testing.assert_allclose(prefix, full[:stop], rtol=1e-6, atol=1e-9)
 
 
-def test_features_do_not_depend_on_the_replay_batch_size(codebooks):
+@pytest.mark.parametrize("cf", [False, True], ids=["base", "cf"])
+def test_features_do_not_depend_on_the_replay_batch_size(codebooks, cf):
     events = _stream()
     np.testing.assert_allclose(
-        _features(events, codebooks, batch_size=7),
-        _features(events, codebooks, batch_size=1000),
+        _features(events, codebooks, batch_size=7, cf=cf),
+        _features(events, codebooks, batch_size=1000, cf=cf),
         rtol=1e-5,
         atol=1e-6,
     )
-
-
-def test_item_stats_count_only_earlier_events_of_the_item():
-    stats = ItemStats(["like"], prior=0.0)
-    items = np.array(["a", "b", "a", "a"], dtype=object)
-    y = np.array([[1.0], [0.0], [0.0], [np.nan]], dtype=np.float32)
-    value = np.array([5, 1, 2, np.nan], dtype=np.float32)
-    out = stats.score_then_fold(items, np.arange(4.0) * 86400, y, value)
-    names = stats.feature_names
-    events = out[:, names.index("item_log_events")]
-    np.testing.assert_allclose(np.expm1(events), [0, 0, 1, 2], atol=1e-6)
-    rate = out[:, names.index("item_rate_like")]
-    assert rate[2] == pytest.approx(1.0) and rate[3] == pytest.approx(0.5)
-    age = np.expm1(out[:, names.index("item_log_age_days")])
-    np.testing.assert_allclose(age, [0, 0, 2, 3], atol=1e-5)
 
 
 def test_metadata_hyperedges_type_tokens_and_skip_items_without_metadata():

@@ -1,0 +1,196 @@
+"""Item-item similarity for the CF feature: cosine of items' like vectors over users, top-K.
+
+Part of the item snapshot (:class:`~sketchstream.models.snapshot.ItemSnapshot.similarity`):
+built by the refresh job (offline: at each refresh boundary, from the events before it),
+frozen in the model artifact, read by :meth:`Aggregator.score_then_fold
+<sketchstream.models.state.Aggregator.score_then_fold>` against the user's bounded history.
+
+"Liked" here and in the feature: an event whose value is ``>= like_min`` (default 4.0, the
+project's engagement label on ratings); "disliked": a value ``< like_min``; events without a
+value (nan) are neither.
+
+Storage (no pickle): ``hashes (N,)`` uint64 sorted item hashes (:func:`item_hash`, what user
+histories store), ``keys`` int64 sorted ``row * N + col`` (rows/cols index ``hashes``), and
+``values`` float32; a lookup is two searchsorted passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sketchstream.models.emde import item_hash
+from sketchstream.models.errors import ArtifactError
+
+__all__ = ["CF_NAMES", "ItemSimilarity", "SimilarityBuilder"]
+
+CF_NAMES = ("cf_liked", "cf_disliked", "cf_difference", "cf_has_liked", "cf_has_disliked")
+
+
+class ItemSimilarity:
+    """Sparse symmetric top-K item-item cosine similarity keyed by 64-bit item hashes."""
+
+    def __init__(
+        self,
+        hashes: np.ndarray,
+        keys: np.ndarray,
+        values: np.ndarray,
+        *,
+        top_k: int = 100,
+        like_min: float = 4.0,
+    ) -> None:
+        self.hashes = np.asarray(hashes, np.uint64)
+        self.keys = np.asarray(keys, np.int64)
+        self.values = np.asarray(values, np.float32)
+        self.top_k = int(top_k)
+        self.like_min = float(like_min)
+
+    @classmethod
+    def empty(cls, *, top_k: int = 100, like_min: float = 4.0) -> ItemSimilarity:
+        z = np.zeros(0, np.int64)
+        return cls(z.astype(np.uint64), z, z.astype(np.float32), top_k=top_k, like_min=like_min)
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    def lookup(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """``sim(a[k], b[k])`` ``(m,)`` float32 for item hashes ``a``, ``b``; 0 when unknown."""
+        a = np.asarray(a, np.uint64)
+        b = np.asarray(b, np.uint64)
+        out = np.zeros(a.shape, np.float32)
+        n = self.hashes.shape[0]
+        if n == 0 or a.size == 0:
+            return out
+        ra = np.minimum(np.searchsorted(self.hashes, a), n - 1)
+        rb = np.minimum(np.searchsorted(self.hashes, b), n - 1)
+        ok = (self.hashes[ra] == a) & (self.hashes[rb] == b)
+        key = ra.astype(np.int64) * n + rb
+        pos = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
+        hit = ok & (self.keys[pos] == key)
+        out[hit] = self.values[pos[hit]]
+        return out
+
+    def same_as(self, other: ItemSimilarity) -> bool:
+        return (
+            self.top_k == other.top_k
+            and self.like_min == other.like_min
+            and np.array_equal(self.hashes, other.hashes)
+            and np.array_equal(self.keys, other.keys)
+            and np.array_equal(self.values, other.values)
+        )
+
+    def config(self) -> dict[str, Any]:
+        return {"top_k": self.top_k, "like_min": self.like_min, "pairs": len(self)}
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """For the snapshot's safetensors file."""
+        return {
+            "sim_hashes": np.ascontiguousarray(self.hashes),
+            "sim_keys": np.ascontiguousarray(self.keys),
+            "sim_values": np.ascontiguousarray(self.values),
+        }
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, np.ndarray], meta: dict[str, Any]) -> ItemSimilarity:
+        h, k, v = t["sim_hashes"], t["sim_keys"], t["sim_values"]
+        if h.dtype != np.uint64 or k.dtype != np.int64 or k.shape != v.shape:
+            raise ArtifactError("item similarity: bad tensors")
+        if (h.size > 1 and np.any(h[1:] <= h[:-1])) or (k.size > 1 and np.any(k[1:] <= k[:-1])):
+            raise ArtifactError("item similarity: hashes/keys not strictly sorted")
+        if k.size and (k[0] < 0 or k[-1] >= h.size * h.size):
+            raise ArtifactError("item similarity: keys out of range")
+        return cls(h, k, v, top_k=int(meta["top_k"]), like_min=float(meta["like_min"]))
+
+
+class SimilarityBuilder:
+    """Accumulates like co-occurrences (dense ``(items, items)`` float32: fine for catalogs up to
+    a few 10k items) and builds :class:`ItemSimilarity` snapshots from them."""
+
+    def __init__(self, *, top_k: int = 100, like_min: float = 4.0) -> None:
+        self.top_k = int(top_k)
+        self.like_min = float(like_min)
+        self._index: dict[str, int] = {}
+        self._ids: list[str] = []
+        self._cooc = np.zeros((0, 0), np.float32)
+        self._users: dict[str, int] = {}
+        self._like_u = np.zeros(0, np.int64)
+        self._like_i = np.zeros(0, np.int64)
+        self._seen: set[tuple[int, int]] = set()
+        self.likes = 0
+
+    def add(self, users: np.ndarray, items: np.ndarray, value: np.ndarray) -> int:
+        """Fold events in (their likes: ``value >= like_min``); returns the new likes."""
+        import scipy.sparse as sp
+
+        value = np.asarray(value, np.float64)
+        keep = np.flatnonzero(value >= self.like_min)
+        if keep.size == 0:
+            return 0
+        uu = [self._users.setdefault(str(x), len(self._users)) for x in np.asarray(users)[keep]]
+        ii = []
+        for x in np.asarray(items, dtype=object)[keep].tolist():
+            s = str(x)
+            j = self._index.get(s)
+            if j is None:
+                j = self._index[s] = len(self._ids)
+                self._ids.append(s)
+            ii.append(j)
+        pairs = [(u, i) for u, i in zip(uu, ii, strict=True) if (u, i) not in self._seen]
+        pairs = list(dict.fromkeys(pairs))
+        if not pairs:
+            return 0
+        self._seen.update(pairs)
+        nu = np.array([p[0] for p in pairs], np.int64)
+        ni = np.array([p[1] for p in pairs], np.int64)
+        n_items, n_users = len(self._ids), len(self._users)
+        if self._cooc.shape[0] < n_items:
+            grown = np.zeros((n_items, n_items), np.float32)
+            k = self._cooc.shape[0]
+            grown[:k, :k] = self._cooc
+            self._cooc = grown
+        old = np.isin(self._like_u, np.unique(nu))
+        ones_new = np.ones(nu.size, np.float32)
+        a_new = sp.csr_matrix((ones_new, (nu, ni)), shape=(n_users, n_items))
+        a_old = sp.csr_matrix(
+            (np.ones(int(old.sum()), np.float32), (self._like_u[old], self._like_i[old])),
+            shape=(n_users, n_items),
+        )
+        # (old + new)^T (old + new) - old^T old = new^T (old + new) + old^T new
+        delta = (a_new.T @ (a_old + a_new) + a_old.T @ a_new).tocoo()
+        np.add.at(self._cooc, (delta.row, delta.col), delta.data)
+        self._like_u = np.concatenate([self._like_u, nu])
+        self._like_i = np.concatenate([self._like_i, ni])
+        self.likes += nu.size
+        return int(nu.size)
+
+    def build(self) -> ItemSimilarity:
+        """The current top-K cosine similarity (symmetrized: a pair is kept when either item
+        has the other among its top K), zero diagonal."""
+        n = len(self._ids)
+        if n == 0:
+            return ItemSimilarity.empty(top_k=self.top_k, like_min=self.like_min)
+        c = self._cooc
+        scale = 1.0 / np.sqrt(np.maximum(np.diag(c), 1.0)).astype(np.float32)
+        sim = c * scale[:, None]
+        sim *= scale[None, :]
+        np.fill_diagonal(sim, 0.0)
+        k = min(self.top_k, n - 1) if n > 1 else 0
+        if k <= 0:
+            return ItemSimilarity.empty(top_k=self.top_k, like_min=self.like_min)
+        cols = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        rows = np.repeat(np.arange(n), k)
+        cols = cols.reshape(-1)
+        vals = sim[rows, cols]
+        nz = vals > 0
+        rows, cols = rows[nz], cols[nz]
+        # symmetrize, dedupe
+        r = np.concatenate([rows, cols])
+        c2 = np.concatenate([cols, rows])
+        hashes = item_hash(self._ids)
+        order = np.argsort(hashes)
+        hs = hashes[order]
+        rank = np.empty(n, np.int64)
+        rank[order] = np.arange(n)
+        keys = np.unique(rank[r] * n + rank[c2])
+        vals = sim[order[keys // n], order[keys % n]].astype(np.float32)
+        return ItemSimilarity(hs, keys, vals, top_k=self.top_k, like_min=self.like_min)

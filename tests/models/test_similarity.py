@@ -1,0 +1,225 @@
+"""Item-item CF: the similarity in the item snapshot, the CF columns of score_then_fold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sketchstream.models.emde import item_hash
+from sketchstream.models.errors import ArtifactError
+from sketchstream.models.events import EventTable
+from sketchstream.models.similarity import CF_NAMES, ItemSimilarity, SimilarityBuilder
+from sketchstream.models.snapshot import ItemSnapshot, refresh_windows
+from test_state import ITEMS, N_ITEMS, _aggregator, _batch, event_rows
+
+DAY = 86400.0
+
+
+def _random_similarity(seed: int = 0, density: float = 0.4) -> ItemSimilarity:
+    rng = np.random.default_rng(seed)
+    ids = ITEMS + [f"i{k}" for k in range(N_ITEMS, N_ITEMS + 3)]  # a few unknown to codebooks
+    n = len(ids)
+    dense = rng.uniform(0.05, 1.0, (n, n)) * (rng.uniform(size=(n, n)) < density)
+    dense = np.triu(dense, 1)
+    dense = dense + dense.T
+    hashes = item_hash(ids)
+    order = np.argsort(hashes)
+    r, c = np.nonzero(dense[np.ix_(order, order)])
+    keys = r.astype(np.int64) * n + c
+    vals = dense[np.ix_(order, order)][r, c].astype(np.float32)
+    return ItemSimilarity(hashes[order], keys, vals)
+
+
+def _reference_cf(agg, sim, n_users: int, rows: list[tuple]) -> np.ndarray:
+    """Fold one event at a time; read each event's CF off the stored history before it."""
+    state = agg.new_batch(n_users)
+    out = np.zeros((len(rows), len(CF_NAMES)), np.float32)
+    for j, r in enumerate(rows):
+        u, item = r[0], r[1]
+        k = int(state.hist_len[u])
+        hv = state.hist_value[u, :k].astype(np.float64)
+        s = sim.lookup(np.full(k, item_hash([item])[0], np.uint64), state.hist_item[u, :k])
+        feats = agg.score_then_fold(state, _batch([r]))
+        if not feats.valid[0]:
+            continue
+        lk, dk = hv >= sim.like_min, hv < sim.like_min
+        m_l = s[lk].mean() if lk.any() else 0.0
+        m_d = s[dk].mean() if dk.any() else 0.0
+        out[j] = [m_l, m_d, m_l - m_d if lk.any() and dk.any() else 0.0, lk.any(), dk.any()]
+    return out
+
+
+def test_lookup_reads_pairs_and_unknown_pairs_read_zero():
+    sim = _random_similarity()
+    a = item_hash(["i1", "i2", "nope"])
+    b = item_hash(["i2", "i1", "i1"])
+    got = sim.lookup(a, b)
+    assert got[0] == got[1] and got[2] == 0.0
+    assert sim.lookup(item_hash(["i3"]), item_hash(["i3"]))[0] == 0.0
+    assert ItemSimilarity.empty().lookup(a, b).tolist() == [0.0, 0.0, 0.0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=event_rows(span=20_000.0), history_size=st.sampled_from([2, 4, 64]))
+def test_cf_columns_equal_the_history_before_each_event(rows, history_size):
+    """Batched CF (fast path and the one-by-one fallback for out-of-rank events) equals
+    reading the user's stored bounded history right before each event."""
+    sim = _random_similarity()
+    agg = _aggregator(history_size=history_size)
+    feats = agg.score_then_fold(agg.new_batch(3), _batch(rows), item_similarity=sim)
+    assert feats.cf_names == CF_NAMES and feats.cf.shape == (len(rows), len(CF_NAMES))
+    ref = _reference_cf(_aggregator(history_size=history_size), sim, 3, rows)
+    np.testing.assert_allclose(feats.cf, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_cf_columns_equal_the_history_in_time_ordered_bursts():
+    """The vectorized path: many events per user per batch, more than the history holds."""
+    rng = np.random.default_rng(3)
+    n = 300
+    rows = [
+        (
+            int(rng.integers(0, 3)),
+            f"i{rng.integers(0, N_ITEMS + 3)}",
+            0,
+            float(rng.integers(1, 6)),
+            1000.0 + 7.0 * k,
+            0,
+            k,
+            1.0,
+        )
+        for k in range(n)
+    ]
+    sim = _random_similarity(1)
+    agg = _aggregator(history_size=16)
+    state = agg.new_batch(3)
+    feats = [
+        agg.score_then_fold(state, _batch(rows[lo : lo + 97]), item_similarity=sim).cf
+        for lo in range(0, n, 97)
+    ]
+    ref = _reference_cf(_aggregator(history_size=16), sim, 3, rows)
+    np.testing.assert_allclose(np.concatenate(feats), ref, rtol=1e-5, atol=1e-6)
+    assert (ref[:, 3] > 0).mean() > 0.9
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=event_rows(span=20_000.0), cut=st.integers(0, 13), seed=st.integers(0, 99))
+def test_cf_columns_do_not_depend_on_the_event_or_later_events(rows, cut, seed):
+    cut = min(cut, len(rows) - 1)
+    rng = np.random.default_rng(seed)
+    sim = _random_similarity(seed)
+    # event `cut` keeps its item (the one being scored) but changes everything else;
+    # later events change entirely
+    changed = rows[:cut] + [
+        (
+            r[0],
+            r[1] if k == 0 else f"i{rng.integers(N_ITEMS)}",
+            r[2],
+            5.0 - r[3] % 3,
+            r[4] + 3.0,
+            *r[5:],
+        )
+        for k, r in enumerate(rows[cut:])
+    ]
+    agg = _aggregator(history_size=4)
+    a = agg.score_then_fold(agg.new_batch(3), _batch(rows), item_similarity=sim)
+    b = agg.score_then_fold(agg.new_batch(3), _batch(changed), item_similarity=sim)
+    np.testing.assert_array_equal(a.cf[: cut + 1], b.cf[: cut + 1])
+
+
+def test_without_a_similarity_there_are_no_cf_columns():
+    agg = _aggregator()
+    feats = agg.score_then_fold(agg.new_batch(1), _batch([(0, "i1", 0, 5.0, 1.0, 0, 0, 1.0)]))
+    assert feats.cf is None and feats.cf_names == ()
+
+
+def test_builder_is_the_cosine_of_like_vectors_top_k():
+    rng = np.random.default_rng(0)
+    n = 400
+    users = rng.integers(0, 30, n).astype(str)
+    items = np.array([f"i{k}" for k in rng.integers(0, 12, n)], dtype=object)
+    value = rng.integers(1, 6, n).astype(np.float64)
+    b = SimilarityBuilder(top_k=11)  # everything
+    b.add(users[:150], items[:150], value[:150])
+    b.add(users[150:], items[150:], value[150:])  # incremental == at once
+    sim = b.build()
+    liked = value >= 4
+    ids = sorted(set(items[liked]))
+    a = np.zeros((30, len(ids)))
+    for u, i in zip(users[liked], items[liked], strict=True):
+        a[int(u), ids.index(i)] = 1.0
+    c = a.T @ a
+    norm = np.sqrt(np.maximum(np.diag(c), 1.0))
+    want = c / norm[:, None] / norm[None, :]
+    np.fill_diagonal(want, 0.0)
+    h = item_hash(ids)
+    got = sim.lookup(np.repeat(h, len(ids)), np.tile(h, len(ids))).reshape(len(ids), -1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    small = SimilarityBuilder(top_k=2)
+    small.add(users, items, value)
+    kept = small.build()
+    assert 0 < len(kept) <= 2 * 2 * len(ids)
+
+
+def _table(n: int = 600, seed: int = 0) -> tuple[EventTable, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    value = rng.integers(1, 6, n).astype(np.float32)
+    events = EventTable(
+        user=np.array([f"u{u}" for u in rng.integers(0, 20, n)], dtype=object),
+        item=np.array([f"i{i}" for i in rng.integers(0, 25, n)], dtype=object),
+        action=np.array(["rate"] * n, dtype=object),
+        ts=1e9 + np.sort(rng.uniform(0, 20 * DAY, n)),
+        value=value,
+    )
+    return events, (value >= 4).astype(np.float32)[:, None]
+
+
+def test_refreshed_similarity_is_built_strictly_from_events_before_the_boundary():
+    events, y = _table()
+    seen = 0
+    for rows, snap in refresh_windows(
+        events, y, ["like"], refresh_s=DAY, similarity=True, similarity_min_new_likes=1
+    ):
+        before = np.asarray(events.ts) < np.asarray(events.ts)[rows].min() // DAY * DAY
+        b = SimilarityBuilder()
+        b.add(events.user[before], events.item[before], events.value[before])
+        assert snap.similarity.same_as(b.build())
+        seen += 1
+    assert seen > 10
+
+
+def test_snapshot_bytes_carry_the_similarity_and_refuse_tampering():
+    events, y = _table()
+    snap = ItemSnapshot.from_events(events, y, ["like"], similarity=True, similarity_top_k=5)
+    assert len(snap.similarity) > 0 and snap.config()["similarity"]["top_k"] == 5
+    back = ItemSnapshot.from_bytes(snap.to_bytes())
+    assert back.same_as(snap) and back.similarity.same_as(snap.similarity)
+    assert not back.item_age and not back.global_rate
+    bad = snap.copy()
+    bad.similarity = ItemSimilarity(
+        snap.similarity.hashes, snap.similarity.keys[::-1].copy(), snap.similarity.values
+    )
+    with pytest.raises(ArtifactError):
+        ItemSnapshot.from_bytes(bad.to_bytes())
+
+
+def test_default_item_features_leave_out_age_and_global_rate():
+    names = ItemSnapshot(["like"]).feature_names
+    assert "item_log_age_days" not in names and "global_rate_like" not in names
+    full = ItemSnapshot(["like"], item_age=True, global_rate=True).feature_names
+    assert full[-2:] == ["item_log_age_days", "global_rate_like"]
+
+
+def test_a_snapshot_written_before_the_flags_reads_back_with_age_and_global_rate():
+    """Artifacts from before the flags: their models were trained with both columns."""
+    import json
+
+    from safetensors.numpy import load, save
+
+    events, y = _table(50)
+    new = ItemSnapshot.from_events(events, y, ["like"], item_age=True, global_rate=True)
+    tensors = load(new.to_bytes())
+    old = save(tensors, metadata={"snapshot": json.dumps({"heads": ["like"], "prior": 10.0})})
+    back = ItemSnapshot.from_bytes(old)
+    assert back.item_age and back.global_rate and back.similarity is None
+    assert back.feature_names == new.feature_names
