@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     # --- Kafka -------------------------------------------------------------------------------
     kafka: str | None = Field(
         default=None,
-        description="Bootstrap servers (host:port,...). Unset: the local broker is started and used.",
+        description="Bootstrap servers (host:port,…); unset: the local broker, started on demand.",
     )
     kafka_port: int = Field(default=9092, ge=1, le=65535, description="Port of the local broker.")
     kafka_controller_port: int = Field(
@@ -61,15 +61,27 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default=Path("data"), description="Converted data sets.")
     # --- worker ------------------------------------------------------------------------------
+    app_id: str = Field(
+        default="sketchstream",
+        min_length=1,
+        description="Worker application id: the consumer group and the prefix of its changelogs.",
+    )
     web_port: int = Field(default=6066, ge=1, le=65535, description="Worker /health and /metrics.")
     # --- security, passed through to the Kafka clients ---------------------------------------
-    security_protocol: SecurityProtocol = "PLAINTEXT"
-    sasl_mechanism: SaslMechanism | None = None
-    sasl_username: str | None = None
-    sasl_password: str | None = Field(default=None, repr=False)
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
+    security_protocol: SecurityProtocol = Field(
+        default="PLAINTEXT",
+        description="Kafka security protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.",
+    )
+    sasl_mechanism: SaslMechanism | None = Field(
+        default=None, description="SASL mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, ...)."
+    )
+    sasl_username: str | None = Field(default=None, description="SASL user name.")
+    sasl_password: str | None = Field(
+        default=None, repr=False, description="SASL password (never logged)."
+    )
+    ssl_cafile: Path | None = Field(default=None, description="CA bundle that signs the brokers.")
+    ssl_certfile: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
+    ssl_keyfile: Path | None = Field(default=None, description="Client private key (mutual TLS).")
 
     @field_validator("kafka")
     @classmethod

@@ -353,3 +353,48 @@ def test_serialized_state_keeps_large_offsets_counts_and_fractional_times() -> N
     agg.score_then_fold(state, _batch(rows))
     assert state.sketches.max() == 200  # one bucket counted past one varint byte
     assert agg.load(agg.dump(state)).same_as(state)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=event_rows())
+def test_a_users_bytes_do_not_depend_on_the_rest_of_the_batch(rows: list[tuple]) -> None:
+    agg = _aggregator(history_size=5)
+    state = agg.new_batch(4)
+    agg.score_then_fold(state, _batch(rows))
+    together = agg.dump(state)
+    alone = [agg.dump(state.take([r]))[0] for r in range(len(state))]
+    assert together == alone
+    back = agg.load([together[2], None, together[0]])
+    assert back.take([0]).same_as(agg.load([together[2]]))
+    assert back.take([2]).same_as(agg.load([together[0]]))
+    assert np.isnan(back.clocks[1]) and back.n_events[1] == 0  # None: a new, empty user
+
+
+def test_every_sketch_encoding_round_trips_exactly() -> None:
+    agg = _aggregator()
+    state = agg.new_batch(6)
+    cells = DEPTH * WIDTH
+    rng = np.random.default_rng(0)
+    for r, top in enumerate((15, 255, 65_535, 70_000)):  # nibbles, bytes, shorts, float32
+        counts = rng.integers(0, top + 1, cells).astype(np.float32)
+        counts[rng.random(cells) < 0.5] = 0
+        counts[0] = top
+        state.sketches[r, 0] = counts.reshape(DEPTH, WIDTH)
+        state.clocks[r] = 1000.0
+    state.sketches[4, 2, 1, 3] = 2.5  # a fractional count (event weights): written sparse
+    state.sketches[4, 1] = rng.random((DEPTH, WIDTH), dtype=np.float32)  # decayed: sparse
+    state.sketches[5, 2] = np.nan  # not a count at all: kept bit for bit anyway
+    state.clocks[4:] = 1000.0
+    blobs = agg.dump(state)
+    assert agg.load(blobs).same_as(state)
+    assert len(blobs[0]) < len(blobs[1]) < len(blobs[2])  # 4, 8 and 16 bits a cell
+
+
+def test_truncated_or_padded_bytes_are_refused_with_the_row_named() -> None:
+    agg = _aggregator()
+    state = agg.new_batch(2)
+    agg.score_then_fold(state, _batch([(1, "i1", 0, 5.0, 10.0, 0, 0, 1.0)]))
+    good, blob = agg.dump(state)
+    for bad in (blob + b"\x00", blob[:-1], blob[:30], b""):
+        with pytest.raises(ArtifactError, match="user state 1"):
+            agg.load([good, bad])

@@ -1,0 +1,363 @@
+"""What travels on the stream's topics: incoming events decoded and validated into columns,
+dead-letter records, and prediction records.
+
+Events arrive as raw bytes (the agent consumes with ``value_serializer="raw"``) and are decoded
+here with orjson straight into the columns the aggregator wants; nothing builds a per-event
+model object. The schema itself is the canonical one of :mod:`sketchstream.models.events`
+(:func:`~sketchstream.models.events.check_event` words the errors, so the file reader and the
+stream say the same thing); the stream adds what only a stream can get wrong: payload size,
+JSON syntax, the Kafka key, actions the serving model does not know, absurd timestamps.
+
+Every refused event becomes one dead-letter record (:func:`dlq_record`) naming the reason, a
+one-line message and the source ``topic[partition]@offset``::
+
+    unknown action 'lik' in event at events[2]@17: expected one of like, rate, view
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import orjson
+from sketchstream.models.events import EventError, check_event
+
+__all__ = [
+    "DLQ_PAYLOAD_BYTES",
+    "DecodedEvents",
+    "EventLimits",
+    "RawMessage",
+    "RejectReason",
+    "Rejected",
+    "decode_events",
+    "dlq_record",
+    "prediction_records",
+    "where",
+]
+
+RejectReason = Literal[
+    "too_large",  # payload over EventLimits.max_bytes
+    "empty",  # no payload (a tombstone on the events topic)
+    "bad_json",  # not valid JSON
+    "missing_field",  # a required field is absent
+    "bad_field",  # a field of the wrong type or value (per models.events.check_event)
+    "unknown_action",  # the serving model has no such action
+    "bad_timestamp",  # outside EventLimits' window (milliseconds sent as seconds, ...)
+    "bad_key",  # the Kafka key is not the event's user: its state would live elsewhere
+]
+REJECT_REASONS: tuple[str, ...] = RejectReason.__args__  # type: ignore[attr-defined]
+
+DLQ_PAYLOAD_BYTES = 4096  # a dead letter keeps at most this much of the refused payload
+
+
+@dataclass(frozen=True)
+class EventLimits:
+    """What the worker accepts beyond the schema."""
+
+    max_bytes: int = 16 * 1024  # larger payloads are refused unparsed
+    ts_min: float = 0.0  # 1970-01-01: event times are seconds since the epoch ...
+    ts_max: float = 4102444800.0  # ... and before 2100-01-01 (catches milliseconds)
+
+
+class RawMessage(NamedTuple):
+    """One consumed record, as the worker sees it (a ``faust.types.Message`` fits this too)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: float | None = None  # Kafka record time, seconds
+
+
+class Rejected(NamedTuple):
+    """An event refused by :func:`decode_events`: its index in the batch and why."""
+
+    index: int
+    reason: RejectReason
+    message: str
+
+
+def _object_array(values: Sequence[Any]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedEvents:
+    """The valid events of one batch as columns, in batch order; ``n`` rows.
+
+    ``source (n,)`` int64: index of each event in the batch handed to :func:`decode_events`.
+    ``user``, ``item (n,)`` object arrays of str; ``action (n,)`` int64, an index into the
+    actions passed in; ``value (n,)`` float32, nan where absent; ``ts (n,)`` float64 seconds;
+    ``partition (n,)`` int32 and ``offset (n,)`` int64 of the source record;
+    ``event_id`` and ``context`` ``(n,)`` lists, None where absent.
+    """
+
+    source: np.ndarray
+    user: np.ndarray
+    item: np.ndarray
+    action: np.ndarray
+    value: np.ndarray
+    ts: np.ndarray
+    partition: np.ndarray
+    offset: np.ndarray
+    event_id: list[str | None] = field(default_factory=list)
+    context: list[dict[str, float] | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+def where(topic: str, partition: int, offset: int) -> str:
+    """How messages name a record: ``events[2]@17``."""
+    return f"{topic}[{partition}]@{offset}"
+
+
+def _field_reason(message: str) -> RejectReason:
+    return "missing_field" if "missing required field" in message else "bad_field"
+
+
+def decode_events(
+    messages: Sequence[Any],
+    actions: Sequence[str],
+    limits: EventLimits = EventLimits(),
+) -> tuple[DecodedEvents, list[Rejected]]:
+    """Decode and validate a batch of raw messages (:class:`RawMessage`-like).
+
+    Returns the valid events as columns, in input order, and one :class:`Rejected` per refused
+    message. Never raises on bad input.
+    """
+    action_index = {name: k for k, name in enumerate(actions)}
+    loads = orjson.loads
+    max_bytes, ts_min, ts_max = limits.max_bytes, limits.ts_min, limits.ts_max
+    rejects: list[Rejected] = []
+    source: list[int] = []
+    users: list[str] = []
+    items: list[str] = []
+    acts: list[int] = []
+    values: list[float] = []
+    times: list[float] = []
+    partitions: list[int] = []
+    offsets: list[int] = []
+    event_ids: list[str | None] = []
+    contexts: list[dict[str, float] | None] = []
+    nan = math.nan
+    for index, msg in enumerate(messages):
+        raw = msg.value
+        if raw is None or len(raw) == 0:
+            rejects.append(Rejected(index, "empty", f"event at {_at(msg)} has no payload"))
+            continue
+        if len(raw) > max_bytes:
+            rejects.append(
+                Rejected(
+                    index,
+                    "too_large",
+                    f"event at {_at(msg)} is {len(raw)} bytes: over the limit of {max_bytes}",
+                )
+            )
+            continue
+        try:
+            record = loads(raw)
+        except orjson.JSONDecodeError as exc:
+            rejects.append(Rejected(index, "bad_json", f"event at {_at(msg)}: not JSON ({exc})"))
+            continue
+        # fast path: the common, well-formed event; anything odd goes through check_event
+        try:
+            user = record["user"]
+            item = record["item"]
+            action = record["action"]
+            ts = record["ts"]
+            value = record.get("value")
+            event_id = record.get("event_id")
+            context = record.get("context")
+            plain = (
+                type(user) is str
+                and type(item) is str
+                and type(action) is str
+                and user
+                and item
+                and action
+                and (type(ts) is float or type(ts) is int)
+                and (value is None or type(value) is float or type(value) is int)
+                and (event_id is None or type(event_id) is str)
+                and context is None
+            )
+        except (KeyError, TypeError, AttributeError):
+            plain = False
+        if not plain:
+            try:
+                check_event(record, f"event at {_at(msg)}")
+            except EventError as exc:
+                text = str(exc)
+                rejects.append(Rejected(index, _field_reason(text), text))
+                continue
+            user, item, action, ts = record["user"], record["item"], record["action"], record["ts"]
+            value, event_id, context = (
+                record.get("value"),
+                record.get("event_id"),
+                record.get("context"),
+            )
+        ts = float(ts)
+        if not ts_min <= ts <= ts_max:  # also refuses nan and inf
+            rejects.append(Rejected(index, "bad_timestamp", _bad_ts(ts, msg, limits)))
+            continue
+        if value is not None:
+            value = float(value)
+            if not math.isfinite(value):
+                rejects.append(
+                    Rejected(index, "bad_field", f"event at {_at(msg)}: 'value' must be finite")
+                )
+                continue
+        code = action_index.get(action)
+        if code is None:
+            rejects.append(
+                Rejected(
+                    index,
+                    "unknown_action",
+                    f"unknown action {action!r} in event at {_at(msg)}: "
+                    f"expected one of {', '.join(sorted(action_index))}",
+                )
+            )
+            continue
+        key = msg.key
+        if key is not None and key != user.encode():
+            rejects.append(
+                Rejected(
+                    index,
+                    "bad_key",
+                    f"event at {_at(msg)} has key {_show_key(key)} but user {user!r}: "
+                    "events must be keyed by their user",
+                )
+            )
+            continue
+        source.append(index)
+        users.append(user)
+        items.append(item)
+        acts.append(code)
+        values.append(nan if value is None else value)
+        times.append(ts)
+        partitions.append(msg.partition)
+        offsets.append(msg.offset)
+        event_ids.append(event_id)
+        contexts.append(context)
+    decoded = DecodedEvents(
+        source=np.asarray(source, dtype=np.int64),
+        user=_object_array(users),
+        item=_object_array(items),
+        action=np.asarray(acts, dtype=np.int64),
+        value=np.asarray(values, dtype=np.float32),
+        ts=np.asarray(times, dtype=np.float64),
+        partition=np.asarray(partitions, dtype=np.int32),
+        offset=np.asarray(offsets, dtype=np.int64),
+        event_id=event_ids,
+        context=contexts,
+    )
+    return decoded, rejects
+
+
+def _at(msg: Any) -> str:
+    return where(msg.topic, msg.partition, msg.offset)
+
+
+def _show_key(key: bytes) -> str:
+    text = repr(key)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bad_ts(ts: float, msg: Any, limits: EventLimits) -> str:
+    text = (
+        f"timestamp {ts!r} in event at {_at(msg)}: expected seconds since the epoch between "
+        f"{limits.ts_min:.0f} and {limits.ts_max:.0f}"
+    )
+    if math.isfinite(ts) and limits.ts_min <= ts / 1000.0 <= limits.ts_max:
+        text += " (milliseconds? divide by 1000)"
+    return text
+
+
+def dlq_record(msg: Any, reason: str, message: str, *, now: float) -> bytes:
+    """The dead letter for a refused message: JSON with the reason, the message, the source
+    reference and (up to :data:`DLQ_PAYLOAD_BYTES` of) the payload as text."""
+    raw = msg.value or b""
+    payload = raw[:DLQ_PAYLOAD_BYTES]
+    return orjson.dumps(
+        {
+            "reason": reason,
+            "error": message,
+            "source": {
+                "topic": msg.topic,
+                "partition": msg.partition,
+                "offset": msg.offset,
+                "timestamp": msg.timestamp,
+            },
+            "key": None if msg.key is None else msg.key.decode("utf-8", "replace"),
+            "payload": payload.decode("utf-8", "replace"),
+            "payload_bytes": len(raw),
+            "truncated": len(raw) > DLQ_PAYLOAD_BYTES,
+            "dead_at": now,
+        }
+    )
+
+
+def prediction_records(
+    events: DecodedEvents,
+    rows: np.ndarray,
+    scores: np.ndarray,
+    *,
+    topic: str,
+    actions: Sequence[str],
+    heads: Sequence[str],
+    model_version: str,
+    codebook_version: str,
+    kafka_ts: Sequence[float | None],
+    received: float,
+    published: float,
+) -> list[tuple[bytes, bytes]]:
+    """``(key, value)`` pairs for the prediction topic, keyed by user.
+
+    ``rows (k,)``: the rows of ``events`` that get a prediction; ``scores (k, n_heads)``;
+    ``kafka_ts (k,)``: the source records' Kafka timestamps (seconds) for latency downstream.
+    """
+    out: list[tuple[bytes, bytes]] = []
+    dumps = orjson.dumps
+    score_rows = scores.astype(np.float64).tolist()
+    idx = rows.tolist()
+    users = events.user[rows].tolist()
+    items = events.item[rows].tolist()
+    acts = events.action[rows].tolist()
+    times = events.ts[rows].tolist()
+    parts = events.partition[rows].tolist()
+    offs = events.offset[rows].tolist()
+    head_names = list(heads)
+    for j, row in enumerate(idx):
+        user = users[j]
+        out.append(
+            (
+                user.encode(),
+                dumps(
+                    {
+                        "event": {
+                            "topic": topic,
+                            "partition": parts[j],
+                            "offset": offs[j],
+                            "event_id": events.event_id[row],
+                        },
+                        "user": user,
+                        "item": items[j],
+                        "action": actions[acts[j]],
+                        "scores": dict(zip(head_names, score_rows[j], strict=True)),
+                        "model_version": model_version,
+                        "codebook_version": codebook_version,
+                        "event_ts": times[j],
+                        "kafka_ts": kafka_ts[j],
+                        "received_ts": received,
+                        "published_ts": published,
+                    }
+                ),
+            )
+        )
+    return out

@@ -1,0 +1,189 @@
+"""Event validation: every kind of bad input is refused with a reason naming the field and the
+source record; good events come out as columns in input order."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import orjson
+import pytest
+from sketchstream.stream.records import (
+    EventLimits,
+    RawMessage,
+    decode_events,
+    dlq_record,
+    prediction_records,
+)
+
+ACTIONS = ("view", "like", "rate")
+
+
+def message(value: object, *, offset: int = 0, key: bytes | None = b"u1", partition: int = 2):
+    raw = value if isinstance(value, bytes) or value is None else orjson.dumps(value)
+    return RawMessage("events", partition, offset, key, raw, 1700000000.0)
+
+
+def event(**fields: object) -> dict:
+    base = {"user": "u1", "item": "i1", "action": "view", "ts": 1000.0}
+    base.update(fields)
+    return {k: v for k, v in base.items() if v is not ...}
+
+
+def refuse(value: object, **kw: object) -> tuple[str, str]:
+    decoded, rejects = decode_events([message(value, offset=17, **kw)], ACTIONS)
+    assert len(decoded) == 0
+    assert len(rejects) == 1
+    return rejects[0].reason, rejects[0].message
+
+
+def test_good_events_become_columns_in_input_order():
+    msgs = [
+        message(event(user="a", item="x", action="rate", value=4, ts=5), key=b"a", offset=3),
+        message(event(user="b", event_id="e-9", context={"hour": 3}), key=b"b", offset=4),
+    ]
+    decoded, rejects = decode_events(msgs, ACTIONS)
+    assert rejects == []
+    assert decoded.user.tolist() == ["a", "b"]
+    assert decoded.item.tolist() == ["x", "i1"]
+    assert decoded.action.tolist() == [2, 0]
+    assert decoded.value[0] == 4 and math.isnan(decoded.value[1])
+    assert decoded.ts.dtype == np.float64 and decoded.ts.tolist() == [5.0, 1000.0]
+    assert decoded.offset.tolist() == [3, 4] and decoded.partition.tolist() == [2, 2]
+    assert decoded.event_id == [None, "e-9"]
+    assert decoded.context == [None, {"hour": 3}]
+    assert decoded.source.tolist() == [0, 1]
+
+
+def test_unknown_action_names_the_action_the_record_and_the_choices():
+    reason, text = refuse(event(action="lik"))
+    assert reason == "unknown_action"
+    assert text == "unknown action 'lik' in event at events[2]@17: expected one of like, rate, view"
+
+
+def test_bad_json_is_refused():
+    reason, text = refuse(b'{"user": "u1", ')
+    assert reason == "bad_json"
+    assert "events[2]@17" in text
+
+
+@pytest.mark.parametrize("name", ["user", "item", "action", "ts"])
+def test_missing_field_is_named(name):
+    reason, text = refuse(event(**{name: ...}))
+    assert reason == "missing_field"
+    assert repr(name) in text and "events[2]@17" in text
+
+
+@pytest.mark.parametrize(
+    ("fields", "name"),
+    [
+        ({"user": 7}, "user"),
+        ({"item": ""}, "item"),
+        ({"ts": "yesterday"}, "ts"),
+        ({"ts": True}, "ts"),
+        ({"value": "5"}, "value"),
+        ({"event_id": 3}, "event_id"),
+        ({"context": [1, 2]}, "context"),
+        ({"context": {"hour": "3"}}, "context.hour"),
+    ],
+)
+def test_ill_typed_field_is_named(fields, name):
+    reason, text = refuse(event(**fields))
+    assert reason == "bad_field"
+    assert repr(name) in text
+
+
+def test_non_object_payload_is_refused():
+    reason, _ = refuse([1, 2, 3])
+    assert reason == "bad_field"
+
+
+@pytest.mark.parametrize("ts", [-5.0, 1.7e12, 1e300])
+def test_absurd_timestamps_are_refused(ts):
+    reason, text = refuse(event(ts=ts))
+    assert reason == "bad_timestamp"
+    assert "events[2]@17" in text
+
+
+def test_millisecond_timestamps_get_a_hint():
+    _, text = refuse(event(ts=1.7e12))
+    assert "milliseconds" in text
+
+
+def test_oversized_payload_is_refused_unparsed():
+    big = event(item="x" * 5000)
+    decoded, rejects = decode_events([message(big)], ACTIONS, EventLimits(max_bytes=1024))
+    assert len(decoded) == 0
+    assert rejects[0].reason == "too_large"
+    assert "over the limit of 1024" in rejects[0].message
+
+
+def test_empty_payload_is_refused():
+    assert refuse(None)[0] == "empty"
+
+
+def test_key_other_than_user_is_refused():
+    reason, text = refuse(event(user="u1"), key=b"u2")
+    assert reason == "bad_key"
+    assert "'u1'" in text
+
+
+def test_bad_events_do_not_disturb_the_good_ones_around_them():
+    msgs = [
+        message(event(), offset=0),
+        message(b"garbage", offset=1),
+        message(event(action="nope"), offset=2),
+        message(event(item="i2"), offset=3),
+    ]
+    decoded, rejects = decode_events(msgs, ACTIONS)
+    assert decoded.offset.tolist() == [0, 3]
+    assert decoded.source.tolist() == [0, 3]
+    assert [(r.index, r.reason) for r in rejects] == [(1, "bad_json"), (2, "unknown_action")]
+
+
+def test_dead_letter_carries_reason_source_and_payload():
+    msg = message(b"garbage", offset=17)
+    record = orjson.loads(dlq_record(msg, "bad_json", "event at events[2]@17: not JSON", now=5.0))
+    assert record["reason"] == "bad_json"
+    assert record["source"] == {
+        "topic": "events",
+        "partition": 2,
+        "offset": 17,
+        "timestamp": 1700000000.0,
+    }
+    assert record["payload"] == "garbage" and record["truncated"] is False
+    assert record["error"].startswith("event at events[2]@17")
+
+
+def test_dead_letter_truncates_huge_payloads():
+    msg = message(b"x" * 100_000)
+    record = orjson.loads(dlq_record(msg, "too_large", "too big", now=5.0))
+    assert record["truncated"] is True
+    assert record["payload_bytes"] == 100_000
+    assert len(record["payload"]) < 10_000
+
+
+def test_prediction_record_carries_reference_scores_versions_and_times():
+    msgs = [message(event(user="u1", item="i9", event_id="e1", ts=42.5), offset=8)]
+    decoded, _ = decode_events(msgs, ACTIONS)
+    [(key, value)] = prediction_records(
+        decoded,
+        np.array([0]),
+        np.array([[0.25, 0.5]], dtype=np.float32),
+        topic="events",
+        actions=ACTIONS,
+        heads=("like", "click"),
+        model_version="m1",
+        codebook_version="interactions:c1",
+        kafka_ts=[1700000000.0],
+        received=1.0,
+        published=2.0,
+    )
+    assert key == b"u1"
+    record = orjson.loads(value)
+    assert record["event"] == {"topic": "events", "partition": 2, "offset": 8, "event_id": "e1"}
+    assert record["user"] == "u1" and record["item"] == "i9" and record["action"] == "view"
+    assert record["scores"] == {"like": 0.25, "click": 0.5}
+    assert record["model_version"] == "m1" and record["codebook_version"] == "interactions:c1"
+    assert record["event_ts"] == 42.5
+    assert (record["received_ts"], record["published_ts"]) == (1.0, 2.0)

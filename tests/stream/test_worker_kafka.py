@@ -1,0 +1,183 @@
+"""The streaming worker against the real broker, run as `sketchstream worker` subprocesses.
+
+Each test has its own topics, app id (consumer group, changelog) and state directories."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+import orjson
+import pytest
+from kafka_harness import (
+    StreamEnv,
+    assert_same_states,
+    consume,
+    latest_by_key,
+    offline_reference,
+    produce,
+    run,
+    synthetic_events,
+)
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+def keyed(events: list[dict]) -> list[tuple[bytes, bytes]]:
+    return [(e["user"].encode(), orjson.dumps(e)) for e in events]
+
+
+def wait_for(predicate, timeout: float, what: str, worker=None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}\n" + (worker.tail() if worker else ""))
+
+
+def final_states(env: StreamEnv) -> dict[str, bytes]:
+    """The user states as the changelog has them (last record per user)."""
+    records = run(consume(env.bootstrap, env.changelog))
+    return {k.decode(): v for k, v in latest_by_key(records).items() if v is not None}
+
+
+def predictions_by_ref(
+    env: StreamEnv, until: int, timeout: float = 120.0
+) -> dict[tuple[int, int], list[dict]]:
+    """Predictions by event reference ``(partition, offset)``, once ``until`` distinct events
+    have one (or after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = run(consume(env.bootstrap, env.topics["predictions"], timeout=30))
+        out: dict[tuple[int, int], list[dict]] = defaultdict(list)
+        for r in records:
+            p = orjson.loads(r.value)
+            out[(p["event"]["partition"], p["event"]["offset"])].append(p)
+        if len(out) >= until or time.monotonic() > deadline:
+            return out
+        time.sleep(1.0)
+
+
+def test_poison_events_go_to_the_dlq_with_their_reason_and_the_rest_is_processed(
+    stream_env, start_worker
+):
+    env = stream_env
+    good = synthetic_events(120)
+    poison = [
+        (b"u1", b'{"user": "u1", "item": '),  # bad JSON
+        (b"u1", orjson.dumps({"user": "u1", "action": "view", "ts": 1e9})),  # no item
+        (b"u1", orjson.dumps({"user": "u1", "item": "i1", "action": "view", "ts": "x"})),
+        (b"u1", orjson.dumps({"user": "u1", "item": "i1", "action": "lik", "ts": 1e9})),
+        (b"u1", orjson.dumps({"user": "u1", "item": "i1", "action": "view", "ts": 1.7e12})),
+        (b"u1", orjson.dumps({"user": "u1", "item": "x" * 3000, "action": "view", "ts": 1e9})),
+        (b"u2", orjson.dumps({"user": "u1", "item": "i1", "action": "view", "ts": 1e9})),
+    ]
+    reasons = [
+        "bad_json",
+        "missing_field",
+        "bad_field",
+        "unknown_action",
+        "bad_timestamp",
+        "too_large",
+        "bad_key",
+    ]
+    pairs = keyed(good[:60]) + poison + keyed(good[60:])
+    sent = run(produce(env.bootstrap, env.topics["events"], pairs))
+    poison_refs = {sent[60 + k]: reasons[k] for k in range(len(poison))}
+
+    worker = start_worker("w1", "--max-event-bytes", "2048", "--batch-size", "32")
+    worker.wait_healthy()
+    dead = run(consume(env.bootstrap, env.topics["dlq"], until=len(poison), timeout=90))
+    got = {
+        (d["source"]["partition"], d["source"]["offset"]): d
+        for d in (orjson.loads(r.value) for r in dead)
+    }
+    assert {ref: d["reason"] for ref, d in got.items()} == poison_refs
+    for d in got.values():
+        assert d["source"]["topic"] == env.topics["events"]
+        assert f"{env.topics['events']}[{d['source']['partition']}]@" in d["error"]
+    unknown = next(d for d in got.values() if d["reason"] == "unknown_action")
+    assert "unknown action 'lik'" in unknown["error"]
+    assert "expected one of like, rate, view" in unknown["error"]
+
+    predictions = predictions_by_ref(env, until=len(good))
+    good_refs = {ref for ref in sent if ref not in poison_refs}
+    assert set(predictions) == good_refs
+    wait_for(lambda: worker.metric("sketchstream_dlq_total") == len(poison), 10, "metrics")
+    assert worker.metric("sketchstream_predictions_out_total") == len(good)
+    assert worker.metric('sketchstream_dlq_total{reason="bad_json"}') == 1
+    assert worker.stop() == 0
+
+
+def test_a_killed_worker_restarts_without_folding_twice_or_missing_events(stream_env, start_worker):
+    env = stream_env
+    events = synthetic_events(3000, users=60)
+    sent = run(produce(env.bootstrap, env.topics["events"], keyed(events)))
+    worker = start_worker("w1", "--batch-size", "40", "--batch-within", "0.01")
+    worker.wait_healthy()
+    wait_for(
+        lambda: worker.metric("sketchstream_predictions_out_total") >= 600, 120, "progress", worker
+    )
+    worker.kill()  # SIGKILL mid-stream
+    worker = start_worker("w1", "--batch-size", "40", "--batch-within", "0.01")
+    worker.wait_healthy()
+    predictions = predictions_by_ref(env, until=len(events))
+    assert set(predictions) == set(sent), "every event has a prediction"
+    for preds in predictions.values():
+        # the same state scores the same, up to float rounding of a differently sized batch
+        scores = np.array([list(p["scores"].values()) for p in preds])
+        np.testing.assert_allclose(scores, scores[:1].repeat(len(preds), 0), atol=1e-6)
+    assert worker.stop() == 0  # flushes the changelog
+
+    records = run(consume(env.bootstrap, env.topics["events"]))
+    agg, expected, _ = offline_reference(env.artifact_dir, records)
+    assert_same_states(agg, expected, final_states(env))
+
+
+def test_predictions_equal_the_offline_replay_engine(stream_env, start_worker):
+    env = stream_env
+    events = synthetic_events(800, users=25, seed=7)
+    run(produce(env.bootstrap, env.topics["events"], keyed(events)))
+    worker = start_worker("w1", "--batch-size", "64")
+    worker.wait_healthy()
+    predictions = predictions_by_ref(env, until=len(events))
+    records = run(consume(env.bootstrap, env.topics["events"]))
+    _, _, offline = offline_reference(env.artifact_dir, records, batch=997)
+    assert set(predictions) == set(offline)
+    for ref, [p] in predictions.items():
+        online = np.array(list(p["scores"].values()))
+        np.testing.assert_allclose(online, offline[ref], atol=1e-5, err_msg=str(ref))
+    worker.stop()
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="known defect, open in issue 5: after a SIGKILLed worker's session times out, the "
+    "survivor is assigned its partitions and recovers their state but sometimes consumes nothing "
+    "from them (3 of about 6 runs failed, each under load or inside the full suite)",
+)
+def test_a_second_worker_takes_over_partitions_and_state_of_a_killed_one(stream_env, start_worker):
+    env = stream_env
+    events = synthetic_events(3000, users=60, seed=3)
+    phases = events[:1000], events[1000:2000], events[2000:]
+    args = ("--batch-size", "40", "--batch-within", "0.01")
+    run(produce(env.bootstrap, env.topics["events"], keyed(phases[0])))
+    a = start_worker("a", *args)
+    a.wait_healthy()
+    wait_for(lambda: a.metric("sketchstream_predictions_out_total") >= 1000, 120, "a", a)
+    b = start_worker("b", *args)
+    b.wait_healthy()
+    time.sleep(3)  # the group rebalances: each worker gets half the partitions
+    run(produce(env.bootstrap, env.topics["events"], keyed(phases[1])))
+    wait_for(lambda: b.metric("sketchstream_predictions_out_total") > 0, 120, "b", b)
+    a.kill()
+    run(produce(env.bootstrap, env.topics["events"], keyed(phases[2])))
+    predictions = predictions_by_ref(env, until=len(events))
+    records = run(consume(env.bootstrap, env.topics["events"]))
+    missing = {(r.partition, r.offset) for r in records} - set(predictions)
+    assert not missing, f"no prediction for {sorted(missing)}\n{b.tail(200)}"
+    assert b.stop() == 0
+    agg, expected, _ = offline_reference(env.artifact_dir, records)
+    assert_same_states(agg, expected, final_states(env))
