@@ -166,6 +166,14 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append one JSON line per row to ``path``, creating its folder: runs accumulate."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
 @app.command("cleora")
 def cleora(
     size: Annotated[
@@ -248,7 +256,161 @@ def cleora(
             r["rss_ratio_vs_pycleora"] = round(r["peak_rss_mb"] / ref["peak_rss_mb"], 3)
     typer.echo(_table(rows))
     if json_path is not None:
-        with json_path.open("a", encoding="utf-8") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
+        _append_jsonl(json_path, rows)
         typer.echo(f"wrote {len(rows)} JSON lines to {json_path}", err=True)
+
+
+@app.command("stream")
+def stream(
+    events: Annotated[
+        int, typer.Option("--events", min=100, help="Events drained at full speed per system.")
+    ] = 200_000,
+    systems: Annotated[
+        list[str], typer.Option("--system", help="raw, faust, worker (repeatable; default all).")
+    ] = ["raw", "faust", "worker"],  # noqa: B006 (typer needs a list default)
+    partitions: Annotated[int, typer.Option(min=1, help="Partitions of the events topic.")] = 4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Events per micro-batch.")] = 2048,
+    batch_within: Annotated[
+        float, typer.Option(min=0.001, help="Seconds a micro-batch waits to fill.")
+    ] = 0.05,
+    latency_seconds: Annotated[
+        float, typer.Option(min=0.0, help="Seconds of the half-rate latency run (0: none).")
+    ] = 10.0,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder with events.jsonl (default: <data dir>/ml-1m; synthetic if absent)."
+        ),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Artifact store to serve (default: the artifact dir, else a bench model)."
+        ),
+    ] = None,
+    hidden: Annotated[int, typer.Option(min=1, help="Hidden width of a bench-built model.")] = 512,
+    train_events: Annotated[
+        int, typer.Option(min=1000, help="First events a bench-built model is trained on.")
+    ] = 200_000,
+    blocks: Annotated[int, typer.Option(min=0, help="Residual blocks of a bench-built model.")] = 2,
+    timeout: Annotated[
+        float, typer.Option(min=1.0, help="Seconds a system may take to drain.")
+    ] = 600.0,
+    kafka: Annotated[str | None, typer.Option("--kafka", help="Bootstrap servers.")] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Append one JSON line per system to this file.")
+    ] = None,
+) -> None:
+    """One worker on the real broker vs a raw aiokafka passthrough and a faust no-op agent.
+
+    Each system gets fresh topics and drains EVENTS events produced beforehand at full speed
+    (events/s from its outputs' Kafka timestamps), then serves events at half that rate for
+    LATENCY_SECONDS (p50/p99 from event to output record time). Also: peak RSS of the
+    system's process; median bytes of a user state (worker, from its changelog).
+    """
+    from sketchstream.stream.settings import load_settings
+    from sketchstream.tools import stream_bench as sb
+
+    unknown = sorted(set(systems) - set(sb.SYSTEMS))
+    if unknown:
+        raise typer.BadParameter(f"unknown systems {unknown}: expected some of {sb.SYSTEMS}")
+    settings = load_settings(kafka=kafka)
+    client_kwargs = settings.client_kwargs()
+    from sketchstream.tools.broker import kafka_answers
+
+    if not kafka_answers(client_kwargs, timeout=10.0):
+        typer.echo(
+            f"no Kafka broker answers at {settings.bootstrap_servers}: "
+            "start the local one with `sketchstream kafka start`",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+    def say(text: str) -> None:
+        typer.echo(text, err=True)
+
+    for name in ("aiokafka", "faust", "mode"):  # retries on fresh topics are expected here
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    folder = data or settings.data_dir / "ml-1m"
+    pool, source = sb.event_lines(folder / "events.jsonl", 2 * events)
+    lines, keys = pool[:events], sb._keys(pool[:events])
+    rest = pool[events:] or pool
+    rest_keys = sb._keys(rest)
+
+    def more(n: int) -> tuple[list[bytes], list[bytes]]:
+        reps = -(-n // len(rest))
+        return (rest * reps)[:n], (rest_keys * reps)[:n]
+
+    store = version = how = None
+    if "worker" in systems:
+        store, version, how = sb.bench_model(
+            model,
+            settings.artifact_dir,
+            settings.home / "bench" / "models",
+            lambda: sb.event_lines(folder / "events.jsonl", train_events)[0],
+            items_path=folder / "items.jsonl",
+            hidden=hidden,
+            blocks=blocks,
+            say=say,
+        )
+    load1, load5, _ = os.getloadavg()
+    say(
+        f"stream bench: {len(lines):,} events drained per system, the next ones (of {source}) "
+        f"for the latency run; {partitions} partitions, batches of {batch_size} "
+        f"within {batch_within}s; {os.cpu_count()} CPUs, load average {load1:.2f}/{load5:.2f}"
+        + (f"; model {version} ({how})" if version else "")
+    )
+    runs = []
+    for system in systems:
+        say(f"[{system}] ...")
+        run = sb.run_system(
+            system,
+            lines,
+            keys,
+            more,
+            client_kwargs=client_kwargs,
+            partitions=partitions,
+            artifact_dir=store,
+            batch_size=batch_size,
+            batch_within=batch_within,
+            latency_seconds=latency_seconds,
+            timeout=timeout,
+            say=say,
+        )
+        runs.append(run.row())
+    raw = next((r for r in runs if r["system"] == "raw"), None)
+    for r in runs:
+        if raw is not None and r["system"] != "raw" and raw["events_per_s"] > 0:
+            r["ratio_vs_raw"] = round(r["events_per_s"] / raw["events_per_s"], 3)
+        if r["system"] == "worker":
+            r["model"] = version
+    typer.echo(_stream_table(runs))
+    if json_path is not None:
+        _append_jsonl(json_path, runs)
+        say(f"wrote {len(runs)} JSON lines to {json_path}")
+
+
+def _stream_table(rows: list[dict[str, Any]]) -> str:
+    cols = [
+        ("system", "system"),
+        ("events_per_s", "events/s"),
+        ("ratio_vs_raw", "x raw"),
+        ("p50_ms", "p50 ms"),
+        ("p99_ms", "p99 ms"),
+        ("latency_rate", "at events/s"),
+        ("rss_mb", "RSS MB"),
+        ("state_bytes_per_user", "bytes/user"),
+    ]
+    cells = [[h for _, h in cols]]
+    for r in rows:
+        cells.append(
+            [
+                "" if r.get(k) is None else f"{r[k]:,}" if isinstance(r[k], float) else str(r[k])
+                for k, _ in cols
+            ]
+        )
+    widths = [max(len(row[c]) for row in cells) for c in range(len(cols))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,716 @@
+"""The end-to-end stream benchmark behind ``sketchstream bench stream``: systems, load, figures.
+
+Three systems run the same job on the real broker, one process each, on fresh topics:
+
+- ``raw``: an aiokafka consumer → producer passthrough (``getmany`` up to the batch size, one
+  ``send`` per record to the same partition of the output topic, delivery awaited per batch);
+- ``faust``: a faust agent on the worker's own app settings (:func:`faust_app`) taking the
+  same micro-batches (``take_events``) and sending every event on unchanged: faust's cost;
+- ``worker``: ``sketchstream worker`` itself (decode, state read, score, fold, MLP, predictions,
+  RocksDB + changelog writes).
+
+Each run: the events are produced into the events topic at full speed before the system starts
+(so the producer never limits it), the system drains them, and ``events_per_s`` is the number
+of outputs over the span of their Kafka timestamps. Then events are produced at half that rate
+for ``latency_seconds`` and each output's latency is its Kafka record time minus its event's
+Kafka record time (both set by the producers when the record is created). RSS is the peak
+resident set of the system's process (``VmHWM``); bytes per user come from the worker's
+changelog (the latest state of every user).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SYSTEMS",
+    "BenchRun",
+    "bench_model",
+    "event_lines",
+    "run_system",
+    "serve_passthrough",
+]
+
+log = logging.getLogger(__name__)
+
+SYSTEMS = ("raw", "faust", "worker")
+_READY_TIMEOUT = 120.0
+
+
+# --- load ------------------------------------------------------------------------------------
+
+
+def event_lines(path: Path | None, n: int, seed: int = 0) -> tuple[list[bytes], str]:
+    """Up to ``n`` canonical event lines from ``path`` in file order, else (no file) ``n``
+    synthetic MovieLens-shaped ones. Returns ``(lines, source description)``."""
+    if path is not None and path.is_file():
+        lines: list[bytes] = []
+        with path.open("rb") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    lines.append(line)
+                    if len(lines) >= n:
+                        break
+        return lines, f"{path} (first {len(lines):,} events)"
+    return synthetic_lines(n, seed), f"synthetic MovieLens-1M-shaped stream ({n:,} events)"
+
+
+def synthetic_lines(n: int, seed: int = 0) -> list[bytes]:
+    """``n`` rating events shaped like MovieLens-1M (:func:`synthetic_ratings`) as JSON lines."""
+    import numpy as np
+    import orjson
+    from sketchstream.models.state import synthetic_ratings
+
+    data = synthetic_ratings(seed=seed)
+    m = min(n, len(data["ts"]))
+    users = data["user"][:m].tolist()
+    items = data["item"][:m].tolist()
+    ts = data["ts"][:m].astype(np.int64).tolist()
+    values = data["value"][:m].astype(np.int64).tolist()
+    return [
+        orjson.dumps({"user": f"u{u}", "item": i, "action": "rate", "ts": t, "value": v})
+        for u, i, t, v in zip(users, items, ts, values, strict=True)
+    ]
+
+
+def _keys(lines: Sequence[bytes]) -> list[bytes]:
+    import orjson
+
+    return [orjson.loads(line)["user"].encode() for line in lines]
+
+
+async def produce(
+    client_kwargs: dict[str, Any],
+    topic: str,
+    lines: Sequence[bytes],
+    keys: Sequence[bytes],
+    *,
+    rate: float | None = None,
+    tick: float = 0.005,
+) -> float:
+    """Produce ``lines`` keyed by ``keys`` (murmur2 partitioning, like Kafka's Java clients):
+    as fast as the broker takes them, or ``rate`` events/s in ``tick``-second slices. Record
+    times are set when each record is appended. Returns the seconds it took."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.partitioner import DefaultPartitioner
+
+    producer = AIOKafkaProducer(
+        **client_kwargs,
+        linger_ms=1 if rate else 20,
+        max_batch_size=1 << 20,
+        max_request_size=1 << 23,
+        acks=1,
+    )
+    await producer.start()
+    started = time.perf_counter()
+    try:
+        parts = sorted(await producer.partitions_for(topic))
+        partition_of = DefaultPartitioner()
+        part = [partition_of(k, parts, parts) for k in keys]
+        step = max(1, int(rate * tick)) if rate else 4096
+        pending = []
+        for lo in range(0, len(lines), step):
+            if rate:
+                ahead = lo / rate - (time.perf_counter() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            builders: dict[int, Any] = {}
+            for j in range(lo, min(lo + step, len(lines))):
+                p = part[j]
+                b = builders.get(p)
+                if b is None:
+                    b = builders[p] = producer.create_batch()
+                if b.append(key=keys[j], value=lines[j], timestamp=None) is None:
+                    pending.append(await producer.send_batch(b, topic, partition=p))
+                    b = builders[p] = producer.create_batch()
+                    b.append(key=keys[j], value=lines[j], timestamp=None)
+            for p, b in builders.items():
+                pending.append(await producer.send_batch(b, topic, partition=p))
+            if len(pending) > 256:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return time.perf_counter() - started
+
+
+async def read_topic(client_kwargs: dict[str, Any], topic: str) -> list[Any]:
+    """Every record of ``topic`` up to its current end (group-less consumer)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        **client_kwargs,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=1 << 23,
+        fetch_max_bytes=1 << 26,
+    )
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            await consumer._client.force_metadata_update()  # no public metadata refresh
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        end = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[Any] = []
+        todo = {tp for tp in tps if end[tp] > 0}
+        while todo:
+            got = await consumer.getmany(*todo, timeout_ms=1000, max_records=50_000)
+            for tp, records in got.items():
+                out.extend(records)
+                if records and records[-1].offset + 1 >= end[tp]:
+                    todo.discard(tp)
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def _end_offsets(consumer: Any, topic: str, partitions: int) -> list[int]:
+    from aiokafka import TopicPartition
+
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    end = await consumer.end_offsets(tps)
+    return [end[tp] for tp in tps]
+
+
+# --- systems ---------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchTopics:
+    """Fresh topic names and consumer group of one run."""
+
+    partitions: int
+    suffix: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+
+    @property
+    def app_id(self) -> str:
+        return f"bench-{self.suffix}"
+
+    @property
+    def events(self) -> str:
+        return f"bench-events-{self.suffix}"
+
+    @property
+    def outputs(self) -> str:
+        return f"bench-out-{self.suffix}"
+
+    @property
+    def dlq(self) -> str:
+        return f"bench-dlq-{self.suffix}"
+
+    @property
+    def models(self) -> str:
+        return f"bench-models-{self.suffix}"
+
+    @property
+    def changelog(self) -> str:
+        return f"{self.app_id}-users-changelog"
+
+
+def serve_passthrough(spec: dict[str, Any]) -> None:
+    """Run a passthrough system (``spec["system"]``: ``raw`` or ``faust``) until SIGTERM.
+
+    Entry point of the passthrough processes (``python -c``), configured by ``spec``:
+    ``bootstrap``, ``events``, ``outputs``, ``partitions``, ``app_id``, ``batch_size``,
+    ``batch_within``, ``state_dir``.
+    """
+    logging.basicConfig(level=logging.WARNING)
+    if spec["system"] == "raw":
+        asyncio.run(_raw_passthrough(spec))
+    elif spec["system"] == "faust":
+        _faust_passthrough(spec)
+    else:
+        raise ValueError(f"unknown passthrough {spec['system']!r}: expected raw or faust")
+
+
+async def _raw_passthrough(spec: dict[str, Any]) -> None:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    consumer = AIOKafkaConsumer(
+        spec["events"],
+        bootstrap_servers=spec["bootstrap"],
+        group_id=spec["app_id"],
+        auto_offset_reset="earliest",
+        enable_auto_commit=True,
+        max_partition_fetch_bytes=1 << 20,
+    )
+    # faust's producer defaults, as in the worker: acks from all replicas, 5 ms linger
+    producer = AIOKafkaProducer(
+        bootstrap_servers=spec["bootstrap"], acks="all", linger_ms=5, max_batch_size=1 << 20
+    )
+    await consumer.start()
+    await producer.start()
+    out, within = spec["outputs"], int(spec["batch_within"] * 1000)
+    try:
+        while not stop.is_set():
+            got = await consumer.getmany(timeout_ms=within, max_records=spec["batch_size"])
+            sends = [
+                await producer.send(out, r.value, r.key, partition=tp.partition)
+                for tp, records in got.items()
+                for r in records
+            ]
+            if sends:
+                await asyncio.gather(*sends)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def _faust_passthrough(spec: dict[str, Any]) -> None:
+    import faust
+    from sketchstream.stream.app import faust_app, publish
+    from sketchstream.stream.settings import Settings
+
+    settings = Settings(
+        kafka=spec["bootstrap"],
+        partitions=spec["partitions"],
+        state_dir=Path(spec["state_dir"]),
+    )
+    app = faust_app(settings, app_id=spec["app_id"], batch_size=spec["batch_size"], web=False)
+    events = app.topic(spec["events"], key_type=bytes, value_type=bytes, partitions=None)
+    out = spec["outputs"]
+
+    @app.agent(events, name="noop", concurrency=1)
+    async def noop(stream: Any) -> None:
+        producer = app.producer
+        async for batch in stream.take_events(spec["batch_size"], within=spec["batch_within"]):
+            records = [(event.message.key, event.message.value) for event in batch]
+            sends = await publish(producer, out, records)  # as the worker publishes
+            await asyncio.gather(*sends)
+
+    worker = faust.Worker(app, loglevel="warning", redirect_stdouts=False)
+    for name in ("aiokafka", "faust", "mode"):  # as the worker does: no record per record
+        logging.getLogger(name).setLevel(logging.WARNING)
+    worker.execute_from_commandline()
+
+
+class _Process:
+    """A system under test in its own process: started, watched (RSS), stopped."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.peak_rss_mb = 0.0
+
+    def sample(self) -> None:
+        """Record the process's peak RSS so far (VmHWM); fails if the process died."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"exited with {self.proc.returncode}:\n{self.tail()}")
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_rss_mb = max(self.peak_rss_mb, int(line.split()[1]) / 1024.0)
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(20)
+        self._log.close()
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+_WORKER = "import typer; from sketchstream.tools.worker import worker; typer.run(worker)"
+_PASSTHROUGH = (
+    "import json, sys; from sketchstream.tools.stream_bench import serve_passthrough; "
+    "serve_passthrough(json.loads(sys.argv[1]))"
+)
+
+
+def _start(
+    system: str,
+    topics: BenchTopics,
+    *,
+    bootstrap: str,
+    root: Path,
+    artifact_dir: Path | None,
+    batch_size: int,
+    batch_within: float,
+) -> _Process:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    state_dir = root / f"state-{system}"
+    log_path = root / f"{system}.log"
+    if system == "worker":
+        env.update(
+            {
+                "SKETCHSTREAM_KAFKA": bootstrap,
+                "SKETCHSTREAM_TOPIC_EVENTS": topics.events,
+                "SKETCHSTREAM_TOPIC_PREDICTIONS": topics.outputs,
+                "SKETCHSTREAM_TOPIC_DLQ": topics.dlq,
+                "SKETCHSTREAM_TOPIC_MODELS": topics.models,
+                "SKETCHSTREAM_PARTITIONS": str(topics.partitions),
+                "SKETCHSTREAM_STATE_DIR": str(state_dir),
+                "SKETCHSTREAM_ARTIFACT_DIR": str(artifact_dir),
+                "SKETCHSTREAM_WEB_PORT": str(_free_port()),
+                "SKETCHSTREAM_APP_ID": topics.app_id,
+            }
+        )
+        argv = [
+            sys.executable,
+            "-c",
+            _WORKER,
+            "--batch-size",
+            str(batch_size),
+            "--batch-within",
+            str(batch_within),
+            "--standby-replicas",
+            "0",
+            "--loglevel",
+            "warning",
+        ]
+    else:
+        spec = {
+            "system": system,
+            "bootstrap": bootstrap,
+            "events": topics.events,
+            "outputs": topics.outputs,
+            "partitions": topics.partitions,
+            "app_id": topics.app_id,
+            "batch_size": batch_size,
+            "batch_within": batch_within,
+            "state_dir": str(state_dir),
+        }
+        argv = [sys.executable, "-c", _PASSTHROUGH, json.dumps(spec)]
+    return _Process(argv, env, log_path)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- one run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchRun:
+    """Figures of one system."""
+
+    system: str
+    events: int
+    events_per_s: float
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    latency_events: int = 0
+    latency_rate: float = 0.0
+    rss_mb: float = 0.0
+    state_bytes_per_user: float | None = None
+    users: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        out = {
+            "system": self.system,
+            "events": self.events,
+            "events_per_s": round(self.events_per_s, 1),
+            "p50_ms": None if self.p50_ms is None else round(self.p50_ms, 2),
+            "p99_ms": None if self.p99_ms is None else round(self.p99_ms, 2),
+            "latency_events": self.latency_events,
+            "latency_rate": round(self.latency_rate, 1),
+            "rss_mb": round(self.rss_mb, 1),
+        }
+        if self.system == "worker":
+            out["state_bytes_per_user"] = self.state_bytes_per_user
+            out["users"] = self.users
+        return out | self.extra
+
+
+async def _create_topics(client_kwargs: dict[str, Any], topics: BenchTopics) -> None:
+    from sketchstream.tools.topics import TopicSpec, create_topics
+
+    p = topics.partitions
+    specs = [
+        TopicSpec(topics.events, p, {}),
+        TopicSpec(topics.outputs, p, {}),
+        TopicSpec(topics.dlq, p, {}),
+        TopicSpec(topics.models, 1, {"cleanup.policy": "compact"}),
+    ]
+    await create_topics(client_kwargs, specs, 1)
+
+
+async def _delete_topics(client_kwargs: dict[str, Any], topics: BenchTopics) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**client_kwargs)
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if topics.suffix in t]
+        if names:
+            await admin.delete_topics(names)
+    except Exception as exc:  # cleanup only: never hide the figures behind it
+        log.warning("could not delete the bench topics: %s", exc)
+    finally:
+        await admin.close()
+
+
+async def _wait_outputs(
+    client_kwargs: dict[str, Any],
+    topics: BenchTopics,
+    proc: _Process,
+    want: int,
+    timeout: float,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(**client_kwargs, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout
+        last, last_change = -1, time.monotonic()
+        while True:
+            proc.sample()
+            got = sum(await _end_offsets(consumer, topics.outputs, topics.partitions))
+            if progress is not None:
+                progress(got)
+            if got >= want:
+                return
+            now = time.monotonic()
+            if got != last:
+                last, last_change = got, now
+            if now > deadline or (got > 0 and now - last_change > 60.0):
+                raise RuntimeError(
+                    f"{got:,} of {want:,} outputs after {timeout:.0f}s:\n{proc.tail()}"
+                )
+            await asyncio.sleep(0.2)
+    finally:
+        await consumer.stop()
+
+
+def _event_ref(system: str, record: Any) -> tuple[int, int]:
+    """``(partition, offset)`` of the event an output record answers."""
+    if system == "worker":
+        import orjson
+
+        ev = orjson.loads(record.value)["event"]
+        return ev["partition"], ev["offset"]
+    return record.partition, record.offset  # passthroughs keep partition and order
+
+
+async def run_one(
+    system: str,
+    lines: Sequence[bytes],
+    keys: Sequence[bytes],
+    more: Callable[[int], tuple[list[bytes], list[bytes]]],
+    *,
+    client_kwargs: dict[str, Any],
+    partitions: int,
+    artifact_dir: Path | None,
+    batch_size: int,
+    batch_within: float,
+    latency_seconds: float,
+    timeout: float,
+    say: Callable[[str], None],
+) -> BenchRun:
+    """One system: drain ``lines`` at full speed, then ``more(n)`` events at half that rate."""
+    import numpy as np
+
+    topics = BenchTopics(partitions)
+    await _create_topics(client_kwargs, topics)
+    with tempfile.TemporaryDirectory(prefix=f"sketchstream-bench-{system}-") as tmp:
+        root = Path(tmp)
+        proc: _Process | None = None
+        try:
+            await produce(client_kwargs, topics.events, lines, keys)
+            ends = await _end_offsets_of(client_kwargs, topics.events, partitions)
+            proc = _start(
+                system,
+                topics,
+                bootstrap=client_kwargs["bootstrap_servers"],
+                root=root,
+                artifact_dir=artifact_dir,
+                batch_size=batch_size,
+                batch_within=batch_within,
+            )
+            n = len(lines)
+            await _wait_outputs(client_kwargs, topics, proc, n, timeout + _READY_TIMEOUT)
+            outs = await read_topic(client_kwargs, topics.outputs)
+            stamps = np.array([r.timestamp for r in outs], np.float64) / 1000.0
+            span = float(stamps.max() - stamps.min()) if len(outs) > 1 else 0.0
+            rate = (len(outs) - 1) / span if span > 0 else float("nan")
+            say(f"  {system}: {len(outs):,} outputs in {span:.2f}s: {rate:,.0f} events/s")
+            run = BenchRun(system, n, rate)
+
+            half = rate / 2.0
+            m = max(1, int(half * latency_seconds)) if np.isfinite(half) else 0
+            if m:
+                lines2, keys2 = more(m)
+                await produce(client_kwargs, topics.events, lines2, keys2, rate=half)
+                await _wait_outputs(client_kwargs, topics, proc, n + m, timeout)
+                events = await read_topic(client_kwargs, topics.events)
+                born = {(r.partition, r.offset): r.timestamp for r in events}
+                outs = await read_topic(client_kwargs, topics.outputs)
+                lat = []
+                for r in outs:
+                    p, o = _event_ref(system, r)
+                    if o >= ends[p]:
+                        lat.append(r.timestamp - born[(p, o)])
+                lat_ms = np.asarray(lat, np.float64)
+                run.p50_ms = float(np.percentile(lat_ms, 50))
+                run.p99_ms = float(np.percentile(lat_ms, 99))
+                run.latency_events, run.latency_rate = len(lat), half
+                say(
+                    f"  {system}: {len(lat):,} events at {half:,.0f}/s: "
+                    f"p50 {run.p50_ms:.1f} ms, p99 {run.p99_ms:.1f} ms"
+                )
+            proc.sample()
+            run.rss_mb = proc.peak_rss_mb
+            if system == "worker":
+                from sketchstream.models.state import state_size_report
+
+                latest: dict[bytes, bytes] = {}
+                for r in await read_topic(client_kwargs, topics.changelog):
+                    if r.value is not None:
+                        latest[r.key] = r.value
+                report = state_size_report(latest.values())
+                run.state_bytes_per_user = report["median"]
+                run.users = report["n"]
+                run.extra["state_bytes_p90"] = report["p90"]
+            return run
+        finally:
+            if proc is not None:
+                proc.stop()
+            await _delete_topics(client_kwargs, topics)
+
+
+async def _end_offsets_of(client_kwargs: dict[str, Any], topic: str, partitions: int) -> list[int]:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(**client_kwargs, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return await _end_offsets(consumer, topic, partitions)
+    finally:
+        await consumer.stop()
+
+
+def run_system(*args: Any, **kwargs: Any) -> BenchRun:
+    """:func:`run_one` on a fresh event loop."""
+    return asyncio.run(run_one(*args, **kwargs))
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+def bench_model(
+    model_dir: Path | None,
+    artifact_dir: Path,
+    cache_dir: Path,
+    training_lines: Callable[[], Sequence[bytes]],
+    *,
+    items_path: Path | None,
+    hidden: int,
+    blocks: int,
+    say: Callable[[str], None],
+) -> tuple[Path, str, str]:
+    """The artifact store the worker serves from: ``model_dir`` when given, else
+    ``artifact_dir`` when it holds a model, else a model built here (and cached under
+    ``cache_dir``) by the trainer's protocol on ``training_lines()`` (codebooks on the first
+    80 %, one epoch; item metadata from ``items_path`` when present).
+
+    Returns ``(store root, version, how it was chosen)``.
+    """
+    from sketchstream.models.artifacts import ArtifactStore
+
+    for root, how in ((model_dir, "given"), (artifact_dir, "newest in the artifact dir")):
+        if root is not None and ArtifactStore(root).latest() is not None:
+            return root, str(ArtifactStore(root).latest()), how
+        if root is model_dir and model_dir is not None:
+            raise FileNotFoundError(f"{model_dir}: no model artifact there")
+    lines = training_lines()
+    root = cache_dir / f"h{hidden}-b{blocks}-n{len(lines)}"
+    version = ArtifactStore(root).latest()
+    if version is not None:
+        if _servable(root / str(version)):
+            return root, str(version), f"built earlier for the bench ({root})"
+        say(f"the cached bench model {root / str(version)} no longer loads: rebuilding it")
+        shutil.rmtree(root)
+    say(f"building a bench model (hidden {hidden}, {blocks} blocks) on {len(lines):,} events ...")
+    version = _train_model(root, lines, items_path, hidden=hidden, blocks=blocks)
+    return root, version, f"built now for the bench ({root})"
+
+
+def _servable(path: Path) -> bool:
+    """Whether the worker would serve the artifact at ``path`` (it may predate the code)."""
+    from sketchstream.models.errors import SketchstreamError
+    from sketchstream.stream.models_feed import load_serving_model
+
+    try:
+        load_serving_model(path)
+    except (SketchstreamError, OSError, KeyError, TypeError, ValueError) as exc:
+        log.info("bench model %s: %s", path, exc)
+        return False
+    return True
+
+
+def _train_model(
+    root: Path, lines: Sequence[bytes], items_path: Path | None, *, hidden: int, blocks: int
+) -> str:
+    import numpy as np
+    import orjson
+    from sketchstream.models.artifacts import save_model_artifact
+    from sketchstream.models.events import DEFAULT_HEADS, EventTable, read_items
+    from sketchstream.models.trainer import TrainConfig, head_defs, run_protocol
+
+    recs = [orjson.loads(line) for line in lines]
+    events = EventTable(
+        user=np.array([r["user"] for r in recs], dtype=object),
+        item=np.array([r["item"] for r in recs], dtype=object),
+        action=np.array([r["action"] for r in recs], dtype=object),
+        ts=np.array([float(r["ts"]) for r in recs]),
+        value=np.array([r.get("value", np.nan) for r in recs], np.float32),
+    )
+    items = read_items(items_path) if items_path is not None and items_path.is_file() else None
+    config = TrainConfig(epochs=1, hidden=hidden, blocks=blocks)
+    result = run_protocol(events, items, config, heads=DEFAULT_HEADS, progress=False)
+    metrics = {
+        name: {split: dict(m) for split, m in fig.items()} for name, fig in result.metrics.items()
+    }
+    return save_model_artifact(
+        root,
+        model=result.model,
+        codebooks=result.codebooks,
+        aggregator_config=result.aggregator_config,
+        item_stats=result.item_stats,
+        metrics=metrics,
+        extra={"train": config.to_dict(), "head_defs": head_defs(DEFAULT_HEADS), "bench": True},
+    )
