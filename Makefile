@@ -1,5 +1,7 @@
 # make test   the whole test suite against a real Kafka broker, from nothing
-# make demo   the system end to end (for now: broker, topics, one event through Kafka)
+# make demo   the system end to end: broker, topics, MovieLens-1M, a model, a worker, a replay
+#             of the test period with a live summary (sketchstream demo; DEMO_ARGS=... adds
+#             options, e.g. DEMO_ARGS="--events 20000")
 # make lint   ruff check + ruff format --check
 #
 # Both test and demo create .venv when it is missing (re-installing when pyproject.toml
@@ -12,6 +14,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WITH_BROKER := ./.ci/with-broker
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: test demo lint install
 
@@ -27,7 +30,7 @@ test: $(STAMP)
 	$(WITH_BROKER) $(BIN)/pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(WITH_BROKER) sh -c '$(BIN)/sketchstream topics create && $(BIN)/sketchstream topics roundtrip'
+	$(WITH_BROKER) $(BIN)/sketchstream demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

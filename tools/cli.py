@@ -9,8 +9,18 @@ from __future__ import annotations
 import logging
 
 import typer
-
-from sketchstream.tools import bench, data, evaluate, kafka, topics, train
+from sketchstream.tools import (
+    bench,
+    data,
+    demo,
+    evaluate,
+    kafka,
+    refresh,
+    replay,
+    topics,
+    train,
+    worker,
+)
 
 __all__ = ["app", "main"]
 
@@ -32,6 +42,10 @@ app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")
 app.command("train")(train.train)
 app.command("evaluate")(evaluate.evaluate)
+app.command("worker")(worker.worker)
+app.command("replay")(replay.replay)
+app.command("demo")(demo.demo)
+app.command("refresh")(refresh.refresh)
 
 
 @app.callback()

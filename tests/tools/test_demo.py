@@ -1,0 +1,266 @@
+"""`sketchstream demo`: what it replays, how it sums up, and one real run on a tiny data set."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from sketchstream.models.events import EventTable, Item, write_events, write_items
+from sketchstream.tools.demo import (
+    Console,
+    LiveStats,
+    app_topics,
+    demo_topics,
+    find_artifact,
+    parse_history,
+    plan_replay,
+)
+
+
+def _table(ts, values=None, users=None) -> EventTable:
+    n = len(ts)
+    return EventTable(
+        user=np.array(users or [f"u{i % 7}" for i in range(n)], dtype=object),
+        item=np.array([f"i{i}" for i in range(n)], dtype=object),
+        action=np.array(["rate"] * n, dtype=object),
+        ts=np.asarray(ts, dtype=np.float64),
+        value=np.asarray(values if values is not None else [5.0] * n, dtype=np.float32),
+    )
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --- the replay plan -------------------------------------------------------------------------
+
+
+def test_the_live_part_starts_at_the_test_periods_first_second():
+    plan = plan_replay(_table(np.arange(100) * 10.0))
+    assert plan.live_from == 900.0  # row 90: the protocol's test period
+    assert (plan.n_history, plan.n_live, plan.history_from, plan.live_to) == (90, 10, None, None)
+
+
+def test_events_sharing_the_cut_off_second_are_replayed_live():
+    ts = np.arange(100) * 10.0
+    ts[88:92] = 885.0  # rows 88-91 share the second of the test period's first event
+    plan = plan_replay(_table(ts))
+    assert plan.live_from == 885.0
+    assert (plan.n_history, plan.n_live) == (88, 12)
+    assert plan.n_history + plan.n_live == 100
+
+
+def test_events_limits_the_live_part_at_a_second_boundary():
+    ts = np.arange(100) * 10.0
+    ts[94:97] = 940.0
+    plan = plan_replay(_table(ts), limit=5)
+    assert plan.live_to == 940.0  # the 5th live event shares its second with the 6th and 7th
+    assert plan.n_live == 4
+    assert plan_replay(_table(np.arange(100) * 10.0), limit=500).live_to is None
+
+
+def test_history_keeps_the_latest_events_before_the_test_period():
+    events = _table(np.arange(100) * 10.0)
+    plan = plan_replay(events, history=30)
+    assert (plan.history_from, plan.n_history) == (600.0, 30)
+    assert plan_replay(events, history=0).n_history == 0
+    assert plan_replay(events, history=10_000).history_from is None
+
+
+def test_live_labels_are_the_like_head_of_each_event():
+    events = _table(np.arange(20) * 1.0, values=[5] * 18 + [3, 4])
+    plan = plan_replay(events)
+    assert plan.labels == {("u4", "i18", 18.0): 0.0, ("u5", "i19", 19.0): 1.0}
+
+
+def test_history_option_reads_all_none_or_a_count():
+    assert parse_history("all") is None
+    assert parse_history("none") == 0
+    assert parse_history("200_000") == 200_000
+    with pytest.raises(typer.BadParameter, match="--history"):
+        parse_history("lots")
+
+
+# --- the live summary ------------------------------------------------------------------------
+
+
+def test_rolling_auc_covers_only_the_last_window():
+    stats = LiveStats(window=4, clock=FakeClock())
+    for score, label in [(0.9, 0.0), (0.1, 1.0), (0.8, 0.0), (0.2, 1.0)]:
+        stats.add(score, label, 1.0, 1.01)  # perfectly wrong
+    for score, label in [(0.9, 1.0), (0.1, 0.0), (0.8, 1.0), (0.2, 0.0)]:
+        stats.add(score, label, 1.0, 1.01)  # perfectly right
+    assert stats.rolling()["auc"] == 1.0
+    assert stats.overall()["auc"] == pytest.approx(0.5)
+
+
+def test_unlabelled_predictions_count_but_stay_out_of_the_auc():
+    stats = LiveStats(clock=FakeClock())
+    stats.add(0.7, math.nan, None, 5.0, model="m1")
+    assert stats.count == 1 and stats.labelled == 0
+    assert stats.overall() == {"p50": None, "p99": None, "auc": None}
+    assert stats.model_versions == {"m1": 1}
+
+
+def test_latency_percentiles_are_over_the_predictions():
+    stats = LiveStats(clock=FakeClock())
+    for ms in range(1, 101):
+        stats.add(0.5, 1.0, 10.0, 10.0 + ms / 1000)
+    overall = stats.overall()
+    assert overall["p50"] == pytest.approx(0.0505)
+    assert overall["p99"] == pytest.approx(0.09901)
+
+
+def test_the_live_rate_counts_arrivals_on_the_wall_clock():
+    clock = FakeClock()
+    stats = LiveStats(clock=clock)
+    assert stats.rate() == 0.0
+    for _ in range(50):
+        stats.add(0.5, 1.0, 1.0, 1.1)
+        clock.now += 0.01
+    clock.now += 0.01
+    assert stats.rate(over=5.0) == pytest.approx(50 / 0.51)
+
+
+def test_the_mean_rate_spans_first_event_in_to_last_prediction_out():
+    stats = LiveStats(clock=FakeClock())
+    for k in range(100):  # one event every 10 ms, each answered 50 ms later
+        stats.add(0.5, 1.0, 1000.0 + k / 100, 1000.05 + k / 100)
+    assert stats.mean_rate() == pytest.approx(100 / 1.04)
+
+
+def test_console_writes_plain_throttled_lines_when_not_a_terminal(capsys):
+    console = Console(tty=False, every=60.0)
+    console.status("first")
+    console.status("too soon")
+    console.status("last", force=True)
+    console.status("last again", force=True)  # nothing held back since "last"
+    out = capsys.readouterr().out
+    assert out == "first\nlast\n"
+
+
+def test_console_rewrites_one_line_on_a_terminal(capsys):
+    console = Console(tty=True, every=0.0)
+    console.status("a")
+    console.status("b")
+    console.say("done")
+    assert capsys.readouterr().out == "\r\x1b[Ka\r\x1b[Kb\ndone\n"
+
+
+# --- topics and artifacts --------------------------------------------------------------------
+
+
+def test_demo_topics_are_prefixed_settings_topics():
+    from sketchstream.stream.settings import Settings
+
+    env = demo_topics(Settings(topic_events="ev"))
+    assert env["SKETCHSTREAM_TOPIC_EVENTS"] == "demo.ev"
+    assert env["SKETCHSTREAM_TOPIC_MODELS"] == "demo.sketchstream.models"
+    assert app_topics("a") == ["a-users-changelog", "a-__assignor-__leader"]
+
+
+def test_find_artifact_picks_the_newest_trained_on_the_same_events(tmp_path):
+    def manifest(version, created, events, md5):
+        (tmp_path / version).mkdir()
+        data = {"events": events, "stream_md5": md5}
+        text = json.dumps({"created": created, "config": {"data": data}})
+        (tmp_path / version / "manifest.json").write_text(text)
+
+    manifest("old", "2026-01-01", 10, "abc")
+    manifest("new", "2026-02-01", 10, "abc")
+    manifest("other", "2026-03-01", 10, "def")
+    assert find_artifact(tmp_path, 10, "abc") == ["new", "old"]
+    assert find_artifact(tmp_path, 11, "abc") == []
+    assert find_artifact(tmp_path / "missing", 10, "abc") == []
+
+
+# --- a real run --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    """3,000 ratings of 60 users on 80 items in two taste groups, one every minute."""
+    rng = np.random.default_rng(0)
+    n = 3000
+    users = rng.integers(0, 60, n)
+    items = rng.integers(0, 80, n)
+    liked = (users % 2) == (items % 2)
+    value = np.where(rng.random(n) < 0.8, np.where(liked, 5, 2), rng.integers(1, 6, n))
+    events = EventTable(
+        user=np.array([f"u{u}" for u in users], dtype=object),
+        item=np.array([f"i{i}" for i in items], dtype=object),
+        action=np.array(["rate"] * n, dtype=object),
+        ts=np.arange(n, dtype=np.float64) * 60 + 1e9,
+        value=value.astype(np.float32),
+    )
+    out = tmp_path / "data"
+    write_events(out / "events.jsonl", events)
+    genres = ["Comedy", "Drama"]
+    write_items(
+        out / "items.jsonl",
+        [Item(f"i{i}", title=f"Film {i}", categories=(genres[i % 2],)) for i in range(80)],
+    )
+    return out
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_cleans_up(tmp_path, tiny_data, kafka_settings):
+    """Train, serve, replay and sum up on a tiny data set against the real broker; the demo's
+    topics are gone afterwards and its output carries no terminal control characters."""
+    suffix = uuid.uuid4().hex[:8]
+    env = {
+        **os.environ,
+        "SKETCHSTREAM_KAFKA": kafka_settings.bootstrap_servers,
+        "SKETCHSTREAM_ARTIFACT_DIR": str(tmp_path / "artifacts"),
+        "SKETCHSTREAM_PARTITIONS": "2",
+        **{
+            f"SKETCHSTREAM_TOPIC_{name}": f"{default}-{suffix}"
+            for name, default in [
+                ("EVENTS", "events"),
+                ("PREDICTIONS", "predictions"),
+                ("DLQ", "events.dlq"),
+                ("MODELS", "models"),
+            ]
+        },
+        "OMP_NUM_THREADS": "1",
+    }
+    app_id = f"demo-test-{suffix}"
+    argv = [
+        *[sys.executable, "-c", "from sketchstream.tools.cli import main; main()"],
+        *["demo", "--data", str(tiny_data), "--history", "all", "--rate", "max"],
+        *["--workdir", str(tmp_path / "work"), "--app-id", app_id, "--timeout", "120"],
+    ]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "sketchstream demo: summary" in out
+    assert "predictions   300" in out  # the test period: the last 10 % of 3,000
+    assert "history       2,700 events" in out
+    assert "\x1b" not in done.stdout and "\r" not in done.stdout
+    assert (tmp_path / "work" / "worker.log").is_file()
+
+    async def topics_left() -> list[str]:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(**kafka_settings.client_kwargs())
+        await admin.start()
+        try:
+            return [t for t in await admin.list_topics() if suffix in t]
+        finally:
+            await admin.close()
+
+    assert asyncio.run(topics_left()) == []
