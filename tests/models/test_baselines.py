@@ -102,22 +102,6 @@ def test_run_baselines_refuses_unknown_names() -> None:
         run_baselines(events, baselines=["constant", "forest"])
 
 
-@pytest.fixture(scope="module")
-def movielens() -> Path:
-    """MovieLens-1M converted into the user's cache (once; later sessions reuse it)."""
-    from sketchstream.stream.settings import load_settings
-    from sketchstream.tools.movielens import SourceUnavailableError, prepare
-
-    if os.environ.get("SKETCHSTREAM_TEST_OFFLINE"):
-        pytest.skip("SKETCHSTREAM_TEST_OFFLINE is set: no MovieLens-1M download")
-    cache = load_settings().home / "cache"
-    try:
-        prepare(cache / "ml-1m", cache)
-    except SourceUnavailableError as exc:
-        pytest.skip(f"MovieLens-1M unavailable: {exc}")
-    return cache / "ml-1m"
-
-
 @pytest.mark.slow
 def test_rates_lr_reproduces_the_reference_on_movielens(movielens: Path) -> None:
     from sketchstream.models.events import read_events

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -194,22 +193,6 @@ def test_heads_without_threshold_and_with_wider_scope() -> None:
 
 
 # --- check figures on the real data set -------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def movielens(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """MovieLens-1M converted into the user's cache (once; later sessions reuse it)."""
-    from sketchstream.stream.settings import load_settings
-    from sketchstream.tools.movielens import SourceUnavailableError, prepare
-
-    if os.environ.get("SKETCHSTREAM_TEST_OFFLINE"):
-        pytest.skip("SKETCHSTREAM_TEST_OFFLINE is set: no MovieLens-1M download")
-    cache = load_settings().home / "cache"
-    try:
-        prepare(cache / "ml-1m", cache)
-    except SourceUnavailableError as exc:
-        pytest.skip(f"MovieLens-1M unavailable: {exc}")
-    return cache / "ml-1m"
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 
@@ -125,24 +124,8 @@ def test_command_reports_a_wrong_wheel_without_a_traceback(tmp_path: Path) -> No
     assert "error:" in result.output and "sha256" in result.output
 
 
-@pytest.fixture(scope="module")
-def cache() -> Path:
-    """The user's cache with MovieLens-1M converted (once; later sessions reuse it)."""
-    from sketchstream.stream.settings import load_settings
-    from sketchstream.tools.movielens import prepare
-
-    if os.environ.get("SKETCHSTREAM_TEST_OFFLINE"):
-        pytest.skip("SKETCHSTREAM_TEST_OFFLINE is set: no MovieLens-1M download")
-    cache = load_settings().home / "cache"
-    try:
-        prepare(cache / "ml-1m", cache)
-    except SourceUnavailableError as exc:
-        pytest.skip(f"MovieLens-1M unavailable: {exc}")
-    return cache
-
-
-def test_command_on_converted_movielens_is_up_to_date(cache: Path) -> None:
-    out = cache / "ml-1m"
+def test_command_on_converted_movielens_is_up_to_date(movielens: Path) -> None:
+    cache, out = movielens.parent, movielens
     result = CliRunner().invoke(
         app, ["data", "movielens-1m", "--out", str(out), "--cache", str(cache)]
     )
