@@ -130,3 +130,54 @@ def movielens() -> Path:
     except SourceUnavailableError as exc:
         pytest.skip(f"MovieLens-1M unavailable: {exc}")
     return cache / "ml-1m"
+
+
+@pytest.fixture
+def make_ratings(tmp_path: Path) -> Callable[..., Path]:
+    """Factory of a canonical data folder (events.jsonl, items.jsonl): ``n`` ratings, one every
+    ``every_s`` seconds, of ``users`` users on ``items`` items in two taste groups (a user likes
+    the items of its own parity 80 % of the time); the first ``with_metadata`` items (all when
+    None) carry a title and a genre, and a year when ``years``."""
+
+    def make(
+        n: int,
+        users: int,
+        items: int,
+        every_s: float,
+        *,
+        with_metadata: int | None = None,
+        years: bool = False,
+    ) -> Path:
+        import numpy as np
+        from sketchstream.models.events import EventTable, Item, write_events, write_items
+
+        rng = np.random.default_rng(0)
+        u = rng.integers(0, users, n)
+        i = rng.integers(0, items, n)
+        liked = (u % 2) == (i % 2)
+        value = np.where(rng.random(n) < 0.8, np.where(liked, 5, 2), rng.integers(1, 6, n))
+        events = EventTable(
+            user=np.array([f"u{x}" for x in u], dtype=object),
+            item=np.array([f"i{x}" for x in i], dtype=object),
+            action=np.array(["rate"] * n, dtype=object),
+            ts=np.arange(n, dtype=np.float64) * every_s + 1e9,
+            value=value.astype(np.float32),
+        )
+        out = tmp_path / "data"
+        write_events(out / "events.jsonl", events)
+        genres = ["Comedy", "Drama"]
+        write_items(
+            out / "items.jsonl",
+            [
+                Item(
+                    f"i{k}",
+                    title=f"Film {k}",
+                    categories=(genres[k % 2],),
+                    year=1990 + k % 5 if years else None,
+                )
+                for k in range(items if with_metadata is None else with_metadata)
+            ],
+        )
+        return out
+
+    return make

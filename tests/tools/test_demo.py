@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
-from sketchstream.models.events import EventTable, Item, write_events, write_items
+from sketchstream.models.events import EventTable
 from sketchstream.tools.demo import (
     Console,
     LiveStats,
@@ -191,29 +191,9 @@ def test_find_artifact_picks_the_newest_trained_on_the_same_events(tmp_path):
 
 
 @pytest.fixture
-def tiny_data(tmp_path) -> Path:
+def tiny_data(make_ratings) -> Path:
     """3,000 ratings of 60 users on 80 items in two taste groups, one every minute."""
-    rng = np.random.default_rng(0)
-    n = 3000
-    users = rng.integers(0, 60, n)
-    items = rng.integers(0, 80, n)
-    liked = (users % 2) == (items % 2)
-    value = np.where(rng.random(n) < 0.8, np.where(liked, 5, 2), rng.integers(1, 6, n))
-    events = EventTable(
-        user=np.array([f"u{u}" for u in users], dtype=object),
-        item=np.array([f"i{i}" for i in items], dtype=object),
-        action=np.array(["rate"] * n, dtype=object),
-        ts=np.arange(n, dtype=np.float64) * 60 + 1e9,
-        value=value.astype(np.float32),
-    )
-    out = tmp_path / "data"
-    write_events(out / "events.jsonl", events)
-    genres = ["Comedy", "Drama"]
-    write_items(
-        out / "items.jsonl",
-        [Item(f"i{i}", title=f"Film {i}", categories=(genres[i % 2],)) for i in range(80)],
-    )
-    return out
+    return make_ratings(3000, users=60, items=80, every_s=60)
 
 
 @pytest.mark.kafka

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import typer
-from sketchstream.models.events import EventTable, Item, write_events, write_items
 from sketchstream.tools import evaluate, train
 from typer.testing import CliRunner
 
@@ -16,32 +14,9 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture
-def data_dir(tmp_path):
+def data_dir(make_ratings):
     """600 ratings of 30 users on 40 items in 2 taste groups; items 0-19 carry metadata."""
-    rng = np.random.default_rng(0)
-    n = 600
-    users = rng.integers(0, 30, n)
-    items = rng.integers(0, 40, n)
-    liked = (users % 2) == (items % 2)
-    value = np.where(rng.random(n) < 0.8, np.where(liked, 5, 2), rng.integers(1, 6, n))
-    events = EventTable(
-        user=np.array([f"u{u}" for u in users], dtype=object),
-        item=np.array([f"i{i}" for i in items], dtype=object),
-        action=np.array(["rate"] * n, dtype=object),
-        ts=np.arange(n, dtype=np.float64) * 3600 + 1e9,
-        value=value.astype(np.float32),
-    )
-    out = tmp_path / "data"
-    write_events(out / "events.jsonl", events)
-    genres = ["Comedy", "Drama"]
-    write_items(
-        out / "items.jsonl",
-        [
-            Item(f"i{i}", title=f"Film {i}", categories=(genres[i % 2],), year=1990 + i % 5)
-            for i in range(20)
-        ],
-    )
-    return out
+    return make_ratings(600, users=30, items=40, every_s=3600, with_metadata=20, years=True)
 
 
 def _app():
