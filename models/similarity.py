@@ -24,6 +24,9 @@ from sketchstream.models.errors import ArtifactError
 
 __all__ = ["CF_NAMES", "ItemSimilarity", "SimilarityBuilder"]
 
+# catalogs up to this size also keep a dense copy for lookups (4096 items: 64 MiB)
+DENSE_MAX_ITEMS = 4096
+
 CF_NAMES = ("cf_liked", "cf_disliked", "cf_difference", "cf_has_liked", "cf_has_disliked")
 
 
@@ -44,6 +47,7 @@ class ItemSimilarity:
         self.values = np.asarray(values, np.float32)
         self.top_k = int(top_k)
         self.like_min = float(like_min)
+        self._dense_cache: np.ndarray | None = None
 
     @classmethod
     def empty(cls, *, top_k: int = 100, like_min: float = 4.0) -> ItemSimilarity:
@@ -64,11 +68,28 @@ class ItemSimilarity:
         ra = np.minimum(np.searchsorted(self.hashes, a), n - 1)
         rb = np.minimum(np.searchsorted(self.hashes, b), n - 1)
         ok = (self.hashes[ra] == a) & (self.hashes[rb] == b)
+        dense = self._dense()
+        if dense is not None:
+            out[ok] = dense[ra[ok], rb[ok]]
+            return out
         key = ra.astype(np.int64) * n + rb
         pos = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
         hit = ok & (self.keys[pos] == key)
         out[hit] = self.values[pos[hit]]
         return out
+
+    def _dense(self) -> np.ndarray | None:
+        """The pairs as a dense ``(N, N)`` matrix, made on first use for catalogs of at most
+        :data:`DENSE_MAX_ITEMS` items (a lookup is then one gather instead of a binary search
+        over all pairs); None for larger ones."""
+        n = self.hashes.shape[0]
+        if n > DENSE_MAX_ITEMS:
+            return None
+        if self._dense_cache is None:
+            dense = np.zeros(n * n, np.float32)
+            dense[self.keys] = self.values
+            self._dense_cache = dense.reshape(n, n)
+        return self._dense_cache
 
     def same_as(self, other: ItemSimilarity) -> bool:
         return (
@@ -113,9 +134,9 @@ class SimilarityBuilder:
         self._ids: list[str] = []
         self._cooc = np.zeros((0, 0), np.float32)
         self._users: dict[str, int] = {}
-        self._like_u = np.zeros(0, np.int64)
-        self._like_i = np.zeros(0, np.int64)
+        self._liked: list[list[int]] = []  # per user: the items it liked, in order
         self._seen: set[tuple[int, int]] = set()
+        self._hash_cache: tuple[int, np.ndarray, np.ndarray] | None = None
         self.likes = 0
 
     def add(self, users: np.ndarray, items: np.ndarray, value: np.ndarray) -> int:
@@ -143,54 +164,66 @@ class SimilarityBuilder:
         nu = np.array([p[0] for p in pairs], np.int64)
         ni = np.array([p[1] for p in pairs], np.int64)
         n_items, n_users = len(self._ids), len(self._users)
-        if self._cooc.shape[0] < n_items:
-            grown = np.zeros((n_items, n_items), np.float32)
+        if self._cooc.shape[0] < n_items:  # grow by half at least: amortized copies
+            size = max(n_items, self._cooc.shape[0] * 3 // 2)
+            grown = np.zeros((size, size), np.float32)
             k = self._cooc.shape[0]
             grown[:k, :k] = self._cooc
             self._cooc = grown
-        old = np.isin(self._like_u, np.unique(nu))
-        ones_new = np.ones(nu.size, np.float32)
-        a_new = sp.csr_matrix((ones_new, (nu, ni)), shape=(n_users, n_items))
+        self._liked.extend([] for _ in range(n_users - len(self._liked)))
+        old_u = [u for u in dict.fromkeys(nu.tolist()) for _ in self._liked[u]]
+        old_i = [i for u in dict.fromkeys(nu.tolist()) for i in self._liked[u]]
+        a_new = sp.csr_matrix((np.ones(nu.size, np.float32), (nu, ni)), shape=(n_users, n_items))
         a_old = sp.csr_matrix(
-            (np.ones(int(old.sum()), np.float32), (self._like_u[old], self._like_i[old])),
-            shape=(n_users, n_items),
+            (np.ones(len(old_u), np.float32), (old_u, old_i)), shape=(n_users, n_items)
         )
         # (old + new)^T (old + new) - old^T old = new^T (old + new) + old^T new
-        delta = (a_new.T @ (a_old + a_new) + a_old.T @ a_new).tocoo()
-        np.add.at(self._cooc, (delta.row, delta.col), delta.data)
-        self._like_u = np.concatenate([self._like_u, nu])
-        self._like_i = np.concatenate([self._like_i, ni])
+        delta = a_new.T @ (a_old + a_new) + a_old.T @ a_new
+        delta.sum_duplicates()  # canonical already (a no-op then): unique (row, col) pairs
+        delta = delta.tocoo()
+        self._cooc[delta.row, delta.col] += delta.data  # exact: no pair repeats
+        for u, i in pairs:
+            self._liked[u].append(i)
         self.likes += nu.size
         return int(nu.size)
 
     def build(self) -> ItemSimilarity:
-        """The current top-K cosine similarity (symmetrized: a pair is kept when either item
-        has the other among its top K), zero diagonal."""
+        """The current top-K cosine similarity, zero diagonal.
+
+        Row ``i`` keeps item ``j`` when ``C[i, j] / sqrt(C[j, j])`` (its cosine without the
+        row's own norm, which does not change the order) is positive and at least the row's
+        K-th largest: ties at the K-th value are all kept, so the result does not depend on a
+        sort's tie order. A pair is kept when either item keeps the other (symmetric).
+        """
+        import torch
+
         n = len(self._ids)
-        if n == 0:
+        k = min(self.top_k, n - 1)
+        if n == 0 or k <= 0:
             return ItemSimilarity.empty(top_k=self.top_k, like_min=self.like_min)
-        c = self._cooc
+        c = self._cooc[:n, :n]
         scale = 1.0 / np.sqrt(np.maximum(np.diag(c), 1.0)).astype(np.float32)
-        sim = c * scale[:, None]
-        sim *= scale[None, :]
-        np.fill_diagonal(sim, 0.0)
-        k = min(self.top_k, n - 1) if n > 1 else 0
-        if k <= 0:
-            return ItemSimilarity.empty(top_k=self.top_k, like_min=self.like_min)
-        cols = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-        rows = np.repeat(np.arange(n), k)
-        cols = cols.reshape(-1)
-        vals = sim[rows, cols]
-        nz = vals > 0
-        rows, cols = rows[nz], cols[nz]
-        # symmetrize, dedupe
-        r = np.concatenate([rows, cols])
-        c2 = np.concatenate([cols, rows])
-        hashes = item_hash(self._ids)
-        order = np.argsort(hashes)
-        hs = hashes[order]
-        rank = np.empty(n, np.int64)
-        rank[order] = np.arange(n)
-        keys = np.unique(rank[r] * n + rank[c2])
-        vals = sim[order[keys // n], order[keys % n]].astype(np.float32)
-        return ItemSimilarity(hs, keys, vals, top_k=self.top_k, like_min=self.like_min)
+        col = torch.from_numpy(c * scale[None, :])
+        col.fill_diagonal_(0.0)
+        kth = torch.topk(col, k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
+        keep = col >= kth.clamp_min(np.finfo(np.float32).tiny)
+        keep = keep | keep.T
+        rows, cols = (x.numpy() for x in torch.nonzero(keep, as_tuple=True))
+        hashes, rank = self._ranked_hashes(n)
+        keys = rank[rows] * n + rank[cols]
+        order = np.argsort(keys)
+        rows, cols = rows[order], cols[order]
+        values = c[rows, cols] * scale[rows] * scale[cols]
+        return ItemSimilarity(hashes, keys[order], values, top_k=self.top_k, like_min=self.like_min)
+
+    def _ranked_hashes(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted item hashes of the first ``n`` items, and each item's rank among them."""
+        if self._hash_cache is None or self._hash_cache[0] != n:
+            hashes = item_hash(self._ids[:n])
+            order = np.argsort(hashes)
+            rank = np.empty(n, np.int64)
+            rank[order] = np.arange(n)
+            if np.any(hashes[order][1:] == hashes[order][:-1]):
+                raise ArtifactError("item similarity: two item ids share a 64-bit hash")
+            self._hash_cache = (n, hashes[order], rank)
+        return self._hash_cache[1], self._hash_cache[2]

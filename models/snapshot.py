@@ -32,6 +32,7 @@ __all__ = [
     "refresh_boundaries",
     "refresh_windows",
     "refreshed_item_features",
+    "windows_ahead",
 ]
 
 DEFAULT_REFRESH_S = 86_400.0  # one day: conservative beside an hourly refresh job
@@ -390,6 +391,56 @@ def refresh_windows(
             if pending >= similarity_min_new_likes:
                 snap.similarity = builder.build()
                 pending = 0
+
+
+def windows_ahead(
+    windows: Iterator[tuple[np.ndarray, ItemSnapshot]], depth: int = 2
+) -> Iterator[tuple[np.ndarray, ItemSnapshot]]:
+    """:func:`refresh_windows` computed ahead in a background thread, at most ``depth`` windows
+    ahead: the next snapshots (the similarity builds, mostly numpy and torch that release the
+    GIL) are made while the caller replays the current window, on the second core.
+
+    Yields copies, so a snapshot stays valid after the caller asks for the next window. An
+    exception in the producer is raised here; closing this generator stops the producer.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for rows, snap in windows:
+                if not put((rows, snap.copy())):
+                    return
+            put(done)
+        except BaseException as exc:  # handed to the consumer
+            put(exc)
+
+    thread = threading.Thread(target=produce, name="refresh-windows", daemon=True)
+    thread.start()
+    try:
+        while True:
+            got = q.get()
+            if got is done:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+    finally:
+        stop.set()
+        thread.join()
 
 
 def refreshed_item_features(

@@ -255,8 +255,10 @@ def replay(
     if windows is None:
         parts = run(0, n, None)
     else:
+        from sketchstream.models.snapshot import windows_ahead
+
         done = 0
-        for rows, snapshot in windows:
+        for rows, snapshot in windows_ahead(iter(windows)):
             rows = np.asarray(rows)
             if len(rows) == 0:
                 continue

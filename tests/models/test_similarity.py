@@ -158,7 +158,15 @@ def test_builder_is_the_cosine_of_like_vectors_top_k():
     small = SimilarityBuilder(top_k=2)
     small.add(users, items, value)
     kept = small.build()
-    assert 0 < len(kept) <= 2 * 2 * len(ids)
+    got = kept.lookup(np.repeat(h, len(ids)), np.tile(h, len(ids))).reshape(len(ids), -1)
+    # the rule, ties included: row i keeps j when c[i, j] / norm[j] is at least its 2nd largest
+    by_col = c / norm[None, :]
+    np.fill_diagonal(by_col, 0.0)
+    kth = np.sort(by_col, axis=1)[:, -2]
+    rule = (by_col >= kth[:, None]) & (by_col > 0)
+    rule |= rule.T
+    np.testing.assert_allclose(got, np.where(rule, want, 0.0), rtol=1e-5, atol=1e-6)
+    assert 0 < len(kept) < len(ids) * (len(ids) - 1)  # top-2 drops pairs
 
 
 def _table(n: int = 600, seed: int = 0) -> tuple[EventTable, np.ndarray]:
