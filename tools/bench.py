@@ -140,9 +140,10 @@ def _cleora_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _run_isolated(spec: dict[str, Any]) -> dict[str, Any]:
+def _run_isolated(spec: dict[str, Any], worker: Any = None) -> dict[str, Any]:
+    """``worker(spec)`` (default: the cleora worker) in a fresh spawned process."""
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(_cleora_worker, spec).result()
+        return pool.submit(worker or _cleora_worker, spec).result()
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -414,3 +415,308 @@ def _stream_table(rows: list[dict[str, Any]]) -> str:
     lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# --- bench replay ------------------------------------------------------------------------------
+
+
+class ReplayVariant(StrEnum):
+    """What one measured replay run does (see ``bench replay --help``)."""
+
+    AGGREGATOR = "aggregator"
+    SNAPSHOT = "snapshot"
+    SNAPSHOT_CF = "snapshot+cf"
+    REFRESH_ONLY = "refresh-only"
+
+
+REPLAY_VARIANTS = [v.value for v in ReplayVariant]
+
+
+def _replay_setup_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Set-up, in a fresh process of its own: read the data folder, keep its first events,
+    fit the codebooks on their training period as ``train`` does, and leave the events
+    (pickled) and the codebooks (``codebook-<modality>.bin``) in ``spec["tmp"]``."""
+    import pickle
+
+    logging.basicConfig(level=logging.INFO, format="    %(message)s")
+    from sketchstream.models.events import protocol_split, read_events, read_items
+    from sketchstream.models.trainer import TrainConfig, fit_codebooks
+
+    data, tmp = Path(spec["data"]), Path(spec["tmp"])
+    t0 = time.perf_counter()
+    events = read_events(data / "events.jsonl")
+    n_all = len(events)
+    if spec["events"] is not None and spec["events"] < n_all:
+        events = events[: spec["events"]]
+    items = read_items(data / "items.jsonl") if (data / "items.jsonl").is_file() else []
+    load_s = time.perf_counter() - t0
+    config = TrainConfig()
+    t0 = time.perf_counter()
+    codebooks = fit_codebooks(
+        events[protocol_split(len(events))[0]],
+        items,
+        dim=config.cleora_dim,
+        iterations=config.cleora_iterations,
+        depth=config.depth,
+        width=config.width,
+        metadata=config.metadata,
+        seed=config.seed,
+    )
+    codebooks_s = time.perf_counter() - t0
+    with (tmp / "events.pickle").open("wb") as fh:
+        pickle.dump(events, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    for modality, codebook in codebooks.items():
+        (tmp / f"codebook-{modality}.bin").write_bytes(codebook.to_bytes())
+    return {
+        "events": len(events),
+        "events_in_data": n_all,
+        "items": len(items),
+        "users": len(set(events.user.tolist())),
+        "modalities": sorted(codebooks),
+        "default_batch_size": config.replay_batch,
+        "load_s": round(load_s, 3),
+        "codebooks_s": round(codebooks_s, 3),
+    }
+
+
+def _replay_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measured variant in a fresh process: untimed set-up (the set-up worker's events and
+    codebooks, labels, the training aggregator), then the timed run."""
+    import pickle
+
+    logging.basicConfig(level=logging.INFO, format="    %(message)s")
+    import numpy as np
+    from sketchstream.models import state
+    from sketchstream.models.emde import Codebook
+    from sketchstream.models.events import DEFAULT_HEADS, labels, protocol_split
+    from sketchstream.models.snapshot import ItemSnapshot, refresh_windows
+    from sketchstream.models.trainer import (
+        TrainConfig,
+        replay,
+        snapshot_options,
+        training_aggregator_config,
+    )
+
+    variant, tmp = spec["variant"], Path(spec["tmp"])
+    t0 = time.perf_counter()
+    with (tmp / "events.pickle").open("rb") as fh:
+        events = pickle.load(fh)
+    codebooks = {
+        f.stem.removeprefix("codebook-"): Codebook.from_bytes(f.read_bytes())
+        for f in sorted(tmp.glob("codebook-*.bin"))
+    }
+    config = TrainConfig()
+    batch_size = spec["batch_size"] or config.replay_batch
+    heads = tuple(DEFAULT_HEADS)
+    head_names = tuple(h.name for h in heads)
+    y = labels(events, heads)
+    agg_config = training_aggregator_config(
+        events[protocol_split(len(events))[0]], heads, metadata="metadata" in codebooks
+    )
+    aggregator = state.Aggregator(agg_config, codebooks)
+    opts = snapshot_options(config)  # what train passes to refresh_windows
+    opts["similarity"] = variant in (ReplayVariant.SNAPSHOT_CF, ReplayVariant.REFRESH_ONLY)
+    setup_s = time.perf_counter() - t0
+    setup_rss = _peak_rss_mb()
+
+    def windows() -> Any:
+        return refresh_windows(
+            events,
+            y,
+            head_names,
+            prior=config.item_prior,
+            refresh_s=config.item_refresh_s,
+            **opts,
+        )
+
+    n_windows = 0
+    builds = 0
+    last_sim: list[Any] = [None]
+
+    def count(snap: Any) -> None:
+        nonlocal n_windows, builds
+        n_windows += 1
+        sim = getattr(snap, "similarity", None)
+        if sim is not None and sim is not last_sim[0]:
+            builds += last_sim[0] is not None  # the first is the empty one, not a build
+            last_sim[0] = sim
+
+    t0 = time.perf_counter()
+    if variant == ReplayVariant.AGGREGATOR:
+        replay(events, aggregator, batch_size=batch_size, progress=False)
+    elif variant == ReplayVariant.REFRESH_ONLY:
+        for _rows, snap in windows():
+            count(snap)
+    else:  # as train's build_inputs: item features read off each window's snapshot
+        width = len(
+            ItemSnapshot(
+                head_names, item_age=opts["item_age"], global_rate=opts["global_rate"]
+            ).feature_names
+        )
+        item_features = np.zeros((len(events), width), np.float32)
+        items = np.asarray(events.item, dtype=object)
+        ts = np.asarray(events.ts, dtype=np.float64)
+
+        def on_window(rows: np.ndarray, snap: Any, _features: Any) -> None:
+            count(snap)
+            item_features[rows] = snap.features(items[rows], ts[rows])
+
+        replay(
+            events,
+            aggregator,
+            batch_size=batch_size,
+            progress=False,
+            windows=windows(),
+            on_window=on_window,
+        )
+    seconds = time.perf_counter() - t0
+    n = len(events)
+    return {
+        "variant": str(variant),
+        "events": n,
+        "batch_size": batch_size,
+        "windows": n_windows or None,
+        "similarity_builds": builds if opts["similarity"] else None,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(n / seconds, 1) if seconds > 0 else None,
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "setup_rss_mb": round(setup_rss, 1),
+        "setup_s": round(setup_s, 3),
+    }
+
+
+def _replay_table(rows: list[dict[str, Any]]) -> str:
+    cols = [
+        ("variant", "variant"),
+        ("events", "events"),
+        ("windows", "windows"),
+        ("similarity_builds", "CF builds"),
+        ("seconds", "seconds"),
+        ("events_per_s", "events/s"),
+        ("peak_rss_mb", "peak RSS MB"),
+        ("setup_rss_mb", "set-up RSS MB"),
+        ("ratio_vs_aggregator", "x aggregator"),
+    ]
+    cells = [[h for _, h in cols]]
+    for r in rows:
+        cells.append(
+            [
+                ""
+                if r.get(k) is None
+                else f"{r[k]:,.0f}"
+                if k in ("events", "events_per_s")
+                else str(r[k])
+                for k, _ in cols
+            ]
+        )
+    widths = [max(len(row[c]) for row in cells) for c in range(len(cols))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@app.command("replay")
+def replay_bench(
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Canonical data folder with events.jsonl (and optionally items.jsonl); "
+            "default: <data dir>/ml-1m (`sketchstream data movielens-1m`).",
+            file_okay=False,
+        ),
+    ] = None,
+    events: Annotated[
+        int | None,
+        typer.Option(
+            "--events", min=1, help="Replay the first N events of the stream (default all)."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="Events per score_then_fold call (default: the trainer's)."),
+    ] = None,
+    variants: Annotated[
+        list[ReplayVariant] | None,
+        typer.Option("--variant", help="Variants to run (repeatable; default all four)."),
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Append one JSON line per variant to this file.")
+    ] = None,
+) -> None:
+    """The trainer's replay engine: events/s and peak RSS of train's history replay.
+
+    Each variant runs in its own fresh process, so its peak RSS is its own:
+
+    aggregator: every event through Aggregator.score_then_fold, no item snapshot
+    (the per-user feature extraction core).
+
+    snapshot: the replay window by window with the daily-refreshed item snapshot
+    (refresh_windows), its item features read per window; no CF similarity.
+
+    snapshot+cf: the same with the item-item CF similarity rebuilt at refresh
+    boundaries: train's default configuration.
+
+    refresh-only: iterating refresh_windows with the similarity, no replay: the
+    cost of simulating the refresh job.
+
+    Not counted: reading the data and fitting the codebooks on the training
+    period (once, in a set-up process); labels and the aggregator (per run).
+    "x aggregator" is a variant's events/s over the aggregator's.
+    """
+    from sketchstream.stream.settings import load_settings
+
+    folder = data if data is not None else load_settings().data_dir / "ml-1m"
+    if not (folder / "events.jsonl").is_file():
+        raise typer.BadParameter(
+            f"{folder}: no events.jsonl (make one with `sketchstream data movielens-1m`)",
+            param_hint="--data",
+        )
+    chosen = [ReplayVariant(v) for v in dict.fromkeys(variants or list(ReplayVariant))]
+    load1, load5, _ = os.getloadavg()
+    typer.echo(
+        f"replay bench on {folder}: variants {', '.join(chosen)}; "
+        f"{os.cpu_count()} CPUs, load average {load1:.2f}/{load5:.2f}",
+        err=True,
+    )
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="sketchstream-bench-") as tmp:
+        typer.echo("set-up (load + codebooks, not counted) ...", err=True)
+        setup = _run_isolated(
+            {"data": str(folder), "tmp": tmp, "events": events}, _replay_setup_worker
+        )
+        typer.echo(
+            f"    {setup['events']:,} of {setup['events_in_data']:,} events, "
+            f"{setup['users']:,} users, {setup['items']:,} items; load {setup['load_s']:.1f} s, "
+            f"codebooks ({', '.join(setup['modalities'])}) {setup['codebooks_s']:.1f} s; "
+            f"batches of {batch_size or setup['default_batch_size']}",
+            err=True,
+        )
+        for k, variant in enumerate(chosen, 1):
+            typer.echo(f"[{k}/{len(chosen)}] {variant} ...", err=True)
+            load_before = os.getloadavg()[0]
+            res = _run_isolated(
+                {"variant": variant.value, "tmp": tmp, "batch_size": batch_size}, _replay_worker
+            )
+            res.update(
+                data=str(folder),
+                cpus=os.cpu_count(),
+                load_avg=round(load_before, 2),
+                load_s=setup["load_s"],
+                codebooks_s=setup["codebooks_s"],
+            )
+            typer.echo(
+                f"    {res['seconds']:.2f} s, {res['events_per_s']:,.0f} events/s, "
+                f"peak RSS {res['peak_rss_mb']:.0f} MB",
+                err=True,
+            )
+            rows.append(res)
+    base = next((r for r in rows if r["variant"] == ReplayVariant.AGGREGATOR), None)
+    for r in rows:
+        if base is not None and base["events_per_s"] and r["events_per_s"]:
+            r["ratio_vs_aggregator"] = round(r["events_per_s"] / base["events_per_s"], 3)
+    load1, load5, _ = os.getloadavg()
+    typer.echo(f"load average at the end {load1:.2f}/{load5:.2f}", err=True)
+    typer.echo(_replay_table(rows))
+    if json_path is not None:
+        _append_jsonl(json_path, rows)
+        typer.echo(f"wrote {len(rows)} JSON lines to {json_path}", err=True)
