@@ -23,7 +23,8 @@ __all__ = ["replay"]
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 2000  # events between rate checks and progress updates
+_CHUNK = 2000  # events between rate checks and progress updates, at most
+_TICK_S = 0.01  # with a rate: ship and pace about every 10 ms, so the stream is not bursty
 
 
 def _count_lines(path: Path) -> int:
@@ -75,6 +76,7 @@ async def produce_events(
         loads = orjson.loads
         started = time.perf_counter()
         in_chunk = 0
+        chunk = _CHUNK if rate is None else max(1, min(_CHUNK, int(rate * _TICK_S)))
 
         async def ship(p: int) -> None:
             pending.append(await producer.send_batch(builders.pop(p), topic, partition=p))
@@ -109,7 +111,7 @@ async def produce_events(
                 batch.append(key=key, value=line, timestamp=None)
             sent += 1
             in_chunk += 1
-            if in_chunk >= _CHUNK:
+            if in_chunk >= chunk:
                 bar.update(in_chunk)
                 in_chunk = 0
                 for q in list(builders):
