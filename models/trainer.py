@@ -784,9 +784,11 @@ def score_events(
             windows=windows,
             on_window=on_window,
         )
+        # scoring ran window by window inside the replay: count it as predict, not replay
         timings["replay"] = time.perf_counter() - t0 - spent[0]
-        t0 = time.perf_counter() - spent[0]  # scoring ran window by window inside the replay
-    timings["predict"] = time.perf_counter() - t0
+        timings["predict"] = spent[0]
+    if "predict" not in timings:
+        timings["predict"] = time.perf_counter() - t0
     return Scored(
         y=y, p=p, split=split, metrics=_head_metrics(y, p, split, bundle.heads), timings=timings
     )
