@@ -22,12 +22,28 @@ import numpy as np
 from sketchstream.models.emde import item_hash
 from sketchstream.models.errors import ArtifactError
 
-__all__ = ["CF_NAMES", "ItemSimilarity", "SimilarityBuilder"]
+__all__ = ["CF_NAMES", "CF_NAMES_V1", "ItemSimilarity", "SimilarityBuilder"]
 
 # catalogs up to this size also keep a dense copy for lookups (4096 items: 64 MiB)
 DENSE_MAX_ITEMS = 4096
 
-CF_NAMES = ("cf_liked", "cf_disliked", "cf_difference", "cf_has_liked", "cf_has_disliked")
+# The CF columns score_then_fold can compute, over the user's bounded history before the event,
+# with s = sim(event item, history item): mean s over liked / disliked entries, their
+# difference, whether any liked / disliked entry exists; the liked share of the mass
+# sum(s) over rated entries, log1p of that mass, and the s-weighted mean value (an item-kNN
+# rating estimate; 0 without mass).
+CF_NAMES = (
+    "cf_liked",
+    "cf_disliked",
+    "cf_difference",
+    "cf_has_liked",
+    "cf_has_disliked",
+    "cf_liked_share",
+    "cf_log_mass",
+    "cf_weighted_value",
+)
+# what artifacts written before the list grew were trained on
+CF_NAMES_V1 = CF_NAMES[:5]
 
 
 class ItemSimilarity:
@@ -41,7 +57,12 @@ class ItemSimilarity:
         *,
         top_k: int = 100,
         like_min: float = 4.0,
+        columns: tuple[str, ...] = CF_NAMES,
     ) -> None:
+        unknown = set(columns) - set(CF_NAMES)
+        if unknown:
+            raise ArtifactError(f"item similarity: unknown CF columns {sorted(unknown)}")
+        self.columns = tuple(columns)  # the CF columns a model reads off this similarity
         self.hashes = np.asarray(hashes, np.uint64)
         self.keys = np.asarray(keys, np.int64)
         self.values = np.asarray(values, np.float32)
@@ -95,13 +116,19 @@ class ItemSimilarity:
         return (
             self.top_k == other.top_k
             and self.like_min == other.like_min
+            and self.columns == other.columns
             and np.array_equal(self.hashes, other.hashes)
             and np.array_equal(self.keys, other.keys)
             and np.array_equal(self.values, other.values)
         )
 
     def config(self) -> dict[str, Any]:
-        return {"top_k": self.top_k, "like_min": self.like_min, "pairs": len(self)}
+        return {
+            "top_k": self.top_k,
+            "like_min": self.like_min,
+            "pairs": len(self),
+            "columns": list(self.columns),
+        }
 
     def tensors(self) -> dict[str, np.ndarray]:
         """For the snapshot's safetensors file."""
@@ -120,7 +147,14 @@ class ItemSimilarity:
             raise ArtifactError("item similarity: hashes/keys not strictly sorted")
         if k.size and (k[0] < 0 or k[-1] >= h.size * h.size):
             raise ArtifactError("item similarity: keys out of range")
-        return cls(h, k, v, top_k=int(meta["top_k"]), like_min=float(meta["like_min"]))
+        return cls(
+            h,
+            k,
+            v,
+            top_k=int(meta["top_k"]),
+            like_min=float(meta["like_min"]),
+            columns=tuple(meta.get("columns", CF_NAMES_V1)),
+        )
 
 
 class SimilarityBuilder:

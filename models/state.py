@@ -347,9 +347,9 @@ class Features:
     ``item_codes (n, M, D)`` int16: the item's buckets per modality, -1 unknown.
     ``user_sketch (n, C, D, W)`` float32: the decayed sketches, only with ``with_sketches``.
     ``names``: column names of ``density`` then ``counts``.
-    ``cf (n, 5)`` float32, only with an ``item_similarity``: item-item CF against the user's
-    bounded history before the event (:data:`~sketchstream.models.similarity.CF_NAMES`);
-    ``cf_names`` its column names.
+    ``cf (n, len(cf_names))`` float32, only with an ``item_similarity``: item-item CF against
+    the user's bounded history before the event, the similarity's ``columns`` of
+    :data:`~sketchstream.models.similarity.CF_NAMES`; ``cf_names`` their names.
     """
 
     valid: np.ndarray
@@ -409,12 +409,6 @@ _NIBBLES = 1  # whole numbers 0..15: D*W/2 bytes, two cells a byte (high nibble 
 _BYTES = 2  # whole numbers 0..255: D*W bytes
 _SHORTS = 3  # whole numbers 0..65535: D*W little-endian u2
 _SPARSE = 4  # anything else: a bitmap of the non-zero cells (block "bitmaps"), f4 values
-
-
-def _cf_names() -> tuple[str, ...]:
-    from sketchstream.models.similarity import CF_NAMES
-
-    return tuple(CF_NAMES)
 
 
 def _digest(text: str) -> int:
@@ -670,7 +664,7 @@ class Aggregator:
         sk_out = np.zeros((n, n_ch, self.depth, self.width), np.float32) if with_sketches else None
         names = tuple(self.feature_names)
         sim = item_similarity
-        cf_names = _cf_names() if sim is not None else ()
+        cf_names = tuple(sim.columns) if sim is not None else ()
         if n == 0:
             return Features(
                 np.zeros(0, bool),
@@ -971,7 +965,8 @@ class Aggregator:
         w: np.ndarray,
         hashes: np.ndarray,
     ) -> np.ndarray:
-        """``(n, 5)`` CF columns in user-sorted order (see :meth:`score_then_fold`).
+        """``(n, len(sim.columns))`` CF columns in user-sorted order (see
+        :meth:`score_then_fold` and :data:`~sketchstream.models.similarity.CF_NAMES`).
 
         The history before event j is the top K, by the history's static rank key (decayed
         weight, time, insertion order), of the stored history and the batch's earlier ``cand``
@@ -981,11 +976,14 @@ class Aggregator:
         batch events plus the stored history's first ``K - t`` slots; other users one event
         at a time.
         """
+        from sketchstream.models.similarity import CF_NAMES
+
         n = len(u)
         k_max = self.config.history_size
-        out = np.zeros((n, 5), np.float32)
+        out = np.zeros((n, len(CF_NAMES)), np.float32)
+        pick = [CF_NAMES.index(c) for c in sim.columns]
         if n == 0 or k_max == 0:
-            return out
+            return out[:, pick]
         hl = self.config.history_half_life_s
         like_min = float(sim.like_min)
         with np.errstate(divide="ignore"):
@@ -1021,6 +1019,7 @@ class Aggregator:
         liked_cnt = np.zeros(n)
         dis_sum = np.zeros(n)
         dis_cnt = np.zeros(n)
+        value_sum = np.zeros(n)  # s * value over rated entries
 
         fast = np.flatnonzero(valid & ~bad_user[gid])
         if fast.size:
@@ -1039,6 +1038,7 @@ class Aggregator:
             liked_cnt += np.bincount(ev, lk, n)
             dis_sum += np.bincount(ev, s_val * dk, n)
             dis_cnt += np.bincount(ev, dk, n)
+            value_sum += np.bincount(ev, np.where(lk | dk, s_val * hv, 0.0), n)
             # earlier candidates of this batch: the last min(t, K)
             lens = np.minimum(t[fast], k_max)
             total = int(lens.sum())
@@ -1054,6 +1054,7 @@ class Aggregator:
                 liked_cnt += np.bincount(ev, lk, n)
                 dis_sum += np.bincount(ev, s_val * dk, n)
                 dis_cnt += np.bincount(ev, dk, n)
+                value_sum += np.bincount(ev, np.where(lk | dk, s_val * pv, 0.0), n)
 
         bounds = np.r_[np.flatnonzero(starts), n]
         for gu in np.flatnonzero(bad_user).tolist():
@@ -1081,6 +1082,7 @@ class Aggregator:
                     liked_cnt[j] = float(lk.sum())
                     dis_sum[j] = float((s_val * dk).sum())
                     dis_cnt[j] = float(dk.sum())
+                    value_sum[j] = float(np.where(lk | dk, s_val * hv, 0.0).sum())
                 if cand[j]:
                     entries.append(
                         (float(score[j]), float(ts[j]), seq, int(hashes[j]), float(value[j]))
@@ -1098,8 +1100,14 @@ class Aggregator:
         out[:, 2] = np.where(both, m_l - m_d, 0.0)
         out[:, 3] = liked_cnt > 0
         out[:, 4] = dis_cnt > 0
+        mass = liked_sum + dis_sum
+        has_mass = mass > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, 5] = np.where(has_mass, liked_sum / np.where(has_mass, mass, 1.0), 0.0)
+            out[:, 7] = np.where(has_mass, value_sum / np.where(has_mass, mass, 1.0), 0.0)
+        out[:, 6] = np.log1p(np.maximum(mass, 0.0))
         out[~valid] = 0.0
-        return out
+        return out[:, pick]
 
     def _merge_history(
         self,

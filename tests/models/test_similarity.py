@@ -9,7 +9,12 @@ from hypothesis import strategies as st
 from sketchstream.models.emde import item_hash
 from sketchstream.models.errors import ArtifactError
 from sketchstream.models.events import EventTable
-from sketchstream.models.similarity import CF_NAMES, ItemSimilarity, SimilarityBuilder
+from sketchstream.models.similarity import (
+    CF_NAMES,
+    CF_NAMES_V1,
+    ItemSimilarity,
+    SimilarityBuilder,
+)
 from sketchstream.models.snapshot import ItemSnapshot, refresh_windows
 from test_state import ITEMS, N_ITEMS, _aggregator, _batch, event_rows
 
@@ -46,7 +51,19 @@ def _reference_cf(agg, sim, n_users: int, rows: list[tuple]) -> np.ndarray:
         lk, dk = hv >= sim.like_min, hv < sim.like_min
         m_l = s[lk].mean() if lk.any() else 0.0
         m_d = s[dk].mean() if dk.any() else 0.0
-        out[j] = [m_l, m_d, m_l - m_d if lk.any() and dk.any() else 0.0, lk.any(), dk.any()]
+        mass = s[lk].sum() + s[dk].sum()
+        share = s[lk].sum() / mass if mass > 0 else 0.0
+        weighted = (s[lk | dk] * hv[lk | dk]).sum() / mass if mass > 0 else 0.0
+        out[j] = [
+            m_l,
+            m_d,
+            m_l - m_d if lk.any() and dk.any() else 0.0,
+            lk.any(),
+            dk.any(),
+            share,
+            np.log1p(mass),
+            weighted,
+        ]
     return out
 
 
@@ -231,3 +248,29 @@ def test_a_snapshot_written_before_the_flags_reads_back_with_age_and_global_rate
     back = ItemSnapshot.from_bytes(old)
     assert back.item_age and back.global_rate and back.similarity is None
     assert back.feature_names == new.feature_names
+
+
+def test_a_similarity_written_before_the_new_columns_serves_the_first_five():
+    """Artifacts trained on the first five CF columns keep getting exactly those."""
+    full = _random_similarity()
+    meta = full.config()
+    del meta["columns"]
+    old = ItemSimilarity.from_tensors(full.tensors(), meta)
+    assert old.columns == CF_NAMES_V1
+    rng = np.random.default_rng(5)
+    values = rng.integers(1, 6, 200)
+    items = rng.integers(0, len(ITEMS), 200)
+    users = rng.integers(0, 3, 200)
+    # (user, item, action, value, ts, partition, offset, weight)
+    rows = [
+        (int(users[j]), ITEMS[items[j]], 0, float(values[j]), 1.0 + j, 0, j, 1.0)
+        for j in range(200)
+    ]
+    a, b = _aggregator(), _aggregator()
+    got_full = a.score_then_fold(a.new_batch(3), _batch(rows), item_similarity=full)
+    got_old = b.score_then_fold(b.new_batch(3), _batch(rows), item_similarity=old)
+    assert got_old.cf_names == CF_NAMES_V1 and got_full.cf_names == CF_NAMES
+    assert got_full.cf[:, 5:].any()
+    np.testing.assert_array_equal(got_old.cf, got_full.cf[:, :5])
+    with pytest.raises(ArtifactError, match="unknown CF columns"):
+        ItemSimilarity.from_tensors(full.tensors(), {**meta, "columns": ["cf_bogus"]})
