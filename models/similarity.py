@@ -31,7 +31,8 @@ DENSE_MAX_ITEMS = 4096
 # with s = sim(event item, history item): mean s over liked / disliked entries, their
 # difference, whether any liked / disliked entry exists; the liked share of the mass
 # sum(s) over rated entries, log1p of that mass, and the s-weighted mean value (an item-kNN
-# rating estimate; 0 without mass).
+# rating estimate; 0 without mass); the largest s over liked / disliked entries; the liked
+# share and the weighted mean value again with weights s^2 (the closest neighbours count more).
 CF_NAMES = (
     "cf_liked",
     "cf_disliked",
@@ -41,6 +42,10 @@ CF_NAMES = (
     "cf_liked_share",
     "cf_log_mass",
     "cf_weighted_value",
+    "cf_max_liked",
+    "cf_max_disliked",
+    "cf_sharp_liked_share",
+    "cf_sharp_value",
 )
 # what artifacts written before the list grew were trained on
 CF_NAMES_V1 = CF_NAMES[:5]

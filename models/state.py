@@ -454,6 +454,74 @@ class _Sections:
 # --- group helpers (rows sorted by group; ``first`` = index of each row's group start) ------
 
 
+class _CfSums:
+    """Per-event sums behind the CF columns (:data:`~sketchstream.models.similarity.CF_NAMES`)
+    over the (event, history entry) pairs added: ``s`` the similarity, ``v`` the entry's
+    value; liked ``v >= like_min``, disliked ``v < like_min``, unrated (nan) neither. The pairs
+    of one event are added as one contiguous run per call."""
+
+    def __init__(self, n: int, like_min: float) -> None:
+        self.n, self.like_min = n, like_min
+        z = np.zeros
+        self.liked, self.liked_n, self.dis, self.dis_n = z(n), z(n), z(n), z(n)
+        self.value, self.liked_max, self.dis_max = z(n), z(n), z(n)
+        self.sq, self.liked_sq, self.value_sq = z(n), z(n), z(n)  # the same with weights s^2
+
+    def add(self, ev: np.ndarray, s: np.ndarray, v: np.ndarray) -> None:
+        n = self.n
+        s = s.astype(np.float64)
+        lk, dk = v >= self.like_min, v < self.like_min
+        rated = lk | dk
+        sv = np.where(rated, s * v, 0.0)
+        s2 = s * s
+        self.liked += np.bincount(ev, s * lk, n)
+        self.liked_n += np.bincount(ev, lk, n)
+        self.dis += np.bincount(ev, s * dk, n)
+        self.dis_n += np.bincount(ev, dk, n)
+        self.value += np.bincount(ev, sv, n)
+        self.liked_max = np.maximum(self.liked_max, _run_max(ev, np.where(lk, s, 0.0), n))
+        self.dis_max = np.maximum(self.dis_max, _run_max(ev, np.where(dk, s, 0.0), n))
+        self.sq += np.bincount(ev, s2 * rated, n)
+        self.liked_sq += np.bincount(ev, s2 * lk, n)
+        self.value_sq += np.bincount(ev, sv * s, n)
+
+    def columns(self) -> np.ndarray:
+        """``(n, len(CF_NAMES))`` float32 in :data:`CF_NAMES` order."""
+        from sketchstream.models.similarity import CF_NAMES
+
+        def ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            return np.where(b > 0, a / np.where(b > 0, b, 1.0), 0.0)
+
+        has_l, has_d = self.liked_n > 0, self.dis_n > 0
+        m_l, m_d = ratio(self.liked, self.liked_n), ratio(self.dis, self.dis_n)
+        mass = self.liked + self.dis
+        cols = {
+            "cf_liked": m_l,
+            "cf_disliked": m_d,
+            "cf_difference": np.where(has_l & has_d, m_l - m_d, 0.0),
+            "cf_has_liked": has_l,
+            "cf_has_disliked": has_d,
+            "cf_liked_share": ratio(self.liked, mass),
+            "cf_log_mass": np.log1p(np.maximum(mass, 0.0)),
+            "cf_weighted_value": ratio(self.value, mass),
+            "cf_max_liked": self.liked_max,
+            "cf_max_disliked": self.dis_max,
+            "cf_sharp_liked_share": ratio(self.liked_sq, self.sq),
+            "cf_sharp_value": ratio(self.value_sq, self.sq),
+        }
+        return np.stack([cols[c] for c in CF_NAMES], axis=1).astype(np.float32)
+
+
+def _run_max(ev: np.ndarray, vals: np.ndarray, n: int) -> np.ndarray:
+    """``(n,)`` per-index max of ``vals`` (0 where absent) when each index of ``ev`` occupies
+    one contiguous run (how the CF lookups are laid out)."""
+    out = np.zeros(n)
+    if ev.size:
+        starts = np.flatnonzero(np.r_[True, ev[1:] != ev[:-1]])
+        out[ev[starts]] = np.maximum.reduceat(vals, starts)
+    return out
+
+
 def _group_first(starts: np.ndarray) -> np.ndarray:
     return np.maximum.accumulate(np.where(starts, np.arange(starts.shape[0]), 0), axis=0)
 
@@ -1015,11 +1083,7 @@ class Aggregator:
         t = _excl_cumsum(ci, first)  # earlier candidates of the user in this batch
         gc = np.cumsum(ci) - ci  # earlier candidates in the whole batch
         cpos = np.flatnonzero(cand)
-        liked_sum = np.zeros(n)
-        liked_cnt = np.zeros(n)
-        dis_sum = np.zeros(n)
-        dis_cnt = np.zeros(n)
-        value_sum = np.zeros(n)  # s * value over rated entries
+        sums = _CfSums(n, like_min)
 
         fast = np.flatnonzero(valid & ~bad_user[gid])
         if fast.size:
@@ -1032,13 +1096,7 @@ class Aggregator:
             ev = fast[r]
             hu = users[g[r]]
             s_val = sim.lookup(hashes[ev], batch.hist_item[hu, c])
-            hv = batch.hist_value[hu, c].astype(np.float64)
-            lk, dk = hv >= like_min, hv < like_min
-            liked_sum += np.bincount(ev, s_val * lk, n)
-            liked_cnt += np.bincount(ev, lk, n)
-            dis_sum += np.bincount(ev, s_val * dk, n)
-            dis_cnt += np.bincount(ev, dk, n)
-            value_sum += np.bincount(ev, np.where(lk | dk, s_val * hv, 0.0), n)
+            sums.add(ev, s_val, batch.hist_value[hu, c].astype(np.float64))
             # earlier candidates of this batch: the last min(t, K)
             lens = np.minimum(t[fast], k_max)
             total = int(lens.sum())
@@ -1048,13 +1106,7 @@ class Aggregator:
                 offs = np.arange(total) - np.repeat(ends - lens, lens)
                 partner = cpos[np.repeat(gc[fast] - lens, lens) + offs]
                 s_val = sim.lookup(hashes[ev], hashes[partner])
-                pv = value[partner]
-                lk, dk = pv >= like_min, pv < like_min
-                liked_sum += np.bincount(ev, s_val * lk, n)
-                liked_cnt += np.bincount(ev, lk, n)
-                dis_sum += np.bincount(ev, s_val * dk, n)
-                dis_cnt += np.bincount(ev, dk, n)
-                value_sum += np.bincount(ev, np.where(lk | dk, s_val * pv, 0.0), n)
+                sums.add(ev, s_val, value[partner])
 
         bounds = np.r_[np.flatnonzero(starts), n]
         for gu in np.flatnonzero(bad_user).tolist():
@@ -1077,12 +1129,7 @@ class Aggregator:
                     hv = np.array([e[4] for e in kept], np.float64)
                     hh = np.array([e[3] for e in kept], np.uint64)
                     s_val = sim.lookup(np.full(len(kept), hashes[j], np.uint64), hh)
-                    lk, dk = hv >= like_min, hv < like_min
-                    liked_sum[j] = float((s_val * lk).sum())
-                    liked_cnt[j] = float(lk.sum())
-                    dis_sum[j] = float((s_val * dk).sum())
-                    dis_cnt[j] = float(dk.sum())
-                    value_sum[j] = float(np.where(lk | dk, s_val * hv, 0.0).sum())
+                    sums.add(np.full(len(kept), j), s_val, hv)
                 if cand[j]:
                     entries.append(
                         (float(score[j]), float(ts[j]), seq, int(hashes[j]), float(value[j]))
@@ -1091,21 +1138,7 @@ class Aggregator:
                     if len(entries) > 4 * k_max:  # keep the list short; ranks are static
                         entries = sorted(entries, key=lambda e: (-e[0], -e[1], -e[2]))[:k_max]
 
-        with np.errstate(invalid="ignore", divide="ignore"):
-            m_l = np.where(liked_cnt > 0, liked_sum / np.maximum(liked_cnt, 1), 0.0)
-            m_d = np.where(dis_cnt > 0, dis_sum / np.maximum(dis_cnt, 1), 0.0)
-        both = (liked_cnt > 0) & (dis_cnt > 0)
-        out[:, 0] = m_l
-        out[:, 1] = m_d
-        out[:, 2] = np.where(both, m_l - m_d, 0.0)
-        out[:, 3] = liked_cnt > 0
-        out[:, 4] = dis_cnt > 0
-        mass = liked_sum + dis_sum
-        has_mass = mass > 0
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[:, 5] = np.where(has_mass, liked_sum / np.where(has_mass, mass, 1.0), 0.0)
-            out[:, 7] = np.where(has_mass, value_sum / np.where(has_mass, mass, 1.0), 0.0)
-        out[:, 6] = np.log1p(np.maximum(mass, 0.0))
+        out[:] = sums.columns()
         out[~valid] = 0.0
         return out[:, pick]
 

@@ -54,6 +54,7 @@ def _reference_cf(agg, sim, n_users: int, rows: list[tuple]) -> np.ndarray:
         mass = s[lk].sum() + s[dk].sum()
         share = s[lk].sum() / mass if mass > 0 else 0.0
         weighted = (s[lk | dk] * hv[lk | dk]).sum() / mass if mass > 0 else 0.0
+        sq = (s[lk | dk] ** 2).sum()
         out[j] = [
             m_l,
             m_d,
@@ -63,6 +64,10 @@ def _reference_cf(agg, sim, n_users: int, rows: list[tuple]) -> np.ndarray:
             share,
             np.log1p(mass),
             weighted,
+            s[lk].max() if lk.any() else 0.0,
+            s[dk].max() if dk.any() else 0.0,
+            (s[lk] ** 2).sum() / sq if sq > 0 else 0.0,
+            (s[lk | dk] ** 2 * hv[lk | dk]).sum() / sq if sq > 0 else 0.0,
         ]
     return out
 
