@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sketchstream.stream.metrics import WorkerMetrics
@@ -106,6 +106,7 @@ def faust_app(
     passthrough on it, so the two differ only by what the agent does."""
     import faust
     from faust.sensors import Monitor
+    from sketchstream.stream.recovery import HandoverTableManager
 
     class QuietMonitor(Monitor):
         """faust's statistics sensor minus its per-message hooks (a few microseconds each,
@@ -141,6 +142,7 @@ def faust_app(
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         table_standby_replicas=standby_replicas,
+        TableManager=HandoverTableManager,  # see stream/recovery.py
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=commit_interval,
         broker_commit_every=max(10_000, batch_size * 4),
@@ -173,6 +175,8 @@ def create_app(
     ``app_id`` is the consumer group and prefixes the changelog topic
     (``<app_id>-users-changelog``): workers with the same id share the partitions.
     """
+    from sketchstream.stream.recovery import HandoverTableManager
+
     limits = limits or EventLimits()
     app = faust_app(
         settings,
@@ -228,6 +232,19 @@ def create_app(
     metrics = WorkerMetrics(lag_source=consumer_lag)
     feed = ModelFeed(settings, metrics=metrics)
     app.add_dependency(feed)  # started before the app's consumer: the first model loads first
+
+    def on_handover(offsets: Mapping[Any, int | None]) -> None:
+        """After a rebalance: where the agent (re)starts each events partition it now has."""
+        starts = {tp.partition: o for tp, o in offsets.items() if tp.topic == settings.topic_events}
+        metrics.partition_handovers.inc(len(starts))
+        log.info(
+            "events partitions handed to the agent at their committed offsets: %s",
+            ", ".join(f"{p}@{'start' if o is None else o}" for p, o in sorted(starts.items()))
+            or "none",
+        )
+
+    if isinstance(app.tables, HandoverTableManager):
+        app.tables.on_handover = on_handover
 
     @app.agent(events, name="score", concurrency=1)
     async def score(stream: Any) -> None:

@@ -80,6 +80,12 @@ class WorkerMetrics:
             "Published model versions refused (bad checksum, unreadable, incompatible).",
             registry=r,
         )
+        self.partition_handovers = Counter(
+            "sketchstream_partition_handovers",
+            "Events partitions handed to the worker's agent after a rebalance (sought to their "
+            "committed offsets and resumed), kept or newly assigned.",
+            registry=r,
+        )
         self.model = Info("sketchstream_model", "The model version being served.", registry=r)
         self.lag = Gauge(
             "sketchstream_consumer_lag",

@@ -152,12 +152,6 @@ def test_predictions_equal_the_offline_replay_engine(stream_env, start_worker):
     worker.stop()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect, open in issue 5: after a SIGKILLed worker's session times out, the "
-    "survivor is assigned its partitions and recovers their state but sometimes consumes nothing "
-    "from them (3 of about 6 runs failed, each under load or inside the full suite)",
-)
 def test_a_second_worker_takes_over_partitions_and_state_of_a_killed_one(stream_env, start_worker):
     env = stream_env
     events = synthetic_events(3000, users=60, seed=3)
