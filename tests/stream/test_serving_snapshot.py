@@ -40,7 +40,8 @@ def _artifact(root, history, similarity=False):
     )
     table = _table(history)
     snapshot = ItemSnapshot.from_events(table, labels(table), ["like"], similarity=similarity)
-    n_dense = 1 + 3 + len(snapshot.feature_names) + (5 if similarity else 0)
+    cf_width = len(snapshot.similarity.columns) if similarity else 0
+    n_dense = 1 + 3 + len(snapshot.feature_names) + cf_width
     torch.manual_seed(0)
     mlp = EngagementMLP(MLPConfig(n_dense=n_dense, modalities=1, depth=4, width=8, hidden=16))
     mlp.set_normalization(rng.normal(size=(64, n_dense)).astype(np.float32) + 1.0)
