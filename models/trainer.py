@@ -68,7 +68,9 @@ class TrainConfig:
     item_similarity: bool = True  # item-item CF columns (needs item_snapshot)
     similarity_top_k: int = 100  # neighbours kept per item
     similarity_like_min: float = 4.0  # "liked" = value >= this, "disliked" = value < this
-    similarity_min_new_likes: int = 2000  # offline: rebuild at a boundary after this many likes
+    # offline: rebuild the similarity at a boundary after this many new likes (2,000 and 5,000
+    # gave the same test AUC on MovieLens-1M; 5,000 builds 67 times instead of 167)
+    similarity_min_new_likes: int = 5000
     # --- MLP -----------------------------------------------------------------------------
     hidden: int = 512
     blocks: int = 2
