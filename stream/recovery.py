@@ -67,14 +67,14 @@ class HandoverRecovery(Recovery):
     without losing records (see the module docstring)."""
 
     async def on_recovery_completed(self, generation_id: int = 0) -> None:
-        """Call when active table recovery is completed: tables first, then the streams."""
-        self.log.info("Restore complete!")
+        """The tables are restored: finish them, then hand the stream partitions over."""
+        self.log.info("tables restored")
         await self.app.on_rebalance_complete.send()
         self._set_recovery_ended()
         await self._tables_recovery_completed()
         if self.app.consumer_generation_id != generation_id:
             self.log.warning(
-                "Recovery rebalancing again app id %s param %s",
+                "a newer rebalance (generation %s, recovery was for %s): no hand-over now",
                 self.app.consumer_generation_id,
                 generation_id,
             )
@@ -84,7 +84,7 @@ class HandoverRecovery(Recovery):
         if not self.app.assignor.assigned_standbys():
             self.tables.on_standbys_ready()
         self.app.on_rebalance_end()
-        self.log.info("Worker ready")
+        self.log.info("Worker ready")  # faust's own readiness line, kept for operators
 
     async def _tables_recovery_completed(self) -> None:
         callbacks = [
@@ -105,7 +105,7 @@ class HandoverRecovery(Recovery):
         streams = {tp for tp in assignment if not self._is_changelog_tp(tp)}
         consumer.stop_flow()
         if assignment:  # also resets the read offsets of the changelog partitions
-            self.log.info("Seek stream partitions to committed offsets.")
+            self.log.info("seeking the assigned partitions to their committed offsets")
             await self._wait(consumer.perform_seek(), timeout=app.conf.broker_request_timeout)
         self.completed.set()
         app.flow_control.resume()  # clears the queues: nothing of the streams is in them yet
