@@ -167,6 +167,22 @@ def fit_codebooks(
     return codebooks
 
 
+def fit_codebooks_for(
+    train_events: Any, items: Sequence[Any] | None, config: TrainConfig
+) -> dict[str, Any]:
+    """:func:`fit_codebooks` with a training configuration's codebook settings."""
+    return fit_codebooks(
+        train_events,
+        items,
+        dim=config.cleora_dim,
+        iterations=config.cleora_iterations,
+        depth=config.depth,
+        width=config.width,
+        metadata=config.metadata,
+        seed=config.seed,
+    )
+
+
 # --- replay ----------------------------------------------------------------------------------
 
 
@@ -596,16 +612,7 @@ def run_protocol(
 
     t0 = time.perf_counter()
     if codebooks is None:
-        codebooks = fit_codebooks(
-            events[split[0]],
-            items,
-            dim=config.cleora_dim,
-            iterations=config.cleora_iterations,
-            depth=config.depth,
-            width=config.width,
-            metadata=config.metadata,
-            seed=config.seed,
-        )
+        codebooks = fit_codebooks_for(events[split[0]], items, config)
     codebooks = dict(codebooks)
     timings["codebooks"] = time.perf_counter() - t0
 

@@ -435,12 +435,10 @@ REPLAY_VARIANTS = [v.value for v in ReplayVariant]
 def _replay_setup_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Set-up, in a fresh process of its own: read the data folder, keep its first events,
     fit the codebooks on their training period as ``train`` does, and leave the events
-    (pickled) and the codebooks (``codebook-<modality>.bin``) in ``spec["tmp"]``."""
-    import pickle
-
+    (canonical JSON lines) and the codebooks (``codebook-<modality>.bin``) in ``spec["tmp"]``."""
     logging.basicConfig(level=logging.INFO, format="    %(message)s")
-    from sketchstream.models.events import protocol_split, read_events, read_items
-    from sketchstream.models.trainer import TrainConfig, fit_codebooks
+    from sketchstream.models.events import protocol_split, read_events, read_items, write_events
+    from sketchstream.models.trainer import TrainConfig, fit_codebooks_for
 
     data, tmp = Path(spec["data"]), Path(spec["tmp"])
     t0 = time.perf_counter()
@@ -452,19 +450,9 @@ def _replay_setup_worker(spec: dict[str, Any]) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     config = TrainConfig()
     t0 = time.perf_counter()
-    codebooks = fit_codebooks(
-        events[protocol_split(len(events))[0]],
-        items,
-        dim=config.cleora_dim,
-        iterations=config.cleora_iterations,
-        depth=config.depth,
-        width=config.width,
-        metadata=config.metadata,
-        seed=config.seed,
-    )
+    codebooks = fit_codebooks_for(events[protocol_split(len(events))[0]], items, config)
     codebooks_s = time.perf_counter() - t0
-    with (tmp / "events.pickle").open("wb") as fh:
-        pickle.dump(events, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    write_events(tmp / "events.jsonl", events)
     for modality, codebook in codebooks.items():
         (tmp / f"codebook-{modality}.bin").write_bytes(codebook.to_bytes())
     return {
@@ -482,13 +470,11 @@ def _replay_setup_worker(spec: dict[str, Any]) -> dict[str, Any]:
 def _replay_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One measured variant in a fresh process: untimed set-up (the set-up worker's events and
     codebooks, labels, the training aggregator), then the timed run."""
-    import pickle
-
     logging.basicConfig(level=logging.INFO, format="    %(message)s")
     import numpy as np
     from sketchstream.models import state
     from sketchstream.models.emde import Codebook
-    from sketchstream.models.events import DEFAULT_HEADS, labels, protocol_split
+    from sketchstream.models.events import DEFAULT_HEADS, labels, protocol_split, read_events
     from sketchstream.models.snapshot import ItemSnapshot, refresh_windows
     from sketchstream.models.trainer import (
         TrainConfig,
@@ -499,8 +485,7 @@ def _replay_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     variant, tmp = spec["variant"], Path(spec["tmp"])
     t0 = time.perf_counter()
-    with (tmp / "events.pickle").open("rb") as fh:
-        events = pickle.load(fh)
+    events = read_events(tmp / "events.jsonl")
     codebooks = {
         f.stem.removeprefix("codebook-"): Codebook.from_bytes(f.read_bytes())
         for f in sorted(tmp.glob("codebook-*.bin"))
