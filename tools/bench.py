@@ -261,6 +261,138 @@ def cleora(
         typer.echo(f"wrote {len(rows)} JSON lines to {json_path}", err=True)
 
 
+def _ceil_to(n: int, size: int) -> int:
+    return -(-n // size) * size
+
+
+def _batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """In a fresh process: the worker's per-batch path (:class:`BatchProcessor`: decode,
+    validate, read states, score-then-fold, MLP, encode) on ``spec["path"]``'s events, states
+    in a dict; events/s per batch size after a warm-up that gives users states."""
+    import orjson
+    import torch
+    from sketchstream.stream.metrics import WorkerMetrics
+    from sketchstream.stream.models_feed import load_serving_model
+    from sketchstream.stream.records import RawMessage
+    from sketchstream.stream.worker import BatchProcessor
+    from sketchstream.tools.evaluate import resolve_model
+
+    torch.set_num_threads(spec["torch_threads"])
+    model = load_serving_model(resolve_model(Path(spec["model"])))
+    warm_size = max(1, min(2048, spec["warm"]))
+    need = _ceil_to(spec["warm"], warm_size)
+    need += sum(_ceil_to(spec["events"], z) for z in spec["sizes"])
+    lines: list[bytes] = []
+    with Path(spec["path"]).open("rb") as fh:
+        for line in fh:
+            if line.strip():
+                lines.append(line.rstrip(b"\n"))
+            if len(lines) >= need:
+                break
+    messages = [
+        RawMessage("events", 0, k, str(orjson.loads(v).get("user", "")).encode(), v, 1.0)
+        for k, v in enumerate(lines)
+    ]
+    store: dict[tuple[int, bytes], bytes] = {}
+
+    def read(partitions: Any, keys: Any) -> list[bytes | None]:
+        return [store.get((p, k)) for p, k in zip(partitions, keys, strict=True)]
+
+    processor = BatchProcessor(model, read, metrics=WorkerMetrics())
+    at = 0
+
+    def run(size: int, n: int) -> tuple[int, float]:
+        nonlocal at
+        t0, done = time.perf_counter(), 0
+        while done < n and at < len(messages):
+            result = processor.process(messages[at : at + size])
+            for p, key, value in result.table_writes:
+                store[(p, key)] = value
+            done += min(size, len(messages) - at)
+            at += size
+        return done, time.perf_counter() - t0
+
+    if spec["warm"]:
+        run(warm_size, spec["warm"])
+    rows = []
+    for size in spec["sizes"]:
+        done, secs = run(size, spec["events"])
+        rows.append(
+            {
+                "batch_size": size,
+                "events": done,
+                "seconds": round(secs, 3),
+                "events_per_s": round(done / secs, 1) if secs > 0 else None,
+                "us_per_event": round(1e6 * secs / done, 1) if done else None,
+                "model": model.version,
+                "load_avg": round(os.getloadavg()[0], 2),
+            }
+        )
+    return {"rows": rows, "peak_rss_mb": round(_peak_rss_mb(), 1)}
+
+
+@app.command("batch")
+def batch(
+    model: Annotated[
+        Path, typer.Option(help="A model artifact, or a folder of them (its latest version).")
+    ],
+    path: Annotated[
+        Path, typer.Option("--events-file", help="Canonical events, scored in file order.")
+    ] = Path("data/ml-1m/events.jsonl"),
+    sizes: Annotated[
+        list[int], typer.Option("--size", min=1, help="Batch sizes to time (repeatable).")
+    ] = [50, 200, 500, 2048],  # noqa: B006 (typer needs a list default)
+    events: Annotated[int, typer.Option(min=1, help="Events timed per batch size.")] = 10_240,
+    warm: Annotated[
+        int, typer.Option(min=0, help="Events folded first, untimed, so users have states.")
+    ] = 20_000,
+    torch_threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Append one JSON line per batch size.")
+    ] = None,
+) -> None:
+    """The worker's per-batch processing alone, without Kafka or faust: events/s and µs per
+    event by batch size.
+
+    What `sketchstream worker` does to each micro-batch (decode, validate, read the users'
+    states, score then fold, the MLP, encode predictions and states), with the states in a dict.
+    Set against `bench stream`, it tells how much of the worker's time is its own and how
+    much a small batch (a worker at low load) costs per event.
+    """
+    spec = {
+        "model": str(model),
+        "path": str(path),
+        "sizes": list(sizes),
+        "events": events,
+        "warm": warm,
+        "torch_threads": torch_threads,
+    }
+    typer.echo(
+        f"batch bench: {path}, {warm:,} warm-up events, then {events:,} per batch size, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
+        err=True,
+    )
+    got = _run_isolated(spec, worker=_batch_worker)
+    rows = got["rows"]
+    head = ["batch size", "events", "seconds", "events/s", "µs/event"]
+    keys = ["batch_size", "events", "seconds", "events_per_s", "us_per_event"]
+    cells = [head] + [
+        [f"{r[k]:,.0f}" if k in ("events", "events_per_s") else str(r[k]) for k in keys]
+        for r in rows
+    ]
+    widths = [max(len(c[j]) for c in cells) for j in range(len(head))]
+    for k, c in enumerate(cells):
+        typer.echo("  ".join(v.rjust(w) for v, w in zip(c, widths, strict=True)))
+        if k == 0:
+            typer.echo("  ".join("-" * w for w in widths))
+    typer.echo(
+        f"model {rows[0]['model'] if rows else '?'}, peak RSS {got['peak_rss_mb']:.0f} MB", err=True
+    )
+    if json_path is not None:
+        _append_jsonl(json_path, rows)
+        typer.echo(f"wrote {len(rows)} JSON lines to {json_path}", err=True)
+
+
 @app.command("stream")
 def stream(
     events: Annotated[

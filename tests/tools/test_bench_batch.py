@@ -1,0 +1,36 @@
+"""`sketchstream bench batch`: the worker's per-batch path alone, on a tiny real artifact."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import orjson
+from sketchstream.tools.cli import app
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stream"))
+from kafka_harness import build_tiny_artifact, synthetic_events
+
+
+def test_bench_batch_times_each_batch_size_and_writes_json_lines(tmp_path):
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    version = build_tiny_artifact(root)
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"\n".join(orjson.dumps(e) for e in synthetic_events(900, users=20)))
+    out = tmp_path / "batch.jsonl"
+
+    result = CliRunner().invoke(
+        app,
+        ["bench", "batch", "--model", str(root), "--events-file", str(events), "--size", "10",
+         "--size", "100", "--events", "300", "--warm", "100", "--json", str(out)],
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["batch_size"] for r in rows] == [10, 100]
+    for r in rows:
+        assert r["events"] == 300 and r["events_per_s"] > 0 and r["model"] == version
+    assert "µs/event" in result.stdout
