@@ -14,6 +14,7 @@ import os
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from enum import StrEnum
 from multiprocessing import get_context
@@ -146,6 +147,27 @@ def _run_isolated(spec: dict[str, Any], worker: Any = None) -> dict[str, Any]:
         return pool.submit(worker or _cleora_worker, spec).result()
 
 
+def _render(
+    rows: list[dict[str, Any]],
+    cols: list[tuple[str, str]],
+    cell: Callable[[str, Any], str] = lambda _key, value: str(value),
+) -> str:
+    """Rows as a right-aligned text table: ``cols`` are (row key, header); ``cell(key, value)``
+    formats a present value, a missing one is blank."""
+    cells = [[h for _, h in cols]]
+    for r in rows:
+        cells.append(["" if r.get(k) is None else cell(k, r[k]) for k, _ in cols])
+    widths = [max(len(row[c]) for row in cells) for c in range(len(cols))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _counts(*keys: str) -> Callable[[str, Any], str]:
+    """A ``cell`` for :func:`_render`: ``keys`` as whole numbers with thousands separators."""
+    return lambda key, value: f"{value:,.0f}" if key in keys else str(value)
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     cols = [
         ("impl", "impl"),
@@ -158,13 +180,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
         ("ratio_vs_pycleora", "time ours/pyc"),
         ("rss_ratio_vs_pycleora", "RSS ours/pyc"),
     ]
-    cells = [[h for _, h in cols]]
-    for r in rows:
-        cells.append(["" if r.get(k) is None else str(r.get(k)) for k, _ in cols])
-    widths = [max(len(row[c]) for row in cells) for c in range(len(cols))]
-    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _render(rows, cols)
 
 
 def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -374,17 +390,14 @@ def batch(
     )
     got = _run_isolated(spec, worker=_batch_worker)
     rows = got["rows"]
-    head = ["batch size", "events", "seconds", "events/s", "µs/event"]
-    keys = ["batch_size", "events", "seconds", "events_per_s", "us_per_event"]
-    cells = [head] + [
-        [f"{r[k]:,.0f}" if k in ("events", "events_per_s") else str(r[k]) for k in keys]
-        for r in rows
+    cols = [
+        ("batch_size", "batch size"),
+        ("events", "events"),
+        ("seconds", "seconds"),
+        ("events_per_s", "events/s"),
+        ("us_per_event", "µs/event"),
     ]
-    widths = [max(len(c[j]) for c in cells) for j in range(len(head))]
-    for k, c in enumerate(cells):
-        typer.echo("  ".join(v.rjust(w) for v, w in zip(c, widths, strict=True)))
-        if k == 0:
-            typer.echo("  ".join("-" * w for w in widths))
+    typer.echo(_render(rows, cols, _counts("events", "events_per_s")))
     typer.echo(
         f"model {rows[0]['model'] if rows else '?'}, peak RSS {got['peak_rss_mb']:.0f} MB", err=True
     )
@@ -535,18 +548,7 @@ def _stream_table(rows: list[dict[str, Any]]) -> str:
         ("rss_mb", "RSS MB"),
         ("state_bytes_per_user", "bytes/user"),
     ]
-    cells = [[h for _, h in cols]]
-    for r in rows:
-        cells.append(
-            [
-                "" if r.get(k) is None else f"{r[k]:,}" if isinstance(r[k], float) else str(r[k])
-                for k, _ in cols
-            ]
-        )
-    widths = [max(len(row[c]) for row in cells) for c in range(len(cols))]
-    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _render(rows, cols, lambda _k, v: f"{v:,}" if isinstance(v, float) else str(v))
 
 
 # --- bench replay ------------------------------------------------------------------------------
@@ -714,22 +716,7 @@ def _replay_table(rows: list[dict[str, Any]]) -> str:
         ("setup_rss_mb", "set-up RSS MB"),
         ("ratio_vs_aggregator", "x aggregator"),
     ]
-    cells = [[h for _, h in cols]]
-    for r in rows:
-        cells.append(
-            [
-                ""
-                if r.get(k) is None
-                else f"{r[k]:,.0f}"
-                if k in ("events", "events_per_s")
-                else str(r[k])
-                for k, _ in cols
-            ]
-        )
-    widths = [max(len(row[c]) for row in cells) for c in range(len(cols))]
-    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _render(rows, cols, _counts("events", "events_per_s"))
 
 
 @app.command("replay")
