@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from sketchstream.tools.options import BaselinesOption, ProgressOption, ThreadsOption
 
 __all__ = ["evaluate", "report_for", "resolve_model"]
 
@@ -103,9 +104,9 @@ def evaluate(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Where report.json, report.md, plots go.")],
-    baselines: Annotated[bool, typer.Option(help="Run the baselines for the report.")] = True,
-    threads: Annotated[int, typer.Option(min=0, help="torch threads (0: default).")] = 0,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    baselines: BaselinesOption = True,
+    threads: ThreadsOption = 0,
+    progress: ProgressOption = True,
 ) -> None:
     """Score every event prequentially with a trained model and report val/test metrics."""
     import time

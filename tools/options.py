@@ -12,12 +12,24 @@ The help text names the variable and the default, so ``--help`` documents both.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from sketchstream.stream.settings import ENV_PREFIX, Settings
 
-__all__ = ["env_var", "load_settings_or_exit", "setting_option"]
+__all__ = [
+    "BaselinesOption",
+    "ProgressOption",
+    "ThreadsOption",
+    "env_var",
+    "load_settings_or_exit",
+    "setting_option",
+]
+
+# options shared by the model commands (train, evaluate, refresh)
+BaselinesOption = Annotated[bool, typer.Option(help="Run the baselines for the report.")]
+ThreadsOption = Annotated[int, typer.Option(min=0, help="torch threads (0: default).")]
+ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
 
 
 def env_var(field: str) -> str:

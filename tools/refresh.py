@@ -20,7 +20,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from sketchstream.tools.options import load_settings_or_exit, setting_option
+from sketchstream.tools.options import (
+    ProgressOption,
+    ThreadsOption,
+    load_settings_or_exit,
+    setting_option,
+)
 
 __all__ = ["refresh"]
 
@@ -110,11 +115,11 @@ def refresh(
     ] = "0s",
     kafka: Annotated[str | None, setting_option("kafka", "--kafka")] = None,
     artifact_dir: Annotated[Path | None, setting_option("artifact_dir", "--artifact-dir")] = None,
-    threads: Annotated[int, typer.Option(min=0, help="torch threads (0: default).")] = 0,
+    threads: ThreadsOption = 0,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print each run's summary as one JSON object.")
     ] = False,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = False,
+    progress: ProgressOption = False,
 ) -> None:
     """Refresh the model on a recent window of events; publish it if it is not worse."""
     import signal

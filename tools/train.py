@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from sketchstream.tools.options import BaselinesOption, ProgressOption, ThreadsOption
 
 __all__ = ["load_codebooks", "train"]
 
@@ -59,9 +60,9 @@ def train(
     depth: Annotated[int, typer.Option(min=1, help="EMDE codebook depth.")] = 12,
     width: Annotated[int, typer.Option(min=2, help="EMDE codebook width.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of codebooks, init and shuffling.")] = 0,
-    baselines: Annotated[bool, typer.Option(help="Run the baselines for the report.")] = True,
-    threads: Annotated[int, typer.Option(min=0, help="torch threads (0: default).")] = 0,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    baselines: BaselinesOption = True,
+    threads: ThreadsOption = 0,
+    progress: ProgressOption = True,
 ) -> None:
     """Train the engagement MLP on the protocol's training period and write a model artifact."""
     import time
