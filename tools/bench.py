@@ -305,10 +305,16 @@ def _batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 lines.append(line.rstrip(b"\n"))
             if len(lines) >= need:
                 break
-    messages = [
-        RawMessage("events", 0, k, str(orjson.loads(v).get("user", "")).encode(), v, 1.0)
-        for k, v in enumerate(lines)
-    ]
+
+    def key(line: bytes) -> bytes:
+        """The user as the Kafka key; a line that is not an event object gets an empty key
+        and goes where the worker sends it (the dead-letter list), as on the topic."""
+        try:
+            return str(orjson.loads(line).get("user", "")).encode()
+        except (orjson.JSONDecodeError, AttributeError):
+            return b""
+
+    messages = [RawMessage("events", 0, k, key(v), v, 1.0) for k, v in enumerate(lines)]
     store: dict[tuple[int, bytes], bytes] = {}
 
     def read(partitions: Any, keys: Any) -> list[bytes | None]:

@@ -19,7 +19,9 @@ def test_bench_batch_times_each_batch_size_and_writes_json_lines(tmp_path):
     root.mkdir()
     version = build_tiny_artifact(root)
     events = tmp_path / "events.jsonl"
-    events.write_bytes(b"\n".join(orjson.dumps(e) for e in synthetic_events(900, users=20)))
+    lines = [orjson.dumps(e) for e in synthetic_events(900, users=20)]
+    lines[150:150] = [b"not json", b"[1, 2]"]  # bad lines are refused, not fatal
+    events.write_bytes(b"\n".join(lines))
     out = tmp_path / "batch.jsonl"
 
     result = CliRunner().invoke(
