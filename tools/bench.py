@@ -423,7 +423,12 @@ def stream(
     partitions: Annotated[int, typer.Option(min=1, help="Partitions of the events topic.")] = 4,
     batch_size: Annotated[int, typer.Option(min=1, help="Events per micro-batch.")] = 2048,
     batch_within: Annotated[
-        float, typer.Option(min=0.001, help="Seconds a micro-batch waits to fill.")
+        float,
+        typer.Option(
+            min=0.001,
+            help="Seconds the passthroughs' micro-batches wait to fill (the worker does not wait:"
+            " a batch is what one fetch brought).",
+        ),
     ] = 0.05,
     latency_seconds: Annotated[
         float, typer.Option(min=0.0, help="Seconds of the half-rate latency run (0: none).")

@@ -387,8 +387,6 @@ def _start(
             _WORKER,
             "--batch-size",
             str(batch_size),
-            "--batch-within",
-            str(batch_within),
             "--standby-replicas",
             "0",
             "--loglevel",

@@ -61,18 +61,12 @@ def worker(
     batch_size: Annotated[
         int,
         typer.Option(
-            "--batch-size", envvar="SKETCHSTREAM_BATCH_SIZE", min=1, help="Events per batch."
+            "--batch-size",
+            envvar="SKETCHSTREAM_BATCH_SIZE",
+            min=1,
+            help="Most events per batch. A batch is what one fetch brought: no waiting to fill.",
         ),
     ] = 2048,
-    batch_within: Annotated[
-        float,
-        typer.Option(
-            "--batch-within",
-            envvar="SKETCHSTREAM_BATCH_WITHIN",
-            min=0.001,
-            help="Seconds to wait for a batch to fill before processing what came.",
-        ),
-    ] = 0.05,
     max_event_bytes: Annotated[
         int, typer.Option("--max-event-bytes", min=64, help="Larger events go to the DLQ unparsed.")
     ] = 16384,
@@ -122,7 +116,6 @@ def worker(
         settings,
         app_id=settings.app_id,
         batch_size=batch_size,
-        batch_within=batch_within,
         limits=EventLimits(max_bytes=max_event_bytes),
         standby_replicas=standby_replicas,
     )

@@ -119,7 +119,7 @@ def test_a_refresh_swaps_the_model_between_batches_without_losing_or_stalling_ev
     source = Events()
     history = run(produce(env.bootstrap, env.topics["events"], source.take(2400)))
 
-    worker = start_worker("w1", "--batch-size", "64", "--batch-within", "0.02")
+    worker = start_worker("w1", "--batch-size", "64")
     worker.wait_healthy()
     wait_for(
         lambda: worker.metric("sketchstream_predictions_out_total") >= len(history),

@@ -1,0 +1,187 @@
+"""Batch delivery of the events topic: each fetch becomes micro-batches, not records one by one.
+
+faust hands records to agents one at a time. Per record its fetch loop races the delivery
+against a flow stop (``Service.wait_first``: four asyncio tasks and a ``wait``), the conductor
+wraps the record in an ``Event`` and queues it, and the agent's stream takes it back out and
+re-batches it (``take``). That costs 75–115 µs of CPU per record on this project's machine:
+faust's no-op agent passes 9–13k events/s where a bare aiokafka consume→produce loop passes
+56–65k (``sketchstream bench stream``). The worker needs none of it for its events topic: its
+:class:`~sketchstream.stream.worker.BatchProcessor` takes raw messages, many at a time.
+
+:class:`BulkConsumer` is faust's aiokafka consumer with a fetch loop of its own:
+
+* records of the *bulk* topics (the events topic) go to one handler as lists of at most
+  ``bulk_size`` messages: everything one fetch returned, every partition's records in offset
+  order. No waiting to fill a batch: under load a fetch brings thousands of records, when the
+  input is slow a batch is whatever has arrived, so latency stays low at low rates;
+* records of every other topic (the tables' changelogs, read for recovery and the standby
+  replicas) keep faust's per-record delivery, unchanged.
+
+faust's bookkeeping stays in charge. Every bulk message is tracked when handed over and
+acknowledged when the handler returns, so offsets are committed as for an agent, a rebalance
+waits for the batch in progress (``wait_empty``) and the hand-over of
+:mod:`sketchstream.stream.recovery` seeks these partitions like any other. When the flow stops
+(a rebalance) or the consumer generation changes, the rest of a fetch is abandoned and the
+partitions are sought back to their committed offsets, so nothing abandoned is skipped. A
+handler that raises stops the worker without acknowledging its batch: the batch is read again
+after the restart (at-least-once).
+
+It overrides faust's private ``Consumer._drain_messages`` and reads faust's read offsets and
+gaps (``_read_offset``, ``_add_gap``), as faust-streaming 0.15.3 has them: re-check on upgrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+__all__ = ["BulkApp", "BulkConsumer", "BulkHandler"]
+
+log = logging.getLogger(__name__)
+
+#: ``await handler(messages)``: one micro-batch of faust ``ConsumerMessage``\ s of the bulk
+#: topics, every partition's in offset order; acknowledged when it returns.
+BulkHandler = Callable[[list[Any]], Awaitable[None]]
+
+
+class _Abandoned(Exception):
+    """The flow stopped or the generation changed while a fetch was being delivered."""
+
+
+class BulkConsumer(faust_aiokafka.Consumer):
+    """faust's aiokafka consumer delivering the bulk topics in micro-batches (module docstring).
+
+    ``bulk_topics``, ``bulk_handler`` and ``bulk_size`` come from the :class:`BulkApp`."""
+
+    @property
+    def _bulk(self) -> tuple[frozenset[str], BulkHandler | None, int]:
+        app = self.app
+        return app.bulk_topics, app.bulk_handler, app.bulk_size
+
+    async def _drain_messages(self, fetcher: Any) -> None:
+        """The fetch loop (run by faust's ``Fetcher`` service until it or the consumer stops)."""
+        try:
+            while not (self.should_stop or fetcher.should_stop):
+                records, active = await self._wait_next_records(1.0)
+                await asyncio.sleep(0)  # a fetch can return at once, again and again
+                if not records or self.should_stop:
+                    continue
+                try:
+                    await self._deliver(records, active)
+                except _Abandoned:
+                    await self._seek_back()
+        except self.consumer_stopped_errors:
+            if self.app.should_stop:
+                log.info("consumer stopped by the broker while shutting down")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.app.should_stop:
+                return
+            raise
+
+    async def _deliver(self, records: Mapping[Any, Sequence[Any]], active: Any) -> None:
+        """One fetch: the other topics' records one by one, then the bulk topics' in batches."""
+        topics, handler, size = self._bulk
+        generation = self.app.consumer_generation_id
+        buffered = self._buffered_partitions
+        bulk: list[Any] = []
+        for tp, recs in records.items():
+            if active is not None and tp not in active and tp not in buffered:
+                continue  # paused while the fetch was under way
+            fresh = await self._fresh(tp, recs)
+            if not fresh:
+                continue
+            if handler is not None and tp.topic in topics:
+                bulk.extend(self._to_message(tp, r) for r in fresh)
+            else:
+                await self._deliver_each(tp, fresh, generation)
+        for start in range(0, len(bulk), size):
+            await self._deliver_batch(handler, bulk[start : start + size], generation)
+
+    async def _fresh(self, tp: Any, records: Sequence[Any]) -> list[Any]:
+        """The records not read before (a seek can bring some again), with any hole between
+        them recorded as a gap, so commits can pass offsets Kafka never delivers."""
+        read = self._read_offset[tp]
+        if read is not None:
+            records = [r for r in records if r.offset >= read]
+        if not records or not self.app.topics.acks_enabled_for(tp.topic):
+            return list(records)
+        prev = read
+        for r in records:
+            if prev and r.offset - prev > 1:
+                await self._add_gap(tp, prev + 1, r.offset - 1)
+            prev = r.offset
+        return list(records)
+
+    def _check_flow(self, generation: int) -> None:
+        if not self.flow_active or self.app.consumer_generation_id != generation:
+            raise _Abandoned()
+
+    async def _deliver_each(self, tp: Any, records: Iterable[Any], generation: int) -> None:
+        """faust's own path: one record at a time through the conductor (tables, standbys)."""
+        for record in records:
+            self._check_flow(generation)
+            message = self._to_message(tp, record)
+            await self.wait_first(self.callback(message), self.suspend_flow.wait())
+            if self.suspend_flow.is_set():  # the delivery may have been cancelled
+                raise _Abandoned()
+            self._read_offset[tp] = record.offset
+
+    async def _deliver_batch(
+        self, handler: BulkHandler | None, messages: list[Any], generation: int
+    ) -> None:
+        """Track, hand over, acknowledge; then the read offsets move on."""
+        assert handler is not None
+        self._check_flow(generation)
+        track, ack = self.track_message, self.ack
+        for m in messages:
+            track(m)
+        await handler(messages)
+        last: dict[Any, int] = {}
+        for m in messages:
+            ack(m)
+            last[m.tp] = m.offset
+        self._read_offset.update(last)
+        self._bulk_acked = getattr(self, "_bulk_acked", 0) + len(messages)
+        if self._bulk_acked >= self.app.conf.broker_commit_every:
+            self._bulk_acked = 0
+            await self.commit()
+
+    async def _seek_back(self) -> None:
+        """Back to the committed offsets, so what was fetched and abandoned is read again."""
+        try:
+            await self.perform_seek()
+        except Exception as exc:  # a rebalance under way: its hand-over seeks again
+            log.warning("seek back to the committed offsets failed: %r", exc)
+
+
+class _BulkTransport(faust_aiokafka.Transport):
+    Consumer = BulkConsumer
+
+
+class BulkApp(faust.App):
+    """A faust ``App`` whose consumer is a :class:`BulkConsumer`; :meth:`bulk` routes a topic to
+    a batch handler (the topic is subscribed, and co-partitioned with the tables, as an agent's
+    would be)."""
+
+    bulk_topics: frozenset[str] = frozenset()
+    bulk_handler: BulkHandler | None = None
+    bulk_size: int = 2048
+
+    def bulk(self, topic: Any, handler: BulkHandler, *, size: int) -> None:
+        """Deliver ``topic`` (a faust topic) to ``handler`` in batches of at most ``size``."""
+        if size < 1:
+            raise ValueError(f"bulk batch size must be at least 1, got {size}")
+        self.topics.add(topic)
+        self.bulk_topics = self.bulk_topics | frozenset(topic.topics)
+        self.bulk_handler = handler
+        self.bulk_size = size
+
+    def _new_transport(self) -> Any:
+        return _BulkTransport(self.conf.broker_consumer, self)
