@@ -66,7 +66,10 @@ async def publish(
     Keys are partitioned as faust's producer does (its partitioner, once per distinct key),
     and records keep their order within a partition. Building aiokafka batches directly costs
     a few microseconds a record, against tens for a ``send`` per record (a future, a log call
-    and the partitioner each time): at thousands of predictions per batch that matters.
+    and the partitioner each time): at thousands of predictions per batch that matters. The
+    batches go out closed: an open one waits out the linger, and the worker waits for its
+    acknowledgement before the next batch (measured on the local broker, 250 records: 6.5 ms
+    median from send to acknowledgement open, 0.6 ms closed).
     """
     if not records:
         return []
@@ -88,6 +91,7 @@ async def publish(
             batch = builders[p] = kafka.create_batch()
             batch.append(key=key, value=value, timestamp=None)
     for p, batch in builders.items():
+        batch.close()  # complete: ship it now, not after the producer's linger (5 ms a batch)
         sends.append(await kafka.send_batch(batch, topic, partition=p))
     return sends
 

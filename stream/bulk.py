@@ -142,7 +142,15 @@ class BulkConsumer(faust_aiokafka.Consumer):
         track, ack = self.track_message, self.ack
         for m in messages:
             track(m)
-        await handler(messages)
+        try:
+            await handler(messages)
+        except Exception as exc:
+            # not bad input (the handler dead-letters that) but a failure of the worker itself:
+            # stop it. Seek back first, so a restarted fetch cannot skip the batch.
+            log.exception("batch handler failed: stopping; the batch is read again on restart")
+            await self._seek_back()
+            await self.app.crash(exc)
+            raise
         last: dict[Any, int] = {}
         for m in messages:
             ack(m)

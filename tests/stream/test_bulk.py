@@ -1,0 +1,116 @@
+"""BulkConsumer's delivery logic on fetched records, without a broker (the worker's Kafka tests
+cover it end to end: no skew, crash, takeover, poison events)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import namedtuple
+from typing import Any
+
+import pytest
+from faust.types import TP
+from sketchstream.stream.bulk import BulkApp, _Abandoned
+
+Record = namedtuple(
+    "Record",
+    "topic partition offset timestamp timestamp_type headers key value checksum "
+    "serialized_key_size serialized_value_size",
+)
+
+
+def records(topic: str, partition: int, offsets: list[int]) -> list[Record]:
+    return [Record(topic, partition, o, 1_000, 0, [], b"u", b"{}", None, 1, 2) for o in offsets]
+
+
+class Harness:
+    """A BulkApp (never started: no broker) whose handler and callback record what they get.
+    Made inside the test's event loop: faust's services bind to the loop they are made in."""
+
+    def __init__(self, size: int, on_batch: Any = None) -> None:
+        self.app = BulkApp(
+            "bulk-test",
+            broker="kafka://127.0.0.1:1",
+            autodiscover=False,
+            store="memory://",
+            web_enabled=False,
+        )
+        self.batches: list[list[tuple[int, int]]] = []
+        self.others: list[tuple[str, int, int]] = []
+
+        async def handler(messages: list[Any]) -> None:
+            self.batches.append([(m.partition, m.offset) for m in messages])
+            if on_batch is not None:
+                on_batch(self)
+
+        events = self.app.topic("events", key_type=bytes, value_type=bytes)
+        self.app.bulk(events, handler, size=size)
+        self.app.topic("changelog", key_type=bytes, value_type=bytes, acks=False)
+        self.consumer = self.app.consumer
+
+        async def callback(message: Any) -> None:
+            self.others.append((message.topic, message.partition, message.offset))
+
+        self.consumer.callback = callback
+
+    async def deliver(self, fetched: dict[TP, list[Record]]) -> None:
+        await self.app.topics._update_indices()  # what subscribing does: acks for "events"
+        await self.consumer._deliver(fetched, None)
+
+
+async def test_a_fetch_becomes_batches_of_at_most_size_in_offset_order_per_partition():
+    h = Harness(size=3)
+    p0, p1 = TP("events", 0), TP("events", 1)
+    await h.deliver({p0: records("events", 0, [0, 1, 2, 3, 4]), p1: records("events", 1, [0, 1])})
+    assert [len(b) for b in h.batches] == [3, 3, 1]
+    flat = [ref for b in h.batches for ref in b]
+    assert sorted(flat) == [(0, o) for o in range(5)] + [(1, 0), (1, 1)]
+    for p in (0, 1):
+        offsets = [o for q, o in flat if q == p]
+        assert offsets == sorted(offsets)
+    assert h.consumer._read_offset[p0] == 4 and h.consumer._read_offset[p1] == 1
+
+
+async def test_every_delivered_message_is_acknowledged_so_the_commit_passes_it():
+    h = Harness(size=2)
+    p0 = TP("events", 0)
+    await h.deliver({p0: records("events", 0, [0, 1, 2])})
+    assert not h.consumer.unacked
+    assert h.consumer._new_offset(p0) == 3  # the offset to commit: all three processed
+
+
+async def test_records_read_before_are_skipped_and_holes_are_gaps():
+    h = Harness(size=10)
+    p0 = TP("events", 0)
+    h.consumer._read_offset[p0] = 5  # e.g. after a seek: the next offset to read is 5
+    await h.deliver({p0: records("events", 0, [3, 4, 5, 6, 9])})
+    assert h.batches == [[(0, 5), (0, 6), (0, 9)]]
+    assert sorted((iv.begin, iv.end) for iv in h.consumer._gap[p0]) == [(7, 9)]  # 7 and 8
+    assert h.consumer._new_offset(p0) == 10
+
+
+async def test_other_topics_go_one_by_one_through_fausts_callback():
+    h = Harness(size=10)
+    await h.deliver(
+        {
+            TP("changelog", 0): records("changelog", 0, [0, 1]),
+            TP("events", 0): records("events", 0, [0]),
+        }
+    )
+    assert h.others == [("changelog", 0, 0), ("changelog", 0, 1)]
+    assert h.batches == [[(0, 0)]]
+
+
+async def test_a_flow_stop_abandons_the_rest_of_the_fetch_unacknowledged():
+    h = Harness(size=2, on_batch=lambda h: h.consumer.stop_flow())  # a rebalance begins
+    p0 = TP("events", 0)
+    with pytest.raises(_Abandoned):
+        await h.deliver({p0: records("events", 0, [0, 1, 2, 3])})
+    assert h.batches == [[(0, 0), (0, 1)]]  # the batch under way finished, no further one
+    assert h.consumer._read_offset[p0] == 1  # 2 and 3 will be read again
+    assert h.consumer._new_offset(p0) == 2
+
+
+async def test_the_batch_size_must_be_positive():
+    app = BulkApp("bulk-test-size", broker="kafka://127.0.0.1:1", autodiscover=False)
+    with pytest.raises(ValueError, match="at least 1"):
+        app.bulk(app.topic("events"), lambda messages: asyncio.sleep(0), size=0)
