@@ -67,6 +67,16 @@ class Settings(BaseSettings):
         description="Worker application id: the consumer group and the prefix of its changelogs.",
     )
     web_port: int = Field(default=6066, ge=1, le=65535, description="Worker /health and /metrics.")
+    batch_size: int = Field(
+        default=2048,
+        ge=1,
+        description="Most events per worker batch: what one fetch brought, up to this many.",
+    )
+    torch_threads: int = Field(
+        default=1,
+        ge=1,
+        description="Threads of the worker's MLP. One: scale out with more workers instead.",
+    )
     # --- security, passed through to the Kafka clients ---------------------------------------
     security_protocol: SecurityProtocol = Field(
         default="PLAINTEXT",

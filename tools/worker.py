@@ -59,14 +59,14 @@ def worker(
         int | None, typer.Option("--web-port", help="Port of /health and /metrics.")
     ] = None,
     batch_size: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--batch-size",
-            envvar="SKETCHSTREAM_BATCH_SIZE",
             min=1,
-            help="Most events per batch. A batch is what one fetch brought: no waiting to fill.",
+            help="Most events per batch (default: SKETCHSTREAM_BATCH_SIZE or 2048). A batch is"
+            " what one fetch brought: no waiting to fill.",
         ),
-    ] = 2048,
+    ] = None,
     max_event_bytes: Annotated[
         int, typer.Option("--max-event-bytes", min=64, help="Larger events go to the DLQ unparsed.")
     ] = 16384,
@@ -75,14 +75,14 @@ def worker(
         typer.Option("--standby-replicas", min=0, help="Standby copies of each state partition."),
     ] = 1,
     torch_threads: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--torch-threads",
-            envvar="SKETCHSTREAM_TORCH_THREADS",
             min=1,
-            help="Threads of the MLP. One per worker: scale out with more workers instead.",
+            help="Threads of the MLP (default: SKETCHSTREAM_TORCH_THREADS or 1). One per worker:"
+            " scale out with more workers instead.",
         ),
-    ] = 1,
+    ] = None,
     loglevel: Annotated[
         str, typer.Option("--loglevel", "-l", help="debug, info, warning, error.")
     ] = "info",
@@ -90,9 +90,6 @@ def worker(
     """Run the streaming worker until SIGTERM or Ctrl-C."""
     import faust
     import torch
-
-    torch.set_num_threads(torch_threads)
-
     from sketchstream.stream.app import create_app
     from sketchstream.stream.records import EventLimits
     from sketchstream.stream.settings import load_settings
@@ -103,7 +100,10 @@ def worker(
         artifact_dir=artifact_dir,
         web_port=web_port,
         app_id=app_id,
+        batch_size=batch_size,
+        torch_threads=torch_threads,
     )
+    torch.set_num_threads(settings.torch_threads)
     if not _reachable(settings.bootstrap_servers):
         hint = (
             "start the local one with `sketchstream kafka start`"
@@ -115,7 +115,7 @@ def worker(
     app = create_app(
         settings,
         app_id=settings.app_id,
-        batch_size=batch_size,
+        batch_size=settings.batch_size,
         limits=EventLimits(max_bytes=max_event_bytes),
         standby_replicas=standby_replicas,
     )
