@@ -11,7 +11,8 @@ value (nan) are neither.
 
 Storage (no pickle): ``hashes (N,)`` uint64 sorted item hashes (:func:`item_hash`, what user
 histories store), ``keys`` int64 sorted ``row * N + col`` (rows/cols index ``hashes``), and
-``values`` float32; a lookup is two searchsorted passes.
+``values`` float32. A lookup maps hashes to rows (:meth:`ItemSimilarity.ranks`), then reads a
+dense copy of the pairs (small catalogs) or binary-searches ``keys``.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class ItemSimilarity:
         self.top_k = int(top_k)
         self.like_min = float(like_min)
         self._dense_cache: np.ndarray | None = None
+        self._directory_cache: tuple[np.uint64, np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def empty(cls, *, top_k: int = 100, like_min: float = 4.0) -> ItemSimilarity:
@@ -83,38 +85,79 @@ class ItemSimilarity:
     def __len__(self) -> int:
         return int(self.keys.shape[0])
 
+    @property
+    def unknown(self) -> int:
+        """The row :meth:`ranks` gives an item the similarity does not know."""
+        return int(self.hashes.shape[0])
+
     def lookup(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """``sim(a[k], b[k])`` ``(m,)`` float32 for item hashes ``a``, ``b``; 0 when unknown."""
-        a = np.asarray(a, np.uint64)
-        b = np.asarray(b, np.uint64)
-        out = np.zeros(a.shape, np.float32)
-        n = self.hashes.shape[0]
-        if n == 0 or a.size == 0:
-            return out
-        ra = np.minimum(np.searchsorted(self.hashes, a), n - 1)
-        rb = np.minimum(np.searchsorted(self.hashes, b), n - 1)
-        ok = (self.hashes[ra] == a) & (self.hashes[rb] == b)
-        dense = self._dense()
-        if dense is not None:
-            out[ok] = dense[ra[ok], rb[ok]]
-            return out
-        key = ra.astype(np.int64) * n + rb
-        pos = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
-        hit = ok & (self.keys[pos] == key)
-        out[hit] = self.values[pos[hit]]
+        return self.pair_values(self.ranks(a), self.ranks(b))
+
+    def ranks(self, hashes: np.ndarray) -> np.ndarray:
+        """Row of each item hash in :attr:`hashes` (intp, the shape of ``hashes``),
+        :attr:`unknown` for items without one.
+
+        The hashes are uniform (BLAKE2b), so a directory of their top bits, about 8 buckets
+        per item, answers almost every hash with one probe; only a hash whose bucket holds
+        several items and is not its first takes a binary search (a plain searchsorted costs
+        ~100 ns a hash, the bulk of a lookup).
+        """
+        h = np.asarray(hashes, np.uint64)
+        shift, first, padded = self._directory()
+        b = (h >> shift).astype(np.intp)
+        lo = first[b]
+        hit = padded[lo] == h
+        out = np.where(hit, lo, self.unknown)
+        rest = np.flatnonzero(~hit & (first[b + 1] - lo > 1))
+        if rest.size:
+            q = h.reshape(-1)[rest]
+            r = np.minimum(np.searchsorted(self.hashes, q), self.unknown - 1)
+            out.reshape(-1)[rest] = np.where(self.hashes[r] == q, r, self.unknown)
         return out
 
+    def pair_values(self, ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
+        """``sim`` float32 of the items at rows ``ra`` and ``rb`` (:meth:`ranks`, broadcast
+        against each other); 0 when either is :attr:`unknown` or the pair is not kept."""
+        n = self.unknown
+        dense = self._dense()
+        if dense is not None:
+            return dense.reshape(-1).take(ra * (n + 1) + rb)
+        ra, rb = np.broadcast_arrays(ra, rb)
+        out = np.zeros(ra.shape, np.float32)
+        if not len(self):
+            return out
+        ok = (ra < n) & (rb < n)
+        key = ra[ok].astype(np.int64) * n + rb[ok]
+        pos = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
+        out[ok] = np.where(self.keys[pos] == key, self.values[pos], 0.0)
+        return out
+
+    def _directory(self) -> tuple[np.uint64, np.ndarray, np.ndarray]:
+        """For :meth:`ranks`: the shift to a hash's bucket, each bucket's first row
+        (``2^bits + 1``), and the hashes followed by one that never matches a row."""
+        if self._directory_cache is None:
+            n = self.unknown
+            bits = min(n.bit_length() + 3, 20)
+            shift = np.uint64(64 - bits)
+            top = (self.hashes >> shift).astype(np.intp)
+            first = np.searchsorted(top, np.arange((1 << bits) + 1))
+            # a hash matching the pad at row n reads as unknown (row n) all the same
+            self._directory_cache = (shift, first, np.append(self.hashes, np.uint64(0)))
+        return self._directory_cache
+
     def _dense(self) -> np.ndarray | None:
-        """The pairs as a dense ``(N, N)`` matrix, made on first use for catalogs of at most
+        """The pairs as a dense ``(N + 1, N + 1)`` matrix, its last row and column the
+        :attr:`unknown` item's zeros, made once for catalogs of at most
         :data:`DENSE_MAX_ITEMS` items (a lookup is then one gather instead of a binary search
         over all pairs); None for larger ones."""
-        n = self.hashes.shape[0]
+        n = self.unknown
         if n > DENSE_MAX_ITEMS:
             return None
         if self._dense_cache is None:
-            dense = np.zeros(n * n, np.float32)
-            dense[self.keys] = self.values
-            self._dense_cache = dense.reshape(n, n)
+            dense = np.zeros((n + 1) * (n + 1), np.float32)
+            dense[self.keys + self.keys // max(n, 1)] = self.values  # row * (n + 1) + col
+            self._dense_cache = dense.reshape(n + 1, n + 1)
         return self._dense_cache
 
     def same_as(self, other: ItemSimilarity) -> bool:
@@ -175,13 +218,16 @@ class SimilarityBuilder:
         self._users: dict[str, int] = {}
         self._liked: list[list[int]] = []  # per user: the items it liked, in order
         self._seen: set[tuple[int, int]] = set()
-        self._hash_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._item_hashes = np.zeros(0, np.uint64)  # of the first items of _ids
         self.likes = 0
 
     def add(self, users: np.ndarray, items: np.ndarray, value: np.ndarray) -> int:
-        """Fold events in (their likes: ``value >= like_min``); returns the new likes."""
-        import scipy.sparse as sp
+        """Fold events in (their likes: ``value >= like_min``); returns the new likes.
 
+        A user who liked items ``O`` before and likes ``N`` now adds one to the pairs
+        ``N x (O + N)`` and ``O x N``: two block updates of the counts per user, each touching
+        only its own pairs (whole counts in float32: exact, in any order).
+        """
         value = np.asarray(value, np.float64)
         keep = np.flatnonzero(value >= self.like_min)
         if keep.size == 0:
@@ -200,31 +246,27 @@ class SimilarityBuilder:
         if not pairs:
             return 0
         self._seen.update(pairs)
-        nu = np.array([p[0] for p in pairs], np.int64)
-        ni = np.array([p[1] for p in pairs], np.int64)
-        n_items, n_users = len(self._ids), len(self._users)
+        n_items = len(self._ids)
         if self._cooc.shape[0] < n_items:  # grow by half at least: amortized copies
             size = max(n_items, self._cooc.shape[0] * 3 // 2)
             grown = np.zeros((size, size), np.float32)
             k = self._cooc.shape[0]
             grown[:k, :k] = self._cooc
             self._cooc = grown
-        self._liked.extend([] for _ in range(n_users - len(self._liked)))
-        old_u = [u for u in dict.fromkeys(nu.tolist()) for _ in self._liked[u]]
-        old_i = [i for u in dict.fromkeys(nu.tolist()) for i in self._liked[u]]
-        a_new = sp.csr_matrix((np.ones(nu.size, np.float32), (nu, ni)), shape=(n_users, n_items))
-        a_old = sp.csr_matrix(
-            (np.ones(len(old_u), np.float32), (old_u, old_i)), shape=(n_users, n_items)
-        )
-        # (old + new)^T (old + new) - old^T old = new^T (old + new) + old^T new
-        delta = a_new.T @ (a_old + a_new) + a_old.T @ a_new
-        delta.sum_duplicates()  # canonical already (a no-op then): unique (row, col) pairs
-        delta = delta.tocoo()
-        self._cooc[delta.row, delta.col] += delta.data  # exact: no pair repeats
+        self._liked.extend([] for _ in range(len(self._users) - len(self._liked)))
+        new: dict[int, list[int]] = {}
         for u, i in pairs:
-            self._liked[u].append(i)
-        self.likes += nu.size
-        return int(nu.size)
+            new.setdefault(u, []).append(i)
+        for u, got in new.items():
+            liked = self._liked[u]
+            old = np.array(liked, np.intp)
+            liked.extend(got)
+            now = np.array(got, np.intp)
+            self._cooc[np.ix_(now, np.array(liked, np.intp))] += 1.0
+            if old.size:
+                self._cooc[np.ix_(old, now)] += 1.0
+        self.likes += len(pairs)
+        return len(pairs)
 
     def build(self) -> ItemSimilarity:
         """The current top-K cosine similarity, zero diagonal.
@@ -245,24 +287,36 @@ class SimilarityBuilder:
         col = torch.from_numpy(c * scale[None, :])
         col.fill_diagonal_(0.0)
         kth = torch.topk(col, k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
-        keep = col >= kth.clamp_min(np.finfo(np.float32).tiny)
-        keep = keep | keep.T
-        rows, cols = (x.numpy() for x in torch.nonzero(keep, as_tuple=True))
+        keep = (col >= kth.clamp_min(np.finfo(np.float32).tiny)).numpy()
+        r, q = np.nonzero(keep)
+        one_way = ~keep[q, r]  # kept by one side only: add the pair the other way round
+        rows, cols = np.concatenate([r, q[one_way]]), np.concatenate([q, r[one_way]])
         hashes, rank = self._ranked_hashes(n)
-        keys = rank[rows] * n + rank[cols]
-        order = np.argsort(keys)
+        order = _key_order(rank[rows], rank[cols], n)
         rows, cols = rows[order], cols[order]
+        keys = rank[rows] * n + rank[cols]
         values = c[rows, cols] * scale[rows] * scale[cols]
-        return ItemSimilarity(hashes, keys[order], values, top_k=self.top_k, like_min=self.like_min)
+        return ItemSimilarity(hashes, keys, values, top_k=self.top_k, like_min=self.like_min)
 
     def _ranked_hashes(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sorted item hashes of the first ``n`` items, and each item's rank among them."""
-        if self._hash_cache is None or self._hash_cache[0] != n:
-            hashes = item_hash(self._ids[:n])
-            order = np.argsort(hashes)
-            rank = np.empty(n, np.int64)
-            rank[order] = np.arange(n)
-            if np.any(hashes[order][1:] == hashes[order][:-1]):
-                raise ArtifactError("item similarity: two item ids share a 64-bit hash")
-            self._hash_cache = (n, hashes[order], rank)
-        return self._hash_cache[1], self._hash_cache[2]
+        """Sorted item hashes of the first ``n`` items, and each item's rank among them (each
+        id hashed once, the first time it is built)."""
+        done = self._item_hashes.shape[0]
+        if done < n:
+            self._item_hashes = np.concatenate([self._item_hashes, item_hash(self._ids[done:n])])
+        hashes = self._item_hashes[:n]
+        order = np.argsort(hashes)
+        if np.any(hashes[order][1:] == hashes[order][:-1]):
+            raise ArtifactError("item similarity: two item ids share a 64-bit hash")
+        rank = np.empty(n, np.int64)
+        rank[order] = np.arange(n)
+        return hashes[order], rank
+
+
+def _key_order(row: np.ndarray, col: np.ndarray, n: int) -> np.ndarray:
+    """The order of the pairs by key ``row * n + col``: a stable sort by column, then by row;
+    for up to 2^16 items both are 16-bit radix sorts, several times faster than sorting the
+    64-bit keys."""
+    width = np.uint16 if n <= 1 << 16 else np.int64
+    by_col = np.argsort(col.astype(width), kind="stable")
+    return by_col[np.argsort(row[by_col].astype(width), kind="stable")]

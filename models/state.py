@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from sketchstream.models.emde import Codebook, item_hash
 from sketchstream.models.errors import ArtifactError, ModelError
 
@@ -468,6 +469,20 @@ class _CfSums:
         self.sq, self.liked_sq, self.value_sq = z(n), z(n), z(n)  # the same with weights s^2
 
     def add(self, ev: np.ndarray, s: np.ndarray, v: np.ndarray) -> None:
+        """All of the events' pairs: the counts, then :meth:`add_weighted`."""
+        self.liked_n += np.bincount(ev, v >= self.like_min, self.n)
+        self.dis_n += np.bincount(ev, v < self.like_min, self.n)
+        self.add_weighted(ev, s, v)
+
+    def add_counts(self, rows: np.ndarray, liked: np.ndarray, disliked: np.ndarray) -> None:
+        """Events ``rows`` have ``liked`` liked and ``disliked`` disliked entries more."""
+        self.liked_n[rows] += liked
+        self.dis_n[rows] += disliked
+
+    def add_weighted(self, ev: np.ndarray, s: np.ndarray, v: np.ndarray) -> None:
+        """The similarity-weighted sums and maxima. A pair with ``s == 0`` and a finite or nan
+        value adds exactly nothing to them, so callers may leave such pairs out (they are most
+        pairs: an item keeps only its top-K neighbours)."""
         n = self.n
         s = s.astype(np.float64)
         lk, dk = v >= self.like_min, v < self.like_min
@@ -475,12 +490,11 @@ class _CfSums:
         sv = np.where(rated, s * v, 0.0)
         s2 = s * s
         self.liked += np.bincount(ev, s * lk, n)
-        self.liked_n += np.bincount(ev, lk, n)
         self.dis += np.bincount(ev, s * dk, n)
-        self.dis_n += np.bincount(ev, dk, n)
         self.value += np.bincount(ev, sv, n)
-        self.liked_max = np.maximum(self.liked_max, _run_max(ev, np.where(lk, s, 0.0), n))
-        self.dis_max = np.maximum(self.dis_max, _run_max(ev, np.where(dk, s, 0.0), n))
+        runs = _run_starts(ev)
+        self.liked_max = np.maximum(self.liked_max, _run_max(ev, runs, np.where(lk, s, 0.0), n))
+        self.dis_max = np.maximum(self.dis_max, _run_max(ev, runs, np.where(dk, s, 0.0), n))
         self.sq += np.bincount(ev, s2 * rated, n)
         self.liked_sq += np.bincount(ev, s2 * lk, n)
         self.value_sq += np.bincount(ev, sv * s, n)
@@ -512,12 +526,16 @@ class _CfSums:
         return np.stack([cols[c] for c in CF_NAMES], axis=1).astype(np.float32)
 
 
-def _run_max(ev: np.ndarray, vals: np.ndarray, n: int) -> np.ndarray:
+def _run_starts(ev: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of ``ev`` starts."""
+    return np.flatnonzero(np.r_[True, ev[1:] != ev[:-1]]) if ev.size else np.zeros(0, np.intp)
+
+
+def _run_max(ev: np.ndarray, starts: np.ndarray, vals: np.ndarray, n: int) -> np.ndarray:
     """``(n,)`` per-index max of ``vals`` (0 where absent) when each index of ``ev`` occupies
-    one contiguous run (how the CF lookups are laid out)."""
+    one contiguous run (how the CF lookups are laid out), the runs starting at ``starts``."""
     out = np.zeros(n)
     if ev.size:
-        starts = np.flatnonzero(np.r_[True, ev[1:] != ev[:-1]])
         out[ev[starts]] = np.maximum.reduceat(vals, starts)
     return out
 
@@ -1040,9 +1058,9 @@ class Aggregator:
         weight, time, insertion order), of the stored history and the batch's earlier ``cand``
         events of the user: what folding one event at a time leaves, as the key never changes.
         A user whose batch events each rank above everything before them (time-ordered events
-        of equal weight: the usual case) is computed vectorized: the last ``min(t, K)`` earlier
-        batch events plus the stored history's first ``K - t`` slots; other users one event
-        at a time.
+        of equal weight: the usual case) is computed vectorized (:meth:`_cf_windows`): the
+        last ``min(t, K)`` earlier batch events plus the stored history's first ``K - t``
+        slots; other users one event at a time.
         """
         from sketchstream.models.similarity import CF_NAMES
 
@@ -1081,32 +1099,11 @@ class Aggregator:
         bad_user[gid[bad_ev]] = True
         ci = cand.astype(np.int64)
         t = _excl_cumsum(ci, first)  # earlier candidates of the user in this batch
-        gc = np.cumsum(ci) - ci  # earlier candidates in the whole batch
-        cpos = np.flatnonzero(cand)
         sums = _CfSums(n, like_min)
 
         fast = np.flatnonzero(valid & ~bad_user[gid])
         if fast.size:
-            # stored history: slots < min(len, K - t)
-            g = gid[fast]
-            keep_n = np.minimum(h_len[g], np.maximum(k_max - t[fast], 0))
-            cols = np.arange(k_max)[None, :]
-            m_ok = cols < keep_n[:, None]
-            r, c = np.nonzero(m_ok)
-            ev = fast[r]
-            hu = users[g[r]]
-            s_val = sim.lookup(hashes[ev], batch.hist_item[hu, c])
-            sums.add(ev, s_val, batch.hist_value[hu, c].astype(np.float64))
-            # earlier candidates of this batch: the last min(t, K)
-            lens = np.minimum(t[fast], k_max)
-            total = int(lens.sum())
-            if total:
-                ev = np.repeat(fast, lens)
-                ends = np.cumsum(lens)
-                offs = np.arange(total) - np.repeat(ends - lens, lens)
-                partner = cpos[np.repeat(gc[fast] - lens, lens) + offs]
-                s_val = sim.lookup(hashes[ev], hashes[partner])
-                sums.add(ev, s_val, value[partner])
+            self._cf_windows(batch, sim, sums, fast, gid, users, h_len, t, cand, value, hashes)
 
         bounds = np.r_[np.flatnonzero(starts), n]
         for gu in np.flatnonzero(bad_user).tolist():
@@ -1141,6 +1138,68 @@ class Aggregator:
         out[:] = sums.columns()
         out[~valid] = 0.0
         return out[:, pick]
+
+    def _cf_windows(
+        self,
+        batch: StateBatch,
+        sim: Any,
+        sums: _CfSums,
+        fast: np.ndarray,
+        gid: np.ndarray,
+        users: np.ndarray,
+        h_len: np.ndarray,
+        t: np.ndarray,
+        cand: np.ndarray,
+        value: np.ndarray,
+        hashes: np.ndarray,
+    ) -> None:
+        """The vectorized path of :meth:`_cf_features`: the pairs of events ``fast``.
+
+        Each user's entries are laid out as one run: its ``cand`` events of this batch newest
+        first, then its K stored slots (those past its length unknown to the similarity).
+        Event j's history, the last ``min(t, K)`` earlier candidates and the first
+        ``min(len, K - t)`` stored slots, is then the K entries from its newest earlier
+        candidate on: one ``(len(fast), K)`` similarity gather, with the item hashes mapped to
+        similarity rows once per entry rather than once per pair. Only its non-zero cells are
+        summed (about one in ten), per event its stored slots in slot order, then its
+        candidates oldest first: the order of a listing of every pair, so the float64 sums
+        are the same to the bit.
+        """
+        k = self.config.history_size
+        cols = np.arange(k)
+        n_cand = np.bincount(gid[cand], minlength=users.shape[0])
+        base = _excl(n_cand + k)[:-1]
+        r_all = sim.ranks(hashes)
+        e_rank = np.empty(int(n_cand.sum()) + k * users.shape[0], np.intp)
+        e_value = np.empty(e_rank.shape[0], np.float64)
+        at = (base + n_cand)[:, None] + cols  # the stored slots
+        filled = cols < h_len[:, None]
+        e_rank[at] = np.where(filled, sim.ranks(batch.hist_item[users]), sim.unknown)
+        e_value[at] = np.where(filled, batch.hist_value[users], np.nan)
+        cpos = np.flatnonzero(cand)
+        at = base[gid[cpos]] + n_cand[gid[cpos]] - 1 - t[cpos]  # the candidates, newest first
+        e_rank[at] = r_all[cpos]
+        e_value[at] = value[cpos]
+
+        start = base[gid[fast]] + n_cand[gid[fast]] - t[fast]
+        s_win = sim.pair_values(r_all[fast, None], sliding_window_view(e_rank, k)[start])
+        nonzero = s_win != 0
+        infinite = np.isinf(e_value)
+        if infinite.any():  # s * inf is nan even for s == 0: keep those pairs as they are
+            nonzero |= infinite[start[:, None] + cols]
+        flat = np.flatnonzero(nonzero)  # (a 2-D np.nonzero is several times slower)
+        r, c = np.divmod(flat, k)
+        ev, s_val, v = fast[r], s_win.reshape(-1)[flat], e_value[start[r] + c]
+        recent = c < np.minimum(t[fast], k)[r]
+        sums.add_weighted(ev[~recent], s_val[~recent], v[~recent])
+        # reversed as a whole: each event's candidates oldest first, its run still contiguous
+        oldest_first = np.flatnonzero(recent)[::-1]
+        sums.add_weighted(ev[oldest_first], s_val[oldest_first], v[oldest_first])
+        liked = _excl(e_value >= sums.like_min)
+        disliked = _excl(e_value < sums.like_min)
+        sums.add_counts(
+            fast, liked[start + k] - liked[start], disliked[start + k] - disliked[start]
+        )
 
     def _merge_history(
         self,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sketchstream.models import similarity
 from sketchstream.models.emde import item_hash
 from sketchstream.models.errors import ArtifactError
 from sketchstream.models.events import EventTable
@@ -16,6 +19,7 @@ from sketchstream.models.similarity import (
     SimilarityBuilder,
 )
 from sketchstream.models.snapshot import ItemSnapshot, refresh_windows
+from sketchstream.models.state import Aggregator, _CfSums
 from test_state import ITEMS, N_ITEMS, _aggregator, _batch, event_rows
 
 DAY = 86400.0
@@ -80,6 +84,149 @@ def test_lookup_reads_pairs_and_unknown_pairs_read_zero():
     assert got[0] == got[1] and got[2] == 0.0
     assert sim.lookup(item_hash(["i3"]), item_hash(["i3"]))[0] == 0.0
     assert ItemSimilarity.empty().lookup(a, b).tolist() == [0.0, 0.0, 0.0]
+
+
+def _pair_table(sim: ItemSimilarity) -> dict[tuple[int, int], float]:
+    n = len(sim.hashes)
+    pairs = zip(sim.keys.tolist(), sim.values.tolist(), strict=True)
+    return {(int(sim.hashes[k // n]), int(sim.hashes[k % n])): v for k, v in pairs}
+
+
+def _dict_lookup(sim: ItemSimilarity, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``sim.lookup`` the plain way: a dict of the pairs by their two hashes."""
+    table = _pair_table(sim)
+    got = [table.get(p, 0.0) for p in zip(a.tolist(), b.tolist(), strict=True)]
+    return np.array(got, np.float32)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_ranks_and_pair_values_read_the_pairs_and_zero_for_unknown_items(dense, monkeypatch):
+    if not dense:
+        monkeypatch.setattr(similarity, "DENSE_MAX_ITEMS", 0)
+    rng = np.random.default_rng(7)
+    # crowded buckets too: hashes sharing their top bits, only the first of them one probe away
+    base = rng.integers(0, 2**63, 40, dtype=np.uint64) * np.uint64(2)
+    hashes = np.unique(np.concatenate([base, base[:10] + np.uint64(1), base[:5] + np.uint64(2)]))
+    n = len(hashes)
+    dense_values = np.triu(rng.uniform(0.1, 1.0, (n, n)) * (rng.uniform(size=(n, n)) < 0.3), 1)
+    r, c = np.nonzero(dense_values + dense_values.T)
+    sim = ItemSimilarity(hashes, r * n + c, (dense_values + dense_values.T)[r, c])
+    stranger = rng.integers(0, 2**63, 30, dtype=np.uint64)
+    queries = np.concatenate([hashes, stranger, base[:10] + np.uint64(3), [np.uint64(0)]])
+    ranks = sim.ranks(queries.reshape(3, -1)).reshape(-1)
+    want = [int(np.flatnonzero(hashes == q)[0]) if q in hashes else n for q in queries]
+    assert ranks.tolist() == want and sim.unknown == n
+    a = rng.choice(queries, 2000)
+    b = rng.choice(queries, 2000)
+    np.testing.assert_array_equal(sim.lookup(a, b), _dict_lookup(sim, a, b))
+    assert (sim.lookup(a, b) > 0).any()
+    empty = ItemSimilarity.empty()
+    assert empty.ranks(a).tolist() == [empty.unknown] * len(a)
+    assert not empty.lookup(a, b).any()
+
+
+def _pairwise_windows(self, batch, sim, sums, fast, gid, users, h_len, t, cand, value, hashes):
+    """Stands in for ``Aggregator._cf_windows``: the vectorized path as it was first written,
+    every (event, entry) pair listed and looked up one by one, stored slots first."""
+    k = self.config.history_size
+    g = gid[fast]
+    keep_n = np.minimum(h_len[g], np.maximum(k - t[fast], 0))
+    r, c = np.nonzero(np.arange(k)[None, :] < keep_n[:, None])
+    ev, hu = fast[r], users[g[r]]
+    s = _dict_lookup(sim, hashes[ev], batch.hist_item[hu, c])
+    sums.add(ev, s, batch.hist_value[hu, c].astype(np.float64))
+    lens = np.minimum(t[fast], k)  # then the last min(t, K) earlier candidates, oldest first
+    ev = np.repeat(fast, lens)
+    ci = cand.astype(np.int64)
+    first = np.repeat(np.cumsum(ci)[fast] - ci[fast] - lens, lens)
+    offs = np.arange(ev.size) - np.repeat(np.cumsum(lens) - lens, lens)
+    partner = np.flatnonzero(cand)[first + offs]
+    sums.add(ev, _dict_lookup(sim, hashes[ev], hashes[partner]), value[partner])
+    self.fast_events = getattr(self, "fast_events", 0) + fast.size
+
+
+def _stream(seed: int, n: int = 160, n_users: int = 5) -> list[tuple]:
+    """Rows for _batch: bursts per user in time order, with equal times, nan (unrated) values,
+    unknown items, actions that fold into no history, redelivered offsets, and users 3 and 4
+    whose weights and times are out of rank order (the one-by-one path)."""
+    rng = np.random.default_rng(seed)
+    clock = np.full(n_users, 1000.0)
+    offset = np.zeros(n_users, np.int64)
+    rows = []
+    for _ in range(n):
+        u = int(rng.integers(0, n_users))
+        clock[u] += float(rng.choice([0.0, 0.0, 5.0, 60.0]))
+        ts = clock[u] - float(rng.uniform(0, 3000)) if u == 3 else clock[u]
+        weight = float(rng.choice([1.0, 0.5, 2.0])) if u == 4 else 1.0
+        if offset[u] and rng.uniform() < 0.05:
+            offset[u] -= 1
+        value = float(rng.choice([np.nan, 1.0, 3.0, 4.0, 4.0, 5.0]))
+        item = f"i{rng.integers(0, N_ITEMS + 5)}"
+        action = int(rng.choice([0, 0, 0, 1, -1]))
+        rows.append((u, item, action, value, ts, 0, int(offset[u]), weight))
+        offset[u] += 1
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("history_size", [3, 16])
+def test_cf_windows_equal_the_pairwise_sums_to_the_bit(seed, history_size, monkeypatch):
+    """The windowed gather of the vectorized path sums the same pairs in the same order as
+    listing every pair: the float64 sums equal to the bit (similarities spread over seven
+    decades, so that another order would round differently) over batches that leave users
+    with short and full histories, ties, unrated entries and users of the one-by-one path.
+    Against the one-by-one reference: equal within float rounding."""
+    rng = np.random.default_rng(seed)
+    base = _random_similarity(seed)
+    spread = np.float32(10.0) ** -rng.uniform(0, 7, len(base)).astype(np.float32)
+    sim = ItemSimilarity(base.hashes, base.keys, spread)
+    rows = _stream(seed)
+    cuts = [0, 23, 24, 70, 131, len(rows)]
+    sums: list[dict[str, np.ndarray]] = []
+    columns = _CfSums.columns
+
+    def spy(self):
+        sums.append({k: v.copy() for k, v in vars(self).items() if isinstance(v, np.ndarray)})
+        return columns(self)
+
+    def run(agg):
+        state = agg.new_batch(5)
+        got = [
+            agg.score_then_fold(state, _batch(rows[lo:hi]), item_similarity=sim)
+            for lo, hi in itertools.pairwise(cuts)
+        ]
+        return np.concatenate([f.cf for f in got]), sum(int(f.valid.sum()) for f in got)
+
+    monkeypatch.setattr(_CfSums, "columns", spy)
+    got, valid = run(_aggregator(history_size=history_size))
+    monkeypatch.setattr(Aggregator, "_cf_windows", _pairwise_windows)
+    pairwise = _aggregator(history_size=history_size)
+    want, _ = run(pairwise)
+    np.testing.assert_array_equal(got, want)
+    half = len(sums) // 2
+    for a, b in zip(sums[:half], sums[half:], strict=True):
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert 0 < pairwise.fast_events < valid  # both paths ran
+    monkeypatch.undo()
+    ref = _reference_cf(_aggregator(history_size=history_size), sim, 5, rows)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_an_infinite_value_reads_as_it_did_pair_by_pair(monkeypatch):
+    """Zero-similarity pairs are skipped, except where s * value is nan (value +-inf)."""
+    sim = _random_similarity(2)
+    rows = [(0, f"i{k % 9}", 0, np.inf if k == 3 else 5.0, 10.0 + k, 0, k, 1.0) for k in range(12)]
+
+    def run():
+        agg = _aggregator(history_size=8)
+        with np.errstate(invalid="ignore"):
+            return agg.score_then_fold(agg.new_batch(1), _batch(rows), item_similarity=sim).cf
+
+    got = run()
+    monkeypatch.setattr(Aggregator, "_cf_windows", _pairwise_windows)
+    np.testing.assert_array_equal(got, run())
+    assert np.isnan(got).any()
 
 
 @settings(max_examples=30, deadline=None)
