@@ -82,7 +82,7 @@ class WorkerMetrics:
         )
         self.partition_handovers = Counter(
             "sketchstream_partition_handovers",
-            "Events partitions handed to the worker's agent after a rebalance (sought to their "
+            "Events partitions handed to the worker after a rebalance (sought to their "
             "committed offsets and resumed), kept or newly assigned.",
             registry=r,
         )

@@ -8,7 +8,7 @@ consumer, since each worker needs every announcement, not a share of them.
 At start, :class:`ModelFeed` serves the newest announced version that loads, else the newest
 artifact in ``settings.artifact_dir``; with neither it refuses to start. While running it
 follows the topic; a new version is loaded and verified in a thread (the event loop keeps
-consuming), then handed to the agent, which swaps it in between two batches
+consuming), then handed to the batch handler, which swaps it in between two batches
 (:meth:`ModelFeed.take_pending`). An artifact that fails verification, or whose content hash
 is not the announced one, is refused with a log line; the current version keeps serving.
 """
@@ -126,7 +126,7 @@ class ModelFeed(Service):
         self._consumer: Any = None
         super().__init__(**kwargs)
 
-    # --- the agent's side ------------------------------------------------------------------
+    # --- the batch handler's side ------------------------------------------------------------
 
     async def wait_ready(self) -> ServingModel:
         """The model to start serving with (waits for :meth:`on_start` to load it)."""
@@ -259,7 +259,7 @@ class ModelFeed(Service):
 
     @Service.task
     async def _follow(self) -> None:
-        """Load each newly announced version; hand the newest good one to the agent."""
+        """Load each newly announced version; hand the newest good one to the batch handler."""
         await self._ready.wait()
         while not self.should_stop:
             if not self._consumer.assignment() and not await self._assign():

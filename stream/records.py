@@ -1,7 +1,7 @@
 """What travels on the stream's topics: incoming events decoded and validated into columns,
 dead-letter records, and prediction records.
 
-Events arrive as raw bytes (the agent consumes with ``value_serializer="raw"``) and are decoded
+Events arrive as raw bytes (the worker consumes with ``value_serializer="raw"``) and are decoded
 here with orjson straight into the columns the aggregator wants; nothing builds a per-event
 model object. The schema itself is the canonical one of :mod:`sketchstream.models.events`
 (:func:`~sketchstream.models.events.check_event` words the errors, so the file reader and the

@@ -1,9 +1,9 @@
 """The worker's per-batch logic, free of Kafka: validate → score → fold → records out.
 
 :class:`BatchProcessor` takes one micro-batch of raw messages (in consumption order, so every
-partition's records are in offset order) and returns what the agent must do with it: the
+partition's records are in offset order) and returns what the worker must do with it: the
 prediction records, the dead letters, and the user-state table writes. It makes exactly one
-state read (all the batch's users at once), one aggregator call, one MLP call. The faust agent
+state read (all the batch's users at once), one aggregator call, one MLP call. The batch handler
 in :mod:`sketchstream.stream.app` only moves these bytes; tests drive this class directly.
 
 The model being served is a :class:`ServingModel`; :meth:`BatchProcessor.swap` replaces it
@@ -105,7 +105,7 @@ class BatchProcessor:
     """Validate, score and fold micro-batches against one user-state table.
 
     ``read_states`` fetches stored states (see :data:`StateReader`); ``topic`` names the events
-    topic in prediction records. Not thread-safe: one agent, one processor.
+    topic in prediction records. Not thread-safe: one batch handler, one processor.
     """
 
     model: ServingModel
