@@ -23,6 +23,7 @@ def stream_env(kafka_bootstrap: str, tmp_path: Path, artifact_dir: Path) -> Iter
     env = StreamEnv(bootstrap=kafka_bootstrap, root=tmp_path, artifact_dir=artifact_dir)
     env.create_topics()
     yield env
+    env.delete_topics()
 
 
 @pytest.fixture

@@ -113,6 +113,21 @@ async def create_topics(bootstrap: str, topics: dict[str, int], compacted: tuple
         await admin.close()
 
 
+async def delete_topics(bootstrap: str, prefixes: tuple[str, ...], suffix: str) -> None:
+    """Delete the topics whose names start with one of ``prefixes`` and contain ``suffix``
+    (a test's own: its data topics, its workers' changelog and assignor topics)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        doomed = [t for t in await admin.list_topics() if suffix in t and t.startswith(prefixes)]
+        if doomed:
+            await admin.delete_topics(doomed)
+    finally:
+        await admin.close()
+
+
 async def produce(bootstrap: str, topic: str, pairs: list[tuple[bytes | None, bytes | None]]):
     """Send ``(key, value)`` pairs in order; returns their ``(partition, offset)``."""
     from aiokafka import AIOKafkaProducer
@@ -226,6 +241,12 @@ class StreamEnv:
             partitions=self.partitions,
             artifact_dir=self.artifact_dir,
         )
+
+    def delete_topics(self) -> None:
+        """Everything this environment's tests made on the broker (a developer's broker
+        otherwise collects thousands of test topics)."""
+        prefixes = (*self.topics.values(), self.app_id)
+        run(delete_topics(self.bootstrap, prefixes, self.suffix))
 
     def create_topics(self) -> None:
         t = self.topics
