@@ -433,6 +433,14 @@ def stream(
     latency_seconds: Annotated[
         float, typer.Option(min=0.0, help="Seconds of the half-rate latency run (0: none).")
     ] = 10.0,
+    latency_rate: Annotated[
+        float | None,
+        typer.Option(
+            min=1.0,
+            help="Events/s of the latency run instead of half the measured rate (to compare"
+            " systems at one rate).",
+        ),
+    ] = None,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -532,6 +540,7 @@ def stream(
             batch_size=batch_size,
             batch_within=batch_within,
             latency_seconds=latency_seconds,
+            latency_rate=latency_rate,
             timeout=timeout,
             say=say,
         )

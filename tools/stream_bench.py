@@ -543,8 +543,10 @@ async def run_one(
     latency_seconds: float,
     timeout: float,
     say: Callable[[str], None],
+    latency_rate: float | None = None,
 ) -> BenchRun:
-    """One system: drain ``lines`` at full speed, then ``more(n)`` events at half that rate."""
+    """One system: drain ``lines`` at full speed, then ``more(n)`` events at half that rate
+    (or at ``latency_rate`` events/s when given)."""
     import numpy as np
 
     topics = BenchTopics(partitions)
@@ -573,7 +575,7 @@ async def run_one(
             say(f"  {system}: {len(outs):,} outputs in {span:.2f}s: {rate:,.0f} events/s")
             run = BenchRun(system, n, rate)
 
-            half = rate / 2.0
+            half = latency_rate or rate / 2.0
             m = max(1, int(half * latency_seconds)) if np.isfinite(half) else 0
             if m:
                 lines2, keys2 = more(m)
