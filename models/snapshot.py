@@ -350,7 +350,7 @@ def refresh_windows(
     similarity: bool = False,
     similarity_top_k: int = 100,
     like_min: float = 4.0,
-    similarity_min_new_likes: int = 5000,
+    similarity_min_new_likes: int = 20_000,
 ) -> Iterator[tuple[np.ndarray, ItemSnapshot]]:
     """Replay the refresh cadence over ``events`` (an EventTable): yield ``(rows, snapshot)``
     per refresh window in time order, ``rows`` the window's event rows (stream order) and
