@@ -526,9 +526,15 @@ class _CfSums:
         return np.stack([cols[c] for c in CF_NAMES], axis=1).astype(np.float32)
 
 
+def _run_flags(a: np.ndarray) -> np.ndarray:
+    """Bool, True where a run of equal values of ``a`` starts, as ``np.r_[True, a[1:] !=
+    a[:-1]]`` (which costs ~10 µs of Python a call; this runs several times a batch)."""
+    return np.concatenate(([True], a[1:] != a[:-1]))
+
+
 def _run_starts(ev: np.ndarray) -> np.ndarray:
     """Where each run of equal values of ``ev`` starts."""
-    return np.flatnonzero(np.r_[True, ev[1:] != ev[:-1]]) if ev.size else np.zeros(0, np.intp)
+    return np.flatnonzero(_run_flags(ev)) if ev.size else np.zeros(0, np.intp)
 
 
 def _run_max(ev: np.ndarray, starts: np.ndarray, vals: np.ndarray, n: int) -> np.ndarray:
@@ -766,7 +772,7 @@ class Aggregator:
         # Work in user-sorted order (stable: each user's events stay in offset order).
         order = np.argsort(ev.user_index, kind="stable")
         u = ev.user_index[order]
-        starts = np.r_[True, u[1:] != u[:-1]]
+        starts = _run_flags(u)
         gid = np.cumsum(starts) - 1
         first = _group_first(starts)
         ts = ev.ts[order]
@@ -801,7 +807,7 @@ class Aggregator:
             base = np.where(np.isfinite(clock0), clock0, ts[first])
             span = np.where(np.isfinite(incl), incl - base, 0.0)
             seg = np.floor(np.maximum(span, 0.0) / (_MAX_PASS_HALF_LIVES * h_min))
-            cut = (starts | np.r_[True, seg[1:] != seg[:-1]]).astype(np.int64)
+            cut = (starts | _run_flags(seg)).astype(np.int64)
             pass_id = np.cumsum(cut) - np.cumsum(cut)[first]
         else:
             pass_id = np.zeros(n, np.int64)
@@ -960,7 +966,7 @@ class Aggregator:
         contrib = arrays["member"][sel] & known
         m = len(sel)
         n_ch, depth, width = len(self.config.channels), self.depth, self.width
-        starts = np.r_[True, u[1:] != u[:-1]]
+        starts = _run_flags(u)
         first = _group_first(starts)
         gl = np.cumsum(starts) - 1
         users = u[starts]
@@ -1006,7 +1012,7 @@ class Aggregator:
             kpos = rows - np.maximum.accumulate(np.where(kstarts, rows, 0), axis=0)
             # Column by column, end to end; only groups of two or more rows have a prefix.
             pos = kpos.T.reshape(-1)
-            multi = np.flatnonzero((pos >= 1) | np.r_[pos[1:] >= 1, False])
+            multi = np.flatnonzero((pos >= 1) | np.concatenate((pos[1:] >= 1, [False])))
             if multi.size:
                 ev_row = perm.T.reshape(-1)[multi]
                 ex = _excl_scan(sw[ev_row][:, chans], pos[multi])  # (k, Cm)
@@ -1105,7 +1111,7 @@ class Aggregator:
         if fast.size:
             self._cf_windows(batch, sim, sums, fast, gid, users, h_len, t, cand, value, hashes)
 
-        bounds = np.r_[np.flatnonzero(starts), n]
+        bounds = np.append(np.flatnonzero(starts), n)
         for gu in np.flatnonzero(bad_user).tolist():
             uu = int(users[gu])
             lo, hi = int(bounds[gu]), int(bounds[gu + 1])
@@ -1223,7 +1229,7 @@ class Aggregator:
         ol, oslot = np.nonzero(np.arange(k_max)[None, :] < n_old[:, None])
         ou = users[ol]
         nl = np.searchsorted(users, nu)
-        nstarts = np.r_[True, nu[1:] != nu[:-1]]
+        nstarts = _run_flags(nu)
         rank_new = np.arange(ci.size) - _group_first(nstarts)
         user = np.concatenate([ou, nu])
         c_item = np.concatenate([batch.hist_item[ou, oslot], hashes[ci]])
@@ -1236,7 +1242,7 @@ class Aggregator:
             score = np.log2(c_w.astype(np.float64)) + c_ts / self.config.history_half_life_s
         o = np.lexsort((-recency, -c_ts, -score, user))
         su = user[o]
-        s_starts = np.r_[True, su[1:] != su[:-1]]
+        s_starts = _run_flags(su)
         rank = np.arange(o.size) - _group_first(s_starts)
         keep = rank < k_max
         o, su, rank = o[keep], su[keep], rank[keep]
