@@ -58,6 +58,8 @@ class BulkConsumer(faust_aiokafka.Consumer):
 
     ``bulk_topics``, ``bulk_handler`` and ``bulk_size`` come from the :class:`BulkApp`."""
 
+    _bulk_acked = 0  # acknowledged since this loop last committed
+
     @property
     def _bulk(self) -> tuple[frozenset[str], BulkHandler | None, int]:
         app = self.app
@@ -128,8 +130,8 @@ class BulkConsumer(faust_aiokafka.Consumer):
         for record in records:
             self._check_flow(generation)
             message = self._to_message(tp, record)
-            await self.wait_first(self.callback(message), self.suspend_flow.wait())
-            if self.suspend_flow.is_set():  # the delivery may have been cancelled
+            waited = await self.wait_first(self.callback(message), self.suspend_flow.wait())
+            if waited.stopped or self.suspend_flow.is_set():  # the delivery may be cancelled
                 raise _Abandoned()
             self._read_offset[tp] = record.offset
 
@@ -156,7 +158,7 @@ class BulkConsumer(faust_aiokafka.Consumer):
             ack(m)
             last[m.tp] = m.offset
         self._read_offset.update(last)
-        self._bulk_acked = getattr(self, "_bulk_acked", 0) + len(messages)
+        self._bulk_acked += len(messages)
         if self._bulk_acked >= self.app.conf.broker_commit_every:
             self._bulk_acked = 0
             await self.commit()
