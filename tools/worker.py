@@ -92,9 +92,9 @@ def worker(
     import torch
     from sketchstream.stream.app import create_app
     from sketchstream.stream.records import EventLimits
-    from sketchstream.stream.settings import load_settings
+    from sketchstream.tools.options import load_settings_or_exit
 
-    settings = load_settings(
+    settings = load_settings_or_exit(
         kafka=kafka,
         state_dir=state_dir,
         artifact_dir=artifact_dir,

@@ -54,3 +54,14 @@ def test_a_setting_option_names_a_settings_field_and_defers_to_it(path, option):
     field = var.removeprefix(ENV_PREFIX).lower()
     assert field in Settings.model_fields, f"{' '.join(path)} {option.opts}: no field {field}"
     assert option.default is None, f"{' '.join(path)} {option.opts} must default to None"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("SKETCHSTREAM_BATCH_SIZE", "0"), ("SKETCHSTREAM_WEB_PORT", "ninety")],
+)
+def test_the_worker_refuses_a_bad_setting_with_a_message_not_a_traceback(variable, value):
+    result = CliRunner().invoke(app, ["worker"], env={variable: value})
+    assert result.exit_code == 2, result.output
+    assert f"invalid setting {variable}={value!r}" in result.output
+    assert "Traceback" not in result.output
