@@ -183,13 +183,13 @@ def create_app(
     settings: Settings,
     *,
     app_id: str = DEFAULT_APP_ID,
-    batch_size: int = 2048,
     limits: EventLimits | None = None,
     standby_replicas: int = 1,
     commit_interval: float = 1.0,
 ) -> faust.App:
     """The worker app: consumes ``settings.topic_events`` in micro-batches of up to
-    ``batch_size`` events: what each fetch brought (see :mod:`sketchstream.stream.bulk`).
+    ``settings.batch_size`` events: what each fetch brought (see
+    :mod:`sketchstream.stream.bulk`).
 
     ``app_id`` is the consumer group and prefixes the changelog topic
     (``<app_id>-users-changelog``): workers with the same id share the partitions.
@@ -200,7 +200,7 @@ def create_app(
     app = faust_app(
         settings,
         app_id=app_id,
-        batch_size=batch_size,
+        batch_size=settings.batch_size,
         standby_replicas=standby_replicas,
         commit_interval=commit_interval,
         bulk=True,
@@ -303,7 +303,7 @@ def create_app(
         metrics.observe_latencies([published - ts for ts in result.kafka_ts if ts])
         metrics.batch_seconds.observe(time.perf_counter() - started)
 
-    app.bulk(events, score, size=batch_size)
+    app.bulk(events, score, size=settings.batch_size)
 
     @app.page("/health")
     async def health(self: Any, request: Any) -> Any:

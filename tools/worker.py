@@ -115,7 +115,6 @@ def worker(
     app = create_app(
         settings,
         app_id=settings.app_id,
-        batch_size=settings.batch_size,
         limits=EventLimits(max_bytes=max_event_bytes),
         standby_replicas=standby_replicas,
     )
