@@ -761,6 +761,7 @@ def score_events(
         timings["replay"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         p[:] = scorer.score(rep.features, items, ts)
+        timings["predict"] = time.perf_counter() - t0
     else:
         train = bundle.manifest.get("config", {}).get("train", {})
         refresh_s = float(train.get("item_refresh_s") or DEFAULT_REFRESH_S)
@@ -797,8 +798,6 @@ def score_events(
         # scoring ran window by window inside the replay: count it as predict, not replay
         timings["replay"] = time.perf_counter() - t0 - spent[0]
         timings["predict"] = spent[0]
-    if "predict" not in timings:
-        timings["predict"] = time.perf_counter() - t0
     return Scored(
         y=y, p=p, split=split, metrics=_head_metrics(y, p, split, bundle.heads), timings=timings
     )
