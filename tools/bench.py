@@ -522,9 +522,9 @@ def stream(
     load1, load5, _ = os.getloadavg()
     say(
         f"stream bench: {len(lines):,} events drained per system, the next ones (of {source}) "
-        f"for the latency run; {partitions} partitions, batches of {batch_size} "
-        f"within {batch_within}s; {os.cpu_count()} CPUs, load average {load1:.2f}/{load5:.2f}"
-        + (f"; model {version} ({how})" if version else "")
+        f"for the latency run; {partitions} partitions, batches of up to {batch_size} "
+        f"(the passthroughs' within {batch_within}s); {os.cpu_count()} CPUs, "
+        f"load average {load1:.2f}/{load5:.2f}" + (f"; model {version} ({how})" if version else "")
     )
     runs = []
     for system in systems:

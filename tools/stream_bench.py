@@ -575,11 +575,11 @@ async def run_one(
             say(f"  {system}: {len(outs):,} outputs in {span:.2f}s: {rate:,.0f} events/s")
             run = BenchRun(system, n, rate)
 
-            half = latency_rate or rate / 2.0
-            m = max(1, int(half * latency_seconds)) if np.isfinite(half) else 0
+            paced = latency_rate or rate / 2.0
+            m = max(1, int(paced * latency_seconds)) if np.isfinite(paced) else 0
             if m:
                 lines2, keys2 = more(m)
-                await produce(client_kwargs, topics.events, lines2, keys2, rate=half)
+                await produce(client_kwargs, topics.events, lines2, keys2, rate=paced)
                 await _wait_outputs(client_kwargs, topics, proc, n + m, timeout)
                 events = await read_topic(client_kwargs, topics.events)
                 born = {(r.partition, r.offset): r.timestamp for r in events}
@@ -592,9 +592,9 @@ async def run_one(
                 lat_ms = np.asarray(lat, np.float64)
                 run.p50_ms = float(np.percentile(lat_ms, 50))
                 run.p99_ms = float(np.percentile(lat_ms, 99))
-                run.latency_events, run.latency_rate = len(lat), half
+                run.latency_events, run.latency_rate = len(lat), paced
                 say(
-                    f"  {system}: {len(lat):,} events at {half:,.0f}/s: "
+                    f"  {system}: {len(lat):,} events at {paced:,.0f}/s: "
                     f"p50 {run.p50_ms:.1f} ms, p99 {run.p99_ms:.1f} ms"
                 )
             proc.sample()
