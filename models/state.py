@@ -1111,39 +1111,86 @@ class Aggregator:
         if fast.size:
             self._cf_windows(batch, sim, sums, fast, gid, users, h_len, t, cand, value, hashes)
 
-        bounds = np.append(np.flatnonzero(starts), n)
-        for gu in np.flatnonzero(bad_user).tolist():
-            uu = int(users[gu])
-            lo, hi = int(bounds[gu]), int(bounds[gu + 1])
-            entries = [
-                (
-                    float(h_score[gu, s]),
-                    float(batch.hist_ts[uu, s]),
-                    -1 - s,
-                    int(batch.hist_item[uu, s]),
-                    float(batch.hist_value[uu, s]),
-                )
-                for s in range(int(h_len[gu]))
-            ]
-            seq = 0
-            for j in range(lo, hi):
-                if valid[j] and entries:
-                    kept = sorted(entries, key=lambda e: (-e[0], -e[1], -e[2]))[:k_max]
-                    hv = np.array([e[4] for e in kept], np.float64)
-                    hh = np.array([e[3] for e in kept], np.uint64)
-                    s_val = sim.lookup(np.full(len(kept), hashes[j], np.uint64), hh)
-                    sums.add(np.full(len(kept), j), s_val, hv)
-                if cand[j]:
-                    entries.append(
-                        (float(score[j]), float(ts[j]), seq, int(hashes[j]), float(value[j]))
-                    )
-                    seq += 1
-                    if len(entries) > 4 * k_max:  # keep the list short; ranks are static
-                        entries = sorted(entries, key=lambda e: (-e[0], -e[1], -e[2]))[:k_max]
+        if bad_user.any():
+            self._cf_out_of_rank(
+                batch, sim, sums, bad_user, gid, users, h_len, h_score, t, valid, cand,
+                score, ts, value, hashes,
+            )  # fmt: skip
 
         out[:] = sums.columns()
         out[~valid] = 0.0
         return out[:, pick]
+
+    def _cf_out_of_rank(
+        self,
+        batch: StateBatch,
+        sim: Any,
+        sums: _CfSums,
+        bad_user: np.ndarray,
+        gid: np.ndarray,
+        users: np.ndarray,
+        h_len: np.ndarray,
+        h_score: np.ndarray,
+        t: np.ndarray,
+        valid: np.ndarray,
+        cand: np.ndarray,
+        score: np.ndarray,
+        ts: np.ndarray,
+        value: np.ndarray,
+        hashes: np.ndarray,
+        max_pairs: int = 1 << 21,
+    ) -> None:
+        """The path of :meth:`_cf_features` for users ``bad_user`` (indices into ``users``),
+        whose batch events do not each rank above everything before them: late events, or
+        weights that make an older event outrank a newer one.
+
+        Each such user's entries (stored slots and the batch's ``cand`` events) are sorted
+        once by the history's rank key (score, time, then insertion order: newer candidates
+        first, stored slots in slot order). Event j's history is then the first K entries of
+        that order that existed before it: stored slots, and candidates earlier in the batch.
+        Its pairs are added in that order, so the sums are those of folding one event at a
+        time to the bit. Events are taken in chunks of at most ``max_pairs`` (event, entry)
+        pairs: a user with E batch events and L entries costs E x L.
+        """
+        k_max = self.config.history_size
+        gb = np.flatnonzero(bad_user)
+        so_g, so_s = np.nonzero(np.arange(k_max)[None, :] < h_len[gb][:, None])
+        so_g = gb[so_g]
+        so_u = users[so_g]
+        c_ev = np.flatnonzero(cand & bad_user[gid])
+        e_g = np.concatenate([so_g, gid[c_ev]])
+        o = np.lexsort(
+            (
+                -np.concatenate([-1 - so_s, t[c_ev]]).astype(np.float64),  # insertion order
+                -np.concatenate([batch.hist_ts[so_u, so_s], ts[c_ev]]),
+                -np.concatenate([h_score[so_g, so_s], score[c_ev]]),
+                e_g,
+            )
+        )
+        e_rank = sim.ranks(np.concatenate([batch.hist_item[so_u, so_s], hashes[c_ev]])[o])
+        e_value = np.concatenate([batch.hist_value[so_u, so_s].astype(np.float64), value[c_ev]])[o]
+        e_from = np.concatenate([np.full(so_g.size, -1, np.int64), c_ev])[o]  # seen after
+        n_e = np.bincount(e_g, minlength=users.shape[0])
+        base = _excl(n_e)
+        events = np.flatnonzero(valid & bad_user[gid])
+        per = n_e[gid[events]]
+        ends = np.cumsum(per)
+        lo = 0
+        while lo < events.size:  # chunks of events with at most max_pairs pairs (or one event)
+            done = int(ends[lo - 1]) if lo else 0
+            hi = max(lo + 1, int(np.searchsorted(ends, done + max_pairs, side="right")))
+            ev, cnt = events[lo:hi], per[lo:hi]
+            first = _excl(cnt)[:-1]
+            ev_rep = np.repeat(ev, cnt)
+            at = np.repeat(base[gid[ev]] - first, cnt) + np.arange(ev_rep.size)
+            seen = e_from[at] < ev_rep
+            c = np.cumsum(seen)
+            before = np.repeat(np.concatenate(([0], c))[first], cnt)
+            keep = np.flatnonzero(seen & (c - before <= k_max))
+            pe, pk = ev_rep[keep], at[keep]
+            s_val = sim.pair_values(sim.ranks(hashes[pe]), e_rank[pk])
+            sums.add(pe, s_val, e_value[pk])
+            lo = hi
 
     def _cf_windows(
         self,

@@ -213,6 +213,95 @@ def test_cf_windows_equal_the_pairwise_sums_to_the_bit(seed, history_size, monke
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
+def _one_by_one(
+    self, batch, sim, sums, bad_user, gid, users, h_len, h_score, t, valid, cand, score, ts,
+    value, hashes, max_pairs=0,
+):  # fmt: skip
+    """Stands in for ``Aggregator._cf_out_of_rank``: the path as it was first written, each
+    user's entries kept in a list and sorted again for every event."""
+    k_max = self.config.history_size
+    bounds = np.searchsorted(gid, np.arange(users.size + 1))
+    for gu in np.flatnonzero(bad_user).tolist():
+        uu = int(users[gu])
+        entries = [
+            (
+                float(h_score[gu, s]),
+                float(batch.hist_ts[uu, s]),
+                -1 - s,
+                int(batch.hist_item[uu, s]),
+                float(batch.hist_value[uu, s]),
+            )
+            for s in range(int(h_len[gu]))
+        ]
+        seq = 0
+        for j in range(int(bounds[gu]), int(bounds[gu + 1])):
+            if valid[j] and entries:
+                kept = sorted(entries, key=lambda e: (-e[0], -e[1], -e[2]))[:k_max]
+                hv = np.array([e[4] for e in kept], np.float64)
+                hh = np.array([e[3] for e in kept], np.uint64)
+                s_val = sim.lookup(np.full(len(kept), hashes[j], np.uint64), hh)
+                sums.add(np.full(len(kept), j), s_val, hv)
+            if cand[j]:
+                entry = (float(score[j]), float(ts[j]), seq, int(hashes[j]), float(value[j]))
+                entries.append(entry)
+                seq += 1
+    self.late_users = getattr(self, "late_users", 0) + int(bad_user.sum())
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(("history_size", "max_pairs"), [(3, 1 << 21), (16, 1 << 21), (16, 7)])
+def test_out_of_rank_users_sum_as_one_event_at_a_time_to_the_bit(
+    seed, history_size, max_pairs, monkeypatch
+):
+    """Users whose batch events arrive late or out of rank (users 3 and 4 of the stream, and
+    every user of a second pass over it, late for all) are read off one sort of their entries
+    per batch: the same pairs in the same order as sorting each event's history in turn, so
+    the float64 sums are equal to the bit; ``max_pairs`` 7 splits them into many chunks."""
+    rng = np.random.default_rng(seed)
+    base = _random_similarity(seed)
+    spread = np.float32(10.0) ** -rng.uniform(0, 7, len(base)).astype(np.float32)
+    sim = ItemSimilarity(base.hashes, base.keys, spread)
+    rows = _stream(seed)
+    late = [(u, item, a, v, ts - 5000.0, p, off + 1000, w) for u, item, a, v, ts, p, off, w in rows]
+    rows = rows + late[:90]
+    cuts = [0, 23, 24, 70, 131, 160, 161, 200, len(rows)]
+    sums: list[dict[str, np.ndarray]] = []
+    columns = _CfSums.columns
+
+    def spy(self):
+        sums.append({k: v.copy() for k, v in vars(self).items() if isinstance(v, np.ndarray)})
+        return columns(self)
+
+    def run(agg):
+        state = agg.new_batch(5)
+        got = [
+            agg.score_then_fold(state, _batch(rows[lo:hi]), item_similarity=sim)
+            for lo, hi in itertools.pairwise(cuts)
+        ]
+        return np.concatenate([f.cf for f in got])
+
+    monkeypatch.setattr(_CfSums, "columns", spy)
+    method = Aggregator._cf_out_of_rank
+    monkeypatch.setattr(
+        Aggregator,
+        "_cf_out_of_rank",
+        lambda self, *a: method(self, *a, max_pairs=max_pairs),
+    )
+    got = run(_aggregator(history_size=history_size))
+    monkeypatch.setattr(Aggregator, "_cf_out_of_rank", _one_by_one)
+    reference = _aggregator(history_size=history_size)
+    want = run(reference)
+    np.testing.assert_array_equal(got, want)
+    half = len(sums) // 2
+    for a, b in zip(sums[:half], sums[half:], strict=True):
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert reference.late_users >= 5  # the late pass makes every user's events late
+    monkeypatch.undo()
+    ref = _reference_cf(_aggregator(history_size=history_size), sim, 5, rows)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_an_infinite_value_reads_as_it_did_pair_by_pair(monkeypatch):
     """Zero-similarity pairs are skipped, except where s * value is nan (value +-inf)."""
     sim = _random_similarity(2)
