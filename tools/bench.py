@@ -498,14 +498,26 @@ def stream(
         logging.getLogger(name).setLevel(logging.ERROR)
 
     folder = data or settings.data_dir / "ml-1m"
-    pool, source = sb.event_lines(folder / "events.jsonl", 2 * events)
+    path = folder / "events.jsonl"
+    pool, _ = sb.event_lines(path, 2 * events)
+    origin = str(path) if path.is_file() else "a synthetic MovieLens-1M-shaped stream"
     lines, keys = pool[:events], sb._keys(pool[:events])
-    rest = pool[events:] or pool
-    rest_keys = sb._keys(rest)
 
     def more(n: int) -> tuple[list[bytes], list[bytes]]:
-        reps = -(-n // len(rest))
-        return (rest * reps)[:n], (rest_keys * reps)[:n]
+        """The ``n`` events after the drained ones: the file's next ones, then (when it runs
+        out) its events again, later in time (:func:`~sketchstream.tools.stream_bench.
+        later_copies`): never events older than what their users already sent."""
+        nonlocal pool
+        if len(pool) < events + n:
+            pool, _ = sb.event_lines(path, events + n)
+        after = pool[events : events + n]
+        if len(after) < n:
+            say(
+                f"  (the events run out: the last {n - len(after):,} of the latency run are "
+                "the first ones again, moved later in time)"
+            )
+            after += sb.later_copies(pool, n - len(after))
+        return after, sb._keys(after)
 
     store = version = how = None
     if "worker" in systems:
@@ -521,8 +533,8 @@ def stream(
         )
     load1, load5, _ = os.getloadavg()
     say(
-        f"stream bench: {len(lines):,} events drained per system, the next ones (of {source}) "
-        f"for the latency run; {partitions} partitions, batches of up to {batch_size} "
+        f"stream bench: {len(lines):,} events drained per system, the ones after them for the "
+        f"latency run (from {origin}); {partitions} partitions, batches of up to {batch_size} "
         f"(the passthroughs' within {batch_within}s); {os.cpu_count()} CPUs, "
         f"load average {load1:.2f}/{load5:.2f}" + (f"; model {version} ({how})" if version else "")
     )

@@ -41,6 +41,7 @@ __all__ = [
     "BenchRun",
     "bench_model",
     "event_lines",
+    "later_copies",
     "run_system",
     "serve_passthrough",
 ]
@@ -86,6 +87,30 @@ def synthetic_lines(n: int, seed: int = 0) -> list[bytes]:
         orjson.dumps({"user": f"u{u}", "item": i, "action": "rate", "ts": t, "value": v})
         for u, i, t, v in zip(users, items, ts, values, strict=True)
     ]
+
+
+def later_copies(lines: Sequence[bytes], n: int) -> list[bytes]:
+    """``n`` events to follow ``lines``: ``lines`` again from the start, each pass moved later
+    by the span of their times plus a second, so every user's events stay in time order.
+
+    Sending the same events again unshifted makes them late for users who already have
+    later events, and late events take the aggregator's slower path: a latency run that
+    outgrew its events would measure that instead of the stream it means to.
+    """
+    import orjson
+
+    if n <= 0 or not lines:
+        return []
+    events = [orjson.loads(line) for line in lines]
+    times = [float(e["ts"]) for e in events]
+    span = max(times) - min(times) + 1.0
+    out: list[bytes] = []
+    shift = 0.0
+    while len(out) < n:
+        shift += span
+        for e, t in zip(events[: n - len(out)], times, strict=False):
+            out.append(orjson.dumps({**e, "ts": t + shift}))
+    return out
 
 
 def _keys(lines: Sequence[bytes]) -> list[bytes]:

@@ -53,3 +53,26 @@ def test_bench_stream_writes_one_json_line_per_system(kafka_bootstrap: str, tmp_
         worker["events_per_s"] / rows[0]["events_per_s"], rel=1e-2
     )
     assert "system" in result.output  # the table
+
+
+def test_later_copies_keep_every_users_events_in_time_order():
+    """A latency run longer than its events continues with the same events, later in time:
+    none is older than an event its user already sent (that would be a late event, which
+    the worker reads on its slower path)."""
+    from sketchstream.tools.stream_bench import later_copies
+
+    lines = [
+        json.dumps(
+            {"user": f"u{k % 3}", "item": f"i{k}", "action": "rate", "ts": 100 + 7 * k}
+        ).encode()
+        for k in range(5)
+    ]
+    more = later_copies(lines, 12)
+    events = [json.loads(x) for x in lines + more]
+    assert len(more) == 12
+    assert [e["item"] for e in events[5:]] == [f"i{k % 5}" for k in range(12)]
+    last: dict[str, float] = {}
+    for e in events:
+        assert e["ts"] > last.get(e["user"], float("-inf"))
+        last[e["user"]] = e["ts"]
+    assert later_copies(lines, 0) == [] and later_copies([], 3) == []
