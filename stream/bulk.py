@@ -44,6 +44,18 @@ __all__ = ["BulkApp", "BulkConsumer", "BulkHandler"]
 
 log = logging.getLogger(__name__)
 
+# faust's private consumer methods this module overrides or calls (see the module docstring):
+# a faust-streaming without them fails here, at import, not in the middle of a fetch
+_FAUST_INTERNALS = ("_drain_messages", "_wait_next_records", "_to_message", "_add_gap")
+_missing = [name for name in _FAUST_INTERNALS if not hasattr(faust_aiokafka.Consumer, name)]
+if _missing:
+    raise ImportError(
+        f"sketchstream's bulk consumer is written against faust-streaming 0.15.3's consumer; "
+        f"faust-streaming {getattr(faust, '__version__', '?')} has no "
+        + ", ".join(f"Consumer.{name}" for name in _missing)
+        + ": install faust-streaming==0.15.3 (pyproject.toml pins it)"
+    )
+
 #: ``await handler(messages)``: one micro-batch of faust ``ConsumerMessage``\ s of the bulk
 #: topics, every partition's in offset order; acknowledged when it returns.
 BulkHandler = Callable[[list[Any]], Awaitable[None]]

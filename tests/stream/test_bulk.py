@@ -114,3 +114,19 @@ async def test_the_batch_size_must_be_positive():
     app = BulkApp("bulk-test-size", broker="kafka://127.0.0.1:1", autodiscover=False)
     with pytest.raises(ValueError, match="at least 1"):
         app.bulk(app.topic("events"), lambda messages: asyncio.sleep(0), size=0)
+
+
+def test_a_faust_without_the_consumer_internals_fails_at_import_with_the_pin_named():
+    """The bulk consumer overrides faust-streaming 0.15.3's private fetch loop: another faust
+    must fail on import with what to install, not deep in a fetch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import faust.transport.drivers.aiokafka as a; "
+        "owner = next(k for k in a.Consumer.__mro__ if '_add_gap' in vars(k)); "
+        "delattr(owner, '_add_gap'); import sketchstream.stream.bulk"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert run.returncode != 0
+    assert "Consumer._add_gap" in run.stderr and "faust-streaming==0.15.3" in run.stderr
