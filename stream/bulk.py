@@ -26,8 +26,9 @@ partitions are sought back to their committed offsets, so nothing abandoned is s
 handler that raises stops the worker without acknowledging its batch: the batch is read again
 after the restart (at-least-once).
 
-It overrides faust's private ``Consumer._drain_messages`` and reads faust's read offsets and
-gaps (``_read_offset``, ``_add_gap``), as faust-streaming 0.15.3 has them: re-check on upgrade.
+It overrides faust's private ``Consumer._drain_messages`` and reads faust's read offsets, gaps
+and unacknowledged messages (``_read_offset``, ``_add_gap``, ``_unacked_messages``), as
+faust-streaming 0.15.3 has them: re-check on upgrade.
 """
 
 from __future__ import annotations
@@ -162,6 +163,10 @@ class BulkConsumer(faust_aiokafka.Consumer):
             # not bad input (the handler dead-letters that) but a failure of the worker itself:
             # stop it. Seek back first, so a restarted fetch cannot skip the batch.
             log.exception("batch handler failed: stopping; the batch is read again on restart")
+            # never acknowledged here, so never committed; untracked, so faust's stop does not
+            # wait for their acknowledgement (``wait_empty``: forever, and the worker would hang
+            # instead of exiting for its supervisor to restart it)
+            self._unacked_messages.difference_update(messages)
             await self._seek_back()
             await self.app.crash(exc)
             raise

@@ -4,6 +4,7 @@ Each test has its own topics, app id (consumer group, changelog) and state direc
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections import defaultdict
 
@@ -14,6 +15,7 @@ from kafka_harness import (
     StreamEnv,
     assert_same_states,
     consume,
+    create_topics,
     latest_by_key,
     offline_reference,
     produce,
@@ -179,5 +181,41 @@ def test_a_second_worker_takes_over_partitions_and_state_of_a_killed_one(stream_
     missing = {(r.partition, r.offset) for r in records} - set(predictions)
     assert not missing, f"no prediction for {sorted(missing)}\n{b.tail(200)}"
     assert b.stop() == 0
+    agg, expected, _ = offline_reference(env.artifact_dir, records)
+    assert_same_states(agg, expected, final_states(env))
+
+
+def test_a_batch_the_worker_cannot_process_is_read_again_after_a_restart(stream_env, start_worker):
+    """A worker failure, not bad input: a user's stored state is unreadable (here: garbage
+    written to the changelog). The worker stops on that batch without acknowledging it, so
+    nothing of it is committed; once the state is deleted (a tombstone), the next worker reads
+    the batch again and every event gets its prediction, the states those of a clean run."""
+    env = stream_env
+    events = synthetic_events(600, users=20, seed=5)
+    victim = events[len(events) // 2]["user"].encode()
+    run(create_topics(env.bootstrap, {env.changelog: env.partitions}, compacted=(env.changelog,)))
+    run(produce(env.bootstrap, env.changelog, [(victim, b"not a user state")]))
+    sent = run(produce(env.bootstrap, env.topics["events"], keyed(events)))
+    victim_refs = {ref for ref, e in zip(sent, events, strict=True) if e["user"] == victim.decode()}
+
+    worker = start_worker("w1", "--batch-size", "50")
+    assert worker.proc is not None
+    try:
+        code = worker.proc.wait(120)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError("the worker hangs on the unreadable state\n" + worker.tail()) from exc
+    assert code != 0, worker.tail()
+    assert "unreadable bytes" in worker.tail(200) and "batch handler failed" in worker.tail(200)
+    early = predictions_by_ref(env, until=len(events), timeout=5)
+    assert not victim_refs & set(early), "the failed batch published nothing of the victim"
+
+    run(produce(env.bootstrap, env.changelog, [(victim, None)]))  # the operator's repair
+    worker = start_worker("w1", "--batch-size", "50")
+    worker.wait_healthy()
+    predictions = predictions_by_ref(env, until=len(events))
+    assert set(predictions) == set(sent), "every event has a prediction"
+    assert worker.stop() == 0
+
+    records = run(consume(env.bootstrap, env.topics["events"]))
     agg, expected, _ = offline_reference(env.artifact_dir, records)
     assert_same_states(agg, expected, final_states(env))
