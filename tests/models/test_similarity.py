@@ -125,6 +125,52 @@ def test_ranks_and_pair_values_read_the_pairs_and_zero_for_unknown_items(dense, 
     assert not empty.lookup(a, b).any()
 
 
+def _spread_similarity(seed: int) -> ItemSimilarity:
+    """:func:`_random_similarity`'s pairs with values spread over seven decades, so that
+    summing them in another order would round differently."""
+    rng = np.random.default_rng(seed)
+    base = _random_similarity(seed)
+    spread = np.float32(10.0) ** -rng.uniform(0, 7, len(base)).astype(np.float32)
+    return ItemSimilarity(base.hashes, base.keys, spread)
+
+
+def _run_cf(agg, sim, rows: list[tuple], cuts: list[int]):
+    """``rows`` through ``agg.score_then_fold`` in batches cut at ``cuts`` (5 users): the CF
+    columns, how many events were valid, and the float64 sums behind each batch's columns."""
+    sums: list[dict[str, np.ndarray]] = []
+    columns = _CfSums.columns
+
+    def spy(self):
+        sums.append({k: v.copy() for k, v in vars(self).items() if isinstance(v, np.ndarray)})
+        return columns(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_CfSums, "columns", spy)
+        state = agg.new_batch(5)
+        got = [
+            agg.score_then_fold(state, _batch(rows[lo:hi]), item_similarity=sim)
+            for lo, hi in itertools.pairwise(cuts)
+        ]
+    return np.concatenate([f.cf for f in got]), sum(int(f.valid.sum()) for f in got), sums
+
+
+def _bit_equal_against(monkeypatch, name: str, stand_in, sim, rows, cuts, history_size: int):
+    """``rows`` as the aggregator reads them, then with ``Aggregator.<name>`` replaced by
+    ``stand_in``: the CF columns and every batch's float64 sums equal to the bit. Returns the
+    columns, how many events were valid, and the stand-in's aggregator."""
+    got, valid, got_sums = _run_cf(_aggregator(history_size=history_size), sim, rows, cuts)
+    monkeypatch.setattr(Aggregator, name, stand_in)
+    reference = _aggregator(history_size=history_size)
+    want, _, want_sums = _run_cf(reference, sim, rows, cuts)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(got, want)
+    assert len(got_sums) == len(want_sums)
+    for a, b in zip(got_sums, want_sums, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    return got, valid, reference
+
+
 def _pairwise_windows(self, batch, sim, sums, fast, gid, users, h_len, t, cand, value, hashes):
     """Stands in for ``Aggregator._cf_windows``: the vectorized path as it was first written,
     every (event, entry) pair listed and looked up one by one, stored slots first."""
@@ -176,39 +222,13 @@ def test_cf_windows_equal_the_pairwise_sums_to_the_bit(seed, history_size, monke
     decades, so that another order would round differently) over batches that leave users
     with short and full histories, ties, unrated entries and users of the one-by-one path.
     Against the one-by-one reference: equal within float rounding."""
-    rng = np.random.default_rng(seed)
-    base = _random_similarity(seed)
-    spread = np.float32(10.0) ** -rng.uniform(0, 7, len(base)).astype(np.float32)
-    sim = ItemSimilarity(base.hashes, base.keys, spread)
+    sim = _spread_similarity(seed)
     rows = _stream(seed)
     cuts = [0, 23, 24, 70, 131, len(rows)]
-    sums: list[dict[str, np.ndarray]] = []
-    columns = _CfSums.columns
-
-    def spy(self):
-        sums.append({k: v.copy() for k, v in vars(self).items() if isinstance(v, np.ndarray)})
-        return columns(self)
-
-    def run(agg):
-        state = agg.new_batch(5)
-        got = [
-            agg.score_then_fold(state, _batch(rows[lo:hi]), item_similarity=sim)
-            for lo, hi in itertools.pairwise(cuts)
-        ]
-        return np.concatenate([f.cf for f in got]), sum(int(f.valid.sum()) for f in got)
-
-    monkeypatch.setattr(_CfSums, "columns", spy)
-    got, valid = run(_aggregator(history_size=history_size))
-    monkeypatch.setattr(Aggregator, "_cf_windows", _pairwise_windows)
-    pairwise = _aggregator(history_size=history_size)
-    want, _ = run(pairwise)
-    np.testing.assert_array_equal(got, want)
-    half = len(sums) // 2
-    for a, b in zip(sums[:half], sums[half:], strict=True):
-        for name in a:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    got, valid, pairwise = _bit_equal_against(
+        monkeypatch, "_cf_windows", _pairwise_windows, sim, rows, cuts, history_size
+    )
     assert 0 < pairwise.fast_events < valid  # both paths ran
-    monkeypatch.undo()
     ref = _reference_cf(_aggregator(history_size=history_size), sim, 5, rows)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
@@ -257,47 +277,21 @@ def test_out_of_rank_users_sum_as_one_event_at_a_time_to_the_bit(
     every user of a second pass over it, late for all) are read off one sort of their entries
     per batch: the same pairs in the same order as sorting each event's history in turn, so
     the float64 sums are equal to the bit; ``max_pairs`` 7 splits them into many chunks."""
-    rng = np.random.default_rng(seed)
-    base = _random_similarity(seed)
-    spread = np.float32(10.0) ** -rng.uniform(0, 7, len(base)).astype(np.float32)
-    sim = ItemSimilarity(base.hashes, base.keys, spread)
+    sim = _spread_similarity(seed)
     rows = _stream(seed)
     late = [(u, item, a, v, ts - 5000.0, p, off + 1000, w) for u, item, a, v, ts, p, off, w in rows]
     rows = rows + late[:90]
     cuts = [0, 23, 24, 70, 131, 160, 161, 200, len(rows)]
-    sums: list[dict[str, np.ndarray]] = []
-    columns = _CfSums.columns
-
-    def spy(self):
-        sums.append({k: v.copy() for k, v in vars(self).items() if isinstance(v, np.ndarray)})
-        return columns(self)
-
-    def run(agg):
-        state = agg.new_batch(5)
-        got = [
-            agg.score_then_fold(state, _batch(rows[lo:hi]), item_similarity=sim)
-            for lo, hi in itertools.pairwise(cuts)
-        ]
-        return np.concatenate([f.cf for f in got])
-
-    monkeypatch.setattr(_CfSums, "columns", spy)
     method = Aggregator._cf_out_of_rank
     monkeypatch.setattr(
         Aggregator,
         "_cf_out_of_rank",
         lambda self, *a: method(self, *a, max_pairs=max_pairs),
     )
-    got = run(_aggregator(history_size=history_size))
-    monkeypatch.setattr(Aggregator, "_cf_out_of_rank", _one_by_one)
-    reference = _aggregator(history_size=history_size)
-    want = run(reference)
-    np.testing.assert_array_equal(got, want)
-    half = len(sums) // 2
-    for a, b in zip(sums[:half], sums[half:], strict=True):
-        for name in a:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    got, _, reference = _bit_equal_against(
+        monkeypatch, "_cf_out_of_rank", _one_by_one, sim, rows, cuts, history_size
+    )
     assert reference.late_users >= 5  # the late pass makes every user's events late
-    monkeypatch.undo()
     ref = _reference_cf(_aggregator(history_size=history_size), sim, 5, rows)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
