@@ -1066,7 +1066,8 @@ class Aggregator:
         A user whose batch events each rank above everything before them (time-ordered events
         of equal weight: the usual case) is computed vectorized (:meth:`_cf_windows`): the
         last ``min(t, K)`` earlier batch events plus the stored history's first ``K - t``
-        slots; other users one event at a time.
+        slots; other users (late events, weights out of time order) from one sort of their
+        entries per batch (:meth:`_cf_out_of_rank`).
         """
         from sketchstream.models.similarity import CF_NAMES
 

@@ -501,6 +501,9 @@ def stream(
     path = folder / "events.jsonl"
     pool, _ = sb.event_lines(path, 2 * events)
     origin = str(path) if path.is_file() else "a synthetic MovieLens-1M-shaped stream"
+    if not pool:
+        typer.echo(f"no events in {path}", err=True)
+        raise typer.Exit(2)
     lines, keys = pool[:events], sb._keys(pool[:events])
 
     def more(n: int) -> tuple[list[bytes], list[bytes]]:
