@@ -407,7 +407,7 @@ def train_mlp(
                 auc = _mean_auc(y_val, p_val)
                 history.append(
                     {
-                        "epoch": epoch + step % steps_per_epoch / steps_per_epoch,
+                        "epoch": step / steps_per_epoch,  # epochs done, 1.0 at the end of the first
                         "step": step,
                         "loss": loss.item(),
                         "val_auc": auc,

@@ -140,3 +140,5 @@ def test_train_mlp_learns_a_separable_signal_and_is_reproducible():
     (m1, hist), (m2, _) = runs
     assert max(h["val_auc"] for h in hist) > 0.9
     np.testing.assert_array_equal(m1.predict(va), m2.predict(va))
+    # two checks per epoch of 16 steps: the history counts epochs done
+    assert [h["epoch"] for h in hist][:4] == [0.5, 1.0, 1.5, 2.0]
