@@ -284,7 +284,8 @@ def _ceil_to(n: int, size: int) -> int:
 def _batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """In a fresh process: the worker's per-batch path (:class:`BatchProcessor`: decode,
     validate, read states, score-then-fold, MLP, encode) on ``spec["path"]``'s events, states
-    in a dict; events/s per batch size after a warm-up that gives users states."""
+    in a dict; events/s per batch size after a warm-up that gives users states, then (with
+    ``spec["late"]``) per batch size for the file's first events sent again as late ones."""
     import orjson
     import torch
     from sketchstream.stream.metrics import WorkerMetrics
@@ -315,6 +316,10 @@ def _batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
             return b""
 
     messages = [RawMessage("events", 0, k, key(v), v, 1.0) for k, v in enumerate(lines)]
+    late = [
+        RawMessage("events", 0, len(lines) + k, m.key, m.value, 1.0)
+        for k, m in enumerate(messages[: spec["late"]])
+    ]
     store: dict[tuple[int, bytes], bytes] = {}
 
     def read(partitions: Any, keys: Any) -> list[bytes | None]:
@@ -323,25 +328,43 @@ def _batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
     processor = BatchProcessor(model, read, metrics=WorkerMetrics())
     at = 0
 
+    def process(batch: list[Any]) -> None:
+        result = processor.process(batch)
+        for p, key, value in result.table_writes:
+            store[(p, key)] = value
+
     def run(size: int, n: int) -> tuple[int, float]:
         nonlocal at
         t0, done = time.perf_counter(), 0
         while done < n and at < len(messages):
-            result = processor.process(messages[at : at + size])
-            for p, key, value in result.table_writes:
-                store[(p, key)] = value
+            process(messages[at : at + size])
             done += min(size, len(messages) - at)
             at += size
         return done, time.perf_counter() - t0
 
+    def run_late(size: int) -> tuple[int, float]:
+        """The late events once more, new offsets each time: still older than their users'
+        states, so late again."""
+        nonlocal late
+        t0 = time.perf_counter()
+        for lo in range(0, len(late), size):
+            process(late[lo : lo + size])
+        secs = time.perf_counter() - t0
+        shift = len(late)
+        late = [RawMessage("events", 0, m.offset + shift, m.key, m.value, 1.0) for m in late]
+        return len(late), secs
+
     if spec["warm"]:
         run(warm_size, spec["warm"])
     rows = []
-    for size in spec["sizes"]:
-        done, secs = run(size, spec["events"])
+    timed = [(size, "in order") for size in spec["sizes"]]
+    timed += [(size, "late") for size in spec["sizes"] if late]
+    for size, order in timed:
+        done, secs = run(size, spec["events"]) if order == "in order" else run_late(size)
         rows.append(
             {
                 "batch_size": size,
+                "order": order,
                 "events": done,
                 "seconds": round(secs, 3),
                 "events_per_s": round(done / secs, 1) if secs > 0 else None,
@@ -369,6 +392,14 @@ def batch(
         int, typer.Option(min=0, help="Events folded first, untimed, so users have states.")
     ] = 20_000,
     torch_threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
+    late: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Then, per batch size, the file's first LATE events sent again with new "
+            "offsets: late events for users whose states are newer (0: none).",
+        ),
+    ] = 0,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Append one JSON line per batch size.")
     ] = None,
@@ -388,9 +419,12 @@ def batch(
         "events": events,
         "warm": warm,
         "torch_threads": torch_threads,
+        "late": late,
     }
     typer.echo(
-        f"batch bench: {path}, {warm:,} warm-up events, then {events:,} per batch size, "
+        f"batch bench: {path}, {warm:,} warm-up events, then {events:,} per batch size"
+        + (f" in file order and {late:,} late ones" if late else "")
+        + ", "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
         err=True,
     )
@@ -398,6 +432,7 @@ def batch(
     rows = got["rows"]
     cols = [
         ("batch_size", "batch size"),
+        ("order", "events sent"),
         ("events", "events"),
         ("seconds", "seconds"),
         ("events_per_s", "events/s"),

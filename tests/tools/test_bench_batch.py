@@ -27,12 +27,16 @@ def test_bench_batch_times_each_batch_size_and_writes_json_lines(tmp_path):
     result = CliRunner().invoke(
         app,
         ["bench", "batch", "--model", str(root), "--events-file", str(events), "--size", "10",
-         "--size", "100", "--events", "300", "--warm", "100", "--json", str(out)],
+         "--size", "100", "--events", "300", "--warm", "100", "--late", "120",
+         "--json", str(out)],
     )  # fmt: skip
 
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["batch_size"] for r in rows] == [10, 100]
+    assert [(r["batch_size"], r["order"]) for r in rows] == [
+        (10, "in order"), (100, "in order"), (10, "late"), (100, "late"),
+    ]  # fmt: skip
     for r in rows:
-        assert r["events"] == 300 and r["events_per_s"] > 0 and r["model"] == version
+        assert r["events"] == (300 if r["order"] == "in order" else 120)
+        assert r["events_per_s"] > 0 and r["model"] == version
     assert "µs/event" in result.stdout
