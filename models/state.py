@@ -1174,6 +1174,7 @@ class Aggregator:
         n_e = np.bincount(e_g, minlength=users.shape[0])
         base = _excl(n_e)
         events = np.flatnonzero(valid & bad_user[gid])
+        r_events = sim.ranks(hashes[events])  # once per event, not once per pair
         per = n_e[gid[events]]
         ends = np.cumsum(per)
         lo = 0
@@ -1189,7 +1190,7 @@ class Aggregator:
             before = np.repeat(np.concatenate(([0], c))[first], cnt)
             keep = np.flatnonzero(seen & (c - before <= k_max))
             pe, pk = ev_rep[keep], at[keep]
-            s_val = sim.pair_values(sim.ranks(hashes[pe]), e_rank[pk])
+            s_val = sim.pair_values(np.repeat(r_events[lo:hi], cnt)[keep], e_rank[pk])
             sums.add(pe, s_val, e_value[pk])
             lo = hi
 
