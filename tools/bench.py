@@ -539,6 +539,11 @@ def stream(
     if not pool:
         typer.echo(f"no events in {path}", err=True)
         raise typer.Exit(2)
+    try:
+        sb.check_events(pool)
+    except sb.BadEventLine as exc:
+        typer.echo(f"{origin}: {exc}", err=True)
+        raise typer.Exit(2) from None
     lines, keys = pool[:events], sb._keys(pool[:events])
 
     def more(n: int) -> tuple[list[bytes], list[bytes]]:
@@ -547,7 +552,9 @@ def stream(
         later_copies`): never events older than what their users already sent."""
         nonlocal pool
         if len(pool) < events + n:
+            checked = len(pool)
             pool, _ = sb.event_lines(path, events + n)
+            sb.check_events(pool[checked:], start=checked)
         after = pool[events : events + n]
         if len(after) < n:
             say(
@@ -579,21 +586,25 @@ def stream(
     runs = []
     for system in systems:
         say(f"[{system}] ...")
-        run = sb.run_system(
-            system,
-            lines,
-            keys,
-            more,
-            client_kwargs=client_kwargs,
-            partitions=partitions,
-            artifact_dir=store,
-            batch_size=batch_size,
-            batch_within=batch_within,
-            latency_seconds=latency_seconds,
-            latency_rate=latency_rate,
-            timeout=timeout,
-            say=say,
-        )
+        try:
+            run = sb.run_system(
+                system,
+                lines,
+                keys,
+                more,
+                client_kwargs=client_kwargs,
+                partitions=partitions,
+                artifact_dir=store,
+                batch_size=batch_size,
+                batch_within=batch_within,
+                latency_seconds=latency_seconds,
+                latency_rate=latency_rate,
+                timeout=timeout,
+                say=say,
+            )
+        except sb.BadEventLine as exc:  # met in the events read for a latency run
+            typer.echo(f"{origin}: {exc}", err=True)
+            raise typer.Exit(2) from None
         runs.append(run.row())
     raw = next((r for r in runs if r["system"] == "raw"), None)
     for r in runs:

@@ -38,8 +38,10 @@ from typing import Any
 
 __all__ = [
     "SYSTEMS",
+    "BadEventLine",
     "BenchRun",
     "bench_model",
+    "check_events",
     "event_lines",
     "later_copies",
     "run_system",
@@ -87,6 +89,25 @@ def synthetic_lines(n: int, seed: int = 0) -> list[bytes]:
         orjson.dumps({"user": f"u{u}", "item": i, "action": "rate", "ts": t, "value": v})
         for u, i, t, v in zip(users, items, ts, values, strict=True)
     ]
+
+
+class BadEventLine(ValueError):
+    """A line of the events file that the bench cannot key by user and move in time."""
+
+
+def check_events(lines: Sequence[bytes], start: int = 0) -> None:
+    """Raise :class:`BadEventLine` for the first of ``lines`` (events ``start + 1`` on, in
+    file order) that is not a JSON object with a string ``user`` and a numeric ``ts``."""
+    import orjson
+
+    for k, line in enumerate(lines, start + 1):
+        try:
+            event = orjson.loads(line)
+            user, ts = event["user"], event["ts"]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise BadEventLine(f"event {k}: not a JSON event with 'user' and 'ts': {exc}") from None
+        if not isinstance(user, str) or isinstance(ts, bool) or not isinstance(ts, int | float):
+            raise BadEventLine(f"event {k}: 'user' must be a string and 'ts' a number")
 
 
 def later_copies(lines: Sequence[bytes], n: int) -> list[bytes]:

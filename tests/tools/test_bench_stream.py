@@ -76,3 +76,23 @@ def test_later_copies_keep_every_users_events_in_time_order():
         assert e["ts"] > last.get(e["user"], float("-inf"))
         last[e["user"]] = e["ts"]
     assert later_copies(lines, 0) == [] and later_copies([], 3) == []
+
+
+def test_check_events_names_the_first_line_it_cannot_key_or_time():
+    """bench stream keys events by user and moves them in time: a line without either is
+    refused up front, by its number, instead of failing inside a run."""
+    import pytest
+    from sketchstream.tools.stream_bench import BadEventLine, check_events
+
+    good = [json.dumps({"user": "u1", "item": "i", "action": "rate", "ts": 5}).encode()] * 2
+    check_events(good)
+    for bad, why in [
+        (b"not json", "not a JSON event"),
+        (json.dumps({"user": "u1", "item": "i"}).encode(), "'ts'"),
+        (json.dumps({"user": 7, "ts": 5}).encode(), "'user' must be a string"),
+        (json.dumps({"user": "u1", "ts": "noon"}).encode(), "'ts' a number"),
+        (b"[1, 2]", "not a JSON event"),
+    ]:
+        with pytest.raises(BadEventLine, match="event 12: ") as got:
+            check_events([*good, bad], start=9)
+        assert why in str(got.value)
