@@ -7,6 +7,9 @@
 - ``make_topic`` (function): ``make_topic(partitions=1, config=None) -> name`` creates a fresh
   uniquely named topic, deleted again after the test. Usable from sync and async tests.
 - ``delete_after`` (function): ``delete_after(*names)`` deletes those topics after the test.
+- ``private_broker`` (function): a :class:`LocalBroker` of the test's own (free ports, data dir
+  under ``tmp_path``), started; for tests that stop and start their broker without pulling the
+  shared one from under other tests. Stopped at the end.
 
 Tests that use them carry ``pytest.mark.kafka``.
 """
@@ -84,6 +87,27 @@ def delete_after(kafka_settings: Settings) -> Iterator[Callable[..., None]]:
     yield delete
     if names:
         run_in_thread(delete_topics(kafka_settings.client_kwargs(), names))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """A started local broker of this test alone: ``.stop()`` and ``.start()`` it at will
+    (same ports and data, so topics survive a restart); ``.bootstrap_servers`` to connect."""
+    settings = load_settings(kafka_port=_free_port(), kafka_controller_port=_free_port())
+    broker = LocalBroker(settings, data_dir=tmp_path / "private-broker")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 async def delete_topics(client_kwargs: Mapping[str, Any], names: Sequence[str]) -> None:
