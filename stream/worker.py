@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from sketchstream.stream.metrics import WorkerMetrics
@@ -28,13 +28,26 @@ from sketchstream.stream.records import (
     prediction_records,
 )
 
-__all__ = ["BatchProcessor", "BatchResult", "ServingModel", "StateReader", "serving_model"]
+__all__ = [
+    "BatchProcessor",
+    "BatchResult",
+    "OnError",
+    "ServingModel",
+    "StateReader",
+    "serving_model",
+]
 
 log = logging.getLogger(__name__)
 
 #: ``read(partitions, keys) -> values``: the stored state of each key (None when new),
 #: ``partitions (k,)`` and ``keys (k,)`` aligned; one call per batch.
 StateReader = Callable[[Sequence[int], Sequence[bytes]], list[bytes | None]]
+
+#: What :meth:`BatchProcessor.process` does with an event whose handling raises (processing-error
+#: policy, as Kafka Streams' processing exception handler): ``"dead_letter"`` isolates it and
+#: dead-letters it as ``processing_error`` while the rest of the batch goes on; ``"fail"`` lets
+#: the exception leave ``process`` (the worker stops without committing and re-reads the batch).
+OnError = Literal["dead_letter", "fail"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,6 +127,7 @@ class BatchProcessor:
     limits: EventLimits = field(default_factory=EventLimits)
     metrics: WorkerMetrics | None = None
     clock: Callable[[], float] = time.time
+    on_error: OnError = "dead_letter"
 
     def swap(self, model: ServingModel) -> None:
         """Serve ``model`` from the next batch on."""
