@@ -2,7 +2,7 @@
 
 from sketchstream.models.errors import SketchstreamError
 
-__all__ = ["ConfigError", "EventError", "KafkaUnavailable", "StreamError"]
+__all__ = ["ConfigError", "KafkaUnavailable", "StreamError"]
 
 
 class StreamError(SketchstreamError):
@@ -15,7 +15,3 @@ class ConfigError(StreamError, ValueError):
 
 class KafkaUnavailable(StreamError):
     """No broker answered at the configured bootstrap servers."""
-
-
-class EventError(StreamError, ValueError):
-    """An event failed validation; the message says which field and why."""

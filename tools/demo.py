@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
+from sketchstream.models.errors import SketchstreamError
 
 if TYPE_CHECKING:
     from sketchstream.stream.settings import Settings
@@ -72,7 +73,7 @@ ROLLING = 10_000  # predictions in the rolling AUC and latency window
 _STALL_S = 120.0  # no new prediction for this long while some are due: give up
 
 
-class DemoError(Exception):
+class DemoError(SketchstreamError):
     """A step of the demo failed; the message says which and why."""
 
 
