@@ -30,6 +30,12 @@ optional, and items without any metadata (or without an items file at all) are f
 
 Fields not listed above are ignored on read, so producers may carry extra information.
 
+Limits (:data:`MAX_DEPTH`, :data:`MAX_ID_CHARS`): an event nests objects and arrays at most 32
+levels deep (the event object itself is level 1, ``context`` level 2), and each id (``user``,
+``item``, ``action``, ``event_id``, a ``context`` name) is at most 512 characters long. They are
+checked before anything else looks into a value, so a hostile record (an array nested 1,000
+deep, a megabyte-long id) is refused with a one-line message instead of exhausting the stack.
+
 Evaluation protocol (DESIGN.md, "Data"): the stream is the events in file order (converters
 write them sorted stably by ``(ts, user, item)``, ids compared as strings); the first 80 %
 train, the next 10 % validation, the last 10 % test (:func:`protocol_split`). Labels come from
@@ -41,7 +47,9 @@ from __future__ import annotations
 import gc
 import hashlib
 import math
+import numbers
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter, methodcaller
@@ -54,6 +62,8 @@ from sketchstream.models.errors import ModelError
 
 __all__ = [
     "DEFAULT_HEADS",
+    "MAX_DEPTH",
+    "MAX_ID_CHARS",
     "EventError",
     "EventTable",
     "Head",
@@ -77,26 +87,170 @@ class EventError(ModelError):
 
 _NUMBER = (int, float)
 
+#: Default limits (the stream's ``EventLimits`` starts from these). Depth: the canonical event
+#: needs 2 levels (event, context); 32 leaves producers room for nested extra fields while a
+#: value nested hundreds deep, which would exhaust Python's recursion limit in any recursive
+#: consumer (``repr``, ``copy.deepcopy``, ``json``), is refused. Ids: MovieLens titles are under
+#: 200 characters, UUIDs 36, URLs a few hundred; 512 allows all of them and refuses payloads
+#: posing as ids (a user id is a RocksDB key and a Kafka key; an item id is kept in histories).
+MAX_DEPTH = 32
+MAX_ID_CHARS = 512
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+_ID_FIELDS = ("user", "item", "action")
+_SHOW_CHARS = 60
+_END = object()
+
+
+def _show(value: Any, limit: int = _SHOW_CHARS) -> str:
+    """At most ``limit`` characters of ``value`` as Python would write it, for error messages.
+
+    Safe on any value: containers are walked with an explicit stack and the walk stops once
+    ``limit`` characters are written, so an array nested 1,000 deep or a list of a million
+    items costs a few dozen steps (``repr`` would recurse, and raise ``RecursionError``).
+    """
+    out: list[str] = []
+    size = 0
+    stack: list[list[Any]] = []  # [children iterator, closing bracket, is a dict, children seen]
+    node, pending = value, True
+    while size <= limit:
+        if pending:
+            pending = False
+            if isinstance(node, dict):
+                text = "{"
+                stack.append([iter(node.items()), "}", True, 0])
+            elif isinstance(node, list | tuple):
+                text = "[" if isinstance(node, list) else "("
+                stack.append([iter(node), "]" if isinstance(node, list) else ")", False, 0])
+            else:
+                text = _show_scalar(node, limit)
+            out.append(text)
+            size += len(text)
+            continue
+        if not stack:
+            break
+        top = stack[-1]
+        child = next(top[0], _END)
+        if child is _END:
+            stack.pop()
+            out.append(top[1])
+            size += 1
+            continue
+        if top[3]:
+            out.append(", ")
+            size += 2
+        top[3] += 1
+        if top[2]:
+            key, node = child
+            text = _show_scalar(key, limit) + ": "
+            out.append(text)
+            size += len(text)
+        else:
+            node = child
+        pending = True
+    text = "".join(out)
+    if pending or stack or len(text) > limit:
+        return text[: limit - 3] + "..."
+    return text
+
+
+def _show_scalar(value: Any, limit: int) -> str:
+    """A non-container value, bounded: strings are cut before ``repr`` (a megabyte id costs
+    nothing), huge ints are named by size (``repr`` refuses ints over 4,300 digits)."""
+    kind = type(value)
+    if kind is str:
+        return repr(value[: limit + 1])
+    if kind is int and value.bit_length() > 256:
+        return f"<an int of {value.bit_length()} bits>"
+    if value is None or kind in (bool, int, float, bytes):
+        return repr(value if kind is not bytes else value[: limit + 1])
+    if isinstance(value, numbers.Number):  # numpy scalars: their repr names their type
+        return repr(value)[: limit + 1]
+    return f"<{kind.__name__}>"
 
 
 def _is_number(value: Any) -> bool:
-    # bool is an int subclass; True is not a timestamp
-    return type(value) in _NUMBER and math.isfinite(value)
+    # bool is an int subclass; True is not a timestamp. An int beyond float range is not a
+    # number either (math.isfinite would raise OverflowError on it).
+    kind = type(value)
+    if kind is float:
+        return math.isfinite(value)
+    return kind is int and -_FLOAT_MAX < value < _FLOAT_MAX
 
 
-def check_event(record: Any, where: str = "event") -> None:
+_FLOAT_MAX = int(sys.float_info.max)
+
+
+def nesting_depth(value: Any, stop: int | None = None) -> int:
+    """How many containers (dicts, lists) deep ``value`` nests: 0 for a scalar, 1 for
+    ``[1, 2]``, 2 for ``{"context": {"hour": 3}}``; walked without recursion. With ``stop``,
+    returns as soon as the depth exceeds it (the exact depth of a hostile value is not needed
+    to refuse it, and the walk stays short)."""
+    if not isinstance(value, dict | list):
+        return 0
+    deepest = 1
+    stack = [(value, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node, depth = pop()
+        if depth > deepest:
+            deepest = depth
+            if stop is not None and depth > stop:
+                return depth
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, dict | list):
+                push((child, depth + 1))
+    return deepest
+
+
+def _check_limits(record: dict, where: str, max_depth: int, max_id_chars: int) -> None:
+    """The limits, checked before anything looks into a value (see the module docstring)."""
+    for name, value in record.items():
+        if isinstance(value, dict | list):
+            depth = 1 + nesting_depth(value)
+            if depth > max_depth:
+                raise EventError(
+                    f"{where}: {_show_scalar(name, 40)} makes the event {depth} levels deep "
+                    f"(objects and arrays, the event itself is level 1): over the limit of "
+                    f"{max_depth}"
+                )
+    for name in (*_ID_FIELDS, "event_id"):
+        value = record.get(name)
+        if type(value) is str and len(value) > max_id_chars:
+            raise EventError(
+                f"{where}: {name!r} is {len(value)} characters long: over the limit of "
+                f"{max_id_chars} ({_show(value, 40)})"
+            )
+    context = record.get("context")
+    if isinstance(context, dict):
+        for key in context:
+            if type(key) is str and len(key) > max_id_chars:
+                raise EventError(
+                    f"{where}: a 'context' name is {len(key)} characters long: over the limit "
+                    f"of {max_id_chars} ({_show(key, 40)})"
+                )
+
+
+def check_event(
+    record: Any,
+    where: str = "event",
+    *,
+    max_depth: int = MAX_DEPTH,
+    max_id_chars: int = MAX_ID_CHARS,
+) -> None:
     """Raise :class:`EventError` unless ``record`` is a valid canonical event.
 
     ``where`` prefixes the message (``"line 17"``), so file readers and the stream's validator
-    report the same wording: ``line 17: 'ts' must be a number, got 'abc'``.
+    report the same wording: ``line 17: 'ts' must be a number, got 'abc'``. ``max_depth`` and
+    ``max_id_chars``: the limits (module docstring), checked first. Safe on any value: nothing
+    here recurses into it.
     """
     if not isinstance(record, dict):
-        raise EventError(f"{where}: an event must be a JSON object, got {_show(record)}")
-    for name in ("user", "item", "action"):
+        depth = nesting_depth(record, stop=max_depth)
+        deep = f" (nested over {max_depth} levels deep)" if depth > max_depth else ""
+        raise EventError(f"{where}: an event must be a JSON object, got {_show(record)}{deep}")
+    _check_limits(record, where, max_depth, max_id_chars)
+    for name in _ID_FIELDS:
         if name not in record:
             raise EventError(f"{where}: missing required field {name!r}")
         value = record[name]
@@ -120,7 +274,9 @@ def check_event(record: Any, where: str = "event") -> None:
             )
         for key, number in context.items():
             if not _is_number(number):
-                raise EventError(f"{where}: 'context.{key}' must be a number, got {_show(number)}")
+                raise EventError(
+                    f"{where}: {_show('context.' + key)} must be a number, got {_show(number)}"
+                )
 
 
 @dataclass(frozen=True, eq=False)
@@ -312,6 +468,8 @@ class _ColumnBuilder:
             fail()
         if "" in user or "" in item or "" in action:
             fail()
+        if max(map(len, user + item + action), default=0) > MAX_ID_CHARS:
+            fail()
         if not set(map(type, ts)) <= _NUMBER_TYPES or not set(map(type, value)) <= _VALUE_TYPES:
             fail()
         if not self._finite and (
@@ -326,8 +484,21 @@ class _ColumnBuilder:
             if not set(map(type, context)) <= {dict, type(None)}:
                 fail()
             for c in context:
-                if c and not all(_is_number(v) for v in c.values()):
+                if c and (
+                    not all(_is_number(v) for v in c.values()) or max(map(len, c)) > MAX_ID_CHARS
+                ):
                     fail()
+            ids = [e for e in event_id if e is not None]
+            if ids and max(map(len, ids)) > MAX_ID_CHARS:
+                fail()
+            # fields this schema does not know (or explicit nulls): only their depth matters
+            if others > len(ids) + len(context) - context.count(None):
+                for record in records:
+                    if (
+                        not record.keys() <= _FIELDS
+                        and nesting_depth(record, MAX_DEPTH) > MAX_DEPTH
+                    ):
+                        fail()
             if not self.event_id and not self.context:
                 self.event_id = [None] * len(self.user)
                 self.context = [None] * len(self.user)
@@ -356,6 +527,7 @@ class _ColumnBuilder:
 
 
 _NUMBER_TYPES = {int, float}
+_FIELDS = {"user", "item", "action", "ts", "value", "event_id", "context"}
 _VALUE_TYPES = {int, float, type(None)}
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import orjson
-from sketchstream.models.events import EventError, check_event
+from sketchstream.models.events import MAX_DEPTH, MAX_ID_CHARS, EventError, check_event
 
 __all__ = [
     "DLQ_PAYLOAD_BYTES",
@@ -46,7 +46,8 @@ RejectReason = Literal[
     "bad_field",  # a field of the wrong type or value (per models.events.check_event)
     "unknown_action",  # the serving model has no such action
     "bad_timestamp",  # outside EventLimits' window (milliseconds sent as seconds, ...)
-    "bad_key",  # the Kafka key is not the event's user: its state would live elsewhere
+    "bad_key",  # no Kafka key, or not the event's user: its state would live elsewhere
+    "processing_error",  # valid, but scoring or folding it raised (BatchProcessor's on_error)
 ]
 REJECT_REASONS: tuple[str, ...] = RejectReason.__args__  # type: ignore[attr-defined]
 
@@ -55,11 +56,18 @@ DLQ_PAYLOAD_BYTES = 4096  # a dead letter keeps at most this much of the refused
 
 @dataclass(frozen=True)
 class EventLimits:
-    """What the worker accepts beyond the schema."""
+    """What the worker accepts beyond the schema.
+
+    ``max_depth`` and ``max_id_chars`` are checked before anything looks into a value (see
+    :mod:`sketchstream.models.events`, whose defaults they are): an array nested 1,000 deep
+    fits in 2 KB, and would otherwise reach code that recurses on it.
+    """
 
     max_bytes: int = 16 * 1024  # larger payloads are refused unparsed
     ts_min: float = 0.0  # 1970-01-01: event times are seconds since the epoch ...
     ts_max: float = 4102444800.0  # ... and before 2100-01-01 (catches milliseconds)
+    max_depth: int = MAX_DEPTH  # objects/arrays nesting, the event itself is level 1
+    max_id_chars: int = MAX_ID_CHARS  # user, item, action, event_id, context names
 
 
 class RawMessage(NamedTuple):
@@ -135,6 +143,7 @@ def decode_events(
     action_index = {name: k for k, name in enumerate(actions)}
     loads = orjson.loads
     max_bytes, ts_min, ts_max = limits.max_bytes, limits.ts_min, limits.ts_max
+    max_depth, max_id_chars = limits.max_depth, limits.max_id_chars
     rejects: list[Rejected] = []
     source: list[int] = []
     users: list[str] = []
@@ -166,7 +175,9 @@ def decode_events(
         except orjson.JSONDecodeError as exc:
             rejects.append(Rejected(index, "bad_json", f"event at {_at(msg)}: not JSON ({exc})"))
             continue
-        # fast path: the common, well-formed event; anything odd goes through check_event
+        # fast path: the common, well-formed event; anything odd goes through check_event.
+        # Only known fields (an unknown one might nest deep) and, unless the whole payload is
+        # shorter than the id limit, short ids.
         try:
             user = record["user"]
             item = record["item"]
@@ -186,12 +197,27 @@ def decode_events(
                 and (value is None or type(value) is float or type(value) is int)
                 and (event_id is None or type(event_id) is str)
                 and context is None
+                and len(record) == 4 + (value is not None) + (event_id is not None)
+                and (
+                    len(raw) <= max_id_chars
+                    or (
+                        len(user) <= max_id_chars
+                        and len(item) <= max_id_chars
+                        and len(action) <= max_id_chars
+                        and (event_id is None or len(event_id) <= max_id_chars)
+                    )
+                )
             )
         except (KeyError, TypeError, AttributeError):
             plain = False
         if not plain:
             try:
-                check_event(record, f"event at {_at(msg)}")
+                check_event(
+                    record,
+                    f"event at {_at(msg)}",
+                    max_depth=max_depth,
+                    max_id_chars=max_id_chars,
+                )
             except EventError as exc:
                 text = str(exc)
                 rejects.append(Rejected(index, _field_reason(text), text))
@@ -225,7 +251,17 @@ def decode_events(
             )
             continue
         key = msg.key
-        if key is not None and key != user.encode():
+        if key is None:
+            rejects.append(
+                Rejected(
+                    index,
+                    "bad_key",
+                    f"event at {_at(msg)} has no key (user {user!r}): events must be keyed by "
+                    "their user, or their state is read and written on the wrong partition",
+                )
+            )
+            continue
+        if key != user.encode():
             rejects.append(
                 Rejected(
                     index,
@@ -265,7 +301,7 @@ def _at(msg: Any) -> str:
 
 
 def _show_key(key: bytes) -> str:
-    text = repr(key)
+    text = repr(key[:61])  # a key may be megabytes long
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -12,6 +12,7 @@ between batches (the model feed hands over a new version; nothing pauses).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -23,9 +24,11 @@ from sketchstream.stream.metrics import WorkerMetrics
 from sketchstream.stream.records import (
     DecodedEvents,
     EventLimits,
+    Rejected,
     decode_events,
     dlq_record,
     prediction_records,
+    where,
 )
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "OnError",
     "ServingModel",
     "StateReader",
+    "is_fault",
     "serving_model",
 ]
 
@@ -144,57 +148,121 @@ class BatchProcessor:
 
     def process(self, messages: Sequence[Any]) -> BatchResult:
         """One micro-batch of :class:`~sketchstream.stream.records.RawMessage`-like records, in
-        consumption order. Never raises on bad input: bad events become dead letters."""
+        consumption order. Never raises on bad input: bad events become dead letters.
+
+        Processing-error policy (``on_error``, see :data:`OnError`): with ``"dead_letter"``,
+        an event whose scoring or folding raises is found by re-running the batch in halves,
+        in order, each part starting from the states the parts before it left (exactly as if
+        they were separate batches), down to single events; the one that raises becomes a
+        ``processing_error`` dead letter and every other event is scored as it would have been
+        without it. A batch that raises nothing pays nothing for this. A worker fault (see
+        :func:`is_fault`: an unreadable stored state, a failing state store, no memory, a full
+        disk) is not bad input: it leaves ``process`` whatever ``on_error`` says, and so does
+        every exception with ``"fail"``; the worker then stops without committing.
+        """
         received = self.clock()
         model = self.model
-        events, rejects = decode_events(messages, model.actions, self.limits)
-        dlq = [
-            (
-                messages[r.index].key,
-                dlq_record(messages[r.index], r.reason, r.message, now=received),
-            )
-            for r in rejects
-        ]
+        try:
+            events, rejects = decode_events(messages, model.actions, self.limits)
+        except Exception as exc:  # a decoder bug: isolate the message that trips it
+            if self.on_error == "fail" or is_fault(exc):
+                raise
+            events, rejects = self._decode_one_by_one(messages, model)
+        dead = [(r.index, r.reason, r.message) for r in rejects]
+        out = self._score(model, messages, events, received, dead) if len(events) else None
         metrics = self.metrics
         if metrics is not None:
             metrics.events_in.inc(len(messages))
             metrics.batch_size.observe(len(messages))
-            for r in rejects:
-                metrics.dlq.labels(reason=r.reason).inc()
-        if len(events) == 0:
+            for _, reason, _ in dead:
+                metrics.dlq.labels(reason=reason).inc()
+        dlq = [
+            (messages[i].key, dlq_record(messages[i], reason, text, now=received))
+            for i, reason, text in dead
+        ]
+        if out is None:
             return BatchResult([], dlq, [], [])
+        predictions, kafka_ts, writes = out
+        return BatchResult(predictions, dlq, writes, kafka_ts)
 
+    def _score(
+        self,
+        model: ServingModel,
+        messages: Sequence[Any],
+        events: DecodedEvents,
+        received: float,
+        dead: list[tuple[int, str, str]],
+    ) -> tuple[list[tuple[bytes, bytes]], list[float | None], list[tuple[int, bytes, bytes]]]:
+        """Read the batch's states, score and fold ``events``; ``(predictions, kafka_ts,
+        table writes)``. Events isolated by the processing-error policy are appended to
+        ``dead`` as ``(message index, reason, message)``."""
         users, user_index = _index_users(events.user)
         keys = [u.encode() for u in users]
         _, first = np.unique(user_index, return_index=True)  # each user's first event
         partitions = events.partition[first].tolist()
         stored = self.read_states(partitions, keys)
+        agg = model.aggregator
+        state = agg.load(stored)  # unreadable bytes raise: a fault, never dead-lettered
+        metrics = self.metrics
+        if metrics is not None and getattr(state, "rebuilt", 0):
+            metrics.states_rebuilt.inc(state.rebuilt)
+        try:
+            part = self._score_part(model, messages, events, None, user_index, state, received)
+        except Exception as exc:
+            if self.on_error == "fail" or is_fault(exc):
+                raise
+            log.warning(
+                "a batch of %d events raised %s: isolating the events that raise",
+                len(events),
+                _describe(exc),
+            )
+            return self._isolate(model, messages, events, user_index, stored, received, dead)
+        predictions, kafka_ts, blobs, redelivered = part
+        if metrics is not None:
+            metrics.redelivered.inc(redelivered)
+        writes = list(zip(partitions, keys, blobs, strict=True))
+        return predictions, kafka_ts, writes
 
+    def _score_part(
+        self,
+        model: ServingModel,
+        messages: Sequence[Any],
+        events: DecodedEvents,
+        rows: np.ndarray | None,
+        user_index: np.ndarray,
+        state: Any,
+        received: float,
+    ) -> tuple[list[tuple[bytes, bytes]], list[float | None], list[bytes], int]:
+        """Score and fold ``rows (k,)`` of ``events`` (None: all of them) into ``state``, whose
+        users ``user_index (k,)`` points into; ``(predictions, kafka_ts, state blobs,
+        redelivered count)``."""
         from sketchstream.models.state import EventBatch
 
+        def take(a: np.ndarray) -> np.ndarray:
+            return a if rows is None else a[rows]
+
         agg = model.aggregator
-        state = agg.load(stored)
         batch = EventBatch(
             user_index=user_index,
-            item=events.item,
-            action=events.action,
-            value=events.value,
-            ts=events.ts,
-            partition=events.partition,
-            offset=events.offset,
+            item=take(events.item),
+            action=take(events.action),
+            value=take(events.value),
+            ts=take(events.ts),
+            partition=take(events.partition),
+            offset=take(events.offset),
         )
         features = agg.score_then_fold(state, batch, item_similarity=model.item_similarity)
-        valid = np.asarray(features.valid, dtype=bool)
-        rows = np.flatnonzero(valid)
-        scores = model.predict(_take_rows(features, rows), events, rows) if len(rows) else None
+        valid = np.flatnonzero(np.asarray(features.valid, dtype=bool))  # (v,) into the part
+        selected = valid if rows is None else rows[valid]  # (v,) into events
+        scores = (
+            model.predict(_take_rows(features, valid), events, selected) if len(valid) else None
+        )
         blobs = agg.dump(state)
-        writes = list(zip(partitions, keys, blobs, strict=True))
-
-        kafka_ts = [messages[i].timestamp for i in events.source[rows].tolist()]
+        kafka_ts = [messages[i].timestamp for i in events.source[selected].tolist()]
         predictions = (
             prediction_records(
                 events,
-                rows,
+                selected,
                 scores,
                 topic=self.topic,
                 actions=model.actions,
@@ -208,12 +276,134 @@ class BatchProcessor:
             if scores is not None
             else []
         )
-        if metrics is not None:
-            metrics.redelivered.inc(len(events) - len(rows))
-            rebuilt = getattr(state, "rebuilt", 0)
-            if rebuilt:
-                metrics.states_rebuilt.inc(rebuilt)
-        return BatchResult(predictions, dlq, writes, kafka_ts)
+        return predictions, kafka_ts, blobs, len(batch.item) - len(valid)
+
+    def _isolate(
+        self,
+        model: ServingModel,
+        messages: Sequence[Any],
+        events: DecodedEvents,
+        user_index: np.ndarray,
+        stored: list[bytes | None],
+        received: float,
+        dead: list[tuple[int, str, str]],
+    ) -> tuple[list[tuple[bytes, bytes]], list[float | None], list[tuple[int, bytes, bytes]]]:
+        """The batch again, in halves, in order, down to the single events that raise.
+
+        Users' states travel between parts as the bytes :meth:`Aggregator.dump` wrote, so a
+        part that raised leaves no trace and the parts are exactly separate batches.
+        """
+        agg = model.aggregator
+        blobs: list[bytes | None] = list(stored)  # per user of the batch
+        done = np.zeros(len(blobs), dtype=bool)  # users with an event that went through
+        predictions: list[tuple[bytes, bytes]] = []
+        kafka_ts: list[float | None] = []
+        redelivered = 0
+        todo = [np.arange(len(events) // 2, len(events)), np.arange(len(events) // 2)]
+        while todo:  # a stack of parts, the earliest on top
+            rows = todo.pop()
+            part_users, local = np.unique(user_index[rows], return_inverse=True)
+            state = agg.load([blobs[u] for u in part_users.tolist()])
+            try:
+                part = self._score_part(model, messages, events, rows, local, state, received)
+            except Exception as exc:
+                if is_fault(exc):
+                    raise
+                if len(rows) > 1:
+                    half = len(rows) // 2
+                    todo += [rows[half:], rows[:half]]
+                    continue
+                index = int(events.source[rows[0]])
+                msg = messages[index]
+                log.warning(
+                    "event at %s raised %s: dead-lettered (processing_error)",
+                    where(msg.topic, msg.partition, msg.offset),
+                    _describe(exc),
+                    exc_info=exc,
+                )
+                dead.append((index, "processing_error", _processing_error(msg, exc)))
+                continue
+            part_predictions, part_ts, part_blobs, part_redelivered = part
+            predictions += part_predictions
+            kafka_ts += part_ts
+            redelivered += part_redelivered
+            for u, blob in zip(part_users.tolist(), part_blobs, strict=True):
+                blobs[u] = blob
+            done[part_users] = True
+        if self.metrics is not None:
+            self.metrics.redelivered.inc(redelivered)
+        users = events.user
+        _, first = np.unique(user_index, return_index=True)
+        writes = [
+            (int(events.partition[first[u]]), users[first[u]].encode(), blobs[u])
+            for u in np.flatnonzero(done).tolist()
+        ]
+        dead.sort()
+        return predictions, kafka_ts, writes  # type: ignore[return-value]
+
+    def _decode_one_by_one(
+        self, messages: Sequence[Any], model: ServingModel
+    ) -> tuple[DecodedEvents, list[Rejected]]:
+        """:func:`decode_events` message by message, after it raised on the batch: a message
+        it raises on is refused as ``processing_error``; the rest decode as one batch."""
+        good: list[int] = []
+        rejects: list[Rejected] = []
+        for index, msg in enumerate(messages):
+            try:
+                decode_events([msg], model.actions, self.limits)
+            except Exception as exc:
+                if is_fault(exc):
+                    raise
+                log.warning("decoding event at %s raised %s", _at(msg), _describe(exc))
+                rejects.append(Rejected(index, "processing_error", _processing_error(msg, exc)))
+            else:
+                good.append(index)
+        events, refused = decode_events([messages[i] for i in good], model.actions, self.limits)
+        rejects += [r._replace(index=good[r.index]) for r in refused]
+        rejects.sort()
+        source = np.asarray(good, dtype=np.int64)[events.source]
+        return dataclasses.replace(events, source=source), rejects
+
+
+def is_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is a worker fault rather than bad input: the worker must stop (and
+    re-read the batch after a restart) instead of dead-lettering the event that met it.
+
+    Faults: no memory (``MemoryError``, a CUDA out-of-memory error), the operating system
+    (``OSError``: a full disk, a lost file), an unreadable artifact or stored state
+    (:class:`~sketchstream.models.errors.ArtifactError`, what ``Aggregator.load`` raises on
+    bad bytes), and anything that is not an ``Exception`` (``KeyboardInterrupt``,
+    cancellation).
+    """
+    from sketchstream.models.errors import ArtifactError
+
+    if not isinstance(exc, Exception):
+        return True
+    return isinstance(exc, MemoryError | OSError | SystemError | ArtifactError) or (
+        type(exc).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError
+    )
+
+
+_ERROR_CHARS = 300  # of an exception's text in a dead letter
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    if len(text) > _ERROR_CHARS:
+        text = text[: _ERROR_CHARS - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _processing_error(msg: Any, exc: BaseException) -> str:
+    return (
+        f"processing event at {where(msg.topic, msg.partition, msg.offset)} raised "
+        f"{_describe(exc)} (isolated from its batch and dead-lettered; "
+        "on_error='fail' stops the worker instead)"
+    )
+
+
+def _at(msg: Any) -> str:
+    return where(msg.topic, msg.partition, msg.offset)
 
 
 def _index_users(user: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -232,8 +422,6 @@ def _take_rows(features: Any, rows: np.ndarray) -> Any:
     take = getattr(features, "take", None)
     if take is not None:
         return take(rows)
-    import dataclasses
-
     return dataclasses.replace(
         features,
         **{
