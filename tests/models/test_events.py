@@ -150,6 +150,86 @@ def test_a_repeated_item_is_an_error(tmp_path: Path) -> None:
         read_items(path)
 
 
+# --- hostile values: limits first, messages safe on anything ---------------------------------
+
+DEEP = "[" * 1000 + "]" * 1000  # 2 KB of JSON that orjson parses and repr() cannot print
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (DEEP, "line 2: an event must be a JSON object, got [[[["),
+        (
+            '{"user": ' + DEEP + ', "item": "i", "action": "a", "ts": 1}',
+            "line 2: 'user' makes the event 1001 levels deep",
+        ),
+        (
+            '{"user": "u", "item": "i", "action": "a", "ts": 1, "context": ' + DEEP + "}",
+            "line 2: 'context' makes the event 1001 levels deep",
+        ),
+        (
+            '{"user": "u", "item": "i", "action": "a", "ts": 1, "trace": ' + DEEP + "}",
+            "line 2: 'trace' makes the event 1001 levels deep",
+        ),
+        (
+            '{"user": "u", "item": "' + "i" * 513 + '", "action": "a", "ts": 1}',
+            "line 2: 'item' is 513 characters long: over the limit of 512",
+        ),
+        ("[" * 1100 + "]" * 1100, "line 2: not valid JSON (depth limit exceeded"),
+    ],
+)
+def test_a_hostile_line_in_an_events_file_is_a_clear_error(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    path = _write_lines(tmp_path / "e.jsonl", [orjson.dumps(RECORDS[0]).decode(), line])
+    with pytest.raises(EventError) as error:
+        read_events(path)
+    assert message in str(error.value)
+    assert len(str(error.value)) < 300
+
+
+@pytest.mark.parametrize(
+    "line",
+    [DEEP, '{"item": "x", "title": ' + DEEP + "}", '{"item": "x", "tags": ' + DEEP + "}"],
+)
+def test_a_hostile_line_in_an_items_file_is_a_clear_error(tmp_path: Path, line: str) -> None:
+    with pytest.raises(EventError, match=r"line 1: .* got [\[]{10}"):
+        read_items(_write_lines(tmp_path / "items.jsonl", [line]))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [_nested(5000), {"a": _nested(5000)}, [1] * 10**6, "x" * 10**6, 10**5000, object()],
+    ids=["deep list", "deep dict", "long list", "long string", "huge int", "object"],
+)
+def test_check_event_refuses_any_value_with_a_short_message(value: object) -> None:
+    for record in (value, {"user": value, "item": "i", "action": "a", "ts": 1}):
+        with pytest.raises(EventError) as error:
+            check_event(record)
+        assert len(str(error.value)) < 200
+
+
+def test_the_limits_are_parameters_of_check_event() -> None:
+    record = {"user": "u", "item": "item-9", "action": "a", "ts": 1, "trace": [[1]]}
+    check_event(record)
+    with pytest.raises(EventError, match=r"'trace' makes the event 3 levels deep.* limit of 2"):
+        check_event(record, max_depth=2)
+    with pytest.raises(EventError, match="'item' is 6 characters long: over the limit of 5"):
+        check_event(record, max_id_chars=5)
+
+
+def test_an_event_table_refuses_overlong_ids_as_the_stream_does() -> None:
+    with pytest.raises(EventError, match="record 2: 'user' is 600 characters long"):
+        EventTable.from_records([RECORDS[0], {**RECORDS[1], "user": "u" * 600}])
+
+
 def test_protocol_split_boundaries() -> None:
     assert protocol_split(1_000_209) == (
         slice(0, 800_167),

@@ -187,3 +187,87 @@ def test_prediction_record_carries_reference_scores_versions_and_times():
     assert record["model_version"] == "m1" and record["codebook_version"] == "interactions:c1"
     assert record["event_ts"] == 42.5
     assert (record["received_ts"], record["published_ts"]) == (1.0, 2.0)
+
+
+# --- limits: checked before anything recursive looks at a value ----------------------------
+
+DEEP = b"[" * 1000 + b"]" * 1000  # parses (orjson stops at 1024 levels); repr() would not
+
+
+def spliced(name: str, raw: bytes, **fields: object) -> bytes:
+    """An event's JSON with ``raw`` as the value of ``name`` (orjson won't write it itself)."""
+    base = {k: v for k, v in event(**fields).items() if k != name}
+    return orjson.dumps(base)[:-1] + f',"{name}":'.encode() + raw + b"}"
+
+
+def test_an_array_nested_1000_deep_as_the_event_is_refused_as_bad_field():
+    reason, text = refuse(DEEP)
+    assert reason == "bad_field"
+    assert "an event must be a JSON object, got [[[[" in text
+    assert "nested over 32 levels deep" in text
+
+
+@pytest.mark.parametrize("name", ["user", "context", "item", "tags"])
+def test_an_array_nested_1000_deep_in_a_field_is_refused_naming_the_field(name):
+    reason, text = refuse(spliced(name, DEEP))
+    assert reason == "bad_field"
+    assert f"'{name}' makes the event 1001 levels deep" in text
+    assert "over the limit of 32" in text
+    assert "events[2]@17" in text
+
+
+def test_nesting_beyond_what_orjson_parses_is_bad_json():
+    reason, text = refuse(b"[" * 1100 + b"]" * 1100)
+    assert reason == "bad_json"
+    assert "depth limit exceeded" in text
+
+
+def test_nesting_within_the_limit_in_an_extra_field_is_accepted():
+    decoded, rejects = decode_events([message(spliced("trace", b"[" * 31 + b"]" * 31))], ACTIONS)
+    assert rejects == [] and len(decoded) == 1
+
+
+@pytest.mark.parametrize("name", ["user", "item", "action", "event_id"])
+def test_an_overlong_id_is_refused_naming_the_field_the_limit_and_its_length(name):
+    long_id = "x" * 513
+    key = long_id.encode() if name == "user" else b"u1"
+    reason, text = refuse(event(**{name: long_id}), key=key)
+    assert reason == "bad_field"
+    assert f"'{name}' is 513 characters long: over the limit of 512" in text
+
+
+def test_an_overlong_context_name_is_refused():
+    reason, text = refuse(event(context={"h" * 600: 1}))
+    assert reason == "bad_field"
+    assert "a 'context' name is 600 characters long: over the limit of 512" in text
+
+
+def test_an_id_of_exactly_the_limit_is_accepted():
+    decoded, rejects = decode_events([message(event(item="x" * 512))], ACTIONS)
+    assert rejects == [] and decoded.item.tolist() == ["x" * 512]
+
+
+def test_the_limits_are_settings():
+    limits = EventLimits(max_depth=3, max_id_chars=8)
+    msgs = [
+        message(event(item="123456789"), offset=0),
+        message(event(context={"a": 1}, trace=[[[1]]]), offset=1),  # 4 levels
+        message(event(trace=[[1]]), offset=2),  # 3 levels
+    ]
+    decoded, rejects = decode_events(msgs, ACTIONS, limits)
+    assert [(r.index, r.reason) for r in rejects] == [(0, "bad_field"), (1, "bad_field")]
+    assert "over the limit of 8" in rejects[0].message
+    assert "over the limit of 3" in rejects[1].message
+    assert decoded.source.tolist() == [2]
+
+
+def test_an_event_without_a_key_is_refused_as_bad_key():
+    reason, text = refuse(event(user="u7"), key=None)
+    assert reason == "bad_key"
+    assert "events[2]@17 has no key (user 'u7')" in text
+
+
+def test_a_huge_key_is_shown_cut():
+    reason, text = refuse(event(), key=b"k" * 100_000)
+    assert reason == "bad_key"
+    assert len(text) < 300
