@@ -10,7 +10,14 @@ artifact in ``settings.artifact_dir``; with neither it refuses to start. While r
 follows the topic; a new version is loaded and verified in a thread (the event loop keeps
 consuming), then handed to the batch handler, which swaps it in between two batches
 (:meth:`ModelFeed.take_pending`). An artifact that fails verification, or whose content hash
-is not the announced one, is refused with a log line; the current version keeps serving.
+is not the announced one, is refused with a log line naming the reason and counted
+(``sketchstream_models_refused``); the current version keeps serving.
+
+A refusal belongs to what is on disk, not to the version id: it is remembered with a
+fingerprint of the artifact's files (name, size, mtime, ctime, inode of each), so the same
+version announced again after its files were repaired (or pointing at another copy) is loaded
+afresh, while announced again unchanged it is refused again, logged and counted, without being
+read a second time.
 """
 
 from __future__ import annotations
@@ -32,12 +39,17 @@ from sketchstream.stream.worker import ServingModel, serving_model
 __all__ = [
     "ModelAnnouncement",
     "ModelFeed",
+    "artifact_location",
+    "fingerprint",
     "load_serving_model",
     "model_announcement",
     "parse_announcement",
 ]
 
 log = logging.getLogger(__name__)
+
+
+Fingerprint = tuple[tuple[str, int, int, int, int], ...]
 
 
 class ModelAnnouncement(NamedTuple):
@@ -78,6 +90,37 @@ def parse_announcement(raw: bytes | None) -> ModelAnnouncement:
     return ModelAnnouncement(version, path, digest)
 
 
+class _Refusal(NamedTuple):
+    """Why an artifact was refused, and what its files looked like then."""
+
+    on_disk: Fingerprint | None
+    reason: str
+    files_at_fault: bool  # False: the files verify but are not the version or hash announced
+
+
+def artifact_location(path: str | Path, version: str | None, artifact_dir: Path | None) -> Path:
+    """Where an announced artifact is read from: ``path``, or ``artifact_dir/version`` when
+    ``path`` does not exist on this machine (announced from another one)."""
+    where = Path(path)
+    if not where.exists() and artifact_dir is not None and version:
+        return artifact_dir / version
+    return where
+
+
+def fingerprint(where: Path) -> Fingerprint | None:
+    """What is in the artifact directory ``where`` now, without reading it: ``(name, size,
+    mtime_ns, ctime_ns, inode)`` of each entry, sorted; None when it cannot be listed. Any
+    write, copy or rename over a file changes its entry (ctime at least)."""
+    try:
+        entries = []
+        for entry in sorted(where.iterdir()):
+            st = entry.stat()
+            entries.append((entry.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    except OSError:
+        return None
+    return tuple(entries)
+
+
 def load_serving_model(
     path: str | Path,
     *,
@@ -89,9 +132,7 @@ def load_serving_model(
     ``path`` does not exist here), checking it is the announced version and content hash."""
     from sketchstream.models.artifacts import load_model_artifact
 
-    where = Path(path)
-    if not where.exists() and artifact_dir is not None and version:
-        where = artifact_dir / version
+    where = artifact_location(path, version, artifact_dir)
     bundle = load_model_artifact(where)  # verifies every checksum
     actual = str(bundle.manifest.get("content_hash", ""))
     if version is not None and bundle.version != version:
@@ -121,7 +162,8 @@ class ModelFeed(Service):
         self.poll_seconds = poll_seconds
         self.current: ServingModel | None = None
         self._pending: ServingModel | None = None
-        self._refused: set[str] = set()
+        # (version, announced hash, where) -> the refusal and the files it saw
+        self._refused: dict[tuple[str, str | None, str], _Refusal] = {}
         self._ready = asyncio.Event()
         self._consumer: Any = None
         super().__init__(**kwargs)
@@ -152,13 +194,14 @@ class ModelFeed(Service):
         )
         await self._consumer.start()
         announced = await self._read_to_end()
+        tried: set[Path] = set()  # artifact directories whose files were refused just now
         model = None
         for ann in reversed(announced):  # newest first
-            model = await self._load(ann)
+            model = await self._load(ann, tried)
             if model is not None:
                 break
         if model is None:
-            model = await self._load_from_store()
+            model = await self._load_from_store(tried)
         if model is None:
             raise ConfigError(
                 f"no model to serve: nothing loadable announced on {self.settings.topic_models!r} "
@@ -226,12 +269,29 @@ class ModelFeed(Service):
             log.warning("ignoring model announcement at offset %d: %s", record.offset, exc)
             return None
 
-    async def _load(self, ann: ModelAnnouncement) -> ServingModel | None:
-        if ann.version in self._refused:
+    async def _load(
+        self, ann: ModelAnnouncement, tried: set[Path] | None = None
+    ) -> ServingModel | None:
+        """The announced model, verified; None (logged and counted) when it is refused.
+
+        ``tried``: artifact directories whose files were refused in this pass, skipped (at
+        start the store holds the announced versions too: one refusal each, not two). A
+        directory refused only because the announcement named another version or content
+        hash is not in it: its files may still serve as the store's fallback."""
+        where = artifact_location(ann.path, ann.version, self.settings.artifact_dir)
+        if tried is not None and where in tried:
+            return None
+        key = (ann.version, ann.content_hash, str(where))
+        on_disk = fingerprint(where)
+        known = self._refused.get(key)
+        if known is not None and known.on_disk is not None and known.on_disk == on_disk:
+            self._refuse(ann.version, f"{known.reason} (announced again, files unchanged)")
+            if tried is not None and known.files_at_fault:
+                tried.add(where)
             return None
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(
+            model = await loop.run_in_executor(
                 None,
                 lambda: self.loader(
                     ann.path,
@@ -241,18 +301,27 @@ class ModelFeed(Service):
                 ),
             )
         except (SketchstreamError, OSError, ValueError) as exc:
-            self._refused.add(ann.version)
-            log.error("refusing model %s: %s", ann.version, exc)
-            if self.metrics is not None:
-                self.metrics.models_refused.inc()
+            files_at_fault = not isinstance(exc, StreamError)  # StreamError: not what was announced
+            self._refused[key] = _Refusal(on_disk, str(exc), files_at_fault)
+            self._refuse(ann.version, str(exc))
+            if tried is not None and files_at_fault:
+                tried.add(where)
             return None
+        self._refused.pop(key, None)
+        return model
 
-    async def _load_from_store(self) -> ServingModel | None:
+    def _refuse(self, version: str, reason: str) -> None:
+        log.error("refusing model %s: %s", version, reason)
+        if self.metrics is not None:
+            self.metrics.models_refused.inc()
+
+    async def _load_from_store(self, tried: set[Path]) -> ServingModel | None:
         from sketchstream.models.artifacts import ArtifactStore
 
         store = ArtifactStore(self.settings.artifact_dir)
         for version in store.versions():
-            model = await self._load(ModelAnnouncement(version, str(store.root / version), None))
+            ann = ModelAnnouncement(version, str(store.root / version), None)
+            model = await self._load(ann, tried)
             if model is not None:
                 return model
         return None
@@ -272,11 +341,14 @@ class ModelFeed(Service):
                 for record in records
                 if (ann := self._parse(record)) is not None
             ]
-            for ann in announced[-1:]:  # only the newest of a burst is worth loading
+            # the newest of a burst that verifies is served: older ones are not worth loading
+            # unless the newer ones are refused
+            for ann in reversed(announced):
                 current = self._pending or self.current
                 if current is not None and ann.version == current.version:
-                    continue
+                    break  # already serving it (or about to): nothing older is wanted
                 model = await self._load(ann)
                 if model is not None:
                     log.info("model %s loaded; swapping it in after the current batch", ann.version)
                     self._pending = model
+                    break
