@@ -20,6 +20,11 @@ Semantics (DESIGN.md, "Semantics that must hold"):
   and see every earlier event of its user, including earlier events of the same batch.
 - *Idempotence*: an event whose offset is ``<=`` the last folded offset of its partition is
   skipped (``Features.valid`` False); redelivery is a no-op.
+- *Deduplication*: a state remembers the ids of the last :data:`DEDUP_WINDOW` events folded
+  with an ``event_id`` (8-byte hashes, :func:`event_id_hash`). A new event whose id is among
+  them, or equals the id of an event of its user folded earlier in the same batch, is a
+  duplicate (a producer's retry): not folded, not scored (``valid`` False), counted apart from
+  redeliveries (``StateBatch.duplicates``); its offset counts as consumed.
 - *Lazy decay*: reading at ``t`` multiplies a channel's sketch by ``2^(-(t - clock)/half_life)``;
   an event older than the clock adds ``weight * 2^(-(clock - ts)/half_life)`` and leaves the
   clock where it is; the clock never moves back.
@@ -52,6 +57,7 @@ from sketchstream.models.emde import Codebook, item_hash
 from sketchstream.models.errors import ArtifactError, ModelError
 
 __all__ = [
+    "DEDUP_WINDOW",
     "Aggregator",
     "AggregatorConfig",
     "Channel",
@@ -60,6 +66,7 @@ __all__ = [
     "Features",
     "StateBatch",
     "default_config",
+    "event_id_hash",
     "replay_benchmark",
     "state_size_report",
     "synthetic_ratings",
@@ -69,7 +76,13 @@ log = logging.getLogger(__name__)
 
 DAY = 86_400.0
 _MAGIC = b"SU"
-_FORMAT_VERSION = 2  # v2: fixed-width fields, encoded and decoded a batch at a time
+_FORMAT_VERSION = 3  # v3: v2 and a window of event-id hashes (header byte n_ids, v2's flags)
+_FORMAT_NO_IDS = 2  # v2: fixed-width fields, batch at a time; still written for states without ids
+#: How many event ids a user state remembers for deduplication: the ids of its last
+#: ``DEDUP_WINDOW`` events folded with an id, 8 bytes each (so at most 512 bytes a state; a
+#: state whose events never carried an id stores none). Raising it later is safe: states keep
+#: what they have; lowering it keeps each state's newest ids. At most 255 (one header byte).
+DEDUP_WINDOW = 64
 # Within one pass, a user's events span at most this many (shortest) half-lives, so the
 # scaled weights 2^((ts - t0)/h) stay within float64's comfortable range (see _fold_pass).
 _MAX_PASS_HALF_LIVES = 24.0
@@ -219,6 +232,7 @@ class Event:
     partition: int = 0
     offset: int | None = None
     weight: float = 1.0
+    event_id: str | None = None
 
 
 @dataclass
@@ -228,7 +242,10 @@ class EventBatch:
     ``user_index`` row in the StateBatch; ``item`` item ids (str); ``action`` index into
     ``config.actions`` (``-1``: an action the config does not know, folded into no channel);
     ``value`` float32 (nan: none); ``ts`` float64 seconds; ``partition`` int32; ``offset``
-    int64 (>= 0); ``weight`` float32 (None: all 1).
+    int64 (>= 0); ``weight`` float32 (None: all 1); ``event_id`` object, the producer's id of
+    each event (str; None or ``""``: no id), or None when no event has one (a list is taken as
+    is, e.g. ``DecodedEvents.event_id``; one without any id becomes None). Ids deduplicate: see
+    :meth:`Aggregator.score_then_fold`.
     """
 
     user_index: np.ndarray
@@ -239,6 +256,7 @@ class EventBatch:
     partition: np.ndarray
     offset: np.ndarray
     weight: np.ndarray | None = None
+    event_id: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.user_index = np.asarray(self.user_index, dtype=np.int64)
@@ -256,6 +274,8 @@ class EventBatch:
             a = getattr(self, name)
             if a.shape != (n,):
                 raise ModelError(f"EventBatch.{name} has shape {a.shape}, expected ({n},)")
+        if self.event_id is not None:
+            self.event_id = _event_ids(self.event_id, n)
 
     def __len__(self) -> int:
         return int(self.user_index.shape[0])
@@ -272,8 +292,14 @@ class StateBatch:
     ``hist_item`` (uint64 :func:`item_hash`), ``hist_ts`` float64, ``hist_action`` int16,
     ``hist_value`` float32, ``hist_weight`` float32, each ``(U, K)``, slots in rank order
     (highest decayed weight first), padding zeros (action -1) after ``hist_len``.
+    Deduplication window: ``id_len (U,)`` int32 and ``id_hash (U, L)`` uint64, the
+    :func:`event_id_hash` of the user's last ``id_len`` ids folded, oldest first, zeros after;
+    ``L`` is 0 until a state or an event of the batch carries an id, then
+    :data:`DEDUP_WINDOW`.
     ``codebook_version``: the codebooks the sketches were built on. ``rebuilt``: rows
-    :meth:`Aggregator.load` rebuilt from history.
+    :meth:`Aggregator.load` rebuilt from history. ``duplicates``: events that
+    :meth:`Aggregator.score_then_fold` calls on this batch dropped as duplicate ids (for a
+    metric, beside the redeliveries).
     """
 
     sketches: np.ndarray
@@ -287,8 +313,11 @@ class StateBatch:
     hist_action: np.ndarray
     hist_value: np.ndarray
     hist_weight: np.ndarray
+    id_len: np.ndarray
+    id_hash: np.ndarray
     codebook_version: str
     rebuilt: int = 0
+    duplicates: int = 0
 
     def __len__(self) -> int:
         return int(self.clocks.shape[0])
@@ -306,14 +335,17 @@ class StateBatch:
         return self.take(slice(None))
 
     def same_as(self, other: StateBatch) -> bool:
-        """Exact equality (nan equals nan; unused partition slots ignored)."""
+        """Exact equality (nan equals nan; unused partition and id slots ignored)."""
         if self.codebook_version != other.codebook_version or len(self) != len(other):
             return False
         p = max(_used_slots(self.partitions), _used_slots(other.partitions))
+        w = max(self.id_hash.shape[1], other.id_hash.shape[1])
         for k, a in self._arrays().items():
             b = getattr(other, k)
             if k in ("partitions", "offsets"):
                 a, b = _pad_slots(a, p), _pad_slots(b, p)
+            elif k == "id_hash":
+                a, b = _pad_columns(a, w), _pad_columns(b, w)
             if a.shape != b.shape or not np.array_equal(a, b, equal_nan=a.dtype.kind == "f"):
                 return False
         return True
@@ -322,6 +354,48 @@ class StateBatch:
 def _used_slots(partitions: np.ndarray) -> int:
     used = (partitions >= 0).sum(axis=1)
     return int(used.max()) if used.size else 0
+
+
+def _pad_columns(a: np.ndarray, w: int) -> np.ndarray:
+    """``(U, L)`` array padded with zero columns to at least ``w``."""
+    if a.shape[1] >= w:
+        return a
+    return np.concatenate([a, np.zeros((a.shape[0], w - a.shape[1]), a.dtype)], axis=1)
+
+
+def _event_ids(ids: Any, n: int) -> np.ndarray | None:
+    """``EventBatch.event_id`` checked: ``(n,)`` object array, or None when no event has an id
+    (None and ``""`` are no id)."""
+    listed = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+    if len(listed) != n:
+        raise ModelError(f"EventBatch.event_id has {len(listed)} ids, expected {n}")
+    if not set(map(type, listed)) <= {str, type(None)}:
+        i = next(k for k, x in enumerate(listed) if not (x is None or type(x) is str))
+        raise ModelError(
+            f"EventBatch.event_id[{i}] is {listed[i]!r} ({type(listed[i]).__name__}): "
+            "expected a str, or None for no id"
+        )
+    if not any(listed):
+        return None
+    if isinstance(ids, np.ndarray) and ids.dtype == object and ids.shape == (n,):
+        return ids
+    out = np.empty(n, dtype=object)
+    out[:] = listed
+    return out
+
+
+def event_id_hash(ids: Sequence[str]) -> np.ndarray:
+    """``(n,)`` uint64: the first 8 bytes of the blake2b digest of each id's UTF-8, little-endian.
+
+    What a state remembers of an event id. Two ids collide with probability 2^-64 a pair: a
+    user's new event is taken for a duplicate by chance with probability under
+    ``DEDUP_WINDOW * 2^-64``.
+    """
+    blake = hashlib.blake2b
+    return np.frombuffer(
+        b"".join([blake(i.encode("utf-8", "surrogatepass"), digest_size=8).digest() for i in ids]),
+        "<u8",
+    ).astype(np.uint64)
 
 
 def _pad_slots(a: np.ndarray, p: int) -> np.ndarray:
@@ -368,29 +442,33 @@ class Features:
 #
 # A user state is one byte string, little-endian, fixed-width fields, no pickle:
 #
-#   header      _HEAD (43 bytes): magic "SU", format, flags, layout digest, codebooks digest,
+#   header      _HEAD (43 bytes): magic "SU", format (2 or 3), ids in the window n_ids u1
+#               (0 in format 2, where the byte was "flags"), layout digest, codebooks digest,
 #               clock f8, events folded u8, partition slots u2, history length n u2, and the
 #               encodings of the history's times, values and weights (u1 each)
 #   partitions  n_parts × (partition i4, last folded offset i8)
 #   history     item hashes n × u8; times n × u4 seconds before the clock (integral times)
 #               or n × f8; actions n × u1; values n × u1 (255: none; integers 0..254) or
 #               n × f4; weights nothing (all 1) or n × f4 -- in rank order
+#   ids         format 3 only: n_ids × u8 event-id hashes, oldest first (the dedup window)
 #   sketches    C encodings (u1 each, _EMPTY ... _SPARSE below), then one block per encoding
 #               holding that encoding's channels in channel order: nibbles, bytes, shorts,
 #               bitmaps (D × W bits, packbits order), f4 values of the sparse cells. Undecayed
 #               channels are whole counts, written dense in 4, 8 or 16 bits (as compact as a
 #               bitmap plus values at MovieLens densities, and no gather); decayed ones sparse.
 #
-# The history and everything before it read the same under any layout, so a state made under
-# other codebooks or channels is rebuilt from it; the sketches are read only when the layout
-# and codebook digests match. Every field has a fixed width, so a batch of states is encoded
-# and decoded with whole-batch numpy operations and one slicing pass over the byte strings.
+# The ids and everything before them read the same under any layout, so a state made under
+# other codebooks or channels is rebuilt from its history and keeps its window; the sketches
+# are read only when the layout and codebook digests match. A state with no id in its window
+# is written in format 2, byte for byte what the code before format 3 wrote (and reads).
+# Every field has a fixed width, so a batch of states is encoded and decoded with whole-batch
+# numpy operations and one slicing pass over the byte strings.
 
 _HEAD = np.dtype(
     [
         ("magic", "<u2"),
         ("format", "u1"),
-        ("flags", "u1"),
+        ("n_ids", "u1"),
         ("layout", "<u8"),
         ("codebooks", "<u8"),
         ("clock", "<f8"),
@@ -599,8 +677,9 @@ class Aggregator:
 
     ``config``: channels, actions, history size. ``codebooks``: modality -> fitted
     :class:`~sketchstream.models.emde.Codebook`, one per modality the channels use, all of the
-    same depth and width. ``counters``: events folded, duplicates skipped, unknown items per
-    modality, states rebuilt; ever-increasing, for metrics.
+    same depth and width. ``counters``: events folded, redeliveries skipped (offset already
+    folded), duplicate ids dropped, unknown items per modality, states rebuilt; ever-increasing,
+    for metrics.
     """
 
     def __init__(self, config: AggregatorConfig, codebooks: Mapping[str, Codebook]) -> None:
@@ -644,7 +723,12 @@ class Aggregator:
             None
         ] * self.width  # (1, C, D): offset of each (channel, depth) row in a user's sketches
         self._mod_channels = [np.flatnonzero(self._ch_mod == mo) for mo in range(len(mods))]
-        self.counters: dict[str, int] = {"events": 0, "duplicates": 0, "rebuilt": 0}
+        self.counters: dict[str, int] = {
+            "events": 0,
+            "redelivered": 0,
+            "duplicate_ids": 0,
+            "rebuilt": 0,
+        }
         self.counters.update({f"unknown_item/{m}": 0 for m in mods})
         self._reset_item_cache()
 
@@ -709,6 +793,8 @@ class Aggregator:
             hist_action=np.full((n_users, k), -1, np.int16),
             hist_value=np.zeros((n_users, k), np.float32),
             hist_weight=np.zeros((n_users, k), np.float32),
+            id_len=np.zeros(n_users, np.int32),
+            id_hash=np.zeros((n_users, 0), np.uint64),  # widened when ids come
             codebook_version=self.codebook_version,
         )
 
@@ -735,6 +821,12 @@ class Aggregator:
         """Features of every event read before it is folded, then fold them all into ``batch``.
 
         ``events`` in offset order per user (users may interleave). Updates ``batch`` in place.
+        An event is not folded (``valid`` False, features zero) when its offset is at or below
+        its partition's last folded offset (a redelivery), or when it carries an ``event_id``
+        among the ids of the user's last :data:`DEDUP_WINDOW` events folded with one, earlier
+        events of this batch included (a duplicate: ``batch.duplicates`` counts them; its
+        offset counts as consumed). Folding a stream in one batch or in any split gives the
+        same states and valid flags.
         ``with_sketches``: also return each event's decayed user sketches ``(n, C, D, W)``
         (memory heavy: keep such batches small).
         ``item_similarity``: an :class:`~sketchstream.models.similarity.ItemSimilarity`
@@ -777,7 +869,14 @@ class Aggregator:
         first = _group_first(starts)
         ts = ev.ts[order]
         part, off = ev.partition[order], ev.offset[order]
-        valid, slot = self._dedup(batch, u, part, off)
+        fresh, slot = self._dedup(batch, u, part, off)
+        valid = fresh
+        n_dup = 0
+        if ev.event_id is not None:
+            dup = self._duplicate_ids(batch, u, fresh, ev.event_id[order])
+            n_dup = int(dup.sum())
+            if n_dup:
+                valid = fresh & ~dup
         # The clock before each event: the state's clock or the latest earlier valid event.
         clock0 = np.where(np.isnan(batch.clocks[u]), -np.inf, batch.clocks[u])
         incl = np.maximum(clock0, _group_cummax(np.where(valid, ts, -np.inf), gid))
@@ -799,7 +898,8 @@ class Aggregator:
             "read_t": read_t,
             "order": order,
         }
-        self._count(valid, c_sorted)
+        self._count(valid, fresh, n_dup, c_sorted)
+        batch.duplicates += n_dup
 
         # Passes: cut a user's events where they span too many half-lives for scaled sums.
         h_min = float(self._ch_half.min())
@@ -841,7 +941,7 @@ class Aggregator:
             arrays["w"],
             self._item_hash[item_rows[order]],
         )
-        np.maximum.at(batch.offsets, (u[valid], slot[valid]), off[valid])
+        np.maximum.at(batch.offsets, (u[fresh], slot[fresh]), off[fresh])
         np.add.at(batch.n_events, u[valid], 1)
 
         dens_s[~valid] = 0.0
@@ -930,6 +1030,72 @@ class Aggregator:
                 last[k] = o
         return valid, slot
 
+    def _duplicate_ids(
+        self, batch: StateBatch, u: np.ndarray, fresh: np.ndarray, ids: np.ndarray
+    ) -> np.ndarray:
+        """``(n,)`` bool: the ``fresh`` events (not redelivered) whose id is a duplicate, in
+        user-sorted order (``u`` sorted, each user's events in offset order); pushes the ids
+        of the others into their users' windows.
+
+        One event at a time, an id is a duplicate when it is in the window as it stands then:
+        the last :data:`DEDUP_WINDOW` ids folded, earlier events of the batch included. A
+        duplicate is never folded, so it never enters the window. Duplicates are rare: a
+        superset of them (ids in the stored window or repeated in the batch) is found
+        vectorized, and only the users it names are walked in Python.
+        """
+        n, w = len(u), DEDUP_WINDOW
+        listed = ids.tolist()
+        has = np.fromiter(map(bool, listed), bool, n)  # None and "" are no id
+        dup = np.zeros(n, bool)
+        ci = np.flatnonzero(fresh & has)
+        if ci.size == 0:
+            return dup
+        if batch.id_hash.shape[1] < w:
+            batch.id_hash = _pad_columns(batch.id_hash, w)
+        h = event_id_hash([listed[i] for i in ci.tolist()])
+        cu = u[ci]
+        n_old = batch.id_len[cu]
+        stored = batch.id_hash[cu, :w] == h[:, None]
+        maybe = (stored & (np.arange(w) < n_old[:, None])).any(axis=1)
+        o = np.lexsort((h, cu))  # stable: a repeated id's later events follow its first
+        again = (cu[o][1:] == cu[o][:-1]) & (h[o][1:] == h[o][:-1])
+        maybe[o[1:][again]] = True
+        is_dup = np.zeros(ci.size, bool)
+        if maybe.any():
+            hashes = h.tolist()
+            for user in np.unique(cu[maybe]).tolist():
+                window = batch.id_hash[user, : batch.id_len[user]].tolist()
+                for r in np.flatnonzero(cu == user).tolist():
+                    if hashes[r] in window[-w:]:
+                        is_dup[r] = True
+                    else:
+                        window.append(hashes[r])
+        dup[ci] = is_dup
+        self._merge_ids(batch, cu[~is_dup], h[~is_dup])
+        return dup
+
+    @staticmethod
+    def _merge_ids(batch: StateBatch, nu: np.ndarray, nh: np.ndarray) -> None:
+        """Append ids ``nh`` to the windows of users ``nu`` (sorted, each user's ids in fold
+        order), keeping each window's last :data:`DEDUP_WINDOW`."""
+        if nu.size == 0:
+            return
+        w = DEDUP_WINDOW
+        users, n_new = np.unique(nu, return_counts=True)
+        n_old = np.minimum(batch.id_len[users].astype(np.int64), w)
+        drop = np.maximum(n_old + n_new - w, 0)  # the oldest ids pushed out
+        ol, oslot = np.nonzero(np.arange(w) < n_old[:, None])
+        old = batch.id_hash[users[ol], oslot]
+        at = oslot - drop[ol]
+        keep = at >= 0
+        g, rank = _ranks(n_new)
+        at_new = n_old[g] + rank - drop[g]
+        keep_new = at_new >= 0
+        batch.id_hash[users] = 0
+        batch.id_hash[users[ol[keep]], at[keep]] = old[keep]
+        batch.id_hash[users[g[keep_new]], at_new[keep_new]] = nh[keep_new]
+        batch.id_len[users] = np.minimum(n_old + n_new, w)
+
     def _membership(self, action: np.ndarray, value: np.ndarray) -> np.ndarray:
         """``(n, C)`` bool: the channels each event's action and value feed."""
         ok = self._action_ok[action]
@@ -937,9 +1103,10 @@ class Aggregator:
         in_range = (v >= self._ch_lo[None, :]) & (v < self._ch_hi[None, :])
         return ok & (in_range | ~self._ch_filtered[None, :])
 
-    def _count(self, valid: np.ndarray, codes: np.ndarray) -> None:
+    def _count(self, valid: np.ndarray, fresh: np.ndarray, n_dup: int, codes: np.ndarray) -> None:
         self.counters["events"] += int(valid.sum())
-        self.counters["duplicates"] += int((~valid).sum())
+        self.counters["redelivered"] += int((~fresh).sum())
+        self.counters["duplicate_ids"] += n_dup
         for m, name in enumerate(self.modalities):
             self.counters[f"unknown_item/{name}"] += int((valid & (codes[:, m, 0] < 0)).sum())
 
@@ -1333,6 +1500,7 @@ class Aggregator:
                 partition=[event.partition],
                 offset=[offset],
                 weight=[event.weight],
+                event_id=None if event.event_id is None else [event.event_id],
             ),
         )
         return out
@@ -1398,7 +1566,9 @@ class Aggregator:
         out = _Sections(n_users)
         head = np.zeros(n_users, _HEAD)
         head["magic"] = _MAGIC_U2
-        head["format"] = _FORMAT_VERSION
+        n_ids = batch.id_len.astype(np.int64)
+        head["format"] = np.where(n_ids > 0, _FORMAT_VERSION, _FORMAT_NO_IDS)
+        head["n_ids"] = n_ids
         head["layout"] = self._layout_id
         head["codebooks"] = self._codebooks_id
         head["clock"] = batch.clocks
@@ -1444,6 +1614,9 @@ class Aggregator:
         out.add(small, n_hist * v_small)
         out.add(value[~rows_small].astype("<f4"), 4 * n_hist * ~v_small)
         out.add(weight[~w_ones[owner]].astype("<f4"), 4 * n_hist * ~w_ones)
+        if n_ids.any():
+            in_ids = np.arange(batch.id_hash.shape[1])[None, :] < n_ids[:, None]
+            out.add(batch.id_hash[in_ids].astype("<u8"), 8 * n_ids)
 
         n_ch, cells = batch.sketches.shape[1], self.depth * self.width
         kind, dense, sparse = self._sketch_encodings(batch)
@@ -1519,11 +1692,14 @@ class Aggregator:
         hs = _HEAD.itemsize
         self._refuse(rows, size < hs, f"shorter than the {hs}-byte header")
         head = np.frombuffer(b"".join([b[:hs] for b in given]), _HEAD)
+        fmt = head["format"]
         self._refuse(
             rows,
-            (head["magic"] != _MAGIC_U2) | (head["format"] != _FORMAT_VERSION),
-            f"not a sketchstream user state of format v{_FORMAT_VERSION}",
+            (head["magic"] != _MAGIC_U2) | ((fmt != _FORMAT_VERSION) & (fmt != _FORMAT_NO_IDS)),
+            f"not a sketchstream user state of format v{_FORMAT_NO_IDS} or v{_FORMAT_VERSION}",
         )
+        n_ids = head["n_ids"].astype(np.int64)
+        self._refuse(rows, (fmt == _FORMAT_NO_IDS) & (n_ids != 0), "format v2 with flags set")
         n_parts = head["n_parts"].astype(np.int64)
         n_hist = head["n_hist"].astype(np.int64)
         ts_w = np.where(head["ts_kind"] == 0, 4, 8)
@@ -1540,7 +1716,8 @@ class Aggregator:
         p_act = p_ts + ts_w * n_hist
         p_val = p_act + n_hist
         p_w = p_val + v_w * n_hist
-        p_sk = p_w + w_w * n_hist
+        p_ids = p_w + w_w * n_hist
+        p_sk = p_ids + 8 * n_ids
         fresh = (head["layout"] == self._layout_id) & (head["codebooks"] == self._codebooks_id)
         n_ch, cells = len(self.config.channels), self.depth * self.width
         self._refuse(rows, size < p_sk + np.where(fresh, n_ch, 0), "truncated")
@@ -1552,6 +1729,7 @@ class Aggregator:
         act_b: list[bytes] = []
         val_b: tuple[list[bytes], list[bytes]] = ([], [])  # by encoding: u1, f4
         w_b: list[bytes] = []
+        ids_b: list[bytes] = []
         blocks: dict[str, list[bytes]] = {
             k: [] for k in ("kinds", "nibbles", "bytes", "shorts", "bitmaps", "values")
         }
@@ -1565,19 +1743,22 @@ class Aggregator:
             p_act.tolist(),
             p_val.tolist(),
             p_w.tolist(),
+            p_ids.tolist(),
             p_sk.tolist(),
             fresh.tolist(),
             head["ts_kind"].tolist(),
             head["value_kind"].tolist(),
             strict=True,
         )
-        for b, ph, pt, pa, pv, pw, ps, fr, tk, vk in spans:
+        for b, ph, pt, pa, pv, pw, pi, ps, fr, tk, vk in spans:
             pairs_b.append(b[hs:ph])
             items_b.append(b[ph:pt])
             ts_b[tk].append(b[pt:pa])
             act_b.append(b[pa:pv])
             val_b[vk].append(b[pv:pw])
-            w_b.append(b[pw:ps])
+            w_b.append(b[pw:pi])
+            if pi != ps:
+                ids_b.append(b[pi:ps])
             if fr:
                 kinds = b[ps : ps + n_ch]
                 kinds_b.append(kinds)
@@ -1623,6 +1804,15 @@ class Aggregator:
         weight = np.ones(owner.shape[0], np.float32)
         weight[~ones] = np.frombuffer(b"".join(w_b), "<f4")
         batch.hist_weight[r_keep, k_keep] = weight[keep]
+        if ids_b:
+            w = DEDUP_WINDOW
+            batch.id_hash = np.zeros((n_users, w), np.uint64)
+            owner, rank = _ranks(n_ids)
+            at = rank - np.maximum(n_ids - w, 0)[owner]  # keep each window's newest w
+            keep = at >= 0
+            ids = np.frombuffer(b"".join(ids_b), "<u8")
+            batch.id_hash[rows[owner[keep]], at[keep]] = ids[keep]
+            batch.id_len[rows] = np.minimum(n_ids, w)
 
         if kinds_b:
             self._load_sketches(batch, rows[fresh], blocks)

@@ -252,6 +252,7 @@ def replay(
     state = aggregator.new_batch(len(users))
     parts = []
     offsets = np.arange(n, dtype=np.int64)
+    event_ids = getattr(events, "event_id", None)  # duplicates dropped as the worker drops them
     bar = tqdm(total=n, desc="replay", unit="ev", disable=not progress, mininterval=1.0)
 
     def run(lo: int, hi: int, sim: Any) -> list[Any]:
@@ -266,6 +267,7 @@ def replay(
                 ts=events.ts[rows],
                 partition=np.zeros(rows.stop - rows.start, dtype=np.int32),
                 offset=offsets[rows],
+                event_id=None if event_ids is None else event_ids[rows],
             )
             out.append(aggregator.score_then_fold(state, batch, item_similarity=sim))
             bar.update(rows.stop - rows.start)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sketchstream.models import state as state_module
 from sketchstream.models.emde import Codebook
 from sketchstream.models.errors import ArtifactError, ModelError
 from sketchstream.models.state import (
@@ -53,7 +54,9 @@ def _aggregator(history_size: int = 64, seed: int = 0) -> Aggregator:
 
 
 def _batch(rows: list[tuple]) -> EventBatch:
-    """Rows: (user, item, action, value, ts, partition, offset, weight)."""
+    """Rows: (user, item, action, value, ts, partition, offset, weight[, event_id])."""
+    with_ids = any(len(r) == 9 for r in rows)
+    rows = [(*r, None) if len(r) == 8 else r for r in rows] if with_ids else rows
     cols = list(zip(*rows, strict=True)) if rows else [()] * 8
     return EventBatch(
         user_index=np.array(cols[0], np.int64),
@@ -64,12 +67,23 @@ def _batch(rows: list[tuple]) -> EventBatch:
         partition=np.array(cols[5], np.int32),
         offset=np.array(cols[6], np.int64),
         weight=np.array(cols[7], np.float32),
+        event_id=list(cols[8]) if with_ids else None,
     )
 
 
 @st.composite
-def event_rows(draw: st.DrawFn, n_users: int = 3, max_events: int = 14, span: float = 400.0):
-    """Events in offset order per (user, partition), with some redelivered offsets."""
+def event_rows(
+    draw: st.DrawFn,
+    n_users: int = 3,
+    max_events: int = 14,
+    span: float = 400.0,
+    ids: bool = False,
+):
+    """Events in offset order per (user, partition), with some redelivered offsets.
+
+    ``ids``: rows get a 9th column, an event id from a pool of six (or None), so ids repeat
+    within and across users: producer retries, and equal ids of different users.
+    """
     n = draw(st.integers(1, max_events))
     next_offset: dict[tuple[int, int], int] = {}
     rows = []
@@ -85,7 +99,10 @@ def event_rows(draw: st.DrawFn, n_users: int = 3, max_events: int = 14, span: fl
         value = draw(st.sampled_from([math.nan, 1.0, 3.0, 3.5, 4.0, 5.0]))
         ts = draw(st.floats(0, span, allow_nan=False).map(lambda t: round(t, 1)))
         weight = draw(st.sampled_from([1.0, 1.0, 0.5, 2.0]))
-        rows.append((user, item, action, value, 1000.0 + ts, part, off, weight))
+        row = (user, item, action, value, 1000.0 + ts, part, off, weight)
+        if ids:
+            row = (*row, draw(st.sampled_from([None, "", "e0", "e1", "e2", "e3", "e4", "e5"])))
+        rows.append(row)
     return rows
 
 
@@ -131,7 +148,7 @@ def test_decay_composes(t1: float, t2: float) -> None:
 
 
 @settings(max_examples=20, deadline=None)
-@given(rows=event_rows())
+@given(rows=st.booleans().flatmap(lambda ids: event_rows(ids=ids)))
 def test_refolding_a_folded_offset_is_a_noop(rows: list[tuple]) -> None:
     agg = _aggregator()
     state = agg.new_batch(3)
@@ -162,7 +179,7 @@ def test_a_set_folded_at_one_timestamp_in_any_order_gives_the_same_sketch(
 
 
 @settings(max_examples=20, deadline=None)
-@given(rows=event_rows())
+@given(rows=st.booleans().flatmap(lambda ids: event_rows(ids=ids)))
 def test_serialized_state_deserializes_to_the_same_state(rows: list[tuple]) -> None:
     agg = _aggregator(history_size=5)
     state = agg.new_batch(4)  # user 3 stays empty
@@ -257,13 +274,21 @@ def test_features_of_an_event_do_not_depend_on_it_or_later_events(
     np.testing.assert_allclose(a.counts[:cut], b.counts[:cut], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    "ids, window", [(False, 64), (True, 64), (True, 2)], ids=["no-ids", "ids", "ids-window-2"]
+)
 @settings(max_examples=25, deadline=None)
-@given(rows=event_rows(span=20_000.0))
-def test_a_batch_gives_the_same_result_as_one_event_at_a_time(rows: list[tuple]) -> None:
-    agg = _aggregator(history_size=4)
-    state = agg.new_batch(3)
-    feats = agg.score_then_fold(state, _batch(rows))
-    one_state, one_feats = _fold_one_by_one(agg, 3, rows)
+@given(data=st.data())
+def test_a_batch_gives_the_same_result_as_one_event_at_a_time(
+    ids: bool, window: int, data: st.DataObject
+) -> None:
+    rows = data.draw(event_rows(span=20_000.0, ids=ids))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(state_module, "DEDUP_WINDOW", window)
+        agg = _aggregator(history_size=4)
+        state = agg.new_batch(3)
+        feats = agg.score_then_fold(state, _batch(rows))
+        one_state, one_feats = _fold_one_by_one(agg, 3, rows)
     assert feats.valid.tolist() == [f.valid[0] for f in one_feats]
     np.testing.assert_allclose(
         feats.density, np.concatenate([f.density for f in one_feats]), rtol=1e-5, atol=1e-7
@@ -273,7 +298,33 @@ def test_a_batch_gives_the_same_result_as_one_event_at_a_time(rows: list[tuple])
     )
     np.testing.assert_allclose(state.sketches, one_state.sketches, rtol=1e-5, atol=1e-7)
     one_state.sketches = state.sketches
-    assert state.same_as(one_state)  # clocks, offsets, histories exactly
+    assert state.same_as(one_state)  # clocks, offsets, histories, id windows exactly
+    assert state.duplicates == one_state.duplicates
+
+
+@pytest.mark.parametrize("window", [64, 2], ids=["window-64", "window-2"])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_any_split_of_a_stream_with_repeated_ids_gives_the_same_states_and_valid_flags(
+    window: int, data: st.DataObject
+) -> None:
+    rows = data.draw(event_rows(max_events=20, span=20_000.0, ids=True))
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(rows)), max_size=4))))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(state_module, "DEDUP_WINDOW", window)
+        agg = _aggregator(history_size=4)
+        whole = agg.new_batch(3)
+        whole_valid = agg.score_then_fold(whole, _batch(rows)).valid.tolist()
+        split, split_valid, duplicates = agg.new_batch(3), [], 0
+        for lo, hi in zip([0, *cuts], [*cuts, len(rows)], strict=True):
+            split_valid += agg.score_then_fold(split, _batch(rows[lo:hi])).valid.tolist()
+            duplicates += split.duplicates
+            split = agg.load(agg.dump(split))  # between batches, states live as bytes
+    assert split_valid == whole_valid
+    assert duplicates == whole.duplicates
+    np.testing.assert_allclose(split.sketches, whole.sketches, rtol=1e-5, atol=1e-7)
+    split.sketches = whole.sketches
+    assert split.same_as(whole)
 
 
 def test_density_is_the_share_of_channel_mass_in_the_items_buckets() -> None:
