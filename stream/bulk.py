@@ -22,13 +22,23 @@ acknowledged when the handler returns, so offsets are committed as for an agent,
 waits for the batch in progress (``wait_empty``) and the hand-over of
 :mod:`sketchstream.stream.recovery` seeks these partitions like any other. When the flow stops
 (a rebalance) or the consumer generation changes, the rest of a fetch is abandoned and the
-partitions are sought back to their committed offsets, so nothing abandoned is skipped. A
-handler that raises stops the worker without acknowledging its batch: the batch is read again
-after the restart (at-least-once).
+partitions are sought back to their committed offsets, so nothing abandoned is skipped.
+
+A handler that raises is a failure of the worker, not bad input (the handler dead-letters
+that): the fetch loop ends without acknowledging the batch and the worker stops as it does on
+SIGTERM (it commits the batches it finished, leaves its group), then exits non-zero for its
+supervisor to restart it; the failed batch is read again after the restart (at-least-once).
+Not ``App.crash``: mode marks every service crashed at once, the consumer thread included,
+and that thread then shuts itself down while the app's own stop still needs it to commit the
+batches acknowledged since the last commit. That commit then waits forever and the worker
+neither works nor exits (issue 12's "stall after restoring an unreadable state": it needed a
+batch acknowledged less than a commit interval before the failing one, and the thread to see
+the crash before the commit reached it). See :meth:`BulkApp.fail`.
 
 It overrides faust's private ``Consumer._drain_messages`` and reads faust's read offsets, gaps
 and unacknowledged messages (``_read_offset``, ``_add_gap``, ``_unacked_messages``), as
-faust-streaming 0.15.3 has them: re-check on upgrade.
+faust-streaming 0.15.3 has them, and stops mode's ``Worker`` through its private stop slots
+(``_signal_stop_time``, ``_signal_stop_future``, ``_starting_fut``): re-check on upgrade.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import faust
+import mode
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 __all__ = ["BulkApp", "BulkConsumer", "BulkHandler"]
@@ -56,6 +67,16 @@ if _missing:
         + ", ".join(f"Consumer.{name}" for name in _missing)
         + ": install faust-streaming==0.15.3 (pyproject.toml pins it)"
     )
+# mode's Worker slots :meth:`BulkApp.fail` stops the worker through (as a signal does)
+_MODE_INTERNALS = ("_signal_stop_time", "_signal_stop_future", "_starting_fut")
+_missing = [name for name in _MODE_INTERNALS if not hasattr(mode.Worker, name)]
+if _missing:
+    raise ImportError(
+        "sketchstream's bulk consumer stops a failed worker through mode's Worker; this "
+        "mode-streaming has no "
+        + ", ".join(f"Worker.{name}" for name in _missing)
+        + ": install the mode-streaming that faust-streaming==0.15.3 requires (0.7.1 here)"
+    )
 
 #: ``await handler(messages)``: one micro-batch of faust ``ConsumerMessage``\ s of the bulk
 #: topics, every partition's in offset order; acknowledged when it returns.
@@ -64,6 +85,10 @@ BulkHandler = Callable[[list[Any]], Awaitable[None]]
 
 class _Abandoned(Exception):
     """The flow stopped or the generation changed while a fetch was being delivered."""
+
+
+class _Failed(Exception):
+    """The batch handler failed: the worker is stopping (:meth:`BulkApp.fail`), fetch no more."""
 
 
 class BulkConsumer(faust_aiokafka.Consumer):
@@ -90,6 +115,8 @@ class BulkConsumer(faust_aiokafka.Consumer):
                     await self._deliver(records, active)
                 except _Abandoned:
                     await self._seek_back()
+                except _Failed:
+                    return  # not raised on: that would crash the fetcher, and every service
         except self.consumer_stopped_errors:
             if self.app.should_stop:
                 log.info("consumer stopped by the broker while shutting down")
@@ -168,8 +195,8 @@ class BulkConsumer(faust_aiokafka.Consumer):
             # instead of exiting for its supervisor to restart it)
             self._unacked_messages.difference_update(messages)
             await self._seek_back()
-            await self.app.crash(exc)
-            raise
+            await self.app.fail(exc)
+            raise _Failed() from exc
         last: dict[Any, int] = {}
         for m in messages:
             ack(m)
@@ -212,3 +239,37 @@ class BulkApp(faust.App):
 
     def _new_transport(self) -> Any:
         return _BulkTransport(self.conf.broker_consumer, self)
+
+    async def fail(self, exc: BaseException) -> None:
+        """Stop the worker running this app because it failed with ``exc``, so that it exits
+        non-zero and its supervisor restarts it.
+
+        The stop is the one SIGTERM makes (flow stopped, finished batches committed, group
+        left), started from here; mode's ``Worker`` re-raises ``exc`` once its loop is closed:
+        exit status 1. A stop already under way (SIGTERM) goes on and ends the same way.
+
+        Not ``App.crash`` (see the module docstring): a crash reaches the consumer thread at
+        once, and that thread may shut down before the app's stop has committed through it,
+        which then waits forever. An app run without a mode ``Worker`` above it (embedded)
+        has nobody to stop it and exit: it is crashed, as faust does."""
+        node = self.beacon
+        while node.parent is not None:
+            node = node.parent
+        worker = node.data
+        if not isinstance(worker, mode.Worker):
+            await self.crash(exc)
+            return
+        worker.crash_reason = exc  # mode's Worker re-raises it after its loop is closed
+        if worker._signal_stop_time:  # a stop under way (a signal): it ends the same way
+            return
+        worker._signal_stop_time = worker.loop.time()  # one stop: a later SIGTERM waits for it
+        worker._signal_stop_future = asyncio.ensure_future(_stop_worker(worker))
+
+
+async def _stop_worker(worker: Any) -> None:
+    """What mode's ``Worker`` does on a signal, without the signal: stop, then let
+    ``execute_from_commandline`` go on to close the loop (it waits for this future)."""
+    await worker.stop()
+    starting = worker._starting_fut
+    if starting is not None and not starting.done():
+        starting.cancel()

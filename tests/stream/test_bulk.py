@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from faust.types import TP
-from sketchstream.stream.bulk import BulkApp, _Abandoned
+from sketchstream.stream.bulk import BulkApp, _Abandoned, _Failed
 
 Record = namedtuple(
     "Record",
@@ -108,6 +108,38 @@ async def test_a_flow_stop_abandons_the_rest_of_the_fetch_unacknowledged():
     assert h.batches == [[(0, 0), (0, 1)]]  # the batch under way finished, no further one
     assert h.consumer._read_offset[p0] == 1  # 2 and 3 will be read again
     assert h.consumer._new_offset(p0) == 2
+
+
+async def test_a_failing_handler_stops_the_worker_with_its_error_and_acknowledges_nothing():
+    """A batch handler that raises (a worker fault, not bad input) ends the fetch loop and
+    stops the worker as a signal does, its error the reason it exits non-zero. Nothing of the
+    batch is acknowledged, and nothing is crashed: a crash would also end the consumer thread
+    the stop still commits through (issue 12's stall)."""
+    import mode
+
+    def boom(h: Harness) -> None:
+        if len(h.batches) == 2:
+            raise OSError("disk full")
+
+    h = Harness(size=2, on_batch=boom)
+    worker = mode.Worker(loglevel="info", redirect_stdouts=False)
+    h.app.beacon.reattach(worker.beacon)
+    stops: list[str] = []
+
+    async def stop() -> None:
+        stops.append("stop")
+
+    worker.stop = stop  # the stop itself is the Kafka tests' (no broker here)
+    p0 = TP("events", 0)
+    with pytest.raises(_Failed):
+        await h.deliver({p0: records("events", 0, [0, 1, 2, 3, 4, 5])})
+    assert h.batches == [[(0, 0), (0, 1)], [(0, 2), (0, 3)]]  # no batch after the failed one
+    await worker._signal_stop_future
+    assert stops == ["stop"]
+    assert isinstance(worker.crash_reason, OSError)  # mode's Worker re-raises it: exit 1
+    assert h.consumer._new_offset(p0) == 2  # the stop commits the first batch, not the failed
+    assert not h.consumer.unacked  # untracked: the stop does not wait for it
+    assert not h.app.crashed and not h.consumer._thread.crashed
 
 
 async def test_the_batch_size_must_be_positive():
