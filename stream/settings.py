@@ -10,12 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ENV_PREFIX", "SecurityProtocol", "Settings", "load_settings"]
+__all__ = ["ENV_PREFIX", "OnError", "SecurityProtocol", "Settings", "load_settings"]
 
 ENV_PREFIX = "SKETCHSTREAM_"
+
+#: What the worker does with an event whose processing raises: dead-letter it
+#: (``processing_error``) and go on with its batch, or stop without committing (the batch is
+#: read again after a restart). The same choices as :data:`sketchstream.stream.worker.OnError`
+#: (not imported from there: reading settings must stay cheap, ``--help`` imports them).
+OnError = Literal["dead_letter", "fail"]
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"]
@@ -77,6 +83,53 @@ class Settings(BaseSettings):
         ge=1,
         description="Threads of the worker's MLP. One: scale out with more workers instead.",
     )
+    max_event_bytes: int = Field(
+        default=16384, ge=64, description="Larger events go to the dead-letter topic unparsed."
+    )
+    on_error: OnError = Field(
+        default="dead_letter",
+        description="An event whose processing raises: dead_letter (processing_error, the "
+        "batch goes on) or fail (the worker stops without committing; the batch is read again).",
+    )
+    standby_replicas: int = Field(
+        default=1, ge=0, description="Standby copies of each state partition on other workers."
+    )
+    commit_interval: float = Field(
+        default=1.0, gt=0, description="Seconds between commits of the processed offsets."
+    )
+    # --- group membership, health and stop (README "Failures" explains the choices) ---------
+    group_instance_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Static group member id (KIP-345): a worker restarted under the same id gets "
+        "its partitions back at once. Unset: the app id, host name and a hash of the absolute "
+        "state_dir.",
+    )
+    session_timeout: float = Field(
+        default=6.0,
+        ge=1.0,
+        description="Seconds without a heartbeat before the group gives a dead worker's "
+        "partitions to the others (the broker's minimum, 6 by default, bounds it).",
+    )
+    heartbeat_interval: float = Field(
+        default=1.5, gt=0, description="Seconds between heartbeats: at most a third of the above."
+    )
+    rebalance_timeout: float = Field(
+        default=10.0,
+        ge=1.0,
+        description="Seconds the group waits for its members to rejoin during a rebalance.",
+    )
+    stall_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="/health says 503 when no batch has completed for this long while lag > 0.",
+    )
+    stop_timeout: float = Field(
+        default=8.0,
+        gt=0,
+        description="Seconds a stop (SIGTERM) may take; then the worker exits 3 without "
+        "committing (at-least-once: the rest is read again).",
+    )
     # --- security, passed through to the Kafka clients ---------------------------------------
     security_protocol: SecurityProtocol = Field(
         default="PLAINTEXT",
@@ -97,6 +150,33 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_empty(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None
+
+    @model_validator(mode="after")
+    def _heartbeat_within_session(self) -> Settings:
+        if self.heartbeat_interval * 3 > self.session_timeout:
+            raise ValueError(
+                f"heartbeat_interval={self.heartbeat_interval} is more than a third of "
+                f"session_timeout={self.session_timeout}: the group would take a live worker "
+                f"for dead; lower SKETCHSTREAM_HEARTBEAT_INTERVAL or raise "
+                f"SKETCHSTREAM_SESSION_TIMEOUT"
+            )
+        return self
+
+    @property
+    def member_id(self) -> str:
+        """The static group member id: ``group_instance_id``, else one stable across restarts
+        of this worker (same app id, host and state dir) and unique per worker.
+
+        >>> Settings(app_id="a", state_dir="/s").member_id.startswith("a-")
+        True
+        """
+        if self.group_instance_id:
+            return self.group_instance_id
+        import hashlib
+        import socket
+
+        where = hashlib.sha1(str(self.state_dir.absolute()).encode()).hexdigest()[:10]
+        return f"{self.app_id}-{socket.gethostname()}-{where}"
 
     @property
     def uses_local_broker(self) -> bool:

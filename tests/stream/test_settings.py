@@ -57,3 +57,31 @@ def test_an_unknown_setting_is_rejected():
 def test_settings_are_frozen():
     with pytest.raises(ValidationError):
         Settings().partitions = 3  # type: ignore[misc]
+
+
+def test_the_group_member_id_is_stable_for_a_worker_and_differs_between_state_dirs(tmp_path):
+    one = Settings(app_id="g", state_dir=tmp_path / "a")
+    assert one.member_id == Settings(app_id="g", state_dir=tmp_path / "a").member_id
+    assert one.member_id != Settings(app_id="g", state_dir=tmp_path / "b").member_id
+    assert one.member_id.startswith("g-")
+
+
+def test_a_group_instance_id_given_is_the_member_id(monkeypatch):
+    monkeypatch.setenv("SKETCHSTREAM_GROUP_INSTANCE_ID", "worker-3")
+    assert load_settings().member_id == "worker-3"
+
+
+def test_a_heartbeat_slower_than_a_third_of_the_session_is_rejected_naming_both():
+    with pytest.raises(ValidationError, match=r"heartbeat_interval=3\.0.*session_timeout=6\.0"):
+        Settings(session_timeout=6.0, heartbeat_interval=3.0)
+
+
+def test_on_error_offers_the_batch_processors_choices():
+    from typing import get_args
+
+    from sketchstream.stream.settings import OnError
+    from sketchstream.stream.worker import OnError as ProcessorOnError
+
+    assert get_args(OnError) == get_args(ProcessorOnError)
+    with pytest.raises(ValidationError, match="on_error"):
+        Settings(on_error="skip")
