@@ -33,11 +33,9 @@ from sketchstream.stream.worker import BatchProcessor
 if TYPE_CHECKING:  # pragma: no cover
     import faust
 
-__all__ = ["DEFAULT_APP_ID", "create_app", "faust_app", "publish"]
+__all__ = ["Health", "create_app", "faust_app", "publish"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_APP_ID = "sketchstream"
 
 
 def _broker_credentials(settings: Settings) -> Any:
@@ -109,20 +107,17 @@ def _settle_heap() -> None:
     gc.freeze()
 
 
-def faust_app(
-    settings: Settings,
-    *,
-    app_id: str = DEFAULT_APP_ID,
-    batch_size: int = 2048,
-    standby_replicas: int = 1,
-    commit_interval: float = 1.0,
-    web: bool = True,
-    bulk: bool = False,
-) -> faust.App:
+def faust_app(settings: Settings, *, web: bool = True, bulk: bool = False) -> faust.App:
     """A bare faust ``App`` with the worker's client settings (no topics, tables or agents):
     :func:`create_app` builds on it, and ``sketchstream bench stream`` runs its no-op
     passthrough on it, so the two differ only by how records reach the code. ``bulk``: a
-    :class:`~sketchstream.stream.bulk.BulkApp` (batch delivery), else faust's own ``App``."""
+    :class:`~sketchstream.stream.bulk.BulkApp` (batch delivery), else faust's own ``App``.
+
+    The group membership is static (KIP-345, ``settings.member_id``): a worker restarted under
+    the same id gets its partitions back without a rebalance, instead of waiting for its dead
+    predecessor's session to time out. It does not leave the group on a stop either, so its
+    partitions move to the others only after ``session_timeout``.
+    """
     import faust
     from faust.sensors import Monitor
     from sketchstream.stream.bulk import BulkApp
@@ -151,8 +146,9 @@ def faust_app(
             return None
 
     servers = settings.bootstrap_servers.split(",")
+    batch_size = settings.batch_size
     return (BulkApp if bulk else faust.App)(
-        app_id,
+        settings.app_id,
         Monitor=QuietMonitor,
         broker=[f"kafka://{s.strip()}" for s in servers if s.strip()],
         broker_credentials=_broker_credentials(settings),
@@ -161,10 +157,16 @@ def faust_app(
         autodiscover=False,
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
-        table_standby_replicas=standby_replicas,
+        table_standby_replicas=settings.standby_replicas,
         TableManager=HandoverTableManager,  # see stream/recovery.py
         consumer_auto_offset_reset="earliest",
-        broker_commit_interval=commit_interval,
+        broker_commit_interval=settings.commit_interval,
+        consumer_group_instance_id=settings.member_id,
+        broker_session_timeout=settings.session_timeout,
+        broker_heartbeat_interval=settings.heartbeat_interval,
+        broker_rebalance_timeout=settings.rebalance_timeout,
+        # a JoinGroup is answered when the rebalance completes: up to the rebalance timeout
+        broker_request_timeout=max(30.0, settings.session_timeout, settings.rebalance_timeout + 5),
         broker_commit_every=max(10_000, batch_size * 4),
         stream_buffer_maxsize=max(8192, batch_size * 4),
         producer_linger_ms=5,
@@ -179,32 +181,19 @@ def faust_app(
     )
 
 
-def create_app(
-    settings: Settings,
-    *,
-    app_id: str = DEFAULT_APP_ID,
-    limits: EventLimits | None = None,
-    standby_replicas: int = 1,
-    commit_interval: float = 1.0,
-) -> faust.App:
+def create_app(settings: Settings) -> faust.App:
     """The worker app: consumes ``settings.topic_events`` in micro-batches of up to
     ``settings.batch_size`` events: what each fetch brought (see
     :mod:`sketchstream.stream.bulk`).
 
-    ``app_id`` is the consumer group and prefixes the changelog topic
+    ``settings.app_id`` is the consumer group and prefixes the changelog topic
     (``<app_id>-users-changelog``): workers with the same id share the partitions.
+    ``/health`` answers 200 only while the worker is serving (see :class:`Health`).
     """
     from sketchstream.stream.recovery import HandoverTableManager
 
-    limits = limits or EventLimits()
-    app = faust_app(
-        settings,
-        app_id=app_id,
-        batch_size=settings.batch_size,
-        standby_replicas=standby_replicas,
-        commit_interval=commit_interval,
-        bulk=True,
-    )
+    limits = EventLimits(max_bytes=settings.max_event_bytes)
+    app = faust_app(settings, bulk=True)
 
     events = app.topic(
         settings.topic_events,
@@ -231,35 +220,22 @@ def create_app(
         help="User states (aggregator bytes), keyed by user.",
     )
     states = UserStates(users)
-    processed: dict[Any, int] = {}  # events TopicPartition -> last offset processed
-
-    def consumer_lag() -> dict[str, float]:
-        lags: dict[str, float] = {}
-        try:
-            assigned = app.consumer.assignment()
-        except Exception:
-            return lags
-        for tp in assigned:
-            if tp.topic != settings.topic_events:
-                continue
-            high = app.consumer.highwater(tp)
-            if high is None:
-                continue
-            last = processed.get(tp)
-            lags[str(tp.partition)] = float(max(high - (last + 1 if last is not None else 0), 0))
-        return lags
-
-    metrics = WorkerMetrics(lag_source=consumer_lag)
+    health = Health(app, settings)
+    metrics = WorkerMetrics(lag_source=health.lag)
     feed = ModelFeed(settings, metrics=metrics)
     app.add_dependency(feed)  # started before the app's consumer: the first model loads first
 
     def on_handover(offsets: Mapping[Any, int | None]) -> None:
         """After a rebalance: where the worker (re)starts each events partition it now has."""
-        starts = {tp.partition: o for tp, o in offsets.items() if tp.topic == settings.topic_events}
+        starts = {tp: o for tp, o in offsets.items() if tp.topic == settings.topic_events}
+        health.handed_over(starts)
         metrics.partition_handovers.inc(len(starts))
         log.info(
             "events partitions handed to the worker at their committed offsets: %s",
-            ", ".join(f"{p}@{'start' if o is None else o}" for p, o in sorted(starts.items()))
+            ", ".join(
+                f"{tp.partition}@{'start' if o is None else o}"
+                for tp, o in sorted(starts.items(), key=lambda item: item[0].partition)
+            )
             or "none",
         )
 
@@ -276,7 +252,12 @@ def create_app(
             _settle_heap()
             processors.append(
                 BatchProcessor(
-                    model, states.read, topic=settings.topic_events, limits=limits, metrics=metrics
+                    model,
+                    states.read,
+                    topic=settings.topic_events,
+                    limits=limits,
+                    metrics=metrics,
+                    on_error=settings.on_error,
                 )
             )
         return processors[0]
@@ -297,26 +278,31 @@ def create_app(
         published = time.time()
         # only now: a state never gets ahead of the predictions made on the way to it
         states.write(result.table_writes)
-        for m in messages:
-            processed[m.tp] = m.offset
+        health.processed(messages)
         metrics.predictions_out.inc(len(result.predictions))
         metrics.observe_latencies([published - ts for ts in result.kafka_ts if ts])
         metrics.batch_seconds.observe(time.perf_counter() - started)
 
     app.bulk(events, score, size=settings.batch_size)
 
+    @app.task
+    async def probe_broker() -> None:
+        await health.probe_forever()
+
     @app.page("/health")
-    async def health(self: Any, request: Any) -> Any:
+    async def health_page(self: Any, request: Any) -> Any:
         model = feed.current
-        ok = model is not None
+        reason = "starting: no model loaded yet" if model is None else health.reason()
         return self.json(
             {
-                "status": "ok" if ok else "starting",
+                "status": "ok" if reason is None else "unavailable",
+                "reason": reason,
                 "model_version": model.version if model else None,
                 "codebook_version": model.codebook_version if model else None,
-                "partitions": sorted(int(p) for p in consumer_lag()),
+                "partitions": health.partitions(),
+                "lag": sum(health.lag().values()),
             },
-            status=200 if ok else 503,
+            status=200 if reason is None else 503,
         )
 
     @app.page("/metrics")
@@ -325,3 +311,104 @@ def create_app(
         return self.bytes(body, content_type=content_type.split(";")[0])
 
     return app
+
+
+class Health:
+    """Whether the worker is doing its job, for ``/health``: :meth:`reason` is None when it
+    serves, else why not, cheapest check first. Nothing here blocks a request: the broker is
+    probed by a background task (:meth:`probe_forever`), the rest is read off the consumer.
+
+    Lag per events partition is the partition's high watermark minus the next offset this
+    worker will process: the last offset processed plus one, or, for a partition not processed
+    since it was handed over, its committed offset (so a restarted, caught-up worker reads 0).
+    """
+
+    PROBE_EVERY_S = 1.0  # a metadata request for the events topic, this often
+    PROBE_TIMEOUT_S = 2.0
+    UNREACHABLE_AFTER_S = 4.0  # no probe answered for this long: the broker is unreachable
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.topic = settings.topic_events
+        self.servers = settings.bootstrap_servers
+        self.stall_timeout = settings.stall_timeout
+        self.next_offset: dict[Any, int] = {}  # events TopicPartition -> next to process
+        now = time.monotonic()
+        self.last_answer = now  # last time the broker answered a probe
+        self.last_progress = now  # last batch done, or hand-over
+
+    def handed_over(self, offsets: Mapping[Any, int | None]) -> None:
+        """The events partitions now assigned, each at its committed offset (None: none yet)."""
+        self.next_offset = {tp: o or 0 for tp, o in offsets.items()}
+        self.last_progress = time.monotonic()
+
+    def processed(self, messages: Sequence[Any]) -> None:
+        """A batch is done: these messages are folded and their predictions published."""
+        nxt = self.next_offset
+        for m in messages:
+            nxt[m.tp] = m.offset + 1
+        self.last_progress = time.monotonic()
+
+    def partitions(self) -> list[int]:
+        """The events partitions assigned to this worker (empty while none are)."""
+        try:
+            assigned = self.app.consumer.assignment()
+        except Exception:  # no consumer yet (starting) or none any more (stopping)
+            return []
+        return sorted(tp.partition for tp in assigned if tp.topic == self.topic)
+
+    def lag(self) -> dict[str, float]:
+        """``{partition: records not yet processed}`` of the assigned events partitions whose
+        high watermark the consumer knows."""
+        lags: dict[str, float] = {}
+        try:
+            consumer = self.app.consumer
+            assigned = consumer.assignment()
+        except Exception:
+            return lags
+        for tp in assigned:
+            if tp.topic != self.topic:
+                continue
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            lags[str(tp.partition)] = float(max(high - self.next_offset.get(tp, 0), 0))
+        return lags
+
+    def reason(self) -> str | None:
+        """Why the worker is not serving now, or None when it is."""
+        now = time.monotonic()
+        silent = now - self.last_answer
+        if silent > self.UNREACHABLE_AFTER_S:
+            return f"broker unreachable: {self.servers} has not answered for {silent:.0f} s"
+        if getattr(self.app, "rebalancing", False) or getattr(self.app, "in_recovery", False):
+            return "rebalancing: partitions being assigned or their states restored"
+        if not self.partitions():
+            return "no partitions assigned: the group has given this worker none of " + self.topic
+        lag = sum(self.lag().values())
+        idle = now - self.last_progress
+        if lag > 0 and idle > self.stall_timeout:
+            return (
+                f"stalled: no batch completed for {idle:.0f} s with {lag:.0f} events waiting "
+                f"(stall_timeout {self.stall_timeout:g} s)"
+            )
+        return None
+
+    async def probe_forever(self) -> None:
+        """Ask the broker for the events topic's metadata every :attr:`PROBE_EVERY_S` through
+        the producer's client; record when it last answered."""
+        from aiokafka.cluster import ClusterMetadata
+
+        self.last_answer = time.monotonic()  # the consumer reached it to get this far
+        while True:
+            try:
+                client = self.app.producer._ensure_producer().client
+                answered = await asyncio.wait_for(
+                    client._metadata_update(ClusterMetadata(), [self.topic]),
+                    self.PROBE_TIMEOUT_S,
+                )
+            except Exception:  # refused, timed out, no producer: all say "no answer"
+                answered = False
+            if answered:
+                self.last_answer = time.monotonic()
+            await asyncio.sleep(self.PROBE_EVERY_S)

@@ -341,8 +341,10 @@ def _faust_passthrough(spec: dict[str, Any]) -> None:
         kafka=spec["bootstrap"],
         partitions=spec["partitions"],
         state_dir=Path(spec["state_dir"]),
+        app_id=spec["app_id"],
+        batch_size=spec["batch_size"],
     )
-    app = faust_app(settings, app_id=spec["app_id"], batch_size=spec["batch_size"], web=False)
+    app = faust_app(settings, web=False)
     events = app.topic(spec["events"], key_type=bytes, value_type=bytes, partitions=None)
     out = spec["outputs"]
 

@@ -3,21 +3,31 @@
 Reads ``events``, writes ``predictions`` and ``events.dlq``, keeps user states in RocksDB
 under ``--state-dir`` (changelog-backed), serves ``/health`` and ``/metrics`` on ``--web-port``.
 Start more workers with the same ``--app-id`` (each with its own state dir and web port) to
-spread the partitions; SIGTERM (or Ctrl-C) stops a worker gracefully.
+spread the partitions. SIGTERM (or Ctrl-C) stops a worker: it commits what it processed and
+exits 0; a stop that takes longer than ``stop_timeout`` (stuck joining its group, or a broker
+that does not answer) is cut short: exit 3, nothing more committed, so the rest is read again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
+import sys
+import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from sketchstream.tools.options import setting_option
 
-__all__ = ["worker"]
+__all__ = ["EXIT_STOP_TIMEOUT", "worker"]
 
 log = logging.getLogger(__name__)
+
+#: Exit status of a stop cut short after ``stop_timeout`` (offsets not committed).
+EXIT_STOP_TIMEOUT = 3
 
 
 def _reachable(bootstrap: str, timeout: float = 3.0) -> bool:
@@ -31,67 +41,70 @@ def _reachable(bootstrap: str, timeout: float = 3.0) -> bool:
     return False
 
 
+def _bounded_worker(app: Any, stop_timeout: float, loglevel: str) -> Any:
+    """A ``faust.Worker`` whose stop on a signal lasts at most ``stop_timeout`` seconds.
+
+    faust stops its consumer thread by stopping the aiokafka consumer, which first waits for
+    its group coordination task: while the worker is joining, that task waits for the broker
+    to answer the JoinGroup request, which comes only when the rebalance completes (up to the
+    rebalance timeout, per try). Past ``stop_timeout`` the process ends with
+    :data:`EXIT_STOP_TIMEOUT` from a timer thread, committing nothing: delivery is
+    at-least-once and states remember the last offset folded, so what follows is read again
+    and not counted twice."""
+    import faust
+
+    class BoundedWorker(faust.Worker):
+        def _schedule_shutdown(self, signum: signal.Signals) -> None:
+            if not self._signal_stop_time:
+                timer = threading.Timer(stop_timeout, _give_up, args=(signum,))
+                timer.daemon = True
+                timer.start()
+            super()._schedule_shutdown(signum)
+
+    def _give_up(signum: signal.Signals) -> None:
+        sys.stderr.write(
+            f"worker: stop after {signum.name} took over {stop_timeout:g} s (stop_timeout): "
+            f"exiting {EXIT_STOP_TIMEOUT} without committing; what was not committed is read "
+            "again on the next start\n"
+        )
+        sys.stderr.flush()
+        os._exit(EXIT_STOP_TIMEOUT)
+
+    return BoundedWorker(app, loglevel=loglevel, redirect_stdouts=False)
+
+
 def worker(
-    app_id: Annotated[
-        str | None,
-        typer.Option(
-            "--app-id",
-            help="Consumer group and changelog prefix: workers with the same id share the work "
-            "(default: SKETCHSTREAM_APP_ID or 'sketchstream').",
-        ),
-    ] = None,
-    kafka: Annotated[
-        str | None,
-        typer.Option(
-            "--kafka", help="Bootstrap servers (default: SKETCHSTREAM_KAFKA or the local broker)."
-        ),
-    ] = None,
-    state_dir: Annotated[
-        Path | None, typer.Option("--state-dir", help="RocksDB state directory.")
-    ] = None,
+    app_id: Annotated[str | None, setting_option("app_id", "--app-id")] = None,
+    kafka: Annotated[str | None, setting_option("kafka", "--kafka")] = None,
+    state_dir: Annotated[Path | None, setting_option("state_dir", "--state-dir")] = None,
     artifact_dir: Annotated[
         Path | None,
-        typer.Option(
-            "--artifact-dir", help="Model artifacts (used when the models topic has none)."
+        setting_option(
+            "artifact_dir",
+            "--artifact-dir",
+            help="Model artifacts (used when the models topic has none).",
         ),
     ] = None,
-    web_port: Annotated[
-        int | None, typer.Option("--web-port", help="Port of /health and /metrics.")
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            min=1,
-            help="Most events per batch (default: SKETCHSTREAM_BATCH_SIZE or 2048). A batch is"
-            " what one fetch brought: no waiting to fill.",
-        ),
-    ] = None,
+    web_port: Annotated[int | None, setting_option("web_port", "--web-port")] = None,
+    batch_size: Annotated[int | None, setting_option("batch_size", "--batch-size")] = None,
     max_event_bytes: Annotated[
-        int, typer.Option("--max-event-bytes", min=64, help="Larger events go to the DLQ unparsed.")
-    ] = 16384,
-    standby_replicas: Annotated[
-        int,
-        typer.Option("--standby-replicas", min=0, help="Standby copies of each state partition."),
-    ] = 1,
-    torch_threads: Annotated[
-        int | None,
-        typer.Option(
-            "--torch-threads",
-            min=1,
-            help="Threads of the MLP (default: SKETCHSTREAM_TORCH_THREADS or 1). One per worker:"
-            " scale out with more workers instead.",
-        ),
+        int | None, setting_option("max_event_bytes", "--max-event-bytes")
     ] = None,
+    on_error: Annotated[str | None, setting_option("on_error", "--on-error")] = None,
+    standby_replicas: Annotated[
+        int | None, setting_option("standby_replicas", "--standby-replicas")
+    ] = None,
+    group_instance_id: Annotated[
+        str | None, setting_option("group_instance_id", "--group-instance-id")
+    ] = None,
+    torch_threads: Annotated[int | None, setting_option("torch_threads", "--torch-threads")] = None,
     loglevel: Annotated[
         str, typer.Option("--loglevel", "-l", help="debug, info, warning, error.")
     ] = "info",
 ) -> None:
     """Run the streaming worker until SIGTERM or Ctrl-C."""
-    import faust
     import torch
     from sketchstream.stream.app import create_app
-    from sketchstream.stream.records import EventLimits
     from sketchstream.tools.options import load_settings_or_exit
 
     settings = load_settings_or_exit(
@@ -101,6 +114,10 @@ def worker(
         web_port=web_port,
         app_id=app_id,
         batch_size=batch_size,
+        max_event_bytes=max_event_bytes,
+        on_error=on_error,
+        standby_replicas=standby_replicas,
+        group_instance_id=group_instance_id,
         torch_threads=torch_threads,
     )
     torch.set_num_threads(settings.torch_threads)
@@ -112,13 +129,8 @@ def worker(
         )
         typer.echo(f"no Kafka broker answers at {settings.bootstrap_servers}: {hint}", err=True)
         raise typer.Exit(2)
-    app = create_app(
-        settings,
-        app_id=settings.app_id,
-        limits=EventLimits(max_bytes=max_event_bytes),
-        standby_replicas=standby_replicas,
-    )
-    runner = faust.Worker(app, loglevel=loglevel, redirect_stdouts=False)
+    app = create_app(settings)
+    runner = _bounded_worker(app, settings.stop_timeout, loglevel)
     if loglevel.lower() != "debug":
         # aiokafka and faust log every produced record at DEBUG; with the root logger left at
         # DEBUG by the worker's setup that is a LogRecord per prediction (a fifth of the time)
@@ -126,6 +138,7 @@ def worker(
             logging.getLogger(name).setLevel(
                 max(logging.INFO, logging.getLevelName(loglevel.upper()))
             )
+    log.info("static group member %s of group %s", settings.member_id, settings.app_id)
     try:
         runner.execute_from_commandline()
     except SystemExit as exc:
