@@ -178,6 +178,7 @@ def _is_number(value: Any) -> bool:
 
 
 _FLOAT_MAX = int(sys.float_info.max)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def nesting_depth(value: Any, stop: int | None = None) -> int:
@@ -261,8 +262,11 @@ def check_event(
     if not _is_number(record["ts"]):
         raise EventError(f"{where}: 'ts' must be a number, got {_show(record['ts'])}")
     value = record.get("value")
-    if value is not None and not _is_number(value):
-        raise EventError(f"{where}: 'value' must be a number or absent, got {_show(value)}")
+    if value is not None and not (_is_number(value) and -_FLOAT32_MAX <= value <= _FLOAT32_MAX):
+        raise EventError(
+            f"{where}: 'value' must be a number or absent (a float32: within ±3.4e38), "
+            f"got {_show(value)}"
+        )
     event_id = record.get("event_id")
     if event_id is not None and not isinstance(event_id, str):
         raise EventError(f"{where}: 'event_id' must be a string or absent, got {_show(event_id)}")
@@ -414,7 +418,7 @@ def read_events(path: str | os.PathLike[str]) -> EventTable:
                         where = builder.where(k)
                         raise EventError(f"{where}: not valid JSON ({exc})") from None
                 raise
-            builder.add(records, start)
+            builder.add(records, start, max(map(len, chunk)))
         return builder.table()
     finally:
         if gc_was_enabled:
@@ -446,8 +450,9 @@ class _ColumnBuilder:
     def where(self, k: int) -> str:
         return f"{self._where} {k + 1 if self._numbers is None else self._numbers[k]}"
 
-    def add(self, records: list[Any], start: int) -> None:
-        """Append records ``start, start + 1, ...`` (indices into the whole stream)."""
+    def add(self, records: list[Any], start: int, longest: int | None = None) -> None:
+        """Append records ``start, start + 1, ...`` (indices into the whole stream);
+        ``longest``: the length of the longest JSON line among them, when known."""
 
         def fail() -> NoReturn:
             for k, record in enumerate(records, start=start):
@@ -468,7 +473,10 @@ class _ColumnBuilder:
             fail()
         if "" in user or "" in item or "" in action:
             fail()
-        if max(map(len, user + item + action), default=0) > MAX_ID_CHARS:
+        # no id is longer than its line: most chunks skip this
+        if (longest is None or longest > MAX_ID_CHARS) and max(
+            map(len, user + item + action), default=0
+        ) > MAX_ID_CHARS:
             fail()
         if not set(map(type, ts)) <= _NUMBER_TYPES or not set(map(type, value)) <= _VALUE_TYPES:
             fail()
@@ -515,12 +523,20 @@ class _ColumnBuilder:
 
     def table(self) -> EventTable:
         has_ids = any(e is not None for e in self.event_id)
+        value = np.array(self.value, dtype=np.float64)  # None -> nan
+        beyond = np.abs(value) > _FLOAT32_MAX  # the column is float32: they would become inf
+        if beyond.any():
+            k = int(np.flatnonzero(beyond)[0])
+            raise EventError(
+                f"{self.where(k)}: 'value' must be a number or absent (a float32: within "
+                f"±3.4e38), got {_show(self.value[k])}"
+            )
         return EventTable(
             user=_object_array(self.user),
             item=_object_array(self.item),
             action=_object_array(self.action),
             ts=np.array(self.ts, dtype=np.float64),
-            value=np.array(self.value, dtype=np.float64).astype(np.float32),  # None -> nan
+            value=value.astype(np.float32),
             event_id=_object_array(self.event_id) if has_ids else None,
             context=_context_columns(self.context, len(self.user)),
         )

@@ -51,6 +51,8 @@ RejectReason = Literal[
 ]
 REJECT_REASONS: tuple[str, ...] = RejectReason.__args__  # type: ignore[attr-defined]
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 DLQ_PAYLOAD_BYTES = 4096  # a dead letter keeps at most this much of the refused payload
 
 
@@ -234,9 +236,14 @@ def decode_events(
             continue
         if value is not None:
             value = float(value)
-            if not math.isfinite(value):
+            if not -_FLOAT32_MAX <= value <= _FLOAT32_MAX:  # the column is float32
                 rejects.append(
-                    Rejected(index, "bad_field", f"event at {_at(msg)}: 'value' must be finite")
+                    Rejected(
+                        index,
+                        "bad_field",
+                        f"event at {_at(msg)}: 'value' must be finite and within float32 "
+                        f"range (±3.4e38), got {value!r}",
+                    )
                 )
                 continue
         code = action_index.get(action)

@@ -285,3 +285,13 @@ def test_movielens_check_figures(movielens: Path) -> None:
     assert round(float(y.mean()), 4) == 0.5444
     assert stream_md5(events) == "49b1222f67be297b7a4de1cb63da8501"
     assert np.all(np.diff(events.ts) >= 0)
+
+
+def test_a_value_beyond_float32_range_is_refused_not_read_as_infinity(tmp_path: Path) -> None:
+    line = '{"user": "u", "item": "i", "action": "rate", "ts": 1, "value": 1e39}'
+    path = _write_lines(tmp_path / "e.jsonl", [orjson.dumps(RECORDS[0]).decode(), line])
+    with pytest.raises(
+        EventError,
+        match=r"line 2: 'value' must be a number or absent \(a float32: within ±3.4e38\)",
+    ):
+        read_events(path)

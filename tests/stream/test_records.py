@@ -271,3 +271,10 @@ def test_a_huge_key_is_shown_cut():
     reason, text = refuse(event(), key=b"k" * 100_000)
     assert reason == "bad_key"
     assert len(text) < 300
+
+
+@pytest.mark.parametrize("value", [1e39, -1e300, 3.5e38])
+def test_a_value_beyond_float32_range_is_refused_not_folded_as_infinity(value):
+    reason, text = refuse(event(action="rate", value=value))
+    assert reason == "bad_field"
+    assert "'value' must be finite and within float32 range" in text
