@@ -278,7 +278,7 @@ class ModelFeed(Service):
         start the store holds the announced versions too: one refusal each, not two). A
         directory refused only because the announcement named another version or content
         hash is not in it: its files may still serve as the store's fallback."""
-        where = artifact_location(ann.path, ann.version, self.settings.artifact_dir)
+        where = artifact_location(ann.path, ann.version, self.settings.artifact_dir).resolve()
         if tried is not None and where in tried:
             return None
         key = (ann.version, ann.content_hash, str(where))
