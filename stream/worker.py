@@ -3,8 +3,10 @@
 :class:`BatchProcessor` takes one micro-batch of raw messages (in consumption order, so every
 partition's records are in offset order) and returns what the worker must do with it: the
 prediction records, the dead letters, and the user-state table writes. It makes exactly one
-state read (all the batch's users at once), one aggregator call, one MLP call. The batch handler
-in :mod:`sketchstream.stream.app` only moves these bytes; tests drive this class directly.
+state read (all the batch's users at once), one aggregator call, one MLP call; only a batch in
+which an event's processing raised is run again in parts, to isolate that event (the
+processing-error policy, :data:`OnError`). The batch handler in :mod:`sketchstream.stream.app`
+only moves these bytes; tests drive this class directly.
 
 The model being served is a :class:`ServingModel`; :meth:`BatchProcessor.swap` replaces it
 between batches (the model feed hands over a new version; nothing pauses).
@@ -339,7 +341,7 @@ class BatchProcessor:
             for u in np.flatnonzero(done).tolist()
         ]
         dead.sort()
-        return predictions, kafka_ts, writes  # type: ignore[return-value]
+        return predictions, kafka_ts, writes
 
     def _decode_one_by_one(
         self, messages: Sequence[Any], model: ServingModel
