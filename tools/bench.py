@@ -905,3 +905,197 @@ def replay_bench(
     if json_path is not None:
         _append_jsonl(json_path, rows)
         typer.echo(f"wrote {len(rows)} JSON lines to {json_path}", err=True)
+
+
+# --- bench chaos -------------------------------------------------------------------------------
+
+
+@app.command("chaos")
+def chaos(
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Canonical events folder (events.jsonl); default: <data dir>/ml-1m, else the "
+            "MovieLens-1M cache ~/.sketchstream/cache/ml-1m (`sketchstream data movielens-1m`).",
+            file_okay=False,
+        ),
+    ] = None,
+    events: Annotated[
+        int, typer.Option("--events", min=10, help="The first N events, each given an event_id.")
+    ] = 50_000,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="A model artifact, or a folder of them (its newest); default: the artifact dir "
+            "(var/artifacts)."
+        ),
+    ] = None,
+    partitions: Annotated[int, typer.Option(min=1, help="Partitions of the events topic.")] = 4,
+    fuzz_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Fuzz records mixed in per good event.")
+    ] = 0.01,
+    fuzz_kinds: Annotated[
+        list[str] | None,
+        typer.Option("--fuzz-kind", help="Fuzz kinds to mix in (repeatable; default all)."),
+    ] = None,
+    outage: Annotated[
+        float, typer.Option(min=0.0, help="Seconds the bench's broker stays down.")
+    ] = 5.0,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="The worker's --batch-size (default: its own).")
+    ] = None,
+    max_restarts: Annotated[
+        int, typer.Option(min=0, help="Restarts of a worker that exits on its own, per run.")
+    ] = 5,
+    stall: Annotated[
+        float, typer.Option(min=1.0, help="A wait ends after this many seconds without progress.")
+    ] = 180.0,
+    timeout: Annotated[float, typer.Option(min=1.0, help="Seconds each run may take.")] = 900.0,
+    workdir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the broker's data, worker states and logs go (kept); default: a temporary"
+            " folder, removed unless the goal was missed.",
+            file_okay=False,
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the fuzz.")] = 0,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Append the run's JSON line to this file.")
+    ] = None,
+) -> None:
+    """Issue 12's acceptance run: one worker, the same events clean and under faults.
+
+    Runs on a broker of its OWN (free ports, data under the work dir), never the shared one at
+    127.0.0.1:9092: the bench stops and starts its broker. First a clean run; then the same
+    events with fuzzed records mixed in (bad JSON, deep nesting, wrong types, null keys,
+    oversized, unknown actions, resent events, ...), a SIGKILL of the worker and its restart,
+    and a broker stop/start. Every prediction and every final state is compared with the clean
+    run. Figures: lost, changed (> 1e-5), duplicates_nonidentical, states_equal,
+    worker_exits_on_bad_input, restart_resume_s (SIGKILL to the first new prediction). Goal:
+    0, 0, 0, true, 0, <= 10 s.
+    """
+    import shutil
+    import signal
+
+    from sketchstream.stream.settings import load_settings
+    from sketchstream.tools import chaos as ch
+    from sketchstream.tools import stream_bench as sb
+
+    def say(text: str) -> None:
+        typer.echo(text, err=True)
+
+    kinds = tuple(dict.fromkeys(fuzz_kinds)) if fuzz_kinds else ch.FUZZ_KINDS
+    unknown = sorted(set(kinds) - set(ch.FUZZ_KINDS))
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown fuzz kinds {unknown}: expected some of {', '.join(ch.FUZZ_KINDS)}",
+            param_hint="--fuzz-kind",
+        )
+    settings = load_settings()
+    if data is None:
+        candidates = [settings.data_dir / "ml-1m", settings.home / "cache" / "ml-1m"]
+        data = next((c for c in candidates if (c / "events.jsonl").is_file()), candidates[0])
+    path = data / "events.jsonl"
+    if not path.is_file():
+        raise typer.BadParameter(
+            f"{data}: no events.jsonl (make one with `sketchstream data movielens-1m`)",
+            param_hint="--data",
+        )
+    lines, _ = sb.event_lines(path, events)
+    try:
+        sb.check_events(lines)
+    except sb.BadEventLine as exc:
+        typer.echo(f"{path}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if len(lines) < events:
+        say(f"{path} holds {len(lines):,} events only: using them all")
+    store = _chaos_model(model if model is not None else settings.artifact_dir)
+
+    keep = workdir is not None
+    root = workdir or Path(tempfile.mkdtemp(prefix="sketchstream-chaos-"))
+    root.mkdir(parents=True, exist_ok=True)
+    from sketchstream.models.artifacts import ArtifactStore
+
+    run_store = root / "artifacts"
+    if ArtifactStore(run_store).latest() is None:
+        ArtifactStore(run_store).publish(store)
+    config = ch.ChaosConfig(
+        partitions=partitions,
+        fuzz_rate=fuzz_rate,
+        fuzz_kinds=kinds,
+        outage_s=outage,
+        max_restarts=max_restarts,
+        stall_s=stall,
+        timeout_s=timeout,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    load1, load5, _ = os.getloadavg()
+    say(
+        f"chaos bench: the first {len(lines):,} events of {path}, model {store.name}, "
+        f"{partitions} partitions, fuzz {fuzz_rate:g} per event ({len(kinds)} kinds), outage "
+        f"{outage:g}s; {os.cpu_count()} CPUs, load average {load1:.2f}/{load5:.2f}; work dir {root}"
+    )
+    from sketchstream.tools.broker import BrokerError
+
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleanup on SIGTERM
+    try:
+        row = ch.run_bench(
+            ch.numbered_events(lines), store=run_store, workdir=root, config=config, say=say
+        )
+    except BrokerError as exc:  # the bench's own broker, not the worker under test
+        typer.echo(f"the bench's broker failed: {exc}\n(work dir kept: {root})", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    row |= {
+        "data": str(path),
+        "code": _code_version(),
+        "cpus": os.cpu_count(),
+        "load_avg": round(load1, 2),
+    }
+    typer.echo(ch.summary_table(row))
+    if json_path is not None:
+        _append_jsonl(json_path, [row])
+        say(f"wrote 1 JSON line to {json_path}")
+    if keep or not row["goal_met"]:
+        say(f"worker logs: {root}/clean/worker.log, {root}/chaos/worker.log")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _chaos_model(path: Path) -> Path:
+    """The artifact ``path`` names (itself, or the newest in a folder of them), or a clear
+    error that says how to make one."""
+    from sketchstream.models.artifacts import MANIFEST, ArtifactStore
+
+    if (path / MANIFEST).is_file():
+        return path
+    latest = ArtifactStore(path).latest() if path.is_dir() else None
+    if latest is None:
+        raise typer.BadParameter(
+            f"{path}: no model artifact there; train one with `sketchstream train --data "
+            f"data/ml-1m --out {path} --epochs 1 --hidden 256 --no-baselines`",
+            param_hint="--model",
+        )
+    return path / str(latest)
+
+
+def _code_version() -> str | None:
+    """``git describe --always --dirty`` of the checkout the bench runs from, when it is one:
+    the worker measured is that code, uncommitted changes included."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
