@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 REPLAY = [str(Path(sys.executable).parent / "sketchstream"), "replay"]
 PARTITIONS = 3
 # longer than aiokafka's default request timeout (40 s), past which a plain producer fails the
-# batches it was retrying: the outages that lost events lasted 25 s and 72 s
+# batches it was retrying (the broker outages of issue 12 lasted 25 s and 72 s)
 OUTAGE_S = 45
 
 
