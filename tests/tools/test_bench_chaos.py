@@ -219,6 +219,9 @@ def test_a_small_chaos_run_appends_one_json_line_with_every_figure(tmp_path):
     assert row["restart_resume_s"] is None or row["restart_resume_s"] > 0
     assert row["events"] == 300 and row["clean_lost"] == 0  # the clean run is complete
     assert 0 <= row["lost"] <= 300 and 0 <= row["changed"] <= 300 - row["lost"]
+    assert row["chaos_waits"][-1] in ("reached", "timeout", "stalled", "worker gave up")
+    if row["chaos_waits"][-1] == "reached":  # the last wait is for every good event
+        assert row["lost"] == 0
     assert row["duplicates_nonidentical"] <= row["duplicates"]
     # every user has a state after the clean run: compared, or missing after the chaos run
     assert row["states_compared"] + row["states_missing"] == 25
