@@ -101,9 +101,9 @@ class Settings(BaseSettings):
     group_instance_id: str | None = Field(
         default=None,
         min_length=1,
-        description="Static group member id (KIP-345): a worker restarted under the same id gets "
-        "its partitions back at once. Unset: the app id, host name and a hash of the absolute "
-        "state_dir.",
+        description="Static group member id (KIP-345), one per worker (two workers under one id "
+        "fence each other): restarted under it, a worker gets its partitions back at once. "
+        "Unset: the app id, host name and a hash of the absolute state_dir.",
     )
     session_timeout: float = Field(
         default=6.0,
