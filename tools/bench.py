@@ -1047,6 +1047,9 @@ def chaos(
     except BrokerError as exc:  # the bench's own broker, not the worker under test
         typer.echo(f"the bench's broker failed: {exc}\n(work dir kept: {root})", err=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: the bench's broker and worker are stopped (work dir {root})")
+        raise typer.Exit(130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     row |= {

@@ -561,16 +561,19 @@ def _die_with_parent() -> None:  # pragma: no cover (runs in the child)
 
 
 class _Worker:
-    """``sketchstream worker`` in a subprocess; every start gets a fresh web port, the same
-    state dir, topics and app id."""
+    """``sketchstream worker`` in a subprocess, started again with the same configuration
+    (topics, app id, state dir, web port) as an operator restarts one."""
 
     def __init__(self, env: dict[str, str], args: list[str], log_path: Path) -> None:
-        self.env, self.args, self.log_path = env, args, log_path
+        # one web port for every start: faust puts the worker's URL in its group metadata, and
+        # a static member that comes back under another URL is another configuration
+        self.env = {**env, "SKETCHSTREAM_WEB_PORT": str(_free_port())}
+        self.args, self.log_path = args, log_path
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
     def start(self) -> None:
-        env = {**self.env, "SKETCHSTREAM_WEB_PORT": str(_free_port())}
+        env = self.env
         with self.log_path.open("ab") as out:
             out.write(f"--- start {self.starts + 1} at {time.time():.3f}\n".encode())
             out.flush()
@@ -708,6 +711,7 @@ class _Run:
         self.started = time.monotonic()
         self.deadline = self.started + config.timeout_s
         self.seconds = 0.0
+        self.t_kill: float | None = None  # when the bench's SIGKILL was sent (epoch seconds)
         self.resume_s: float | None = None
         self.broker_down_s: float | None = None
         self.stop_s, self.stop_killed = 0.0, False
@@ -769,8 +773,8 @@ class _Run:
         t_kill = self.worker.kill()
         await self.producer.send(parts[1])
         self.worker.start()
+        self.t_kill = t_kill
         await self.wait(self.n_good // 2)
-        self.resume_s = self.preds.first_after(t_kill)
         if self.sup.gave_up:
             self.say("the worker gave up: part 3 sent, no broker outage")
             await self.producer.send(parts[2])
@@ -814,6 +818,8 @@ class _Run:
             + (" (SIGKILL after SIGTERM timed out)" if self.stop_killed else f", exit {code}")
         )
         await self.preds.drain()
+        if self.t_kill is not None:
+            self.resume_s = self.preds.first_after(self.t_kill)
         kwargs = {"bootstrap_servers": self.bootstrap}
         self.changelog = await read_topic(kwargs, self.topics.changelog)
         self.dlq = [orjson.loads(r.value) for r in await read_topic(kwargs, self.topics.dlq)]
