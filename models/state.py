@@ -410,7 +410,8 @@ class Features:
     """Features of each event, read before the event was folded. ``n`` events, ``C`` channels,
     ``M`` modalities, ``D`` depth, ``W`` width; rows in the batch's event order.
 
-    ``valid (n,)``: False for skipped events (offset already folded); their rows are zero.
+    ``valid (n,)``: False for skipped events (offset already folded, or a duplicate id); their
+    rows are zero.
     ``density (n, C)``: for channel c, the share of the channel's decayed sketch mass in the
     item's buckets under the channel's modality, averaged over depths (0 when the channel is
     empty or the item unknown in its modality). The channels already span modalities, so this
