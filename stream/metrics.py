@@ -49,6 +49,12 @@ class WorkerMetrics:
             "skipped, no prediction.",
             registry=r,
         )
+        self.duplicates = Counter(
+            "sketchstream_events_duplicate",
+            "Events whose event_id is among the last ids folded for their user (a producer's "
+            "retry): dropped, no prediction.",
+            registry=r,
+        )
         self.dlq = Counter(
             "sketchstream_dlq", "Events sent to the dead-letter topic.", ["reason"], registry=r
         )

@@ -219,9 +219,10 @@ class BatchProcessor:
                 _describe(exc),
             )
             return self._isolate(model, messages, events, user_index, stored, received, dead)
-        predictions, kafka_ts, blobs, redelivered = part
+        predictions, kafka_ts, blobs, redelivered, duplicates = part
         if metrics is not None:
             metrics.redelivered.inc(redelivered)
+            metrics.duplicates.inc(duplicates)
         writes = list(zip(partitions, keys, blobs, strict=True))
         return predictions, kafka_ts, writes
 
@@ -234,10 +235,11 @@ class BatchProcessor:
         user_index: np.ndarray,
         state: Any,
         received: float,
-    ) -> tuple[list[tuple[bytes, bytes]], list[float | None], list[bytes], int]:
+    ) -> tuple[list[tuple[bytes, bytes]], list[float | None], list[bytes], int, int]:
         """Score and fold ``rows (k,)`` of ``events`` (None: all of them) into ``state``, whose
         users ``user_index (k,)`` points into; ``(predictions, kafka_ts, state blobs,
-        redelivered count)``."""
+        redelivered count, duplicate count)``: neither a redelivered event (an offset already
+        folded) nor a duplicate (an ``event_id`` in its user's window) gets a prediction."""
         from sketchstream.models.state import EventBatch
 
         def take(a: np.ndarray) -> np.ndarray:
@@ -252,6 +254,7 @@ class BatchProcessor:
             ts=take(events.ts),
             partition=take(events.partition),
             offset=take(events.offset),
+            event_id=take(np.asarray(events.event_id, dtype=object)),
         )
         features = agg.score_then_fold(state, batch, item_similarity=model.item_similarity)
         valid = np.flatnonzero(np.asarray(features.valid, dtype=bool))  # (v,) into the part
@@ -278,7 +281,8 @@ class BatchProcessor:
             if scores is not None
             else []
         )
-        return predictions, kafka_ts, blobs, len(batch.item) - len(valid)
+        duplicates = int(state.duplicates)
+        return predictions, kafka_ts, blobs, len(batch.item) - len(valid) - duplicates, duplicates
 
     def _isolate(
         self,
@@ -300,7 +304,7 @@ class BatchProcessor:
         done = np.zeros(len(blobs), dtype=bool)  # users with an event that went through
         predictions: list[tuple[bytes, bytes]] = []
         kafka_ts: list[float | None] = []
-        redelivered = 0
+        redelivered = duplicates = 0
         todo = [np.arange(len(events) // 2, len(events)), np.arange(len(events) // 2)]
         while todo:  # a stack of parts, the earliest on top
             rows = todo.pop()
@@ -325,15 +329,17 @@ class BatchProcessor:
                 )
                 dead.append((index, "processing_error", _processing_error(msg, exc)))
                 continue
-            part_predictions, part_ts, part_blobs, part_redelivered = part
+            part_predictions, part_ts, part_blobs, part_redelivered, part_duplicates = part
             predictions += part_predictions
             kafka_ts += part_ts
             redelivered += part_redelivered
+            duplicates += part_duplicates
             for u, blob in zip(part_users.tolist(), part_blobs, strict=True):
                 blobs[u] = blob
             done[part_users] = True
         if self.metrics is not None:
             self.metrics.redelivered.inc(redelivered)
+            self.metrics.duplicates.inc(duplicates)
         users = events.user
         _, first = np.unique(user_index, return_index=True)
         writes = [

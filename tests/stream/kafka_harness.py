@@ -388,6 +388,7 @@ def offline_reference(artifact_dir: Path, records: list[Any], batch: int = 10_00
                 ts=[events[i]["ts"] for i in chunk],
                 partition=[p] * len(chunk),
                 offset=[rs[i].offset for i in chunk],
+                event_id=np.array([events[i].get("event_id") for i in chunk], dtype=object),
             )
             feats = agg.score_then_fold(state, eb)
             assert feats.valid.all()

@@ -114,6 +114,7 @@ def test_a_retried_event_gets_one_prediction_and_the_states_of_a_run_without_the
     assert by_event == Counter((e["user"], e["event_id"]) for e in originals), "one each"
     refs = {(p["event"]["partition"], p["event"]["offset"]) for p in predictions}
     assert not refs & dup_refs, "no duplicate is scored"
+    assert worker.metric("sketchstream_events_duplicate_total") == len(dup_refs)
     assert worker.stop() == 0  # flushes the changelog
 
     records = run(consume(env.bootstrap, env.topics["events"]))
