@@ -127,15 +127,37 @@ class BulkConsumer(faust_aiokafka.Consumer):
                 return
             raise
 
+    async def _getmany(self, active_partitions: Any, timeout: float) -> Any:
+        """faust's fetch from the consumer thread, asked for a copy of the active partitions.
+
+        faust hands over its live set, which aiokafka's ``fetched_records`` reads in the
+        consumer thread whenever records arrive, up to ``timeout`` later, and to aiokafka an
+        empty set means every partition. Recovery pauses the changelog partitions when it is
+        done, which empties that set until the hand-over resumes the stream partitions: a fetch
+        waiting meanwhile took the stream partitions' records out of aiokafka (its positions
+        moved past them) and the fetch loop, finding those partitions paused, dropped them.
+        They were never read again: with nothing newer the worker sat idle after
+        "Worker ready" (issue 12's stall); with newer records, the hole would have become a
+        gap, committed past."""
+        if active_partitions is None:  # a client-only app: every partition
+            return await super()._getmany(None, timeout)
+        asked = frozenset(active_partitions)
+        if not asked:
+            return {}
+        return await super()._getmany(asked, timeout)
+
     async def _deliver(self, records: Mapping[Any, Sequence[Any]], active: Any) -> None:
         """One fetch: the other topics' records one by one, then the bulk topics' in batches."""
         topics, handler, size = self._bulk
         generation = self.app.consumer_generation_id
         buffered = self._buffered_partitions
         bulk: list[Any] = []
+        paused: dict[Any, int] = {}
         for tp, recs in records.items():
             if active is not None and tp not in active and tp not in buffered:
-                continue  # paused while the fetch was under way
+                if recs:  # paused while the fetch was under way
+                    paused[tp] = recs[0].offset
+                continue
             fresh = await self._fresh(tp, recs)
             if not fresh:
                 continue
@@ -143,8 +165,24 @@ class BulkConsumer(faust_aiokafka.Consumer):
                 bulk.extend(self._to_message(tp, r) for r in fresh)
             else:
                 await self._deliver_each(tp, fresh, generation)
+        if paused:
+            await self._put_back(paused)
         for start in range(0, len(bulk), size):
             await self._deliver_batch(handler, bulk[start : start + size], generation)
+
+    async def _put_back(self, first: Mapping[Any, int]) -> None:
+        """Seek partitions paused while a fetch was under way back to the first record it
+        brought of them: aiokafka's positions are past those records, which the fetch loop
+        does not deliver, so they would never be read again (a hand-over seeks the stream
+        partitions anyway; nothing else that resumes a partition does)."""
+        log.info(
+            "records fetched for partitions paused meanwhile, read again later: %s",
+            ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in sorted(first.items())),
+        )
+        try:
+            await self.seek_wait(dict(first))
+        except Exception as exc:  # revoked meanwhile: its next owner starts at the commit
+            log.warning("seek back of the paused partitions failed: %r", exc)
 
     async def _fresh(self, tp: Any, records: Sequence[Any]) -> list[Any]:
         """The records not read before (a seek can bring some again), with any hole between

@@ -110,6 +110,50 @@ async def test_a_flow_stop_abandons_the_rest_of_the_fetch_unacknowledged():
     assert h.consumer._new_offset(p0) == 2
 
 
+async def test_a_fetch_asks_for_the_partitions_active_when_it_began():
+    """faust keeps one live set of active partitions and pauses partitions in it while a fetch
+    waits in the consumer thread; aiokafka reads an empty set as *every* partition. A fetch
+    asks for a copy, so pausing everything meanwhile (recovery, before the hand-over) does
+    not make it take the paused stream partitions' records (issue 12's stall)."""
+    h = Harness(size=10)
+    changelog, events = TP("changelog", 0), TP("events", 0)
+    h.consumer.resume_partitions({changelog})
+    h.consumer.pause_partitions({events})
+    asked: list[set] = []
+
+    async def getmany(active_partitions: Any, timeout: float) -> dict:
+        h.consumer.pause_partitions({changelog})  # recovery is done meanwhile
+        await asyncio.sleep(0)
+        asked.append(set(active_partitions))
+        return {}
+
+    h.consumer._thread.getmany = getmany
+    await h.consumer._getmany(h.consumer._get_active_partitions(), 1.0)
+    assert asked == [{changelog}]
+    assert await h.consumer._getmany(h.consumer._get_active_partitions(), 1.0) == {}
+    assert len(asked) == 1  # nothing active: nothing asked, not everything
+
+
+async def test_records_of_a_partition_paused_during_the_fetch_are_read_again():
+    """aiokafka's position is past what a fetch returned: records of a partition paused while
+    the fetch was under way are not delivered, and the partition is sought back to the first
+    of them, so they are read when it is resumed."""
+    h = Harness(size=10)
+    p0, p1 = TP("events", 0), TP("events", 1)
+    sought: list[dict] = []
+
+    async def seek_wait(partitions: Any) -> None:
+        sought.append(dict(partitions))
+
+    h.consumer.seek_wait = seek_wait
+    await h.app.topics._update_indices()
+    await h.consumer._deliver(
+        {p0: records("events", 0, [5, 6]), p1: records("events", 1, [0, 1])}, {p1}
+    )
+    assert h.batches == [[(1, 0), (1, 1)]]
+    assert sought == [{p0: 5}]
+
+
 async def test_a_failing_handler_stops_the_worker_with_its_error_and_acknowledges_nothing():
     """A batch handler that raises (a worker fault, not bad input) ends the fetch loop and
     stops the worker as a signal does, its error the reason it exits non-zero. Nothing of the
