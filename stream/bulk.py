@@ -35,10 +35,12 @@ neither works nor exits (issue 12's "stall after restoring an unreadable state":
 batch acknowledged less than a commit interval before the failing one, and the thread to see
 the crash before the commit reached it). See :meth:`BulkApp.fail`.
 
-It overrides faust's private ``Consumer._drain_messages`` and reads faust's read offsets, gaps
-and unacknowledged messages (``_read_offset``, ``_add_gap``, ``_unacked_messages``), as
-faust-streaming 0.15.3 has them, and stops mode's ``Worker`` through its private stop slots
-(``_signal_stop_time``, ``_signal_stop_future``, ``_starting_fut``): re-check on upgrade.
+It overrides faust's private ``Consumer._drain_messages`` and ``_getmany`` (see
+:meth:`BulkConsumer._getmany`: faust's own hands aiokafka a set it keeps changing) and reads
+faust's read offsets, gaps and unacknowledged messages (``_read_offset``, ``_add_gap``,
+``_unacked_messages``), as faust-streaming 0.15.3 has them, and stops mode's ``Worker``
+through its private stop slots (``_signal_stop_time``, ``_signal_stop_future``,
+``_starting_fut``): re-check on upgrade.
 """
 
 from __future__ import annotations
@@ -58,7 +60,13 @@ log = logging.getLogger(__name__)
 
 # faust's private consumer methods this module overrides or calls (see the module docstring):
 # a faust-streaming without them fails here, at import, not in the middle of a fetch
-_FAUST_INTERNALS = ("_drain_messages", "_wait_next_records", "_to_message", "_add_gap")
+_FAUST_INTERNALS = (
+    "_drain_messages",
+    "_getmany",
+    "_wait_next_records",
+    "_to_message",
+    "_add_gap",
+)
 _missing = [name for name in _FAUST_INTERNALS if not hasattr(faust_aiokafka.Consumer, name)]
 if _missing:
     raise ImportError(
