@@ -31,9 +31,10 @@ supervisor to restart it; the failed batch is read again after the restart (at-l
 Not ``App.crash``: mode marks every service crashed at once, the consumer thread included,
 and that thread then shuts itself down while the app's own stop still needs it to commit the
 batches acknowledged since the last commit. That commit then waits forever and the worker
-neither works nor exits (issue 12's "stall after restoring an unreadable state": it needed a
-batch acknowledged less than a commit interval before the failing one, and the thread to see
-the crash before the commit reached it). See :meth:`BulkApp.fail`.
+neither works nor exits: one of the two causes of issue 12's "stall after restoring an
+unreadable state" (it needed a batch acknowledged less than a commit interval before the
+failing one, and the thread to see the crash before the commit reached it; the other cause:
+:meth:`BulkConsumer._getmany`). See :meth:`BulkApp.fail`.
 
 It overrides faust's private ``Consumer._drain_messages`` and ``_getmany`` (see
 :meth:`BulkConsumer._getmany`: faust's own hands aiokafka a set it keeps changing) and reads
