@@ -103,7 +103,8 @@ class Settings(BaseSettings):
         min_length=1,
         description="Static group member id (KIP-345), one per worker (two workers under one id "
         "fence each other): restarted under it, a worker gets its partitions back at once. "
-        "Unset: the app id, host name and a hash of the absolute state_dir.",
+        "Unset: the app id, host name and a hash of the absolute state_dir and web_port (a "
+        "member's web URL is part of its assignment: keep the port when you set this).",
     )
     session_timeout: float = Field(
         default=6.0,
@@ -165,7 +166,13 @@ class Settings(BaseSettings):
     @property
     def member_id(self) -> str:
         """The static group member id: ``group_instance_id``, else one stable across restarts
-        of this worker (same app id, host and state dir) and unique per worker.
+        of this worker (same app id, host, state dir and web port) and unique per worker.
+
+        The web port is part of it because faust's assignment carries each member's URL and a
+        member rejoining under a static id gets its last assignment back unchanged: faust
+        refuses one that names another URL (an assertion that kills the consumer's group
+        coordination, so the worker would sit with no partitions). A restart on another port
+        is a new member, then, and its old self's partitions move after ``session_timeout``.
 
         >>> Settings(app_id="a", state_dir="/s").member_id.startswith("a-")
         True
@@ -175,7 +182,8 @@ class Settings(BaseSettings):
         import hashlib
         import socket
 
-        where = hashlib.sha1(str(self.state_dir.absolute()).encode()).hexdigest()[:10]
+        worker = f"{self.state_dir.absolute()}\n{self.web_port}"
+        where = hashlib.sha1(worker.encode()).hexdigest()[:10]
         return f"{self.app_id}-{socket.gethostname()}-{where}"
 
     @property

@@ -138,6 +138,29 @@ def test_a_worker_killed_under_load_resumes_within_10_s_of_its_restart(stream_en
     assert resumed - running <= 10.0, worker.tail()
 
 
+def test_a_worker_restarted_on_another_web_port_resumes(stream_env, start_worker):
+    """faust's assignment names each member's web URL, and a static member that rejoins gets
+    its last assignment back: under the same member id a new port failed faust's check of that
+    URL and the worker sat with no partitions. The port is part of the default member id, so
+    the restarted worker is a new member and gets the partitions once the old one's session
+    has expired."""
+    from kafka_harness import free_port
+
+    worker = start_worker("w1")
+    worker.wait_healthy()
+    with steady_load(stream_env):
+        wait_for(lambda: worker.metric("sketchstream_predictions_out_total") > 100, 60, "load")
+
+        def kill_and_restart_elsewhere() -> None:
+            worker.kill()
+            worker.port = free_port()
+            worker.start()
+
+        resumed = seconds_to_new_prediction(stream_env, kill_and_restart_elsewhere)
+    print(f"SIGKILL + restart on another web port → first new prediction: {resumed:.1f} s")
+    worker.wait_healthy(30)
+
+
 def test_a_survivor_takes_over_a_killed_workers_partitions_within_15_s(stream_env, start_worker):
     survivor, victim = start_worker("w1"), start_worker("w2")
     survivor.wait_healthy()
