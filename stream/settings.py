@@ -89,7 +89,8 @@ class Settings(BaseSettings):
     on_error: OnError = Field(
         default="dead_letter",
         description="An event whose processing raises: dead_letter (processing_error, the "
-        "batch goes on) or fail (the worker stops without committing; the batch is read again).",
+        "batch goes on) or fail (the worker stops, committing the batches before it, not that one; "
+        "the batch is read again).",
     )
     standby_replicas: int = Field(
         default=1, ge=0, description="Standby copies of each state partition on other workers."

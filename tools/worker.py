@@ -54,16 +54,27 @@ def _bounded_worker(app: Any, stop_timeout: float, loglevel: str) -> Any:
     import faust
 
     class BoundedWorker(faust.Worker):
+        _stop_timer: threading.Timer | None = None
+
+        def _arm(self, cause: str) -> None:
+            """Start the stop's deadline, once, whatever started the stop."""
+            if self._stop_timer is None:
+                self._stop_timer = threading.Timer(stop_timeout, _give_up, args=(cause,))
+                self._stop_timer.daemon = True
+                self._stop_timer.start()
+
         def _schedule_shutdown(self, signum: signal.Signals) -> None:
-            if not self._signal_stop_time:
-                timer = threading.Timer(stop_timeout, _give_up, args=(signum,))
-                timer.daemon = True
-                timer.start()
+            self._arm(signum.name)
             super()._schedule_shutdown(signum)
 
-    def _give_up(signum: signal.Signals) -> None:
+        async def stop(self) -> None:
+            # also a stop no signal started: a failed batch (BulkApp.fail), a crash
+            self._arm("a failure")
+            await super().stop()
+
+    def _give_up(cause: str) -> None:
         sys.stderr.write(
-            f"worker: stop after {signum.name} took over {stop_timeout:g} s (stop_timeout): "
+            f"worker: stop after {cause} took over {stop_timeout:g} s (stop_timeout): "
             f"exiting {EXIT_STOP_TIMEOUT} without committing; what was not committed is read "
             "again on the next start\n"
         )
