@@ -118,11 +118,18 @@ def started_at(worker: WorkerProcess) -> float:
     return when.timestamp() + int(stamp.group(2)) / 1000
 
 
+@contextmanager
+def under_load(env: StreamEnv, worker: WorkerProcess) -> Iterator[None]:
+    """``worker`` healthy and scoring a steady load (over 100 predictions) while the block runs."""
+    worker.wait_healthy()
+    with steady_load(env):
+        wait_for(lambda: worker.metric("sketchstream_predictions_out_total") > 100, 60, "load")
+        yield
+
+
 def test_a_worker_killed_under_load_resumes_within_10_s_of_its_restart(stream_env, start_worker):
     worker = start_worker("w1")
-    worker.wait_healthy()
-    with steady_load(stream_env):
-        wait_for(lambda: worker.metric("sketchstream_predictions_out_total") > 100, 60, "load")
+    with under_load(stream_env, worker):
         killed = time.time()
 
         def kill_and_restart() -> None:
@@ -147,9 +154,7 @@ def test_a_worker_restarted_on_another_web_port_resumes(stream_env, start_worker
     from kafka_harness import free_port
 
     worker = start_worker("w1")
-    worker.wait_healthy()
-    with steady_load(stream_env):
-        wait_for(lambda: worker.metric("sketchstream_predictions_out_total") > 100, 60, "load")
+    with under_load(stream_env, worker):
 
         def kill_and_restart_elsewhere() -> None:
             worker.kill()
@@ -176,9 +181,7 @@ def test_a_survivor_takes_over_a_killed_workers_partitions_within_15_s(stream_en
 
 def test_sigterm_under_load_stops_a_worker_cleanly_within_10_s(stream_env, start_worker):
     worker = start_worker("w1")
-    worker.wait_healthy()
-    with steady_load(stream_env):
-        wait_for(lambda: worker.metric("sketchstream_predictions_out_total") > 100, 60, "load")
+    with under_load(stream_env, worker):
         started = time.monotonic()
         code = worker.stop(timeout=60)
         stopped = time.monotonic() - started
