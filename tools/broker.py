@@ -21,7 +21,6 @@ This module logs and raises; only the commands in :mod:`sketchstream.tools.kafka
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import fcntl
@@ -33,18 +32,17 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from string import Template
-from typing import Any, TypeVar
 
 from sketchstream.models.errors import SketchstreamError
 from sketchstream.stream.settings import Settings
+from sketchstream.tools.kafka_io import kafka_answers
 
 __all__ = [
     "KAFKA_VERSION",
@@ -101,8 +99,6 @@ _POM = Template("""\
   </dependencies>
 </project>
 """)
-
-T = TypeVar("T")
 
 
 class BrokerError(SketchstreamError):
@@ -493,26 +489,6 @@ def ensure_broker(settings: Settings, timeout: float = START_TIMEOUT_S) -> str:
     return broker.bootstrap_servers
 
 
-def kafka_answers(client_kwargs: Mapping[str, Any], timeout: float = 5.0) -> bool:
-    """True when the servers in ``client_kwargs`` (aiokafka keywords) answer a metadata request."""
-
-    async def probe() -> bool:
-        from aiokafka import AIOKafkaClient
-        from aiokafka.errors import KafkaError
-
-        client = AIOKafkaClient(**client_kwargs, request_timeout_ms=int(timeout * 1000))
-        try:
-            await asyncio.wait_for(client.bootstrap(), timeout)
-            return bool(client.cluster.brokers())
-        except (TimeoutError, KafkaError, OSError):
-            return False
-        finally:
-            await client.close()
-
-    with _quiet("aiokafka"):
-        return _run_blocking(probe())
-
-
 def find_java() -> str:
     """The ``java`` of JAVA_HOME or PATH, checked to be recent enough for the broker."""
     java_home = os.environ.get("JAVA_HOME")
@@ -616,38 +592,3 @@ def _file_lock(path: Path, create_dir: bool = True) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    """Silence a client library's connection errors while probing a broker that may be down."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine to completion from sync code, also when an event loop is running."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    result: list[T] = []
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(asyncio.run(coroutine))
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name="sketchstream-probe")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return result[0]

@@ -64,7 +64,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -73,6 +72,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sketchstream.tools.kafka_io import BenchTopics, create_bench_topics, free_port
 
 __all__ = [
     "FUZZ_KINDS",
@@ -530,26 +531,7 @@ class _Producer:
             await self._producer.stop()
 
 
-async def _create_topics(bootstrap: str, topics: Any) -> None:
-    from sketchstream.tools.topics import TopicSpec, create_topics
-
-    p = topics.partitions
-    specs = [
-        TopicSpec(topics.events, p, {}),
-        TopicSpec(topics.outputs, p, {}),
-        TopicSpec(topics.dlq, p, {}),
-        TopicSpec(topics.models, 1, {"cleanup.policy": "compact"}),
-    ]
-    await create_topics({"bootstrap_servers": bootstrap}, specs, 1)
-
-
 # --- the worker -------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:  # pragma: no cover (runs in the child)
@@ -567,7 +549,7 @@ class _Worker:
     def __init__(self, env: dict[str, str], args: list[str], log_path: Path) -> None:
         # one web port for every start: faust puts the worker's URL in its group metadata, and
         # a static member that comes back under another URL is another configuration
-        self.env = {**env, "SKETCHSTREAM_WEB_PORT": str(_free_port())}
+        self.env = {**env, "SKETCHSTREAM_WEB_PORT": str(free_port())}
         self.args, self.log_path = args, log_path
         self.proc: subprocess.Popen | None = None
         self.starts = 0
@@ -678,7 +660,6 @@ class _Run:
         config: ChaosConfig,
         say: Callable[[str], None],
     ) -> None:
-        from sketchstream.tools.stream_bench import BenchTopics
 
         self.name, self.n_good, self.broker, self.config = name, n_good, broker, config
         self.say = lambda text: say(f"[{name}] {text}")
@@ -719,7 +700,7 @@ class _Run:
         self.dlq: list[dict[str, Any]] = []
 
     async def open(self) -> None:
-        await _create_topics(self.bootstrap, self.topics)
+        await create_bench_topics({"bootstrap_servers": self.bootstrap}, self.topics)
         await self.producer.start()
         await self.preds.start()
 
@@ -905,7 +886,7 @@ def run_bench(
     )
     home = {r.key: r.partition for r in good if r.key is not None}
     ids = [r.event_id for r in good if r.event_id is not None]
-    settings = load_settings(kafka_port=_free_port(), kafka_controller_port=_free_port())
+    settings = load_settings(kafka_port=free_port(), kafka_controller_port=free_port())
     broker = LocalBroker(settings, data_dir=workdir / "broker")
     say(f"starting the bench's own broker at {broker.bootstrap_servers} (data {broker.data_dir})")
     quiet = {n: logging.getLogger(n).level for n in ("aiokafka", "sketchstream.tools.broker")}

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from sketchstream.models.errors import SketchstreamError
+from sketchstream.tools.kafka_io import TopicsNotDeleted, delete_topics, end_offsets, free_port
 
 if TYPE_CHECKING:
     from sketchstream.stream.settings import Settings
@@ -449,14 +450,6 @@ def tail(path: Path | None, lines: int = 25) -> str:
     return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _health(port: int) -> dict | None:
     import json
     import urllib.error
@@ -495,23 +488,10 @@ def app_topics(app_id: str) -> list[str]:
 async def _reset_topics(client_kwargs: Mapping[str, Any], names: Sequence[str]) -> list[str]:
     """Delete those of ``names`` that exist (the topics of an earlier demo run); wait until
     the broker no longer lists them. Returns the names deleted."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(**client_kwargs)
-    await admin.start()
     try:
-        existing = await admin.list_topics()
-        doomed = [t for t in existing if t in names]
-        if doomed:
-            await admin.delete_topics(doomed)
-            deadline = time.monotonic() + 60.0
-            while set(doomed) & set(await admin.list_topics()):
-                if time.monotonic() > deadline:
-                    raise DemoError(f"topics {doomed} were not deleted within 60 s")
-                await asyncio.sleep(0.3)
-        return doomed
-    finally:
-        await admin.close()
+        return await delete_topics(client_kwargs, names, wait_s=60.0)
+    except TopicsNotDeleted as exc:
+        raise DemoError(str(exc)) from None
 
 
 async def _announce(client_kwargs: Mapping[str, Any], topic: str, root: Path, version: str) -> None:
@@ -539,10 +519,6 @@ class Outcome:
     history_seconds: float | None = None
     dlq: int = 0
     replay_lines: list[str] = field(default_factory=list)
-
-
-async def _end_offsets(consumer: Any, tps: Sequence[Any]) -> dict[Any, int]:
-    return dict(await consumer.end_offsets(list(tps)))
 
 
 async def watch(
@@ -598,7 +574,7 @@ async def watch(
                 check_worker()
                 if proc.poll() not in (None, 0):
                     raise DemoError(f"the history replay failed:\n{tail(log)}")
-                done = sum((await _end_offsets(consumer, pred_tps)).values())
+                done = sum((await end_offsets(consumer, pred_tps)).values())
                 now = time.monotonic()
                 if done != last:
                     speed = (done - last) / max(now - last_t, 1e-9)
@@ -627,7 +603,7 @@ async def watch(
             f"7/8 live: the test period at {rate if rate == 'max' else rate + ' events/s'}, "
             "predictions followed as they arrive"
         )
-        starts = await _end_offsets(consumer, pred_tps)
+        starts = await end_offsets(consumer, pred_tps)
         consumer.assign(pred_tps)
         for tp in pred_tps:
             consumer.seek(tp, starts[tp])
@@ -665,7 +641,7 @@ async def watch(
             if batches:
                 last_change = now
             if dlq_tps:
-                outcome.dlq = sum((await _end_offsets(consumer, dlq_tps)).values())
+                outcome.dlq = sum((await end_offsets(consumer, dlq_tps)).values())
             console.status(status_line(stats, plan.n_live, outcome.dlq, now - t0))
             if now - last_change > _STALL_S or now - t0 > timeout:
                 raise DemoError(
@@ -924,7 +900,7 @@ def _run(
         console.step("5/8 worker")
         state = workdir / "state"
         shutil.rmtree(state, ignore_errors=True)
-        port = _free_port()
+        port = free_port()
         worker_log = workdir / "worker.log"
         worker_argv = [
             "worker", "--app-id", app_id, "--state-dir", str(state), "--artifact-dir",

@@ -30,11 +30,20 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sketchstream.tools.kafka_io import (
+    BenchTopics,
+    create_bench_topics,
+    delete_topics,
+    end_offsets,
+    free_port,
+    partitions_of,
+    topic_end_offsets,
+)
 
 __all__ = [
     "SYSTEMS",
@@ -238,47 +247,7 @@ async def read_topic(client_kwargs: dict[str, Any], topic: str) -> list[Any]:
         await consumer.stop()
 
 
-async def _end_offsets(consumer: Any, topic: str, partitions: int) -> list[int]:
-    from aiokafka import TopicPartition
-
-    tps = [TopicPartition(topic, p) for p in range(partitions)]
-    end = await consumer.end_offsets(tps)
-    return [end[tp] for tp in tps]
-
-
 # --- systems ---------------------------------------------------------------------------------
-
-
-@dataclass
-class BenchTopics:
-    """Fresh topic names and consumer group of one run."""
-
-    partitions: int
-    suffix: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
-
-    @property
-    def app_id(self) -> str:
-        return f"bench-{self.suffix}"
-
-    @property
-    def events(self) -> str:
-        return f"bench-events-{self.suffix}"
-
-    @property
-    def outputs(self) -> str:
-        return f"bench-out-{self.suffix}"
-
-    @property
-    def dlq(self) -> str:
-        return f"bench-dlq-{self.suffix}"
-
-    @property
-    def models(self) -> str:
-        return f"bench-models-{self.suffix}"
-
-    @property
-    def changelog(self) -> str:
-        return f"{self.app_id}-users-changelog"
 
 
 def serve_passthrough(spec: dict[str, Any]) -> None:
@@ -430,7 +399,7 @@ def _start(
                 "SKETCHSTREAM_PARTITIONS": str(topics.partitions),
                 "SKETCHSTREAM_STATE_DIR": str(state_dir),
                 "SKETCHSTREAM_ARTIFACT_DIR": str(artifact_dir),
-                "SKETCHSTREAM_WEB_PORT": str(_free_port()),
+                "SKETCHSTREAM_WEB_PORT": str(free_port()),
                 "SKETCHSTREAM_APP_ID": topics.app_id,
             }
         )
@@ -459,14 +428,6 @@ def _start(
         }
         argv = [sys.executable, "-c", _PASSTHROUGH, json.dumps(spec)]
     return _Process(argv, env, log_path)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- one run ---------------------------------------------------------------------------------
@@ -505,32 +466,12 @@ class BenchRun:
         return out | self.extra
 
 
-async def _create_topics(client_kwargs: dict[str, Any], topics: BenchTopics) -> None:
-    from sketchstream.tools.topics import TopicSpec, create_topics
-
-    p = topics.partitions
-    specs = [
-        TopicSpec(topics.events, p, {}),
-        TopicSpec(topics.outputs, p, {}),
-        TopicSpec(topics.dlq, p, {}),
-        TopicSpec(topics.models, 1, {"cleanup.policy": "compact"}),
-    ]
-    await create_topics(client_kwargs, specs, 1)
-
-
-async def _delete_topics(client_kwargs: dict[str, Any], topics: BenchTopics) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(**client_kwargs)
-    await admin.start()
+async def _delete_run_topics(client_kwargs: dict[str, Any], topics: BenchTopics) -> None:
+    """Delete every topic of the run (also those the systems created: changelog, assignor)."""
     try:
-        names = [t for t in await admin.list_topics() if topics.suffix in t]
-        if names:
-            await admin.delete_topics(names)
+        await delete_topics(client_kwargs, lambda name: topics.suffix in name)
     except Exception as exc:  # cleanup only: never hide the figures behind it
         log.warning("could not delete the bench topics: %s", exc)
-    finally:
-        await admin.close()
 
 
 async def _wait_outputs(
@@ -550,7 +491,8 @@ async def _wait_outputs(
         last, last_change = -1, time.monotonic()
         while True:
             proc.sample()
-            got = sum(await _end_offsets(consumer, topics.outputs, topics.partitions))
+            tps = partitions_of(topics.outputs, topics.partitions)
+            got = sum((await end_offsets(consumer, tps)).values())
             if progress is not None:
                 progress(got)
             if got >= want:
@@ -598,13 +540,13 @@ async def run_one(
     import numpy as np
 
     topics = BenchTopics(partitions)
-    await _create_topics(client_kwargs, topics)
+    await create_bench_topics(client_kwargs, topics)
     with tempfile.TemporaryDirectory(prefix=f"sketchstream-bench-{system}-") as tmp:
         root = Path(tmp)
         proc: _Process | None = None
         try:
             await produce(client_kwargs, topics.events, lines, keys)
-            ends = await _end_offsets_of(client_kwargs, topics.events, partitions)
+            ends = await topic_end_offsets(client_kwargs, topics.events, partitions)
             proc = _start(
                 system,
                 topics,
@@ -662,18 +604,7 @@ async def run_one(
         finally:
             if proc is not None:
                 proc.stop()
-            await _delete_topics(client_kwargs, topics)
-
-
-async def _end_offsets_of(client_kwargs: dict[str, Any], topic: str, partitions: int) -> list[int]:
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(**client_kwargs, group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        return await _end_offsets(consumer, topic, partitions)
-    finally:
-        await consumer.stop()
+            await _delete_run_topics(client_kwargs, topics)
 
 
 def run_system(*args: Any, **kwargs: Any) -> BenchRun:

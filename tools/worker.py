@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from sketchstream.tools.kafka_io import kafka_answers
 from sketchstream.tools.options import setting_option
 
 __all__ = ["EXIT_STOP_TIMEOUT", "worker"]
@@ -28,17 +28,6 @@ log = logging.getLogger(__name__)
 
 #: Exit status of a stop cut short after ``stop_timeout`` (offsets not committed).
 EXIT_STOP_TIMEOUT = 3
-
-
-def _reachable(bootstrap: str, timeout: float = 3.0) -> bool:
-    for server in bootstrap.split(","):
-        host, _, port = server.strip().rpartition(":")
-        try:
-            with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout):
-                return True
-        except (OSError, ValueError):
-            continue
-    return False
 
 
 def _bounded_worker(app: Any, stop_timeout: float, loglevel: str) -> Any:
@@ -132,7 +121,7 @@ def worker(
         torch_threads=torch_threads,
     )
     torch.set_num_threads(settings.torch_threads)
-    if not _reachable(settings.bootstrap_servers):
+    if not kafka_answers(settings.client_kwargs(), timeout=3.0):
         hint = (
             "start the local one with `sketchstream kafka start`"
             if settings.uses_local_broker

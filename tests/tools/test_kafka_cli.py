@@ -7,7 +7,6 @@ The tests run in file order: the last one stops the broker the module fixture st
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +14,18 @@ import pytest
 from sketchstream.stream.settings import Settings
 from sketchstream.tools.broker import LocalBroker
 from sketchstream.tools.cli import app
+from sketchstream.tools.kafka_io import free_port
 from typer.testing import CliRunner
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SecondBroker:
     started: Any = None  # the result of `kafka start` in the module fixture
 
     def __init__(self, data_dir: Path) -> None:
-        self.port = _free_port()
-        self.controller_port = _free_port()
+        self.port = free_port()
+        self.controller_port = free_port()
         self.data_dir = data_dir
         # SKETCHSTREAM_KAFKA empty: the commands act on the local broker even where the
         # test session itself runs against other servers.
@@ -92,7 +86,7 @@ def test_starting_twice_says_it_is_already_running(second):
 
 
 def test_a_second_start_on_another_port_with_the_same_data_dir_is_refused(second):
-    other = second.invoke("start", "--port", str(_free_port()))
+    other = second.invoke("start", "--port", str(free_port()))
     assert other.exit_code == 1
     assert f"already runs (pid {second.local_broker().pid()}) on port {second.port}" in other.output
 
@@ -116,7 +110,7 @@ def test_status_fails_after_stop_and_no_java_process_is_left(second):
 
 
 def test_status_port_flag_overrides_the_environment(second):
-    port = _free_port()
+    port = free_port()
     result = second.invoke("status", "--port", str(port))
     assert result.exit_code == 1
     assert f"127.0.0.1:{port}" in result.output
