@@ -71,7 +71,9 @@ async def publish(
     """
     if not records:
         return []
-    kafka = producer._ensure_producer()  # faust's aiokafka producer: no batch API of its own
+    from sketchstream.stream.faust_compat import aiokafka_producer
+
+    kafka = aiokafka_producer(producer)  # faust's has no batch API of its own
     parts = sorted(await kafka.partitions_for(topic))
     partitioner = producer.partitioner
     partition_of: dict[bytes | None, int] = {}
@@ -121,7 +123,7 @@ def faust_app(settings: Settings, *, web: bool = True, bulk: bool = False) -> fa
     import faust
     from faust.sensors import Monitor
     from sketchstream.stream.bulk import BulkApp
-    from sketchstream.stream.recovery import HandoverTableManager
+    from sketchstream.stream.faust_compat import HandoverTableManager
 
     class QuietMonitor(Monitor):
         """faust's statistics sensor minus its per-message hooks (a few microseconds each,
@@ -158,7 +160,7 @@ def faust_app(settings: Settings, *, web: bool = True, bulk: bool = False) -> fa
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         table_standby_replicas=settings.standby_replicas,
-        TableManager=HandoverTableManager,  # see stream/recovery.py
+        TableManager=HandoverTableManager,  # the hand-over that loses nothing: faust_compat.py
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=settings.commit_interval,
         consumer_group_instance_id=settings.member_id,
@@ -190,7 +192,7 @@ def create_app(settings: Settings) -> faust.App:
     (``<app_id>-users-changelog``): workers with the same id share the partitions.
     ``/health`` answers 200 only while the worker is serving (see :class:`Health`).
     """
-    from sketchstream.stream.recovery import HandoverTableManager
+    from sketchstream.stream.faust_compat import HandoverTableManager
 
     limits = EventLimits(max_bytes=settings.max_event_bytes)
     app = faust_app(settings, bulk=True)
@@ -397,15 +399,14 @@ class Health:
     async def probe_forever(self) -> None:
         """Ask the broker for the events topic's metadata every :attr:`PROBE_EVERY_S` through
         the producer's client; record when it last answered."""
-        from aiokafka.cluster import ClusterMetadata
+        from sketchstream.stream.faust_compat import aiokafka_producer, fetch_metadata
 
         self.last_answer = time.monotonic()  # the consumer reached it to get this far
         while True:
             try:
-                client = self.app.producer._ensure_producer().client
+                client = aiokafka_producer(self.app.producer).client
                 answered = await asyncio.wait_for(
-                    client._metadata_update(ClusterMetadata(), [self.topic]),
-                    self.PROBE_TIMEOUT_S,
+                    fetch_metadata(client, [self.topic]), self.PROBE_TIMEOUT_S
                 )
             except Exception:  # refused, timed out, no producer: all say "no answer"
                 answered = False

@@ -19,10 +19,11 @@ faust's no-op agent passes 9–13k events/s where a bare aiokafka consume→prod
 
 faust's bookkeeping stays in charge. Every bulk message is tracked when handed over and
 acknowledged when the handler returns, so offsets are committed as for an agent, a rebalance
-waits for the batch in progress (``wait_empty``) and the hand-over of
-:mod:`sketchstream.stream.recovery` seeks these partitions like any other. When the flow stops
-(a rebalance) or the consumer generation changes, the rest of a fetch is abandoned and the
-partitions are sought back to their committed offsets, so nothing abandoned is skipped.
+waits for the batch in progress (``wait_empty``) and the hand-over
+(:class:`~sketchstream.stream.faust_compat.HandoverRecovery`) seeks these partitions like any
+other. When the flow stops (a rebalance) or the consumer generation changes, the rest of a
+fetch is abandoned and the partitions are sought back to their committed offsets, so nothing
+abandoned is skipped.
 
 A handler that raises is a failure of the worker, not bad input (the handler dead-letters
 that): the fetch loop ends without acknowledging the batch and the worker stops as it does on
@@ -34,14 +35,13 @@ batches acknowledged since the last commit. That commit then waits forever and t
 neither works nor exits: one of the two causes of issue 12's "stall after restoring an
 unreadable state" (it needed a batch acknowledged less than a commit interval before the
 failing one, and the thread to see the crash before the commit reached it; the other cause:
-:meth:`BulkConsumer._getmany`). See :meth:`BulkApp.fail`.
+:meth:`~sketchstream.stream.faust_compat.FetchLoopConsumer._getmany`). See
+:meth:`BulkApp.fail`.
 
-It overrides faust's private ``Consumer._drain_messages`` and ``_getmany`` (see
-:meth:`BulkConsumer._getmany`: faust's own hands aiokafka a set it keeps changing) and reads
-faust's read offsets, gaps and unacknowledged messages (``_read_offset``, ``_add_gap``,
-``_unacked_messages``), as faust-streaming 0.15.3 has them, and stops mode's ``Worker``
-through its private stop slots (``_signal_stop_time``, ``_signal_stop_future``,
-``_starting_fut``): re-check on upgrade.
+This module is the batching; every private part of faust and mode it needs (the fetch loop
+override, the fix of faust's ``_getmany``, the read offsets, gaps and acknowledgements, the
+stop of mode's ``Worker``) is in :mod:`sketchstream.stream.faust_compat`, which checks the
+installed versions at import.
 """
 
 from __future__ import annotations
@@ -51,41 +51,16 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import faust
 import mode
-from faust.transport.drivers import aiokafka as faust_aiokafka
+from sketchstream.stream.faust_compat import (
+    FetchLoopApp,
+    FetchLoopConsumer,
+    stop_worker_as_a_signal,
+)
 
 __all__ = ["BulkApp", "BulkConsumer", "BulkHandler"]
 
 log = logging.getLogger(__name__)
-
-# faust's private consumer methods this module overrides or calls (see the module docstring):
-# a faust-streaming without them fails here, at import, not in the middle of a fetch
-_FAUST_INTERNALS = (
-    "_drain_messages",
-    "_getmany",
-    "_wait_next_records",
-    "_to_message",
-    "_add_gap",
-)
-_missing = [name for name in _FAUST_INTERNALS if not hasattr(faust_aiokafka.Consumer, name)]
-if _missing:
-    raise ImportError(
-        f"sketchstream's bulk consumer is written against faust-streaming 0.15.3's consumer; "
-        f"faust-streaming {getattr(faust, '__version__', '?')} has no "
-        + ", ".join(f"Consumer.{name}" for name in _missing)
-        + ": install faust-streaming==0.15.3 (pyproject.toml pins it)"
-    )
-# mode's Worker slots :meth:`BulkApp.fail` stops the worker through (as a signal does)
-_MODE_INTERNALS = ("_signal_stop_time", "_signal_stop_future", "_starting_fut")
-_missing = [name for name in _MODE_INTERNALS if not hasattr(mode.Worker, name)]
-if _missing:
-    raise ImportError(
-        "sketchstream's bulk consumer stops a failed worker through mode's Worker; this "
-        "mode-streaming has no "
-        + ", ".join(f"Worker.{name}" for name in _missing)
-        + ": install the mode-streaming that faust-streaming==0.15.3 requires (0.7.1 here)"
-    )
 
 #: ``await handler(messages)``: one micro-batch of faust ``ConsumerMessage``\ s of the bulk
 #: topics, every partition's in offset order; acknowledged when it returns.
@@ -100,7 +75,7 @@ class _Failed(Exception):
     """The batch handler failed: the worker is stopping (:meth:`BulkApp.fail`), fetch no more."""
 
 
-class BulkConsumer(faust_aiokafka.Consumer):
+class BulkConsumer(FetchLoopConsumer):
     """faust's aiokafka consumer delivering the bulk topics in micro-batches (module docstring).
 
     ``bulk_topics``, ``bulk_handler`` and ``bulk_size`` come from the :class:`BulkApp`."""
@@ -112,11 +87,11 @@ class BulkConsumer(faust_aiokafka.Consumer):
         app = self.app
         return app.bulk_topics, app.bulk_handler, app.bulk_size
 
-    async def _drain_messages(self, fetcher: Any) -> None:
+    async def fetch_loop(self, fetcher: Any) -> None:
         """The fetch loop (run by faust's ``Fetcher`` service until it or the consumer stops)."""
         try:
             while not (self.should_stop or fetcher.should_stop):
-                records, active = await self._wait_next_records(1.0)
+                records, active = await self.next_records(1.0)
                 await asyncio.sleep(0)  # a fetch can return at once, again and again
                 if not records or self.should_stop:
                     continue
@@ -136,31 +111,13 @@ class BulkConsumer(faust_aiokafka.Consumer):
                 return
             raise
 
-    async def _getmany(self, active_partitions: Any, timeout: float) -> Any:
-        """faust's fetch from the consumer thread, asked for a copy of the active partitions.
-
-        faust hands over its live set, which aiokafka's ``fetched_records`` reads in the
-        consumer thread whenever records arrive, up to ``timeout`` later, and to aiokafka an
-        empty set means every partition. Recovery pauses the changelog partitions when it is
-        done, which empties that set until the hand-over resumes the stream partitions: a fetch
-        waiting meanwhile took the stream partitions' records out of aiokafka (its positions
-        moved past them) and the fetch loop, finding those partitions paused, dropped them.
-        They were never read again: with nothing newer the worker sat idle after
-        "Worker ready" (issue 12's stall); with newer records, the hole would have become a
-        gap, committed past."""
-        if active_partitions is None:  # a client-only app: every partition
-            return await super()._getmany(None, timeout)
-        asked = frozenset(active_partitions)
-        if not asked:
-            return {}
-        return await super()._getmany(asked, timeout)
-
     async def _deliver(self, records: Mapping[Any, Sequence[Any]], active: Any) -> None:
         """One fetch: the other topics' records one by one, then the bulk topics' in batches."""
         topics, handler, size = self._bulk
         generation = self.app.consumer_generation_id
-        buffered = self._buffered_partitions
+        buffered = self.buffered_partitions
         bulk: list[Any] = []
+        to_message = self.to_message
         paused: dict[Any, int] = {}
         for tp, recs in records.items():
             if active is not None and tp not in active and tp not in buffered:
@@ -171,7 +128,7 @@ class BulkConsumer(faust_aiokafka.Consumer):
             if not fresh:
                 continue
             if handler is not None and tp.topic in topics:
-                bulk.extend(self._to_message(tp, r) for r in fresh)
+                bulk.extend(to_message(tp, r) for r in fresh)
             else:
                 await self._deliver_each(tp, fresh, generation)
         if paused:
@@ -196,7 +153,7 @@ class BulkConsumer(faust_aiokafka.Consumer):
     async def _fresh(self, tp: Any, records: Sequence[Any]) -> list[Any]:
         """The records not read before (a seek can bring some again), with any hole between
         them recorded as a gap, so commits can pass offsets Kafka never delivers."""
-        read = self._read_offset[tp]
+        read = self.read_offsets[tp]
         if read is not None:
             records = [r for r in records if r.offset >= read]
         if not records or not self.app.topics.acks_enabled_for(tp.topic):
@@ -204,7 +161,7 @@ class BulkConsumer(faust_aiokafka.Consumer):
         prev = read
         for r in records:
             if prev and r.offset - prev > 1:
-                await self._add_gap(tp, prev + 1, r.offset - 1)
+                await self.add_gap(tp, prev + 1, r.offset - 1)
             prev = r.offset
         return list(records)
 
@@ -216,11 +173,11 @@ class BulkConsumer(faust_aiokafka.Consumer):
         """faust's own path: one record at a time through the conductor (tables, standbys)."""
         for record in records:
             self._check_flow(generation)
-            message = self._to_message(tp, record)
+            message = self.to_message(tp, record)
             waited = await self.wait_first(self.callback(message), self.suspend_flow.wait())
             if waited.stopped or self.suspend_flow.is_set():  # the delivery may be cancelled
                 raise _Abandoned()
-            self._read_offset[tp] = record.offset
+            self.read_offsets[tp] = record.offset
 
     async def _deliver_batch(
         self, handler: BulkHandler | None, messages: list[Any], generation: int
@@ -240,7 +197,7 @@ class BulkConsumer(faust_aiokafka.Consumer):
             # never acknowledged here, so never committed; untracked, so faust's stop does not
             # wait for their acknowledgement (``wait_empty``: forever, and the worker would hang
             # instead of exiting for its supervisor to restart it)
-            self._unacked_messages.difference_update(messages)
+            self.untrack(messages)
             await self._seek_back()
             await self.app.fail(exc)
             raise _Failed() from exc
@@ -248,7 +205,7 @@ class BulkConsumer(faust_aiokafka.Consumer):
         for m in messages:
             ack(m)
             last[m.tp] = m.offset
-        self._read_offset.update(last)
+        self.read_offsets.update(last)
         self._bulk_acked += len(messages)
         if self._bulk_acked >= self.app.conf.broker_commit_every:
             self._bulk_acked = 0
@@ -262,11 +219,7 @@ class BulkConsumer(faust_aiokafka.Consumer):
             log.warning("seek back to the committed offsets failed: %r", exc)
 
 
-class _BulkTransport(faust_aiokafka.Transport):
-    Consumer = BulkConsumer
-
-
-class BulkApp(faust.App):
+class BulkApp(FetchLoopApp):
     """A faust ``App`` whose consumer is a :class:`BulkConsumer`; :meth:`bulk` routes a topic to
     a batch handler (the topic is subscribed, and co-partitioned with the tables, as an agent's
     would be)."""
@@ -274,6 +227,7 @@ class BulkApp(faust.App):
     bulk_topics: frozenset[str] = frozenset()
     bulk_handler: BulkHandler | None = None
     bulk_size: int = 2048
+    consumer_class = BulkConsumer
 
     def bulk(self, topic: Any, handler: BulkHandler, *, size: int) -> None:
         """Deliver ``topic`` (a faust topic) to ``handler`` in batches of at most ``size``."""
@@ -283,9 +237,6 @@ class BulkApp(faust.App):
         self.bulk_topics = self.bulk_topics | frozenset(topic.topics)
         self.bulk_handler = handler
         self.bulk_size = size
-
-    def _new_transport(self) -> Any:
-        return _BulkTransport(self.conf.broker_consumer, self)
 
     async def fail(self, exc: BaseException) -> None:
         """Stop the worker running this app because it failed with ``exc``, so that it exits
@@ -307,16 +258,4 @@ class BulkApp(faust.App):
             await self.crash(exc)
             return
         worker.crash_reason = exc  # mode's Worker re-raises it after its loop is closed
-        if worker._signal_stop_time:  # a stop under way (a signal): it ends the same way
-            return
-        worker._signal_stop_time = worker.loop.time()  # one stop: a later SIGTERM waits for it
-        worker._signal_stop_future = asyncio.ensure_future(_stop_worker(worker))
-
-
-async def _stop_worker(worker: Any) -> None:
-    """What mode's ``Worker`` does on a signal, without the signal: stop, then let
-    ``execute_from_commandline`` go on to close the loop (it waits for this future)."""
-    await worker.stop()
-    starting = worker._starting_fut
-    if starting is not None and not starting.done():
-        starting.cancel()
+        stop_worker_as_a_signal(worker)  # unless a stop is under way: it ends the same way

@@ -224,12 +224,13 @@ class ModelFeed(Service):
 
     async def _assign(self) -> bool:
         from aiokafka import TopicPartition
+        from sketchstream.stream.faust_compat import fetch_all_metadata
 
         consumer = self._consumer
         topic = self.settings.topic_models
         # aiokafka has no public "partitions of a topic I am not subscribed to, fresh": ask the
         # client for current cluster metadata (the topic may have appeared since start)
-        cluster = await consumer._client.fetch_all_metadata()
+        cluster = await fetch_all_metadata(consumer)
         parts = cluster.partitions_for_topic(topic)
         if not parts:
             return False

@@ -27,8 +27,9 @@ class UserStates:
         self.table = table
 
     def _db(self, partition: int) -> Any:
-        # faust opens one RocksDB per partition; there is no public accessor for it
-        return self.table.data._db_for_partition(partition)
+        from sketchstream.stream.faust_compat import rocksdb_of  # imports faust: not at import
+
+        return rocksdb_of(self.table, partition)
 
     def read(self, partitions: Sequence[int], keys: Sequence[bytes]) -> list[bytes | None]:
         """The stored state of each key (None when absent); ``partitions`` aligned with ``keys``."""

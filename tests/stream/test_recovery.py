@@ -1,6 +1,6 @@
 """The hand-over of the stream partitions after a rebalance, against a recording fake consumer:
 no stream partition is resumed before it is sought and the queues are cleared (the order that
-loses records in faust's own ``Recovery.on_recovery_completed``; see ``stream/recovery.py``)."""
+loses records in faust's own ``Recovery.on_recovery_completed``; see ``stream/faust_compat.py``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from faust.types import TP
-from sketchstream.stream.recovery import HandoverRecovery, HandoverTableManager
+from sketchstream.stream.faust_compat import HandoverRecovery, HandoverTableManager
 
 EVENTS = [TP("events", 0), TP("events", 1)]
 CHANGELOG = [TP("app-users-changelog", 0), TP("app-users-changelog", 1)]
