@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from sketchstream.tools.options import load_settings_or_exit
 
 if TYPE_CHECKING:
     import numpy as np
@@ -508,110 +509,37 @@ def stream(
     LATENCY_SECONDS (p50/p99 from event to output record time). Also: peak RSS of the
     system's process; median bytes of a user state (worker, from its changelog).
     """
-    from sketchstream.stream.settings import load_settings
     from sketchstream.tools import stream_bench as sb
 
     unknown = sorted(set(systems) - set(sb.SYSTEMS))
     if unknown:
         raise typer.BadParameter(f"unknown systems {unknown}: expected some of {sb.SYSTEMS}")
-    settings = load_settings(kafka=kafka)
-    client_kwargs = settings.client_kwargs()
-    from sketchstream.tools.broker import kafka_answers
-
-    if not kafka_answers(client_kwargs, timeout=10.0):
-        typer.echo(
-            f"no Kafka broker answers at {settings.bootstrap_servers}: "
-            "start the local one with `sketchstream kafka start`",
-            err=True,
-        )
-        raise typer.Exit(2)
+    settings = load_settings_or_exit(kafka=kafka)
 
     def say(text: str) -> None:
         typer.echo(text, err=True)
 
-    for name in ("aiokafka", "faust", "mode"):  # retries on fresh topics are expected here
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-    folder = data or settings.data_dir / "ml-1m"
-    path = folder / "events.jsonl"
-    pool, _ = sb.event_lines(path, 2 * events)
-    origin = str(path) if path.is_file() else "a synthetic MovieLens-1M-shaped stream"
-    if not pool:
-        typer.echo(f"no events in {path}", err=True)
-        raise typer.Exit(2)
     try:
-        sb.check_events(pool)
-    except sb.BadEventLine as exc:
-        typer.echo(f"{origin}: {exc}", err=True)
-        raise typer.Exit(2) from None
-    lines, keys = pool[:events], sb._keys(pool[:events])
-
-    def more(n: int) -> tuple[list[bytes], list[bytes]]:
-        """The ``n`` events after the drained ones: the file's next ones, then (when it runs
-        out) its events again, later in time (:func:`~sketchstream.tools.stream_bench.
-        later_copies`): never events older than what their users already sent."""
-        nonlocal pool
-        if len(pool) < events + n:
-            checked = len(pool)
-            pool, _ = sb.event_lines(path, events + n)
-            sb.check_events(pool[checked:], start=checked)
-        after = pool[events : events + n]
-        if len(after) < n:
-            say(
-                f"  (the events run out: the last {n - len(after):,} of the latency run are "
-                "the first ones again, moved later in time)"
-            )
-            after += sb.later_copies(pool, n - len(after))
-        return after, sb._keys(after)
-
-    store = version = how = None
-    if "worker" in systems:
-        store, version, how = sb.bench_model(
-            model,
-            settings.artifact_dir,
-            settings.home / "bench" / "models",
-            lambda: sb.event_lines(folder / "events.jsonl", train_events)[0],
-            items_path=folder / "items.jsonl",
+        runs = sb.run_bench(
+            settings,
+            events=events,
+            systems=systems,
+            partitions=partitions,
+            batch_size=batch_size,
+            batch_within=batch_within,
+            latency_seconds=latency_seconds,
+            latency_rate=latency_rate,
+            data=data,
+            model=model,
             hidden=hidden,
+            train_events=train_events,
             blocks=blocks,
+            timeout=timeout,
             say=say,
         )
-    load1, load5, _ = os.getloadavg()
-    say(
-        f"stream bench: {len(lines):,} events drained per system, the ones after them for the "
-        f"latency run (from {origin}); {partitions} partitions, batches of up to {batch_size} "
-        f"(the passthroughs' within {batch_within}s); {os.cpu_count()} CPUs, "
-        f"load average {load1:.2f}/{load5:.2f}" + (f"; model {version} ({how})" if version else "")
-    )
-    runs = []
-    for system in systems:
-        say(f"[{system}] ...")
-        try:
-            run = sb.run_system(
-                system,
-                lines,
-                keys,
-                more,
-                client_kwargs=client_kwargs,
-                partitions=partitions,
-                artifact_dir=store,
-                batch_size=batch_size,
-                batch_within=batch_within,
-                latency_seconds=latency_seconds,
-                latency_rate=latency_rate,
-                timeout=timeout,
-                say=say,
-            )
-        except sb.BadEventLine as exc:  # met in the events read for a latency run
-            typer.echo(f"{origin}: {exc}", err=True)
-            raise typer.Exit(2) from None
-        runs.append(run.row())
-    raw = next((r for r in runs if r["system"] == "raw"), None)
-    for r in runs:
-        if raw is not None and r["system"] != "raw" and raw["events_per_s"] > 0:
-            r["ratio_vs_raw"] = round(r["events_per_s"] / raw["events_per_s"], 3)
-        if r["system"] == "worker":
-            r["model"] = version
+    except sb.StreamBenchError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
     typer.echo(_stream_table(runs))
     if json_path is not None:
         _append_jsonl(json_path, runs)
@@ -848,9 +776,8 @@ def replay_bench(
     period (once, in a set-up process); labels and the aggregator (per run).
     "x aggregator" is a variant's events/s over the aggregator's.
     """
-    from sketchstream.stream.settings import load_settings
 
-    folder = data if data is not None else load_settings().data_dir / "ml-1m"
+    folder = data if data is not None else load_settings_or_exit().data_dir / "ml-1m"
     if not (folder / "events.jsonl").is_file():
         raise typer.BadParameter(
             f"{folder}: no events.jsonl (make one with `sketchstream data movielens-1m`)",
@@ -978,7 +905,6 @@ def chaos(
     import shutil
     import signal
 
-    from sketchstream.stream.settings import load_settings
     from sketchstream.tools import chaos as ch
     from sketchstream.tools import stream_bench as sb
 
@@ -992,7 +918,7 @@ def chaos(
             f"unknown fuzz kinds {unknown}: expected some of {', '.join(ch.FUZZ_KINDS)}",
             param_hint="--fuzz-kind",
         )
-    settings = load_settings()
+    settings = load_settings_or_exit()
     if data is None:
         candidates = [settings.data_dir / "ml-1m", settings.home / "cache" / "ml-1m"]
         data = next((c for c in candidates if (c / "events.jsonl").is_file()), candidates[0])

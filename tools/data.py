@@ -46,10 +46,10 @@ def movielens_1m(
 ) -> None:
     """Fetch and convert MovieLens-1M (help: ``_MOVIELENS_HELP``)."""
     from sketchstream.models.errors import SketchstreamError
-    from sketchstream.stream.settings import load_settings
     from sketchstream.tools.movielens import prepare
+    from sketchstream.tools.options import load_settings_or_exit
 
-    settings = load_settings()
+    settings = load_settings_or_exit()
     out_dir = out if out is not None else settings.data_dir / "ml-1m"
     cache_dir = cache if cache is not None else settings.home / "cache"
     try:

@@ -736,7 +736,7 @@ def demo(
 ) -> None:
     """Run the whole system end to end: broker, topics, MovieLens-1M, a model, a worker, a
     replay of the test period with a live summary, then a clean shutdown."""
-    from sketchstream.stream.settings import load_settings
+    from sketchstream.tools.options import load_settings_or_exit
 
     if profile not in ("demo", "full"):
         raise typer.BadParameter(f"--profile must be 'demo' or 'full', got {profile!r}")
@@ -748,7 +748,7 @@ def demo(
         if not ok:
             raise typer.BadParameter(f"--rate must be a positive number or 'max', got {rate!r}")
     history_count = parse_history(history)
-    settings = load_settings()
+    settings = load_settings_or_exit()
     console = Console()
     started = time.monotonic()
     code = 0

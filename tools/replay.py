@@ -286,7 +286,7 @@ def replay(
     kafka: Annotated[str | None, typer.Option("--kafka", help="Bootstrap servers.")] = None,
 ) -> None:
     """Produce a canonical events file into the events topic, keyed by user."""
-    from sketchstream.stream.settings import load_settings
+    from sketchstream.tools.options import load_settings_or_exit
 
     if rate == "max":
         per_second = None
@@ -297,7 +297,7 @@ def replay(
             per_second = -1.0
         if not per_second > 0:
             raise typer.BadParameter(f"--rate must be a positive number or 'max', got {rate!r}")
-    settings = load_settings(kafka=kafka)
+    settings = load_settings_or_exit(kafka=kafka)
     target = topic or settings.topic_events
     t0 = time.perf_counter()
     try:

@@ -33,26 +33,33 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from sketchstream.models.errors import SketchstreamError
 from sketchstream.tools.kafka_io import (
     BenchTopics,
     create_bench_topics,
     delete_topics,
     end_offsets,
     free_port,
+    kafka_answers,
     partitions_of,
     topic_end_offsets,
 )
+
+if TYPE_CHECKING:
+    from sketchstream.stream.settings import Settings
 
 __all__ = [
     "SYSTEMS",
     "BadEventLine",
     "BenchRun",
+    "StreamBenchError",
     "bench_model",
     "check_events",
     "event_lines",
     "later_copies",
+    "run_bench",
     "run_system",
     "serve_passthrough",
 ]
@@ -61,6 +68,124 @@ log = logging.getLogger(__name__)
 
 SYSTEMS = ("raw", "faust", "worker")
 _READY_TIMEOUT = 120.0
+
+
+# --- the bench ------------------------------------------------------------------------------
+
+
+def run_bench(
+    settings: Settings,
+    *,
+    events: int,
+    systems: Sequence[str],
+    partitions: int,
+    batch_size: int,
+    batch_within: float,
+    latency_seconds: float,
+    latency_rate: float | None,
+    data: Path | None,
+    model: Path | None,
+    hidden: int,
+    train_events: int,
+    blocks: int,
+    timeout: float,
+    say: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """``bench stream``: each of ``systems`` (some of :data:`SYSTEMS`) on the broker of
+    ``settings``, one after the other, on the events of ``data`` (default ``<data dir>/ml-1m``;
+    synthetic when it has no events.jsonl). Returns one row per system (:meth:`BenchRun.row`,
+    plus ``ratio_vs_raw`` beside a raw run and ``model`` for the worker).
+
+    :class:`StreamBenchError` when no broker answers or the events file is empty or has a line
+    the bench cannot use; progress goes to ``say``.
+    """
+    client_kwargs = settings.client_kwargs()
+    if not kafka_answers(client_kwargs, timeout=10.0):
+        raise StreamBenchError(
+            f"no Kafka broker answers at {settings.bootstrap_servers}: "
+            "start the local one with `sketchstream kafka start`"
+        )
+    for name in ("aiokafka", "faust", "mode"):  # retries on fresh topics are expected here
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    folder = data or settings.data_dir / "ml-1m"
+    path = folder / "events.jsonl"
+    pool, _ = event_lines(path, 2 * events)
+    origin = str(path) if path.is_file() else "a synthetic MovieLens-1M-shaped stream"
+    if not pool:
+        raise StreamBenchError(f"no events in {path}")
+    try:
+        check_events(pool)
+    except BadEventLine as exc:
+        raise BadEventLine(f"{origin}: {exc}") from None
+    lines, keys = pool[:events], _keys(pool[:events])
+
+    def more(n: int) -> tuple[list[bytes], list[bytes]]:
+        """The ``n`` events after the drained ones: the file's next ones, then (when it runs
+        out) its events again, later in time (:func:`later_copies`): never events older than
+        what their users already sent."""
+        nonlocal pool
+        if len(pool) < events + n:
+            checked = len(pool)
+            pool, _ = event_lines(path, events + n)
+            check_events(pool[checked:], start=checked)
+        after = pool[events : events + n]
+        if len(after) < n:
+            say(
+                f"  (the events run out: the last {n - len(after):,} of the latency run are "
+                "the first ones again, moved later in time)"
+            )
+            after += later_copies(pool, n - len(after))
+        return after, _keys(after)
+
+    store = version = how = None
+    if "worker" in systems:
+        store, version, how = bench_model(
+            model,
+            settings.artifact_dir,
+            settings.home / "bench" / "models",
+            lambda: event_lines(folder / "events.jsonl", train_events)[0],
+            items_path=folder / "items.jsonl",
+            hidden=hidden,
+            blocks=blocks,
+            say=say,
+        )
+    load1, load5, _ = os.getloadavg()
+    say(
+        f"stream bench: {len(lines):,} events drained per system, the ones after them for the "
+        f"latency run (from {origin}); {partitions} partitions, batches of up to {batch_size} "
+        f"(the passthroughs' within {batch_within}s); {os.cpu_count()} CPUs, "
+        f"load average {load1:.2f}/{load5:.2f}" + (f"; model {version} ({how})" if version else "")
+    )
+    runs = []
+    for system in systems:
+        say(f"[{system}] ...")
+        try:
+            run = run_system(
+                system,
+                lines,
+                keys,
+                more,
+                client_kwargs=client_kwargs,
+                partitions=partitions,
+                artifact_dir=store,
+                batch_size=batch_size,
+                batch_within=batch_within,
+                latency_seconds=latency_seconds,
+                latency_rate=latency_rate,
+                timeout=timeout,
+                say=say,
+            )
+        except BadEventLine as exc:  # met in the events read for a latency run
+            raise BadEventLine(f"{origin}: {exc}") from None
+        runs.append(run.row())
+    raw = next((r for r in runs if r["system"] == "raw"), None)
+    for r in runs:
+        if raw is not None and r["system"] != "raw" and raw["events_per_s"] > 0:
+            r["ratio_vs_raw"] = round(r["events_per_s"] / raw["events_per_s"], 3)
+        if r["system"] == "worker":
+            r["model"] = version
+    return runs
 
 
 # --- load ------------------------------------------------------------------------------------
@@ -100,7 +225,11 @@ def synthetic_lines(n: int, seed: int = 0) -> list[bytes]:
     ]
 
 
-class BadEventLine(ValueError):
+class StreamBenchError(SketchstreamError):
+    """``bench stream`` cannot run as asked; the message says why and what to do."""
+
+
+class BadEventLine(StreamBenchError, ValueError):
     """A line of the events file that the bench cannot key by user and move in time."""
 
 
