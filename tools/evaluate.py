@@ -12,9 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from sketchstream.tools.options import BaselinesOption, ProgressOption, ThreadsOption
+from sketchstream.tools.options import (
+    BaselinesOption,
+    DataOption,
+    ProgressOption,
+    ThreadsOption,
+)
 
-__all__ = ["evaluate", "report_for", "resolve_model"]
+__all__ = ["evaluate", "read_data", "report_for", "resolve_model", "summary"]
 
 
 def resolve_model(path: Path) -> Path:
@@ -27,6 +32,28 @@ def resolve_model(path: Path) -> Path:
     if latest is None:
         raise typer.BadParameter(f"{path}: neither a model artifact nor a folder of them")
     return path / latest
+
+
+def read_data(data: Path) -> tuple[Any, list, float]:
+    """``(events, items, seconds)``: the :class:`EventTable` of ``data/events.jsonl``, the items
+    of ``data/items.jsonl`` (``[]`` when absent) and how long reading them took."""
+    import time
+
+    from sketchstream.models.events import read_events, read_items
+
+    t0 = time.perf_counter()
+    events = read_events(data / "events.jsonl")
+    items = read_items(data / "items.jsonl") if (data / "items.jsonl").is_file() else []
+    return events, items, time.perf_counter() - t0
+
+
+def summary(report: dict) -> str:
+    """Validation and test figures of a written report, two lines for the console."""
+    return (
+        f"val  AUC {report['val']['auc']:.4f}  RCE {report['val']['rce']:.2f}\n"
+        f"test AUC {report['test']['auc']:.4f}  RCE {report['test']['rce']:.2f}  "
+        f"AP {report['test']['ap']:.4f}  log loss {report['test']['logloss']:.4f}"
+    )
 
 
 def report_for(
@@ -90,10 +117,7 @@ def report_for(
 
 
 def evaluate(
-    data: Annotated[
-        Path,
-        typer.Option("--data", help="Folder with events.jsonl.", exists=True, file_okay=False),
-    ],
+    data: DataOption,
     model: Annotated[
         Path,
         typer.Option(
@@ -114,7 +138,6 @@ def evaluate(
     import torch
     from sketchstream.models.artifacts import load_model_artifact
     from sketchstream.models.errors import SketchstreamError
-    from sketchstream.models.events import read_events, read_items
     from sketchstream.models.trainer import score_events
 
     if threads:
@@ -122,10 +145,7 @@ def evaluate(
     t_all = time.perf_counter()
     try:
         bundle = load_model_artifact(resolve_model(model))
-        t0 = time.perf_counter()
-        events = read_events(data / "events.jsonl")
-        items = read_items(data / "items.jsonl") if (data / "items.jsonl").is_file() else []
-        t_load = time.perf_counter() - t0
+        events, items, t_load = read_data(data)
         scored = score_events(bundle, events, progress=progress)
     except SketchstreamError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -146,9 +166,5 @@ def evaluate(
         items=items,
     )
     typer.echo(f"model {bundle.version} on {data}")
-    typer.echo(
-        f"val  AUC {report['val']['auc']:.4f}  RCE {report['val']['rce']:.2f}\n"
-        f"test AUC {report['test']['auc']:.4f}  RCE {report['test']['rce']:.2f}  "
-        f"AP {report['test']['ap']:.4f}  log loss {report['test']['logloss']:.4f}"
-    )
+    typer.echo(summary(report))
     typer.echo(f"report: {out / 'report.md'}")

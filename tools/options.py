@@ -12,6 +12,7 @@ The help text names the variable and the default, so ``--help`` documents both.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -19,6 +20,7 @@ from sketchstream.stream.settings import ENV_PREFIX, Settings
 
 __all__ = [
     "BaselinesOption",
+    "DataOption",
     "ProgressOption",
     "ThreadsOption",
     "env_var",
@@ -27,6 +29,15 @@ __all__ = [
 ]
 
 # options shared by the model commands (train, evaluate, refresh)
+DataOption = Annotated[
+    Path,
+    typer.Option(
+        "--data",
+        help="Folder with events.jsonl (and optionally items.jsonl).",
+        exists=True,
+        file_okay=False,
+    ),
+]
 BaselinesOption = Annotated[bool, typer.Option(help="Run the baselines for the report.")]
 ThreadsOption = Annotated[int, typer.Option(min=0, help="torch threads (0: default).")]
 ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]

@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from sketchstream.tools.options import BaselinesOption, ProgressOption, ThreadsOption
+from sketchstream.tools.options import (
+    BaselinesOption,
+    DataOption,
+    ProgressOption,
+    ThreadsOption,
+)
 
 __all__ = ["load_codebooks", "train"]
 
@@ -35,15 +40,7 @@ def load_codebooks(path: Path) -> dict:
 
 
 def train(
-    data: Annotated[
-        Path,
-        typer.Option(
-            "--data",
-            help="Folder with events.jsonl (and optionally items.jsonl).",
-            exists=True,
-            file_okay=False,
-        ),
-    ],
+    data: DataOption,
     out: Annotated[Path, typer.Option("--out", help="Where the model artifact and report go.")],
     codebooks: Annotated[
         Path | None,
@@ -70,18 +67,15 @@ def train(
     import torch
     from sketchstream.models.artifacts import save_model_artifact
     from sketchstream.models.errors import SketchstreamError
-    from sketchstream.models.events import DEFAULT_HEADS, read_events, read_items, stream_md5
+    from sketchstream.models.events import DEFAULT_HEADS, stream_md5
     from sketchstream.models.trainer import TrainConfig, head_defs, run_protocol
-    from sketchstream.tools.evaluate import report_for
+    from sketchstream.tools.evaluate import read_data, report_for, summary
 
     if threads:
         torch.set_num_threads(threads)
     t_all = time.perf_counter()
     try:
-        t0 = time.perf_counter()
-        events = read_events(data / "events.jsonl")
-        items = read_items(data / "items.jsonl") if (data / "items.jsonl").is_file() else []
-        t_load = time.perf_counter() - t0
+        events, items, t_load = read_data(data)
         given = load_codebooks(codebooks) if codebooks is not None else None
         config = TrainConfig(
             epochs=epochs, hidden=hidden, blocks=blocks, depth=depth, width=width, seed=seed
@@ -128,9 +122,5 @@ def train(
         items=items,
     )
     typer.echo(f"model {version} written to {out / version}")
-    typer.echo(
-        f"val  AUC {report['val']['auc']:.4f}  RCE {report['val']['rce']:.2f}\n"
-        f"test AUC {report['test']['auc']:.4f}  RCE {report['test']['rce']:.2f}  "
-        f"AP {report['test']['ap']:.4f}  log loss {report['test']['logloss']:.4f}"
-    )
+    typer.echo(summary(report))
     typer.echo(f"report: {out / 'report' / 'report.md'}")
