@@ -58,7 +58,6 @@ Status = Literal["published", "rejected", "failed", "skipped"]
 #: window of a Kafka refresh given neither --window nor --since/--until
 DEFAULT_KAFKA_WINDOW = "30d"
 
-STAGES = ("read", "graph_cleora", "emde", "replay", "train", "evaluate", "publish")
 LOCK_FILE = ".refresh.lock"
 STAGING_DIR = ".staging"  # hidden: ArtifactStore skips dot-directories
 

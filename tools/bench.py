@@ -572,9 +572,6 @@ class ReplayVariant(StrEnum):
     REFRESH_ONLY = "refresh-only"
 
 
-REPLAY_VARIANTS = [v.value for v in ReplayVariant]
-
-
 def _replay_setup_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Set-up, in a fresh process of its own: read the data folder, keep its first events,
     fit the codebooks on their training period as ``train`` does, and leave the events
