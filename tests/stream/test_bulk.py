@@ -206,3 +206,27 @@ def test_a_faust_without_the_consumer_internals_fails_at_import_with_the_pin_nam
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert run.returncode != 0
     assert "Consumer._add_gap" in run.stderr and "faust-streaming==0.15.3" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "owner", "name"),
+    [
+        ("mode", "Worker", "_starting_fut"),
+        ("aiokafka.client", "AIOKafkaClient", "_metadata_update"),
+    ],
+)
+def test_a_mode_or_aiokafka_without_a_private_name_used_fails_at_import_naming_it(
+    module, owner, name
+):
+    """One check at import covers every private name of faust, mode and aiokafka the worker
+    uses (``stream/faust_compat.py``), not only faust's consumer."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import {module} as m; k = next(c for c in m.{owner}.__mro__ if {name!r} in vars(c)); "
+        f"delattr(k, {name!r}); import sketchstream.stream.bulk"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert run.returncode != 0
+    assert f"{owner}.{name}" in run.stderr and "faust-streaming==0.15.3" in run.stderr

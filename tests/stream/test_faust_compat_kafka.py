@@ -44,14 +44,8 @@ class TinyApp:
             commit_interval=0.5,
         )
         self.app = app = faust_app(settings, web=False, bulk=True)
-        events = app.topic(
-            self.topic,
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-            partitions=PARTITIONS,
-        )
+        raw = {"key_serializer": "raw", "value_serializer": "raw"}
+        events = app.topic(self.topic, partitions=PARTITIONS, **raw)
         self.table = app.Table(
             "users",
             default=None,
