@@ -15,15 +15,9 @@ import numpy as np
 import pytest
 import typer
 from sketchstream.models.events import EventTable
-from sketchstream.tools.demo import (
-    Console,
-    LiveStats,
-    app_topics,
-    demo_topics,
-    find_artifact,
-    parse_history,
-    plan_replay,
-)
+from sketchstream.tools.demo_console import Console, LiveStats
+from sketchstream.tools.demo_plan import parse_history, plan_replay
+from sketchstream.tools.demo_stages import app_topics, demo_topics, find_artifact
 
 
 def _table(ts, values=None, users=None) -> EventTable:

@@ -1,0 +1,452 @@
+"""The eight stages of ``sketchstream demo``, in the order :func:`run` calls them.
+
+    1 broker    :func:`open_broker`     SKETCHSTREAM_KAFKA's, or the local one (leased; stopped
+                                        at the end only when started here)
+    2 topics    :func:`open_topics`     an earlier run's demo topics deleted, `topics create`
+    3 data      :func:`load_data`       `data movielens-1m` unless --data; the replay plan
+    4 model     :func:`choose_model`    an artifact trained on this data that the worker
+                                        accepts, else `train`; announced on the models topic
+    5 worker    :func:`start_worker`    `worker` with its own state dir and web port, healthy
+    6-7 replay  :func:`~sketchstream.tools.demo_follow.watch`
+    8 shutdown  :func:`shut_down`       SIGTERM to the worker; the summary table
+
+Clean-up (children stopped, demo topics deleted, a broker started here stopped) is registered
+on the run's ``ExitStack`` by the stage that creates the thing, so it happens on every exit.
+Every stage raises :class:`~sketchstream.tools.demo_plan.DemoError` with what failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from sketchstream.tools.demo_console import Console, final_table, fmt_ms, fmt_num
+from sketchstream.tools.demo_follow import Outcome, watch
+from sketchstream.tools.demo_plan import DemoError, ReplayPlan, plan_replay, replay_ts
+from sketchstream.tools.demo_processes import Processes, tail, wait_healthy
+from sketchstream.tools.kafka_io import TopicsNotDeleted, delete_topics, free_port
+
+if TYPE_CHECKING:
+    import subprocess
+
+    from sketchstream.stream.settings import Settings
+
+__all__ = [
+    "DEMO_TRAIN_ARGS",
+    "Profile",
+    "app_topics",
+    "demo_topics",
+    "find_artifact",
+    "refusal",
+    "run",
+]
+
+Profile = Literal["demo", "full"]
+
+TOPIC_PREFIX = "demo."
+DEMO_TRAIN_ARGS = ("--epochs", "1", "--hidden", "256", "--no-baselines")
+"""The demo profile: one epoch (two validation checks), hidden 256, no baselines: about a
+minute on two cores for MovieLens-1M, test AUC within 0.01 of the full profile."""
+
+
+def run(
+    settings: Settings,
+    console: Console,
+    *,
+    data: Path | None,
+    limit: int | None,
+    rate: str,
+    history: int | None,
+    retrain: bool,
+    profile: Profile,
+    workdir: Path,
+    timeout: float,
+    keep_topics: bool,
+    app_id: str,
+) -> None:
+    """The whole demo; clean-up on every exit (see the module docstring)."""
+    with contextlib.ExitStack() as stack:
+        open_broker(settings, console, stack)
+        client_kwargs = settings.client_kwargs()
+        topics = demo_topics(settings)
+        env = {**os.environ, **topics, "PYTHONUNBUFFERED": "1"}
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
+        procs = Processes(console, env)
+        open_topics(client_kwargs, topics, app_id, procs, stack, keep_topics=keep_topics)
+        data, plan, n_events, md5 = load_data(settings, data, limit, history, procs)
+        version, offline = choose_model(
+            settings, data, n_events, md5, procs, retrain=retrain, profile=profile
+        )
+        models_topic = topics["SKETCHSTREAM_TOPIC_MODELS"]
+        asyncio.run(_announce(client_kwargs, models_topic, settings.artifact_dir, version))
+        console.say(f"announced model {version} on {models_topic}")
+        worker, worker_log = start_worker(settings, workdir, app_id, procs)
+
+        # 6-7 replay and follow -----------------------------------------------------------
+        console.step(
+            f"6/8 history: {plan.n_history:,} events before the test period, at full speed"
+            if plan.n_history
+            else "6/8 history: none (--history none: user states start empty)"
+        )
+        outcome = asyncio.run(
+            watch(
+                client_kwargs,
+                topics,
+                plan,
+                procs,
+                worker,
+                worker_log,
+                data,
+                workdir=workdir,
+                rate=rate,
+                console=console,
+                timeout=timeout,
+            )
+        )
+        shut_down(
+            procs,
+            worker,
+            worker_log,
+            outcome,
+            plan,
+            data=data,
+            n_events=n_events,
+            offline=offline,
+            rate=rate,
+        )
+
+
+# --- 1 broker ----------------------------------------------------------------------------------
+
+
+def open_broker(settings: Settings, console: Console, stack: contextlib.ExitStack) -> str:
+    """Stage 1: the broker the demo talks to (the local one started when needed, leased so a
+    test session does not stop it under us). Returns its bootstrap servers."""
+    from sketchstream.models.errors import SketchstreamError
+    from sketchstream.tools.broker import LocalBroker, ensure_broker
+
+    console.step("1/8 Kafka broker")
+    broker = LocalBroker(settings) if settings.uses_local_broker else None
+    started_here = broker is not None and broker.pid() is None and not broker.answering()
+    try:
+        bootstrap = ensure_broker(settings)
+    except SketchstreamError as exc:
+        raise DemoError(f"no broker: {exc}") from None
+    if broker is not None:
+        stack.enter_context(broker.lease())  # a test session will not stop it under us
+        if started_here:
+            stack.callback(_stop_broker, broker, console)
+    console.say(
+        f"{'started the local broker' if started_here else 'using the broker'} at {bootstrap}"
+    )
+    return bootstrap
+
+
+def _stop_broker(broker: Any, console: Console) -> None:
+    if broker.users():
+        console.say("left the local broker running: another session uses it")
+        return
+    broker.stop()
+    console.say("stopped the local broker (this demo started it)")
+
+
+# --- 2 topics ----------------------------------------------------------------------------------
+
+
+def open_topics(
+    client_kwargs: Mapping[str, Any],
+    topics: Mapping[str, str],
+    app_id: str,
+    procs: Processes,
+    stack: contextlib.ExitStack,
+    *,
+    keep_topics: bool,
+) -> None:
+    """Stage 2: delete the demo topics an earlier run left, create them with ``topics
+    create``; at the end, stop the children, then delete the topics (unless ``keep_topics``)."""
+    console = procs.console
+    console.step("2/8 topics")
+    names = [*topics.values(), *app_topics(app_id)]
+    deleted = asyncio.run(_reset_topics(client_kwargs, names))
+    if deleted:
+        console.say(f"deleted the topics of an earlier demo run: {', '.join(sorted(deleted))}")
+    console.say("the demo's topics: " + ", ".join(topics.values()) + " (SKETCHSTREAM_TOPIC_* set)")
+    procs.run(["topics", "create"], "creating the topics")
+    if not keep_topics:
+        stack.callback(_delete_topics, client_kwargs, names, console)
+    stack.callback(procs.stop_all)  # runs first: nothing writes to a topic being deleted
+
+
+def demo_topics(settings: Settings) -> dict[str, str]:
+    """The environment that points commands at the demo's topics."""
+    return {
+        "SKETCHSTREAM_TOPIC_EVENTS": TOPIC_PREFIX + settings.topic_events,
+        "SKETCHSTREAM_TOPIC_PREDICTIONS": TOPIC_PREFIX + settings.topic_predictions,
+        "SKETCHSTREAM_TOPIC_DLQ": TOPIC_PREFIX + settings.topic_dlq,
+        "SKETCHSTREAM_TOPIC_MODELS": TOPIC_PREFIX + settings.topic_models,
+    }
+
+
+def app_topics(app_id: str) -> list[str]:
+    """The topics the worker's faust app creates for itself: the changelog of its ``users``
+    table and faust's assignor topic."""
+    return [f"{app_id}-users-changelog", f"{app_id}-__assignor-__leader"]
+
+
+async def _reset_topics(client_kwargs: Mapping[str, Any], names: Sequence[str]) -> list[str]:
+    """Delete those of ``names`` that exist (the topics of an earlier demo run); wait until
+    the broker no longer lists them. Returns the names deleted."""
+    try:
+        return await delete_topics(client_kwargs, names, wait_s=60.0)
+    except TopicsNotDeleted as exc:
+        raise DemoError(str(exc)) from None
+
+
+def _delete_topics(
+    client_kwargs: Mapping[str, Any], names: Sequence[str], console: Console
+) -> None:
+    try:
+        deleted = asyncio.run(_reset_topics(client_kwargs, names))
+    except Exception as exc:  # clean-up only: the figures are out already
+        console.say(f"could not delete the demo topics: {exc}")
+        return
+    if deleted:
+        console.say(f"deleted the demo topics ({len(deleted)}); keep them with --keep-topics")
+
+
+# --- 3 data ------------------------------------------------------------------------------------
+
+
+def load_data(
+    settings: Settings,
+    data: Path | None,
+    limit: int | None,
+    history: int | None,
+    procs: Processes,
+) -> tuple[Path, ReplayPlan, int, str]:
+    """Stage 3: the data folder (MovieLens-1M fetched when ``data`` is None) and its replay
+    plan. Returns ``(folder, plan, number of events, stream md5)``."""
+    from sketchstream.models.events import read_events, stream_md5
+
+    console = procs.console
+    console.step("3/8 data")
+    if data is None:
+        data = settings.data_dir / "ml-1m"
+        procs.run(["data", "movielens-1m", "--out", str(data)], "fetching MovieLens-1M")
+    elif not (data / "events.jsonl").is_file():
+        raise DemoError(f"{data} has no events.jsonl")
+    table = read_events(data / "events.jsonl")
+    plan = plan_replay(table, limit, history)
+    md5 = stream_md5(table)
+    n_events = len(table)
+    del table
+    console.say(
+        f"{n_events:,} events; the test period starts at ts {replay_ts(plan.live_from)}; "
+        f"replaying {plan.n_history:,} events before it as history, {plan.n_live:,} live"
+    )
+    return data, plan, n_events, md5
+
+
+# --- 4 model -----------------------------------------------------------------------------------
+
+
+def choose_model(
+    settings: Settings,
+    data: Path,
+    n_events: int,
+    md5: str,
+    procs: Processes,
+    *,
+    retrain: bool,
+    profile: Profile,
+) -> tuple[str, float | None]:
+    """Stage 4: the newest artifact in the artifact dir trained on this data that the worker
+    serves, else one trained now. Returns ``(version, its offline test AUC)``."""
+    console = procs.console
+    console.step("4/8 model")
+    artifacts = settings.artifact_dir
+    version = None
+    for candidate in [] if retrain else find_artifact(artifacts, n_events, md5):
+        reason = refusal(artifacts / candidate)
+        if reason is None:
+            version = candidate
+            break
+        console.say(f"not reusing model {candidate}: {reason}")
+    if version is not None:
+        console.say(
+            f"reusing model {version} from {artifacts}, trained on this data "
+            "(--retrain trains a new one)"
+        )
+    else:
+        argv = ["train", "--data", str(data), "--out", str(artifacts)]
+        if profile == "demo":
+            argv += list(DEMO_TRAIN_ARGS)
+            console.say(
+                "training with the demo profile (1 epoch, hidden 256, no baselines). The full "
+                f"profile: `sketchstream train --data {data} --out {artifacts}` "
+                "(or `sketchstream demo --retrain --profile full`)"
+            )
+        if not console.tty:
+            argv.append("--no-progress")
+        procs.run(argv, "training")
+        found = find_artifact(artifacts, n_events, md5)
+        if not found:
+            raise DemoError(f"training wrote no artifact for this data into {artifacts}")
+        version = found[0]
+        reason = refusal(artifacts / version)
+        if reason is not None:
+            raise DemoError(f"the worker would refuse the new model {version}: {reason}")
+    return version, _offline_auc(artifacts / version)
+
+
+def find_artifact(root: Path, n_events: int, md5: str) -> list[str]:
+    """The model artifacts under ``root`` trained on these events (count and
+    :func:`~sketchstream.models.events.stream_md5` as ``sketchstream train`` records them),
+    newest first."""
+    import json
+
+    from sketchstream.models.artifacts import MANIFEST, ArtifactStore
+
+    if not root.is_dir():
+        return []
+    found = []
+    for version in ArtifactStore(root).versions():
+        try:
+            manifest = json.loads((root / version / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue
+        data = manifest.get("config", {}).get("data", {})
+        if data.get("events") == n_events and data.get("stream_md5") == md5:
+            found.append(version)
+    return found
+
+
+def refusal(path: Path) -> str | None:
+    """Why the worker would refuse the artifact at ``path`` (None: it serves it), by loading it
+    the way the worker does."""
+    from sketchstream.models.errors import SketchstreamError
+    from sketchstream.stream.models_feed import load_serving_model
+
+    try:
+        load_serving_model(path)
+    except (SketchstreamError, OSError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def _offline_auc(path: Path) -> float | None:
+    import json
+
+    from sketchstream.models.artifacts import MANIFEST
+
+    try:
+        metrics = json.loads((path / MANIFEST).read_text()).get("metrics", {})
+        return float(metrics["like"]["test"]["auc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+async def _announce(client_kwargs: Mapping[str, Any], topic: str, root: Path, version: str) -> None:
+    import json
+
+    from aiokafka import AIOKafkaProducer
+    from sketchstream.models.artifacts import MANIFEST
+    from sketchstream.stream.models_feed import model_announcement
+
+    manifest = json.loads((root / version / MANIFEST).read_text())
+    key, value = model_announcement(version, (root / version).resolve(), manifest["content_hash"])
+    producer = AIOKafkaProducer(**client_kwargs, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+# --- 5 worker ----------------------------------------------------------------------------------
+
+
+def start_worker(
+    settings: Settings, workdir: Path, app_id: str, procs: Processes
+) -> tuple[subprocess.Popen, Path]:
+    """Stage 5: ``sketchstream worker`` on a fresh state dir and a free web port, until its
+    ``/health`` says ok. Returns ``(the process, its log)``."""
+    console = procs.console
+    console.step("5/8 worker")
+    state = workdir / "state"
+    shutil.rmtree(state, ignore_errors=True)
+    port = free_port()
+    worker_log = workdir / "worker.log"
+    worker_argv = [
+        "worker", "--app-id", app_id, "--state-dir", str(state), "--artifact-dir",
+        str(settings.artifact_dir), "--web-port", str(port), "--standby-replicas", "0",
+        "--loglevel", "warning",
+    ]  # fmt: skip
+    worker = procs.start(worker_argv, worker_log, "worker")
+    health = wait_healthy(worker, port, worker_log)
+    console.say(
+        f"healthy: http://127.0.0.1:{port}/health serves model {health['model_version']} "
+        f"on partitions {health['partitions']}; metrics at http://127.0.0.1:{port}/metrics"
+    )
+    return worker, worker_log
+
+
+# --- 8 shutdown --------------------------------------------------------------------------------
+
+
+def shut_down(
+    procs: Processes,
+    worker: subprocess.Popen,
+    worker_log: Path,
+    outcome: Outcome,
+    plan: ReplayPlan,
+    *,
+    data: Path,
+    n_events: int,
+    offline: float | None,
+    rate: str,
+) -> None:
+    """Stage 8: SIGTERM to the worker, then the summary table; :class:`DemoError` when the
+    worker's stop failed or an event got no prediction."""
+    import time
+
+    console = procs.console
+    console.step("8/8 shutdown")
+    t0 = time.monotonic()
+    code = procs.stop(worker)
+    console.say(f"worker stopped (exit {code}) in {time.monotonic() - t0:.1f}s")
+    stats = outcome.stats
+    overall = stats.overall()
+    models = ", ".join(sorted(stats.model_versions)) or "-"
+    rows = [
+        ("data", f"{data} ({n_events:,} events)"),
+        ("model", f"{models} (offline test AUC {fmt_num(offline)})"),
+    ]
+    if outcome.history_seconds is not None:
+        rows.append(
+            (
+                "history",
+                f"{plan.n_history:,} events in {outcome.history_seconds:.1f}s "
+                f"({plan.n_history / outcome.history_seconds:,.0f} ev/s)",
+            )
+        )
+    rows += [
+        ("live events", f"{plan.n_live:,} (test period, --rate {rate})"),
+        ("predictions", f"{stats.count:,}"),
+        ("dead letters", f"{outcome.dlq:,}"),
+        ("events/s", f"{stats.mean_rate():,.0f}"),
+        ("latency p50", fmt_ms(overall["p50"])),
+        ("latency p99", fmt_ms(overall["p99"])),
+        ("AUC (like)", f"{fmt_num(overall['auc'])} over {stats.labelled:,} rated events"),
+    ]
+    console.say("\nsketchstream demo: summary\n" + final_table(rows))
+    if code not in (0, None):
+        raise DemoError(f"the worker exited {code} on SIGTERM:\n{tail(worker_log)}")
+    if stats.count < plan.n_live:
+        raise DemoError(f"only {stats.count:,} of {plan.n_live:,} events got a prediction")
