@@ -2,7 +2,7 @@
 
 One module, one ``forward`` for training and inference, a frozen config that travels with the
 weights. Inputs come in two parts, built by :func:`assemble` from the aggregator's
-:class:`~sketchstream.models.state.Features` (the trainer and the worker call the same
+:class:`~sketchstream.models.batches.Features` (the trainer and the worker call the same
 function, so serving cannot drift from training):
 
 * ``dense (n, n_dense)``: density features read off the user sketches, log-scaled counts and
@@ -117,8 +117,8 @@ class MLPInputs:
         return MLPInputs(dense=self.dense[rows], codes=self.codes[rows])
 
 
-def assemble(features: Any, item_stats: np.ndarray | None = None) -> MLPInputs:
-    """Build MLP inputs from the aggregator's ``Features`` (and optional item statistics).
+def assemble(features: Any, item_features: np.ndarray | None = None) -> MLPInputs:
+    """Build MLP inputs from the aggregator's ``Features`` (and optional item features).
 
     The one feature-assembly function: the trainer and the streaming worker both call it.
 
@@ -126,7 +126,8 @@ def assemble(features: Any, item_stats: np.ndarray | None = None) -> MLPInputs:
     ``features.counts``: ``(n, k)`` non-negative counts, log1p-scaled here (heavy-tailed).
     ``features.item_codes``: ``(n, M, D)`` int16 bucket codes, -1 unknown.
     ``features.cf``: ``(n, f)`` item-item CF columns (optional, None: absent).
-    ``item_stats``: ``(n, s)`` float32 online item statistics (already scaled), or None.
+    ``item_features``: ``(n, s)`` float32 item features of the snapshot (already scaled), or
+    None.
     Returns :class:`MLPInputs` with ``dense (n, C*M + k + f + s)`` float32.
     """
     density = np.asarray(features.density, dtype=np.float32)
@@ -139,10 +140,10 @@ def assemble(features: Any, item_stats: np.ndarray | None = None) -> MLPInputs:
     cf = getattr(features, "cf", None)
     if cf is not None:  # item-item CF columns, already in [-1, 1]
         parts.append(np.asarray(cf, dtype=np.float32).reshape(n, -1))
-    if item_stats is not None:
-        s = np.asarray(item_stats, dtype=np.float32)
+    if item_features is not None:
+        s = np.asarray(item_features, dtype=np.float32)
         if s.shape[0] != n:
-            raise ModelError(f"assemble: item_stats has {s.shape[0]} rows, features have {n}")
+            raise ModelError(f"assemble: item_features has {s.shape[0]} rows, features have {n}")
         parts.append(s.reshape(n, -1))
     dense = np.concatenate(parts, axis=1) if parts else np.zeros((n, 0), np.float32)
     dense = np.nan_to_num(dense, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32, copy=False)

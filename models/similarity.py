@@ -3,7 +3,7 @@
 Part of the item snapshot (:class:`~sketchstream.models.snapshot.ItemSnapshot.similarity`):
 built by the refresh job (offline: at each refresh boundary, from the events before it),
 frozen in the model artifact, read by :meth:`Aggregator.score_then_fold
-<sketchstream.models.state.Aggregator.score_then_fold>` against the user's bounded history.
+<sketchstream.models.aggregator.Aggregator.score_then_fold>` against the user's bounded history.
 
 "Liked" here and in the feature: an event whose value is ``>= like_min`` (default 4.0, the
 project's engagement label on ratings); "disliked": a value ``< like_min``; events without a

@@ -6,7 +6,7 @@ Pure: no CLI, no printing (progress bars aside). The pieces, in the order ``trai
   from user→items hyperedges, the ``metadata`` modality from item→{title tokens, categories,
   tags, year} hyperedges (skipped when no item has metadata).
 * :func:`replay` — run an ordered event stream through
-  :meth:`~sketchstream.models.state.Aggregator.score_then_fold`, the very call the streaming
+  :meth:`~sketchstream.models.aggregator.Aggregator.score_then_fold`, the very call the streaming
   worker makes, micro-batch by micro-batch with every user's state kept in memory: each event
   is scored on the state built from the events before it, then folded in. Item-side
   features come from an :class:`~sketchstream.models.snapshot.ItemSnapshot` refreshed every
@@ -28,6 +28,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from sketchstream.models.aggregator import Aggregator
+from sketchstream.models.batches import EventBatch, Features
+from sketchstream.models.channels import (
+    DAY,
+    AggregatorConfig,
+    Channel,
+    aggregator_config_from_dict,
+    aggregator_config_to_dict,
+)
 from sketchstream.models.errors import ModelError
 from sketchstream.models.mlp import EngagementMLP, MLPConfig, MLPInputs, assemble, to_tensors
 
@@ -35,7 +44,6 @@ __all__ = [
     "ProtocolResult",
     "Replayed",
     "TrainConfig",
-    "binary_metrics",
     "fit_codebooks",
     "metadata_hyperedges",
     "replay",
@@ -191,28 +199,13 @@ def fit_codebooks_for(
 class Replayed:
     """What :func:`replay` returns: the aggregator's features over the whole stream."""
 
-    features: Any  # state.Features over the whole stream, row per event
+    features: Features  # over the whole stream, row per event
     seconds: float = 0.0
-
-
-def _concat_features(parts: list[Any]) -> Any:
-    """Concatenate ``Features`` row-wise (array fields concatenated, the rest taken once)."""
-    first = parts[0]
-    if len(parts) == 1:
-        return first
-    kwargs = {}
-    for f in fields(first):
-        v = getattr(first, f.name)
-        if isinstance(v, np.ndarray):
-            kwargs[f.name] = np.concatenate([getattr(p, f.name) for p in parts], axis=0)
-        else:
-            kwargs[f.name] = v
-    return type(first)(**kwargs)
 
 
 def replay(
     events: Any,
-    aggregator: Any,
+    aggregator: Aggregator,
     *,
     batch_size: int = 4096,
     progress: bool = True,
@@ -233,7 +226,6 @@ def replay(
     features read the similarity the refresh job had published at the event's time.
     ``on_window(rows, snapshot, features)`` is called per window while its snapshot is current.
     """
-    from sketchstream.models.state import EventBatch
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -251,24 +243,14 @@ def replay(
     # every user starts empty: new_batch is load([None] * n_users) without the decoding
     state = aggregator.new_batch(len(users))
     parts = []
-    offsets = np.arange(n, dtype=np.int64)
-    event_ids = getattr(events, "event_id", None)  # duplicates dropped as the worker drops them
     bar = tqdm(total=n, desc="replay", unit="ev", disable=not progress, mininterval=1.0)
 
-    def run(lo: int, hi: int, sim: Any) -> list[Any]:
+    def run(lo: int, hi: int, sim: Any) -> list[Features]:
         out = []
         for start in range(lo, hi, batch_size):
             rows = slice(start, min(start + batch_size, hi))
-            batch = EventBatch(
-                user_index=user_index[rows],
-                item=events.item[rows],
-                action=action[rows],
-                value=events.value[rows],
-                ts=events.ts[rows],
-                partition=np.zeros(rows.stop - rows.start, dtype=np.int32),
-                offset=offsets[rows],
-                event_id=None if event_ids is None else event_ids[rows],
-            )
+            # the table's event ids come along: duplicates dropped as the worker drops them
+            batch = EventBatch.from_table(events, rows, user_index=user_index, action=action)
             out.append(aggregator.score_then_fold(state, batch, item_similarity=sim))
             bar.update(rows.stop - rows.start)
         return out
@@ -291,41 +273,29 @@ def replay(
                 )
             got = run(lo, hi, getattr(snapshot, "similarity", None))
             if on_window is not None:
-                on_window(rows, snapshot, _concat_features(got))
+                on_window(rows, snapshot, Features.concat(got))
             parts += got
             done = hi
         if done != n:
             raise ModelError(f"replay: windows cover {done} of {n} events")
     bar.close()
-    features = _concat_features(parts)
+    features = Features.concat(parts)
     secs = time.perf_counter() - t0
     log.info("replayed %d events of %d users in %.1fs", n, len(users), secs)
     return Replayed(features=features, seconds=secs)
 
 
-def take_features(features: Any, rows: np.ndarray | slice) -> Any:
-    """The given rows of a ``Features`` (array fields with a row axis; the rest as is)."""
-    n = len(features.valid)
-    kwargs = {}
-    for f in fields(features):
-        v = getattr(features, f.name)
-        if isinstance(v, np.ndarray) and v.ndim and v.shape[0] == n:
-            v = v[rows]
-        kwargs[f.name] = v
-    return type(features)(**kwargs)
-
-
 # --- metrics ---------------------------------------------------------------------------------
 
 
-def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+def _split_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     """:func:`sketchstream.models.metrics.binary_metrics` plus ``n`` and ``positive_rate``
-    (rows with nan labels dropped)."""
-    from sketchstream.models import metrics as m
+    (rows with nan labels dropped): one head on one period of the protocol."""
+    from sketchstream.models.metrics import binary_metrics
 
     y = np.asarray(y, dtype=np.float64)
     keep = ~np.isnan(y)
-    out = {k: float(v) for k, v in m.binary_metrics(y, p).items()}
+    out = {k: float(v) for k, v in binary_metrics(y, p).items()}
     out["n"] = int(keep.sum())
     out["positive_rate"] = float(y[keep].mean()) if keep.any() else float("nan")
     return out
@@ -461,61 +431,14 @@ class ProtocolResult:
         return self.item_snapshot
 
 
-def aggregator_config_to_dict(config: Any) -> dict[str, Any]:
-    """JSON form of an ``AggregatorConfig`` (its own ``to_dict`` when it has one)."""
-    if hasattr(config, "to_dict"):
-        return dict(config.to_dict())
-    return _jsonable(asdict(config))
-
-
-def aggregator_config_from_dict(d: Mapping[str, Any]) -> Any:
-    """Inverse of :func:`aggregator_config_to_dict`."""
-    from sketchstream.models import state
-
-    if hasattr(state.AggregatorConfig, "from_dict"):
-        return state.AggregatorConfig.from_dict(d)
-    d = _unjson(dict(d))
-    channels = []
-    for c in d.pop("channels", ()):
-        c = dict(c)
-        if c.get("actions") is not None:
-            c["actions"] = frozenset(c["actions"])
-        channels.append(state.Channel(**c))
-    return state.AggregatorConfig(channels=tuple(channels), **d)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, frozenset | set):
-        return sorted(_jsonable(v) for v in obj)
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return str(obj)  # "inf": JSON has no infinity
-    return obj
-
-
-def _unjson(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _unjson(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return tuple(_unjson(v) for v in obj)
-    if obj in ("inf", "-inf", "nan"):
-        return float(obj)
-    return obj
-
-
 def _head_metrics(
     y: np.ndarray, p: np.ndarray, split: tuple[slice, slice, slice], heads: Sequence[str]
 ) -> dict[str, dict[str, dict[str, float]]]:
     out = {}
     for h, name in enumerate(heads):
         out[name] = {
-            "val": binary_metrics(y[split[1], h], p[split[1], h]),
-            "test": binary_metrics(y[split[2], h], p[split[2], h]),
+            "val": _split_metrics(y[split[1], h], p[split[1], h]),
+            "test": _split_metrics(y[split[2], h], p[split[2], h]),
         }
     return out
 
@@ -603,7 +526,6 @@ def run_protocol(
 
     ``events``: an :class:`~sketchstream.models.events.EventTable` in stream order.
     """
-    from sketchstream.models import state
     from sketchstream.models.events import DEFAULT_HEADS, labels, protocol_split
 
     config = config or TrainConfig()
@@ -623,7 +545,7 @@ def run_protocol(
     agg_config = aggregator_config or training_aggregator_config(
         events[split[0]], heads, metadata="metadata" in codebooks
     )
-    aggregator = state.Aggregator(agg_config, codebooks)
+    aggregator = Aggregator(agg_config, codebooks)
     snap_opts = snapshot_options(config)
     inputs, valid, rep = build_inputs(
         events,
@@ -740,7 +662,6 @@ def score_events(
     publish it; each window is scored through :class:`~sketchstream.models.scorer.Scorer`, the
     worker's scoring path.
     """
-    from sketchstream.models import state
     from sketchstream.models.events import labels, protocol_split
     from sketchstream.models.scorer import Scorer
     from sketchstream.models.snapshot import DEFAULT_REFRESH_S, refresh_windows
@@ -750,9 +671,7 @@ def score_events(
     split = protocol_split(len(events))
     y = labels(events, heads)
     t0 = time.perf_counter()
-    aggregator = state.Aggregator(
-        aggregator_config_from_dict(bundle.aggregator_config), bundle.codebooks
-    )
+    aggregator = Aggregator(aggregator_config_from_dict(bundle.aggregator_config), bundle.codebooks)
     scorer = Scorer.from_bundle(bundle)
     items = np.asarray(events.item, dtype=object)
     ts = np.asarray(events.ts, dtype=np.float64)
@@ -844,7 +763,7 @@ def training_aggregator_config(
     metadata: bool = True,
     recent_half_life_days: float = 7.0,
     history_size: int = 128,
-) -> Any:
+) -> AggregatorConfig:
     """The aggregator channels ``train`` uses, derived from the data and the first head.
 
     Not tied to a data set: the actions are those of ``events``; for a head with a value
@@ -857,14 +776,13 @@ def training_aggregator_config(
     positive and one for the rest of the actions it applies to.
     """
     from sketchstream.models.events import DEFAULT_HEADS
-    from sketchstream.models.state import DAY, AggregatorConfig, Channel
 
     heads = tuple(heads or DEFAULT_HEADS)
     head = heads[0]
     actions = tuple(sorted(set(np.unique(events.action.astype(str)).tolist())))
     recent = recent_half_life_days * DAY
     mods = ["interactions"] + (["metadata"] if metadata else [])
-    channels: list[Any] = []
+    channels: list[Channel] = []
     if head.threshold is not None:
         acts = frozenset(a for a in head.actions if a in actions) or None
         t = float(head.threshold)

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 from sketchstream.stream.metrics import WorkerMetrics
@@ -32,6 +32,11 @@ from sketchstream.stream.records import (
     prediction_records,
     where,
 )
+
+if TYPE_CHECKING:  # the models (numpy, torch) load when a model does: serving_model
+    from sketchstream.models.aggregator import Aggregator
+    from sketchstream.models.batches import Features
+    from sketchstream.models.scorer import Scorer
 
 __all__ = [
     "BatchProcessor",
@@ -60,7 +65,8 @@ OnError = Literal["dead_letter", "fail"]
 class ServingModel:
     """One loaded model version, as the worker uses it; built by :func:`serving_model`.
 
-    ``aggregator``: a :class:`sketchstream.models.state.Aggregator` on the artifact's codebooks;
+    ``aggregator``: a :class:`~sketchstream.models.aggregator.Aggregator` on the artifact's
+    codebooks;
     ``scorer``: the artifact's :class:`~sketchstream.models.scorer.Scorer` (MLP + the item
     snapshot shipped in the artifact, frozen until a refreshed artifact is swapped in). The
     worker keeps no item state of its own: its features are the trainer's.
@@ -70,8 +76,8 @@ class ServingModel:
     codebook_version: str
     actions: tuple[str, ...]
     heads: tuple[str, ...]
-    aggregator: Any
-    scorer: Any
+    aggregator: Aggregator
+    scorer: Scorer
     path: str = ""
 
     @property
@@ -84,7 +90,7 @@ class ServingModel:
         """The artifact's frozen item-item similarity (None: a model without CF features)."""
         return getattr(self.scorer, "item_similarity", None)
 
-    def predict(self, features: Any, events: DecodedEvents, rows: np.ndarray) -> np.ndarray:
+    def predict(self, features: Features, events: DecodedEvents, rows: np.ndarray) -> np.ndarray:
         """Scores ``(k, n_heads)`` float32 for ``rows (k,)`` of ``events``, from their
         ``features`` (the aggregator's ``Features`` restricted to those rows)."""
         return self.scorer.score(features, events.item[rows], events.ts[rows])
@@ -93,9 +99,9 @@ class ServingModel:
 def serving_model(bundle: Any) -> ServingModel:
     """A :class:`ServingModel` from a verified :class:`~sketchstream.models.artifacts.ModelBundle`:
     the trainer's scoring path (aggregator features + item snapshot → ``Scorer``)."""
+    from sketchstream.models.aggregator import Aggregator
+    from sketchstream.models.channels import aggregator_config_from_dict
     from sketchstream.models.scorer import Scorer
-    from sketchstream.models.state import Aggregator
-    from sketchstream.models.trainer import aggregator_config_from_dict
 
     config = aggregator_config_from_dict(bundle.aggregator_config)
     aggregator = Aggregator(config, bundle.codebooks)
@@ -240,7 +246,7 @@ class BatchProcessor:
         users ``user_index (k,)`` points into; ``(predictions, kafka_ts, state blobs,
         redelivered count, duplicate count)``: neither a redelivered event (an offset already
         folded) nor a duplicate (an ``event_id`` in its user's window) gets a prediction."""
-        from sketchstream.models.state import EventBatch
+        from sketchstream.models.batches import EventBatch
 
         def take(a: np.ndarray) -> np.ndarray:
             return a if rows is None else a[rows]
@@ -259,9 +265,9 @@ class BatchProcessor:
         features = agg.score_then_fold(state, batch, item_similarity=model.item_similarity)
         valid = np.flatnonzero(np.asarray(features.valid, dtype=bool))  # (v,) into the part
         selected = valid if rows is None else rows[valid]  # (v,) into events
-        scores = (
-            model.predict(_take_rows(features, valid), events, selected) if len(valid) else None
-        )
+        # usually every event gets a prediction: then no copy
+        scored = features if len(valid) == len(features.valid) else features.take(valid)
+        scores = model.predict(scored, events, selected) if len(valid) else None
         blobs = agg.dump(state)
         kafka_ts = [messages[i].timestamp for i in events.source[selected].tolist()]
         predictions = (
@@ -420,22 +426,3 @@ def _index_users(user: np.ndarray) -> tuple[list[str], np.ndarray]:
     setdefault = index.setdefault
     rows = [setdefault(u, len(index)) for u in user.tolist()]
     return list(index), np.asarray(rows, dtype=np.int64)
-
-
-def _take_rows(features: Any, rows: np.ndarray) -> Any:
-    """The rows of ``Features`` that get a prediction (all of them, usually: no copy then)."""
-    n = len(features.valid)
-    if len(rows) == n:
-        return features
-    take = getattr(features, "take", None)
-    if take is not None:
-        return take(rows)
-    return dataclasses.replace(
-        features,
-        **{
-            f.name: getattr(features, f.name)[rows]
-            for f in dataclasses.fields(features)
-            if isinstance(getattr(features, f.name), np.ndarray)
-            and getattr(features, f.name).shape[:1] == (n,)
-        },
-    )

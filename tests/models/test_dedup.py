@@ -1,9 +1,10 @@
-"""Deduplication by ``event_id`` (models/state.py): a producer's retry is folded once.
+"""Deduplication by ``event_id`` (models/aggregator.py): a producer's retry is folded once.
 
 A state remembers the ids of its last ``DEDUP_WINDOW`` events folded with an id. An event
 whose id is among them, or repeats an id of its user earlier in the same batch, is dropped as
 a duplicate: not folded, not scored, counted apart from redeliveries. The batch-split and
-serialization properties with repeated ids are in test_state.py, beside the ones without.
+serialization properties with repeated ids are in test_aggregator.py and
+test_state_codec.py, beside the ones without.
 """
 
 from __future__ import annotations
@@ -12,19 +13,14 @@ import math
 
 import numpy as np
 import pytest
-from sketchstream.models import state as state_module
+from sketchstream.models import batches
+from sketchstream.models.aggregator import Aggregator
+from sketchstream.models.batches import DEDUP_WINDOW, Event, EventBatch, event_id_hash
+from sketchstream.models.channels import default_config
 from sketchstream.models.errors import ArtifactError, ModelError
 from sketchstream.models.events import EventTable
-from sketchstream.models.state import (
-    DEDUP_WINDOW,
-    Aggregator,
-    Event,
-    EventBatch,
-    default_config,
-    event_id_hash,
-)
 from sketchstream.models.trainer import replay
-from test_state import _aggregator, _batch, _codebook
+from test_aggregator import _aggregator, _batch, _codebook
 
 
 def _rate(user: int, item: str, ts: float, offset: int, event_id: str | None) -> tuple:
@@ -215,7 +211,7 @@ def test_a_state_read_under_a_smaller_window_keeps_its_newest_ids(monkeypatch) -
     state = agg.new_batch(1)
     agg.score_then_fold(state, _batch([_rate(0, "i1", 10.0, k, f"e{k}") for k in range(5)]))
     blob = agg.dump(state)
-    monkeypatch.setattr(state_module, "DEDUP_WINDOW", 2)
+    monkeypatch.setattr(batches, "DEDUP_WINDOW", 2)
     back = agg.load(blob)
     assert back.id_len[0] == 2
     assert back.id_hash[0].tolist() == event_id_hash(["e3", "e4"]).tolist()

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sketchstream.models import similarity
+from sketchstream.models import history_cf, similarity
 from sketchstream.models.emde import item_hash
 from sketchstream.models.errors import ArtifactError
 from sketchstream.models.events import EventTable
+from sketchstream.models.history_cf import CfSums
 from sketchstream.models.similarity import (
     CF_NAMES,
     CF_NAMES_V1,
@@ -19,8 +21,7 @@ from sketchstream.models.similarity import (
     SimilarityBuilder,
 )
 from sketchstream.models.snapshot import ItemSnapshot, refresh_windows
-from sketchstream.models.state import Aggregator, _CfSums
-from test_state import ITEMS, N_ITEMS, _aggregator, _batch, event_rows
+from test_aggregator import ITEMS, N_ITEMS, _aggregator, _batch, event_rows
 
 DAY = 86400.0
 
@@ -138,14 +139,14 @@ def _run_cf(agg, sim, rows: list[tuple], cuts: list[int]):
     """``rows`` through ``agg.score_then_fold`` in batches cut at ``cuts`` (5 users): the CF
     columns, how many events were valid, and the float64 sums behind each batch's columns."""
     sums: list[dict[str, np.ndarray]] = []
-    columns = _CfSums.columns
+    columns = CfSums.columns
 
     def spy(self):
         sums.append({k: v.copy() for k, v in vars(self).items() if isinstance(v, np.ndarray)})
         return columns(self)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_CfSums, "columns", spy)
+        patch.setattr(CfSums, "columns", spy)
         state = agg.new_batch(5)
         got = [
             agg.score_then_fold(state, _batch(rows[lo:hi]), item_similarity=sim)
@@ -155,26 +156,26 @@ def _run_cf(agg, sim, rows: list[tuple], cuts: list[int]):
 
 
 def _bit_equal_against(monkeypatch, name: str, stand_in, sim, rows, cuts, history_size: int):
-    """``rows`` as the aggregator reads them, then with ``Aggregator.<name>`` replaced by
-    ``stand_in``: the CF columns and every batch's float64 sums equal to the bit. Returns the
-    columns, how many events were valid, and the stand-in's aggregator."""
+    """``rows`` as the aggregator reads them, then with ``history_cf.<name>`` replaced by
+    ``stand_in`` (called with a dict to count in first): the CF columns and every batch's
+    float64 sums equal to the bit. Returns the columns, how many events were valid, and the
+    stand-in's counts."""
     got, valid, got_sums = _run_cf(_aggregator(history_size=history_size), sim, rows, cuts)
-    monkeypatch.setattr(Aggregator, name, stand_in)
-    reference = _aggregator(history_size=history_size)
-    want, _, want_sums = _run_cf(reference, sim, rows, cuts)
+    seen: dict[str, int] = {}
+    monkeypatch.setattr(history_cf, name, functools.partial(stand_in, seen))
+    want, _, want_sums = _run_cf(_aggregator(history_size=history_size), sim, rows, cuts)
     monkeypatch.undo()
     np.testing.assert_array_equal(got, want)
     assert len(got_sums) == len(want_sums)
     for a, b in zip(got_sums, want_sums, strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    return got, valid, reference
+    return got, valid, seen
 
 
-def _pairwise_windows(self, batch, sim, sums, fast, gid, users, h_len, t, cand, value, hashes):
-    """Stands in for ``Aggregator._cf_windows``: the vectorized path as it was first written,
+def _pairwise_windows(seen, batch, sim, sums, fast, gid, users, h_len, t, cand, value, hashes, k):
+    """Stands in for ``history_cf._cf_windows``: the vectorized path as it was first written,
     every (event, entry) pair listed and looked up one by one, stored slots first."""
-    k = self.config.history_size
     g = gid[fast]
     keep_n = np.minimum(h_len[g], np.maximum(k - t[fast], 0))
     r, c = np.nonzero(np.arange(k)[None, :] < keep_n[:, None])
@@ -188,7 +189,7 @@ def _pairwise_windows(self, batch, sim, sums, fast, gid, users, h_len, t, cand, 
     offs = np.arange(ev.size) - np.repeat(np.cumsum(lens) - lens, lens)
     partner = np.flatnonzero(cand)[first + offs]
     sums.add(ev, _dict_lookup(sim, hashes[ev], hashes[partner]), value[partner])
-    self.fast_events = getattr(self, "fast_events", 0) + fast.size
+    seen["fast_events"] = seen.get("fast_events", 0) + fast.size
 
 
 def _stream(seed: int, n: int = 160, n_users: int = 5) -> list[tuple]:
@@ -228,18 +229,17 @@ def test_cf_windows_equal_the_pairwise_sums_to_the_bit(seed, history_size, monke
     got, valid, pairwise = _bit_equal_against(
         monkeypatch, "_cf_windows", _pairwise_windows, sim, rows, cuts, history_size
     )
-    assert 0 < pairwise.fast_events < valid  # both paths ran
+    assert 0 < pairwise["fast_events"] < valid  # both paths ran
     ref = _reference_cf(_aggregator(history_size=history_size), sim, 5, rows)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
 def _one_by_one(
-    self, batch, sim, sums, bad_user, gid, users, h_len, h_score, t, valid, cand, score, ts,
-    value, hashes, max_pairs=0,
+    seen, batch, sim, sums, bad_user, gid, users, h_len, h_score, t, valid, cand, score, ts,
+    value, hashes, k_max, max_pairs=0,
 ):  # fmt: skip
-    """Stands in for ``Aggregator._cf_out_of_rank``: the path as it was first written, each
+    """Stands in for ``history_cf._cf_out_of_rank``: the path as it was first written, each
     user's entries kept in a list and sorted again for every event."""
-    k_max = self.config.history_size
     bounds = np.searchsorted(gid, np.arange(users.size + 1))
     for gu in np.flatnonzero(bad_user).tolist():
         uu = int(users[gu])
@@ -265,7 +265,7 @@ def _one_by_one(
                 entry = (float(score[j]), float(ts[j]), seq, int(hashes[j]), float(value[j]))
                 entries.append(entry)
                 seq += 1
-    self.late_users = getattr(self, "late_users", 0) + int(bad_user.sum())
+    seen["late_users"] = seen.get("late_users", 0) + int(bad_user.sum())
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -282,16 +282,16 @@ def test_out_of_rank_users_sum_as_one_event_at_a_time_to_the_bit(
     late = [(u, item, a, v, ts - 5000.0, p, off + 1000, w) for u, item, a, v, ts, p, off, w in rows]
     rows = rows + late[:90]
     cuts = [0, 23, 24, 70, 131, 160, 161, 200, len(rows)]
-    method = Aggregator._cf_out_of_rank
+    method = history_cf._cf_out_of_rank
     monkeypatch.setattr(
-        Aggregator,
+        history_cf,
         "_cf_out_of_rank",
-        lambda self, *a: method(self, *a, max_pairs=max_pairs),
+        lambda *a: method(*a, max_pairs=max_pairs),
     )
     got, _, reference = _bit_equal_against(
         monkeypatch, "_cf_out_of_rank", _one_by_one, sim, rows, cuts, history_size
     )
-    assert reference.late_users >= 5  # the late pass makes every user's events late
+    assert reference["late_users"] >= 5  # the late pass makes every user's events late
     ref = _reference_cf(_aggregator(history_size=history_size), sim, 5, rows)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
@@ -307,7 +307,7 @@ def test_an_infinite_value_reads_as_it_did_pair_by_pair(monkeypatch):
             return agg.score_then_fold(agg.new_batch(1), _batch(rows), item_similarity=sim).cf
 
     got = run()
-    monkeypatch.setattr(Aggregator, "_cf_windows", _pairwise_windows)
+    monkeypatch.setattr(history_cf, "_cf_windows", functools.partial(_pairwise_windows, {}))
     np.testing.assert_array_equal(got, run())
     assert np.isnan(got).any()
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sketchstream.models.aggregator import Aggregator
+from sketchstream.models.channels import default_config
 from sketchstream.models.emde import Codebook
 from sketchstream.models.events import DEFAULT_HEADS, EventTable, Item, labels
 from sketchstream.models.mlp import MLPConfig, assemble
 from sketchstream.models.snapshot import refreshed_item_features
-from sketchstream.models.state import Aggregator, default_config
 from sketchstream.models.trainer import build_inputs, metadata_hyperedges, replay, train_mlp
 
 torch.set_num_threads(1)

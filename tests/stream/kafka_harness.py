@@ -32,9 +32,9 @@ def build_tiny_artifact(root: Path, seed: int = 0) -> str:
     channels, a 16-wide MLP. Returns its version."""
     import torch
     from sketchstream.models.artifacts import save_model_artifact
+    from sketchstream.models.channels import AggregatorConfig, Channel
     from sketchstream.models.emde import Codebook
     from sketchstream.models.mlp import EngagementMLP, MLPConfig
-    from sketchstream.models.state import AggregatorConfig, Channel
     from sketchstream.models.trainer import aggregator_config_to_dict
 
     rng = np.random.default_rng(seed)
@@ -359,9 +359,10 @@ def offline_reference(artifact_dir: Path, records: list[Any], batch: int = 10_00
     """The offline replay engine over consumed event records: per partition in offset order,
     ``Aggregator.score_then_fold`` then the same MLP predict. Returns ``(states, scores)``:
     ``{user: StateBatch row bytes}`` and ``{(partition, offset): scores (n_heads,)}``."""
+    from sketchstream.models.aggregator import Aggregator
     from sketchstream.models.artifacts import ArtifactStore
+    from sketchstream.models.batches import EventBatch
     from sketchstream.models.mlp import assemble
-    from sketchstream.models.state import Aggregator, EventBatch
     from sketchstream.models.trainer import aggregator_config_from_dict
 
     bundle = ArtifactStore(artifact_dir).load()

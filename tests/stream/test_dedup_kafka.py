@@ -66,7 +66,7 @@ def test_a_retried_event_gets_one_prediction_and_the_states_of_a_run_without_the
     the user's last record; and the window of event ids, which must hold the user's event ids
     in offset order (the reference replay may run without ids).
     """
-    from sketchstream.models.state import DEDUP_WINDOW, event_id_hash
+    from sketchstream.models.batches import DEDUP_WINDOW, event_id_hash
 
     env = stream_env
     events = synthetic_events(400, users=20, seed=11)

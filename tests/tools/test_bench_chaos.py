@@ -69,7 +69,7 @@ def test_an_event_the_clean_run_missed_is_counted_apart_not_as_changed():
 
 def _fold(agg, events, offsets, partition=0):
     """States ``{user key: bytes}`` after folding ``events`` at ``offsets`` on one partition."""
-    from sketchstream.models.state import EventBatch
+    from sketchstream.models.batches import EventBatch
 
     users = list(dict.fromkeys(e["user"] for e in events))
     index = {u: k for k, u in enumerate(users)}
@@ -92,8 +92,8 @@ def _fold(agg, events, offsets, partition=0):
 
 @pytest.fixture
 def aggregator(tmp_path):
+    from sketchstream.models.aggregator import Aggregator
     from sketchstream.models.artifacts import ArtifactStore
-    from sketchstream.models.state import Aggregator
     from sketchstream.models.trainer import aggregator_config_from_dict
 
     build_tiny_artifact(tmp_path / "artifacts")

@@ -1,4 +1,6 @@
-"""The user-state aggregator (models/state.py): decay, idempotence, score-then-fold, bytes."""
+"""The user-state aggregator (models/aggregator.py): decay, idempotence, score-then-fold,
+history, rebuild. The byte format is in test_state_codec.py, deduplication in test_dedup.py;
+the helpers here (``_aggregator``, ``_batch``, ``event_rows``) serve all three."""
 
 from __future__ import annotations
 
@@ -8,19 +10,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sketchstream.models import state as state_module
+from sketchstream.models import batches
+from sketchstream.models.aggregator import Aggregator
+from sketchstream.models.batches import Event, EventBatch
+from sketchstream.models.channels import AggregatorConfig, Channel
 from sketchstream.models.emde import Codebook
-from sketchstream.models.errors import ArtifactError, ModelError
-from sketchstream.models.state import (
-    Aggregator,
-    AggregatorConfig,
-    Channel,
-    Event,
-    EventBatch,
-    default_config,
-    state_size_report,
-    synthetic_ratings,
-)
+from sketchstream.models.errors import ModelError
 
 N_ITEMS, DEPTH, WIDTH = 40, 4, 8
 ITEMS = [f"i{k}" for k in range(N_ITEMS)]
@@ -112,18 +107,6 @@ def _fold_one_by_one(agg: Aggregator, n_users: int, rows: list[tuple]):
     return state, feats
 
 
-def test_default_config_has_liked_and_disliked_channels_per_modality() -> None:
-    cfg = default_config()
-    assert {c.modality for c in cfg.channels} == {"interactions", "metadata"}
-    assert cfg.actions == ("rate",)
-    assert {c.min_value for c in cfg.channels} == {4.0, None}
-
-
-def test_config_rejects_unknown_channel_actions() -> None:
-    with pytest.raises(ModelError, match="unknown actions"):
-        AggregatorConfig((Channel("x", "interactions", frozenset({"lik"})),), actions=ACTIONS)
-
-
 def test_aggregator_requires_a_codebook_per_modality() -> None:
     with pytest.raises(ModelError, match="metadata"):
         Aggregator(_config(), {"interactions": _codebook(0)})
@@ -179,31 +162,6 @@ def test_a_set_folded_at_one_timestamp_in_any_order_gives_the_same_sketch(
 
 
 @settings(max_examples=20, deadline=None)
-@given(rows=st.booleans().flatmap(lambda ids: event_rows(ids=ids)))
-def test_serialized_state_deserializes_to_the_same_state(rows: list[tuple]) -> None:
-    agg = _aggregator(history_size=5)
-    state = agg.new_batch(4)  # user 3 stays empty
-    agg.score_then_fold(state, _batch(rows))
-    blobs = agg.dump(state)
-    back = agg.load(blobs)
-    assert back.rebuilt == 0
-    assert back.same_as(state)
-    assert _aggregator(history_size=5).load(blobs).same_as(state)  # a fresh process agrees
-
-
-def test_serialized_bytes_are_versioned_and_tampering_is_refused() -> None:
-    agg = _aggregator()
-    state = agg.new_batch(1)
-    agg.score_then_fold(state, _batch([(0, "i1", 0, 5.0, 10.0, 0, 0, 1.0)]))
-    blob = agg.dump(state)[0]
-    assert blob[:2] == b"SU"
-    with pytest.raises(ArtifactError):
-        agg.load([b"XX" + blob[2:]])
-    with pytest.raises(ArtifactError):
-        agg.load([blob[:-3]])
-
-
-@settings(max_examples=20, deadline=None)
 @given(rows=event_rows(n_users=2))
 def test_rebuild_under_the_same_codebook_equals_the_incremental_state(rows: list[tuple]) -> None:
     agg = _aggregator(history_size=64)  # holds every event
@@ -211,20 +169,6 @@ def test_rebuild_under_the_same_codebook_equals_the_incremental_state(rows: list
     agg.score_then_fold(state, _batch(rows))
     rebuilt = agg.rebuild(state)
     np.testing.assert_allclose(rebuilt.sketches, state.sketches, rtol=1e-5, atol=1e-6)
-
-
-def test_load_rebuilds_a_state_built_on_another_codebook() -> None:
-    old, new = _aggregator(seed=0), _aggregator(seed=5)
-    state = old.new_batch(1)
-    rows = [(0, f"i{k}", 0, 5.0, 10.0 * k, 0, k, 1.0) for k in range(6)]
-    old.score_then_fold(state, _batch(rows))
-    loaded = new.load([*old.dump(state), None])
-    assert loaded.rebuilt == 1 and new.counters["rebuilt"] == 1
-    assert loaded.codebook_version == new.codebook_version != old.codebook_version
-    fresh = new.new_batch(1)
-    new.score_then_fold(fresh, _batch(rows))
-    np.testing.assert_allclose(loaded.sketches[:1], fresh.sketches, rtol=1e-5)
-    assert loaded.clocks[0] == state.clocks[0] and loaded.n_events[0] == 6
 
 
 def test_out_of_order_event_is_folded_with_the_decay_of_its_age_and_keeps_the_clock() -> None:
@@ -284,7 +228,7 @@ def test_a_batch_gives_the_same_result_as_one_event_at_a_time(
 ) -> None:
     rows = data.draw(event_rows(span=20_000.0, ids=ids))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(state_module, "DEDUP_WINDOW", window)
+        mp.setattr(batches, "DEDUP_WINDOW", window)
         agg = _aggregator(history_size=4)
         state = agg.new_batch(3)
         feats = agg.score_then_fold(state, _batch(rows))
@@ -311,7 +255,7 @@ def test_any_split_of_a_stream_with_repeated_ids_gives_the_same_states_and_valid
     rows = data.draw(event_rows(max_events=20, span=20_000.0, ids=True))
     cuts = sorted(set(data.draw(st.lists(st.integers(0, len(rows)), max_size=4))))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(state_module, "DEDUP_WINDOW", window)
+        mp.setattr(batches, "DEDUP_WINDOW", window)
         agg = _aggregator(history_size=4)
         whole = agg.new_batch(3)
         whole_valid = agg.score_then_fold(whole, _batch(rows)).valid.tolist()
@@ -385,67 +329,3 @@ def test_bad_events_are_refused_with_the_event_named() -> None:
             agg.new_batch(1),
             _batch([(0, "i1", 0, 5.0, 1.0, 0, 0, 1.0), (0, "i1", 7, 5.0, 1.0, 0, 1, 1.0)]),
         )
-
-
-def test_state_size_report_and_synthetic_stream_shape() -> None:
-    data = synthetic_ratings(n_users=200, n_items=500, seed=1)
-    per_user = np.bincount(data["user"])
-    assert 60 < np.median(per_user) < 140 and per_user.min() >= 20
-    assert np.all(np.diff(data["ts"]) >= 0)
-    report = state_size_report([b"x" * 10, b"x" * 20, b"x" * 30])
-    assert report["median"] == 20 and report["max"] == 30 and report["n"] == 3
-
-
-def test_serialized_state_keeps_large_offsets_counts_and_fractional_times() -> None:
-    agg = _aggregator()
-    state = agg.new_batch(1)
-    rows = [(0, "i1", 0, 5.0, 1e9 + 0.25 * k, 3, 2**40 + k, 1.0) for k in range(200)]
-    rows.append((0, "i2", 1, 7.25, 2e9, 70_000, 2**62, 3.5))
-    agg.score_then_fold(state, _batch(rows))
-    assert state.sketches.max() == 200  # one bucket counted past one varint byte
-    assert agg.load(agg.dump(state)).same_as(state)
-
-
-@settings(max_examples=20, deadline=None)
-@given(rows=event_rows())
-def test_a_users_bytes_do_not_depend_on_the_rest_of_the_batch(rows: list[tuple]) -> None:
-    agg = _aggregator(history_size=5)
-    state = agg.new_batch(4)
-    agg.score_then_fold(state, _batch(rows))
-    together = agg.dump(state)
-    alone = [agg.dump(state.take([r]))[0] for r in range(len(state))]
-    assert together == alone
-    back = agg.load([together[2], None, together[0]])
-    assert back.take([0]).same_as(agg.load([together[2]]))
-    assert back.take([2]).same_as(agg.load([together[0]]))
-    assert np.isnan(back.clocks[1]) and back.n_events[1] == 0  # None: a new, empty user
-
-
-def test_every_sketch_encoding_round_trips_exactly() -> None:
-    agg = _aggregator()
-    state = agg.new_batch(6)
-    cells = DEPTH * WIDTH
-    rng = np.random.default_rng(0)
-    for r, top in enumerate((15, 255, 65_535, 70_000)):  # nibbles, bytes, shorts, float32
-        counts = rng.integers(0, top + 1, cells).astype(np.float32)
-        counts[rng.random(cells) < 0.5] = 0
-        counts[0] = top
-        state.sketches[r, 0] = counts.reshape(DEPTH, WIDTH)
-        state.clocks[r] = 1000.0
-    state.sketches[4, 2, 1, 3] = 2.5  # a fractional count (event weights): written sparse
-    state.sketches[4, 1] = rng.random((DEPTH, WIDTH), dtype=np.float32)  # decayed: sparse
-    state.sketches[5, 2] = np.nan  # not a count at all: kept bit for bit anyway
-    state.clocks[4:] = 1000.0
-    blobs = agg.dump(state)
-    assert agg.load(blobs).same_as(state)
-    assert len(blobs[0]) < len(blobs[1]) < len(blobs[2])  # 4, 8 and 16 bits a cell
-
-
-def test_truncated_or_padded_bytes_are_refused_with_the_row_named() -> None:
-    agg = _aggregator()
-    state = agg.new_batch(2)
-    agg.score_then_fold(state, _batch([(1, "i1", 0, 5.0, 10.0, 0, 0, 1.0)]))
-    good, blob = agg.dump(state)
-    for bad in (blob + b"\x00", blob[:-1], blob[:30], b""):
-        with pytest.raises(ArtifactError, match="user state 1"):
-            agg.load([good, bad])
