@@ -1,35 +1,33 @@
-"""`sketchstream bench`: speed and peak memory of the numeric core, one command per component.
+"""`sketchstream bench`: the bench commands; each parses its options, calls the module that
+owns its bench and prints the table.
 
-Each measured run happens in a fresh spawned process, so its peak RSS (``ru_maxrss``) is its
-own. Results come as a table, and with ``--json FILE`` as JSON lines (one per run) appended to
-FILE. Heavy imports (numpy, torch, pycleora) happen inside command bodies and workers, so
-``--help`` is instant. New benchmarks are new ``@app.command`` functions here.
+    bench cleora   cleora_bench    Cleora build + propagation, ours vs pycleora
+    bench batch    batch_bench     the worker's per-batch path without Kafka
+    bench stream   stream_bench    raw / faust / worker on the real broker
+    bench replay   replay_bench    the trainer's replay engine, four variants
+    bench chaos    chaos           one worker clean and under faults, compared
+
+Measured runs happen in fresh spawned processes (:mod:`~sketchstream.tools.bench_harness`), so
+each peak RSS is its own. Results come as a table, and with ``--json FILE`` as JSON lines
+appended to FILE. Heavy imports (numpy, torch, pycleora, faust) happen inside the benches'
+functions, so ``--help`` is instant. A new bench is a module and an ``@app.command`` here.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import resource
 import tempfile
-import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from enum import StrEnum
-from multiprocessing import get_context
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
+from sketchstream.tools import batch_bench, cleora_bench, replay_bench
+from sketchstream.tools.bench_harness import append_jsonl
+from sketchstream.tools.cleora_bench import DEFAULT_DIMS, CleoraSize
 from sketchstream.tools.options import load_settings_or_exit
+from sketchstream.tools.replay_bench import ReplayVariant
 
-if TYPE_CHECKING:
-    import numpy as np
-
-__all__ = ["app", "synthetic_interactions"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["app"]
 
 app = typer.Typer(
     help="Benchmarks: wall time and peak memory of the numeric core, as a table.",
@@ -37,159 +35,17 @@ app = typer.Typer(
 )
 
 
-class CleoraSize(StrEnum):
-    """Synthetic graph sizes: users x items x interactions (XS is a smoke test)."""
-
-    XS = "XS"
-    S = "S"
-    M = "M"
+def _say(text: str) -> None:
+    """Progress of a bench: to stderr, so stdout is the table alone."""
+    typer.echo(text, err=True)
 
 
-CLEORA_SIZES: dict[str, tuple[int, int, int]] = {
-    "XS": (2_000, 500, 20_000),
-    "S": (100_000, 20_000, 1_000_000),
-    "M": (1_000_000, 200_000, 10_000_000),
-}
-ZIPF_EXPONENT = 1.1
-DEFAULT_DIMS = [128, 1024]
-
-
-def synthetic_interactions(
-    n_users: int, n_items: int, n_interactions: int, seed: int = 0, zipf: float = ZIPF_EXPONENT
-) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded synthetic user -> item interactions, vectorized.
-
-    Users are uniform; item popularity follows Zipf(``zipf``) over popularity ranks, and ranks
-    are shuffled onto item ids so that popular items are not the low ids.
-
-    Returns:
-        users (n_interactions,) int32 in [0, n_users), items (n_interactions,) int32 in
-        [0, n_items).
-    """
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    cdf = np.cumsum(1.0 / np.arange(1, n_items + 1, dtype=np.float64) ** zipf)
-    cdf /= cdf[-1]
-    rank_to_item = rng.permutation(n_items).astype(np.int32)
-    items = rank_to_item[np.minimum(np.searchsorted(cdf, rng.random(n_interactions)), n_items - 1)]
-    users = rng.integers(0, n_users, n_interactions, dtype=np.int32)
-    return users, items
-
-
-def _peak_rss_mb() -> float:
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _write_tsv(path: Path, users: np.ndarray, items: np.ndarray) -> None:
-    """pycleora's input: one ``u<user>\\ti<item>`` line per interaction (prefixes keep the two
-    id spaces apart: pycleora does not namespace columns)."""
-    import numpy as np
-
-    step = 1_000_000
-    with path.open("w", encoding="ascii") as fh:
-        for a in range(0, users.shape[0], step):
-            u = np.strings.add("u", users[a : a + step].astype(str))
-            i = np.strings.add("\ti", items[a : a + step].astype(str))
-            fh.write("\n".join(np.strings.add(u, i).tolist()))
-            fh.write("\n")
-
-
-def _cleora_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One measured run in a fresh process: build the graph, propagate, report."""
-    logging.basicConfig(level=logging.INFO, format="    %(message)s")
-    impl, size, dim, iterations = spec["impl"], spec["size"], spec["dim"], spec["iterations"]
-    n_users, n_items, n_inter = CLEORA_SIZES[size]
-    result: dict[str, Any] = {"impl": impl, "size": size, "dim": dim}
-    if impl == "pycleora":
-        import pycleora
-
-        t0 = time.perf_counter()
-        graph = pycleora.SparseMatrix.from_files([spec["tsv"]], "user item")
-        t1 = time.perf_counter()
-        # whiten=False with the default l2 normalization is pycleora's plain propagation
-        # (embed_fast): the same algorithm as ours.
-        emb = pycleora.embed(
-            graph, feature_dim=dim, num_iterations=iterations, propagation="left", whiten=False
-        )
-        t2 = time.perf_counter()
-        n_nodes = graph.num_entities
-    else:
-        import torch  # noqa: F401  (import cost is not propagation cost)
-        from sketchstream.models.cleora import Cleora, Hypergraph
-
-        users, items = synthetic_interactions(n_users, n_items, n_inter, seed=spec["seed"])
-        t0 = time.perf_counter()
-        graph = Hypergraph.from_arrays(
-            users, items, n_users, n_items, left_type="user", right_type="item"
-        )
-        del users, items
-        t1 = time.perf_counter()
-        model = Cleora(dim=dim, iterations=iterations, seed=0, device=spec["device"]).fit(graph)
-        t2 = time.perf_counter()
-        emb = model.embeddings_
-        n_nodes = graph.n_nodes
-        result["device"] = model.device_
-    result.update(
-        build_s=round(t1 - t0, 3),
-        propagate_s=round(t2 - t1, 3),
-        total_s=round(t2 - t0, 3),
-        peak_rss_mb=round(_peak_rss_mb(), 1),
-        n_nodes=int(n_nodes),
-        emb_shape=list(emb.shape),
-    )
-    return result
-
-
-def _run_isolated(spec: dict[str, Any], worker: Any = None) -> dict[str, Any]:
-    """``worker(spec)`` (default: the cleora worker) in a fresh spawned process."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(worker or _cleora_worker, spec).result()
-
-
-def _render(
-    rows: list[dict[str, Any]],
-    cols: list[tuple[str, str]],
-    cell: Callable[[str, Any], str] = lambda _key, value: str(value),
-) -> str:
-    """Rows as a right-aligned text table: ``cols`` are (row key, header); ``cell(key, value)``
-    formats a present value, a missing one is blank."""
-    cells = [[h for _, h in cols]]
-    for r in rows:
-        cells.append(["" if r.get(k) is None else cell(k, r[k]) for k, _ in cols])
-    widths = [max(len(row[c]) for row in cells) for c in range(len(cols))]
-    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _counts(*keys: str) -> Callable[[str, Any], str]:
-    """A ``cell`` for :func:`_render`: ``keys`` as whole numbers with thousands separators."""
-    return lambda key, value: f"{value:,.0f}" if key in keys else str(value)
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    cols = [
-        ("impl", "impl"),
-        ("size", "size"),
-        ("dim", "dim"),
-        ("build_s", "build s"),
-        ("propagate_s", "propagate s"),
-        ("total_s", "total s"),
-        ("peak_rss_mb", "peak RSS MB"),
-        ("ratio_vs_pycleora", "time ours/pyc"),
-        ("rss_ratio_vs_pycleora", "RSS ours/pyc"),
-    ]
-    return _render(rows, cols)
-
-
-def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Append one JSON line per row to ``path``, creating its folder: runs accumulate."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+def _report(table: str, rows: list[dict[str, Any]], json_path: Path | None) -> None:
+    """Print ``table``; with ``--json``, append ``rows`` to that file."""
+    typer.echo(table)
+    if json_path is not None:
+        append_jsonl(json_path, rows)
+        _say(f"wrote {len(rows)} JSON line{'s' if len(rows) != 1 else ''} to {json_path}")
 
 
 @app.command("cleora")
@@ -218,163 +74,16 @@ def cleora(
     preparation, reported but not counted). Build = graph + CSR construction; propagate =
     initialization + iterations.
     """
-    import importlib.util
-
-    size_key = size.value
-    n_users, n_items, n_inter = CLEORA_SIZES[size_key]
-    has_ref = reference and importlib.util.find_spec("pycleora") is not None
-    typer.echo(
-        f"cleora bench, size {size_key}: {n_users:,} users x {n_items:,} items x "
-        f"{n_inter:,} interactions (Zipf {ZIPF_EXPONENT}), {iterations} iterations, "
-        f"dims {dims}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
-        err=True,
+    rows = cleora_bench.run_bench(
+        size.value,
+        dims,
+        iterations=iterations,
+        device=device,
+        reference=reference,
+        seed=seed,
+        say=_say,
     )
-    if reference and not has_ref:
-        typer.echo("pycleora is not installed: running ours alone.", err=True)
-
-    rows: list[dict[str, Any]] = []
-    prep_s = 0.0
-    with tempfile.TemporaryDirectory(prefix="sketchstream-bench-") as tmp:
-        tsv = Path(tmp) / f"interactions-{size_key}.tsv"
-        if has_ref:
-            t0 = time.perf_counter()
-            users, items = synthetic_interactions(n_users, n_items, n_inter, seed=seed)
-            _write_tsv(tsv, users, items)
-            del users, items
-            prep_s = time.perf_counter() - t0
-            typer.echo(
-                f"pycleora input prep (TSV, {tsv.stat().st_size / 2**20:.0f} MiB): "
-                f"{prep_s:.1f} s, not counted",
-                err=True,
-            )
-        runs = [(impl, d) for d in dims for impl in (("pycleora",) if has_ref else ()) + ("ours",)]
-        for k, (impl, d) in enumerate(runs, 1):
-            typer.echo(f"[{k}/{len(runs)}] {impl}, dim {d} ...", err=True)
-            spec = {
-                "impl": impl,
-                "size": size_key,
-                "dim": d,
-                "iterations": iterations,
-                "seed": seed,
-                "device": device,
-                "tsv": str(tsv),
-            }
-            res = _run_isolated(spec)
-            if impl == "pycleora":
-                res["prep_s"] = round(prep_s, 3)
-            typer.echo(
-                f"    total {res['total_s']:.2f} s, peak RSS {res['peak_rss_mb']:.0f} MB", err=True
-            )
-            rows.append(res)
-
-    for r in rows:
-        ref = next((x for x in rows if x["impl"] == "pycleora" and x["dim"] == r["dim"]), None)
-        if r["impl"] == "ours" and ref is not None:
-            r["ratio_vs_pycleora"] = round(r["total_s"] / ref["total_s"], 3)
-            r["rss_ratio_vs_pycleora"] = round(r["peak_rss_mb"] / ref["peak_rss_mb"], 3)
-    typer.echo(_table(rows))
-    if json_path is not None:
-        _append_jsonl(json_path, rows)
-        typer.echo(f"wrote {len(rows)} JSON lines to {json_path}", err=True)
-
-
-def _ceil_to(n: int, size: int) -> int:
-    return -(-n // size) * size
-
-
-def _batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """In a fresh process: the worker's per-batch path (:class:`BatchProcessor`: decode,
-    validate, read states, score-then-fold, MLP, encode) on ``spec["path"]``'s events, states
-    in a dict; events/s per batch size after a warm-up that gives users states, then (with
-    ``spec["late"]``) per batch size for the file's first events sent again as late ones."""
-    import orjson
-    import torch
-    from sketchstream.stream.metrics import WorkerMetrics
-    from sketchstream.stream.models_feed import load_serving_model
-    from sketchstream.stream.records import RawMessage
-    from sketchstream.stream.worker import BatchProcessor
-    from sketchstream.tools.evaluate import resolve_model
-
-    torch.set_num_threads(spec["torch_threads"])
-    model = load_serving_model(resolve_model(Path(spec["model"])))
-    warm_size = max(1, min(2048, spec["warm"]))
-    need = _ceil_to(spec["warm"], warm_size)
-    need += sum(_ceil_to(spec["events"], z) for z in spec["sizes"])
-    lines: list[bytes] = []
-    with Path(spec["path"]).open("rb") as fh:
-        for line in fh:
-            if line.strip():
-                lines.append(line.rstrip(b"\n"))
-            if len(lines) >= need:
-                break
-
-    def key(line: bytes) -> bytes:
-        """The user as the Kafka key; a line that is not an event object gets an empty key
-        and goes where the worker sends it (the dead-letter list), as on the topic."""
-        try:
-            return str(orjson.loads(line).get("user", "")).encode()
-        except (orjson.JSONDecodeError, AttributeError):
-            return b""
-
-    messages = [RawMessage("events", 0, k, key(v), v, 1.0) for k, v in enumerate(lines)]
-    late = [
-        RawMessage("events", 0, len(lines) + k, m.key, m.value, 1.0)
-        for k, m in enumerate(messages[: spec["late"]])
-    ]
-    store: dict[tuple[int, bytes], bytes] = {}
-
-    def read(partitions: Any, keys: Any) -> list[bytes | None]:
-        return [store.get((p, k)) for p, k in zip(partitions, keys, strict=True)]
-
-    processor = BatchProcessor(model, read, metrics=WorkerMetrics())
-    at = 0
-
-    def process(batch: list[Any]) -> None:
-        result = processor.process(batch)
-        for p, key, value in result.table_writes:
-            store[(p, key)] = value
-
-    def run(size: int, n: int) -> tuple[int, float]:
-        nonlocal at
-        t0, done = time.perf_counter(), 0
-        while done < n and at < len(messages):
-            process(messages[at : at + size])
-            done += min(size, len(messages) - at)
-            at += size
-        return done, time.perf_counter() - t0
-
-    def run_late(size: int) -> tuple[int, float]:
-        """The late events once more, new offsets each time: still older than their users'
-        states, so late again."""
-        nonlocal late
-        t0 = time.perf_counter()
-        for lo in range(0, len(late), size):
-            process(late[lo : lo + size])
-        secs = time.perf_counter() - t0
-        shift = len(late)
-        late = [RawMessage("events", 0, m.offset + shift, m.key, m.value, 1.0) for m in late]
-        return len(late), secs
-
-    if spec["warm"]:
-        run(warm_size, spec["warm"])
-    rows = []
-    timed = [(size, "in order") for size in spec["sizes"]]
-    timed += [(size, "late") for size in spec["sizes"] if late]
-    for size, order in timed:
-        done, secs = run(size, spec["events"]) if order == "in order" else run_late(size)
-        rows.append(
-            {
-                "batch_size": size,
-                "order": order,
-                "events": done,
-                "seconds": round(secs, 3),
-                "events_per_s": round(done / secs, 1) if secs > 0 else None,
-                "us_per_event": round(1e6 * secs / done, 1) if done else None,
-                "model": model.version,
-                "load_avg": round(os.getloadavg()[0], 2),
-            }
-        )
-    return {"rows": rows, "peak_rss_mb": round(_peak_rss_mb(), 1)}
+    _report(cleora_bench.cleora_table(rows), rows, json_path)
 
 
 @app.command("batch")
@@ -429,23 +138,10 @@ def batch(
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
         err=True,
     )
-    got = _run_isolated(spec, worker=_batch_worker)
+    got = batch_bench.run_bench(spec)
     rows = got["rows"]
-    cols = [
-        ("batch_size", "batch size"),
-        ("order", "events sent"),
-        ("events", "events"),
-        ("seconds", "seconds"),
-        ("events_per_s", "events/s"),
-        ("us_per_event", "µs/event"),
-    ]
-    typer.echo(_render(rows, cols, _counts("events", "events_per_s")))
-    typer.echo(
-        f"model {rows[0]['model'] if rows else '?'}, peak RSS {got['peak_rss_mb']:.0f} MB", err=True
-    )
-    if json_path is not None:
-        _append_jsonl(json_path, rows)
-        typer.echo(f"wrote {len(rows)} JSON lines to {json_path}", err=True)
+    _say(f"model {rows[0]['model'] if rows else '?'}, peak RSS {got['peak_rss_mb']:.0f} MB")
+    _report(batch_bench.batch_table(rows), rows, json_path)
 
 
 @app.command("stream")
@@ -516,8 +212,7 @@ def stream(
         raise typer.BadParameter(f"unknown systems {unknown}: expected some of {sb.SYSTEMS}")
     settings = load_settings_or_exit(kafka=kafka)
 
-    def say(text: str) -> None:
-        typer.echo(text, err=True)
+    say = _say
 
     try:
         runs = sb.run_bench(
@@ -540,193 +235,14 @@ def stream(
     except sb.StreamBenchError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
-    typer.echo(_stream_table(runs))
-    if json_path is not None:
-        _append_jsonl(json_path, runs)
-        say(f"wrote {len(runs)} JSON lines to {json_path}")
-
-
-def _stream_table(rows: list[dict[str, Any]]) -> str:
-    cols = [
-        ("system", "system"),
-        ("events_per_s", "events/s"),
-        ("ratio_vs_raw", "x raw"),
-        ("p50_ms", "p50 ms"),
-        ("p99_ms", "p99 ms"),
-        ("latency_rate", "at events/s"),
-        ("rss_mb", "RSS MB"),
-        ("state_bytes_per_user", "bytes/user"),
-    ]
-    return _render(rows, cols, lambda _k, v: f"{v:,}" if isinstance(v, float) else str(v))
+    _report(sb.stream_table(runs), runs, json_path)
 
 
 # --- bench replay ------------------------------------------------------------------------------
 
 
-class ReplayVariant(StrEnum):
-    """What one measured replay run does (see ``bench replay --help``)."""
-
-    AGGREGATOR = "aggregator"
-    SNAPSHOT = "snapshot"
-    SNAPSHOT_CF = "snapshot+cf"
-    REFRESH_ONLY = "refresh-only"
-
-
-def _replay_setup_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Set-up, in a fresh process of its own: read the data folder, keep its first events,
-    fit the codebooks on their training period as ``train`` does, and leave the events
-    (canonical JSON lines) and the codebooks (``codebook-<modality>.bin``) in ``spec["tmp"]``."""
-    logging.basicConfig(level=logging.INFO, format="    %(message)s")
-    from sketchstream.models.events import protocol_split, read_events, read_items, write_events
-    from sketchstream.models.trainer import TrainConfig, fit_codebooks_for
-
-    data, tmp = Path(spec["data"]), Path(spec["tmp"])
-    t0 = time.perf_counter()
-    events = read_events(data / "events.jsonl")
-    n_all = len(events)
-    if spec["events"] is not None and spec["events"] < n_all:
-        events = events[: spec["events"]]
-    items = read_items(data / "items.jsonl") if (data / "items.jsonl").is_file() else []
-    load_s = time.perf_counter() - t0
-    config = TrainConfig()
-    t0 = time.perf_counter()
-    codebooks = fit_codebooks_for(events[protocol_split(len(events))[0]], items, config)
-    codebooks_s = time.perf_counter() - t0
-    write_events(tmp / "events.jsonl", events)
-    for modality, codebook in codebooks.items():
-        (tmp / f"codebook-{modality}.bin").write_bytes(codebook.to_bytes())
-    return {
-        "events": len(events),
-        "events_in_data": n_all,
-        "items": len(items),
-        "users": len(set(events.user.tolist())),
-        "modalities": sorted(codebooks),
-        "default_batch_size": config.replay_batch,
-        "load_s": round(load_s, 3),
-        "codebooks_s": round(codebooks_s, 3),
-    }
-
-
-def _replay_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One measured variant in a fresh process: untimed set-up (the set-up worker's events and
-    codebooks, labels, the training aggregator), then the timed run."""
-    logging.basicConfig(level=logging.INFO, format="    %(message)s")
-    import numpy as np
-    from sketchstream.models import state
-    from sketchstream.models.emde import Codebook
-    from sketchstream.models.events import DEFAULT_HEADS, labels, protocol_split, read_events
-    from sketchstream.models.snapshot import ItemSnapshot, refresh_windows
-    from sketchstream.models.trainer import (
-        TrainConfig,
-        replay,
-        snapshot_options,
-        training_aggregator_config,
-    )
-
-    variant, tmp = spec["variant"], Path(spec["tmp"])
-    t0 = time.perf_counter()
-    events = read_events(tmp / "events.jsonl")
-    codebooks = {
-        f.stem.removeprefix("codebook-"): Codebook.from_bytes(f.read_bytes())
-        for f in sorted(tmp.glob("codebook-*.bin"))
-    }
-    config = TrainConfig()
-    batch_size = spec["batch_size"] or config.replay_batch
-    heads = tuple(DEFAULT_HEADS)
-    head_names = tuple(h.name for h in heads)
-    y = labels(events, heads)
-    agg_config = training_aggregator_config(
-        events[protocol_split(len(events))[0]], heads, metadata="metadata" in codebooks
-    )
-    aggregator = state.Aggregator(agg_config, codebooks)
-    opts = snapshot_options(config)  # what train passes to refresh_windows
-    opts["similarity"] = variant in (ReplayVariant.SNAPSHOT_CF, ReplayVariant.REFRESH_ONLY)
-    setup_s = time.perf_counter() - t0
-    setup_rss = _peak_rss_mb()
-
-    def windows() -> Any:
-        return refresh_windows(
-            events,
-            y,
-            head_names,
-            prior=config.item_prior,
-            refresh_s=config.item_refresh_s,
-            **opts,
-        )
-
-    n_windows = 0
-    builds = 0
-    last_sim: list[Any] = [None]
-
-    def count(snap: Any) -> None:
-        nonlocal n_windows, builds
-        n_windows += 1
-        sim = getattr(snap, "similarity", None)
-        if sim is not None and sim is not last_sim[0]:
-            builds += last_sim[0] is not None  # the first is the empty one, not a build
-            last_sim[0] = sim
-
-    t0 = time.perf_counter()
-    if variant == ReplayVariant.AGGREGATOR:
-        replay(events, aggregator, batch_size=batch_size, progress=False)
-    elif variant == ReplayVariant.REFRESH_ONLY:
-        for _rows, snap in windows():
-            count(snap)
-    else:  # as train's build_inputs: item features read off each window's snapshot
-        width = len(
-            ItemSnapshot(
-                head_names, item_age=opts["item_age"], global_rate=opts["global_rate"]
-            ).feature_names
-        )
-        item_features = np.zeros((len(events), width), np.float32)
-        items = np.asarray(events.item, dtype=object)
-        ts = np.asarray(events.ts, dtype=np.float64)
-
-        def on_window(rows: np.ndarray, snap: Any, _features: Any) -> None:
-            count(snap)
-            item_features[rows] = snap.features(items[rows], ts[rows])
-
-        replay(
-            events,
-            aggregator,
-            batch_size=batch_size,
-            progress=False,
-            windows=windows(),
-            on_window=on_window,
-        )
-    seconds = time.perf_counter() - t0
-    n = len(events)
-    return {
-        "variant": str(variant),
-        "events": n,
-        "batch_size": batch_size,
-        "windows": n_windows or None,
-        "similarity_builds": builds if opts["similarity"] else None,
-        "seconds": round(seconds, 3),
-        "events_per_s": round(n / seconds, 1) if seconds > 0 else None,
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "setup_rss_mb": round(setup_rss, 1),
-        "setup_s": round(setup_s, 3),
-    }
-
-
-def _replay_table(rows: list[dict[str, Any]]) -> str:
-    cols = [
-        ("variant", "variant"),
-        ("events", "events"),
-        ("windows", "windows"),
-        ("similarity_builds", "CF builds"),
-        ("seconds", "seconds"),
-        ("events_per_s", "events/s"),
-        ("peak_rss_mb", "peak RSS MB"),
-        ("setup_rss_mb", "set-up RSS MB"),
-        ("ratio_vs_aggregator", "x aggregator"),
-    ]
-    return _render(rows, cols, _counts("events", "events_per_s"))
-
-
 @app.command("replay")
-def replay_bench(
+def replay(
     data: Annotated[
         Path | None,
         typer.Option(
@@ -781,54 +297,12 @@ def replay_bench(
             param_hint="--data",
         )
     chosen = [ReplayVariant(v) for v in dict.fromkeys(variants or list(ReplayVariant))]
-    load1, load5, _ = os.getloadavg()
-    typer.echo(
-        f"replay bench on {folder}: variants {', '.join(chosen)}; "
-        f"{os.cpu_count()} CPUs, load average {load1:.2f}/{load5:.2f}",
-        err=True,
+    rows = replay_bench.run_bench(
+        folder, events=events, batch_size=batch_size, chosen=chosen, say=_say
     )
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="sketchstream-bench-") as tmp:
-        typer.echo("set-up (load + codebooks, not counted) ...", err=True)
-        setup = _run_isolated(
-            {"data": str(folder), "tmp": tmp, "events": events}, _replay_setup_worker
-        )
-        typer.echo(
-            f"    {setup['events']:,} of {setup['events_in_data']:,} events, "
-            f"{setup['users']:,} users, {setup['items']:,} items; load {setup['load_s']:.1f} s, "
-            f"codebooks ({', '.join(setup['modalities'])}) {setup['codebooks_s']:.1f} s; "
-            f"batches of {batch_size or setup['default_batch_size']}",
-            err=True,
-        )
-        for k, variant in enumerate(chosen, 1):
-            typer.echo(f"[{k}/{len(chosen)}] {variant} ...", err=True)
-            load_before = os.getloadavg()[0]
-            res = _run_isolated(
-                {"variant": variant.value, "tmp": tmp, "batch_size": batch_size}, _replay_worker
-            )
-            res.update(
-                data=str(folder),
-                cpus=os.cpu_count(),
-                load_avg=round(load_before, 2),
-                load_s=setup["load_s"],
-                codebooks_s=setup["codebooks_s"],
-            )
-            typer.echo(
-                f"    {res['seconds']:.2f} s, {res['events_per_s']:,.0f} events/s, "
-                f"peak RSS {res['peak_rss_mb']:.0f} MB",
-                err=True,
-            )
-            rows.append(res)
-    base = next((r for r in rows if r["variant"] == ReplayVariant.AGGREGATOR), None)
-    for r in rows:
-        if base is not None and base["events_per_s"] and r["events_per_s"]:
-            r["ratio_vs_aggregator"] = round(r["events_per_s"] / base["events_per_s"], 3)
     load1, load5, _ = os.getloadavg()
     typer.echo(f"load average at the end {load1:.2f}/{load5:.2f}", err=True)
-    typer.echo(_replay_table(rows))
-    if json_path is not None:
-        _append_jsonl(json_path, rows)
-        typer.echo(f"wrote {len(rows)} JSON lines to {json_path}", err=True)
+    _report(replay_bench.replay_table(rows), rows, json_path)
 
 
 # --- bench chaos -------------------------------------------------------------------------------
@@ -905,8 +379,7 @@ def chaos(
     from sketchstream.tools import chaos as ch
     from sketchstream.tools import stream_bench as sb
 
-    def say(text: str) -> None:
-        typer.echo(text, err=True)
+    say = _say
 
     kinds = tuple(dict.fromkeys(fuzz_kinds)) if fuzz_kinds else ch.FUZZ_KINDS
     unknown = sorted(set(kinds) - set(ch.FUZZ_KINDS))
@@ -981,10 +454,7 @@ def chaos(
         "cpus": os.cpu_count(),
         "load_avg": round(load1, 2),
     }
-    typer.echo(ch.summary_table(row))
-    if json_path is not None:
-        _append_jsonl(json_path, [row])
-        say(f"wrote 1 JSON line to {json_path}")
+    _report(ch.summary_table(row), [row], json_path)
     if keep or not row["goal_met"]:
         say(f"worker logs: {root}/clean/worker.log, {root}/chaos/worker.log")
     else:

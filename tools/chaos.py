@@ -871,8 +871,8 @@ def run_bench(
     model artifact store ``store``, on a broker of its own under ``workdir``; returns the JSON
     row (see the module docstring). The broker and every worker are stopped on return, also
     on an exception or Ctrl-C."""
+    from sketchstream.models.aggregator import Aggregator
     from sketchstream.models.artifacts import ArtifactStore
-    from sketchstream.models.state import Aggregator
     from sketchstream.models.trainer import aggregator_config_from_dict
     from sketchstream.stream.settings import load_settings
     from sketchstream.tools.broker import LocalBroker

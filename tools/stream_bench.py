@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sketchstream.models.errors import SketchstreamError
+from sketchstream.tools.bench_harness import render
 from sketchstream.tools.kafka_io import (
     BenchTopics,
     create_bench_topics,
@@ -62,6 +63,7 @@ __all__ = [
     "run_bench",
     "run_system",
     "serve_passthrough",
+    "stream_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -188,6 +190,21 @@ def run_bench(
     return runs
 
 
+def stream_table(rows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`run_bench` as a text table."""
+    cols = [
+        ("system", "system"),
+        ("events_per_s", "events/s"),
+        ("ratio_vs_raw", "x raw"),
+        ("p50_ms", "p50 ms"),
+        ("p99_ms", "p99 ms"),
+        ("latency_rate", "at events/s"),
+        ("rss_mb", "RSS MB"),
+        ("state_bytes_per_user", "bytes/user"),
+    ]
+    return render(rows, cols, lambda _k, v: f"{v:,}" if isinstance(v, float) else str(v))
+
+
 # --- load ------------------------------------------------------------------------------------
 
 
@@ -211,7 +228,7 @@ def synthetic_lines(n: int, seed: int = 0) -> list[bytes]:
     """``n`` rating events shaped like MovieLens-1M (:func:`synthetic_ratings`) as JSON lines."""
     import numpy as np
     import orjson
-    from sketchstream.models.state import synthetic_ratings
+    from sketchstream.tools.synthetic import synthetic_ratings
 
     data = synthetic_ratings(seed=seed)
     m = min(n, len(data["ts"]))
@@ -719,7 +736,7 @@ async def run_one(
             proc.sample()
             run.rss_mb = proc.peak_rss_mb
             if system == "worker":
-                from sketchstream.models.state import state_size_report
+                from sketchstream.tools.synthetic import state_size_report
 
                 latest: dict[bytes, bytes] = {}
                 for r in await read_topic(client_kwargs, topics.changelog):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
-from sketchstream.tools.bench import synthetic_interactions
+from sketchstream.tools.cleora_bench import synthetic_interactions
 from sketchstream.tools.cli import app
 from typer.testing import CliRunner
 

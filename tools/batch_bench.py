@@ -1,0 +1,133 @@
+"""``sketchstream bench batch``: the worker's per-batch processing alone, without Kafka or
+faust (:class:`~sketchstream.stream.worker.BatchProcessor`, states in a dict), in a fresh
+process: events/s and µs per event by batch size, in file order and for late events.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sketchstream.tools.bench_harness import counts, peak_rss_mb, render, run_isolated
+
+__all__ = ["batch_table", "batch_worker", "run_bench"]
+
+
+def _ceil_to(n: int, size: int) -> int:
+    return -(-n // size) * size
+
+
+def batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """In a fresh process: the worker's per-batch path (:class:`BatchProcessor`: decode,
+    validate, read states, score-then-fold, MLP, encode) on ``spec["path"]``'s events, states
+    in a dict; events/s per batch size after a warm-up that gives users states, then (with
+    ``spec["late"]``) per batch size for the file's first events sent again as late ones."""
+    import orjson
+    import torch
+    from sketchstream.stream.metrics import WorkerMetrics
+    from sketchstream.stream.models_feed import load_serving_model
+    from sketchstream.stream.records import RawMessage
+    from sketchstream.stream.worker import BatchProcessor
+    from sketchstream.tools.evaluate import resolve_model
+
+    torch.set_num_threads(spec["torch_threads"])
+    model = load_serving_model(resolve_model(Path(spec["model"])))
+    warm_size = max(1, min(2048, spec["warm"]))
+    need = _ceil_to(spec["warm"], warm_size)
+    need += sum(_ceil_to(spec["events"], z) for z in spec["sizes"])
+    lines: list[bytes] = []
+    with Path(spec["path"]).open("rb") as fh:
+        for line in fh:
+            if line.strip():
+                lines.append(line.rstrip(b"\n"))
+            if len(lines) >= need:
+                break
+
+    def key(line: bytes) -> bytes:
+        """The user as the Kafka key; a line that is not an event object gets an empty key
+        and goes where the worker sends it (the dead-letter list), as on the topic."""
+        try:
+            return str(orjson.loads(line).get("user", "")).encode()
+        except (orjson.JSONDecodeError, AttributeError):
+            return b""
+
+    messages = [RawMessage("events", 0, k, key(v), v, 1.0) for k, v in enumerate(lines)]
+    late = [
+        RawMessage("events", 0, len(lines) + k, m.key, m.value, 1.0)
+        for k, m in enumerate(messages[: spec["late"]])
+    ]
+    store: dict[tuple[int, bytes], bytes] = {}
+
+    def read(partitions: Any, keys: Any) -> list[bytes | None]:
+        return [store.get((p, k)) for p, k in zip(partitions, keys, strict=True)]
+
+    processor = BatchProcessor(model, read, metrics=WorkerMetrics())
+    at = 0
+
+    def process(batch: list[Any]) -> None:
+        result = processor.process(batch)
+        for p, key, value in result.table_writes:
+            store[(p, key)] = value
+
+    def run(size: int, n: int) -> tuple[int, float]:
+        nonlocal at
+        t0, done = time.perf_counter(), 0
+        while done < n and at < len(messages):
+            process(messages[at : at + size])
+            done += min(size, len(messages) - at)
+            at += size
+        return done, time.perf_counter() - t0
+
+    def run_late(size: int) -> tuple[int, float]:
+        """The late events once more, new offsets each time: still older than their users'
+        states, so late again."""
+        nonlocal late
+        t0 = time.perf_counter()
+        for lo in range(0, len(late), size):
+            process(late[lo : lo + size])
+        secs = time.perf_counter() - t0
+        shift = len(late)
+        late = [RawMessage("events", 0, m.offset + shift, m.key, m.value, 1.0) for m in late]
+        return len(late), secs
+
+    if spec["warm"]:
+        run(warm_size, spec["warm"])
+    rows = []
+    timed = [(size, "in order") for size in spec["sizes"]]
+    timed += [(size, "late") for size in spec["sizes"] if late]
+    for size, order in timed:
+        done, secs = run(size, spec["events"]) if order == "in order" else run_late(size)
+        rows.append(
+            {
+                "batch_size": size,
+                "order": order,
+                "events": done,
+                "seconds": round(secs, 3),
+                "events_per_s": round(done / secs, 1) if secs > 0 else None,
+                "us_per_event": round(1e6 * secs / done, 1) if done else None,
+                "model": model.version,
+                "load_avg": round(os.getloadavg()[0], 2),
+            }
+        )
+    return {"rows": rows, "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def run_bench(spec: dict[str, Any]) -> dict[str, Any]:
+    """:func:`batch_worker` in a fresh process: ``{"rows": one per (batch size, order),
+    "peak_rss_mb": ...}``."""
+    return run_isolated(spec, batch_worker)
+
+
+def batch_table(rows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`run_bench` as a text table."""
+    cols = [
+        ("batch_size", "batch size"),
+        ("order", "events sent"),
+        ("events", "events"),
+        ("seconds", "seconds"),
+        ("events_per_s", "events/s"),
+        ("us_per_event", "µs/event"),
+    ]
+    return render(rows, cols, counts("events", "events_per_s"))
