@@ -276,18 +276,15 @@ class Aggregator:
         names = tuple(self.feature_names)
         sim = item_similarity
         cf_names = tuple(sim.columns) if sim is not None else ()
+
+        def features(valid: np.ndarray, cf: np.ndarray | None) -> Features:
+            """The result: ``density`` and ``counts`` are filled in place before it is built."""
+            v = self.codebook_version
+            return Features(valid, density, counts, codes, sk_out, v, names, cf, cf_names)
+
         if n == 0:
-            return Features(
-                np.zeros(0, bool),
-                density,
-                counts,
-                codes,
-                sk_out,
-                self.codebook_version,
-                names,
-                np.zeros((0, len(cf_names)), np.float32) if sim is not None else None,
-                cf_names,
-            )
+            empty_cf = np.zeros((0, len(cf_names)), np.float32) if sim is not None else None
+            return features(np.zeros(0, bool), empty_cf)
         # Work in user-sorted order (stable: each user's events stay in offset order).
         order = np.argsort(ev.user_index, kind="stable")
         u = ev.user_index[order]
@@ -381,17 +378,7 @@ class Aggregator:
         counts[order, n_ch + 1] = np.where(valid, n_before, 0)
         valid_out = np.zeros(n, bool)
         valid_out[order] = valid
-        return Features(
-            valid_out,
-            density,
-            counts,
-            codes,
-            sk_out,
-            self.codebook_version,
-            names,
-            cf_out,
-            cf_names,
-        )
+        return features(valid_out, cf_out)
 
     # -- pieces of the hot path -----------------------------------------------------------------
 

@@ -15,6 +15,9 @@ Pure: no CLI, no printing (progress bars aside). The pieces, in the order ``trai
   early stopping on the validation period's mean AUC, fixed seeds.
 * :func:`run_protocol` — the evaluation protocol of DESIGN.md end to end; :func:`score_events`
   — replay + predict with a loaded model artifact.
+
+Over 600 lines because these pieces are the one training pipeline, each a few dozen lines
+used only here; the feature code they drive lives in the aggregator's modules.
 """
 
 from __future__ import annotations
