@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 import typer
 from sketchstream.tools import batch_bench, cleora_bench, replay_bench
+from sketchstream.tools.bench_events import BadEventLine, check_events, event_lines
 from sketchstream.tools.bench_harness import append_jsonl
 from sketchstream.tools.cleora_bench import DEFAULT_DIMS, CleoraSize
 from sketchstream.tools.options import load_settings_or_exit
@@ -232,7 +233,7 @@ def stream(
             timeout=timeout,
             say=say,
         )
-    except sb.StreamBenchError as exc:
+    except (sb.StreamBenchError, BadEventLine) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     _report(sb.stream_table(runs), runs, json_path)
@@ -377,7 +378,6 @@ def chaos(
     import signal
 
     from sketchstream.tools import chaos as ch
-    from sketchstream.tools import stream_bench as sb
 
     say = _say
 
@@ -398,10 +398,10 @@ def chaos(
             f"{data}: no events.jsonl (make one with `sketchstream data movielens-1m`)",
             param_hint="--data",
         )
-    lines, _ = sb.event_lines(path, events)
+    lines, _ = event_lines(path, events)
     try:
-        sb.check_events(lines)
-    except sb.BadEventLine as exc:
+        check_events(lines)
+    except BadEventLine as exc:
         typer.echo(f"{path}: {exc}", err=True)
         raise typer.Exit(2) from None
     if len(lines) < events:

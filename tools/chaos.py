@@ -789,7 +789,7 @@ class _Run:
     async def close(self) -> None:
         """Stop the worker (SIGTERM: it flushes its changelog), read everything left."""
         import orjson
-        from sketchstream.tools.stream_bench import read_topic
+        from sketchstream.tools.kafka_io import read_topic
 
         self.seconds = time.monotonic() - self.started
         code, self.stop_s, self.stop_killed = self.worker.stop()

@@ -4,7 +4,8 @@ topics of one bench run and deleting topics again.
 - :func:`kafka_answers`: does a broker answer a metadata request (``broker``, ``kafka status``,
   ``worker``, ``bench stream``)?
 - :func:`free_port`: a loopback TCP port nobody listens on (private brokers, worker web ports).
-- :func:`partitions_of`, :func:`end_offsets`, :func:`topic_end_offsets`: where topics end.
+- :func:`partitions_of`, :func:`end_offsets`, :func:`topic_end_offsets`: where topics end;
+  :func:`read_topic`: every record of a topic up to its end.
 - :class:`BenchTopics`, :func:`create_bench_topics`: the uniquely named topics and app id of
   one bench run (``bench stream``, ``bench chaos``).
 - :func:`delete_topics`: delete topics, optionally waiting until the broker no longer lists
@@ -40,6 +41,7 @@ __all__ = [
     "free_port",
     "kafka_answers",
     "partitions_of",
+    "read_topic",
     "topic_end_offsets",
 ]
 
@@ -145,6 +147,43 @@ async def topic_end_offsets(
         tps = partitions_of(topic, partitions)
         end = await end_offsets(consumer, tps)
         return [end[tp] for tp in tps]
+    finally:
+        await consumer.stop()
+
+
+async def read_topic(client_kwargs: Mapping[str, Any], topic: str) -> list[Any]:
+    """Every record of ``topic`` up to its current end (group-less consumer)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        **client_kwargs,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=1 << 23,
+        fetch_max_bytes=1 << 26,
+    )
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            await consumer._client.force_metadata_update()  # no public metadata refresh
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        end = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[Any] = []
+        todo = {tp for tp in tps if end[tp] > 0}
+        while todo:
+            got = await consumer.getmany(*todo, timeout_ms=1000, max_records=50_000)
+            for tp, records in got.items():
+                out.extend(records)
+                if records and records[-1].offset + 1 >= end[tp]:
+                    todo.discard(tp)
+        return out
     finally:
         await consumer.stop()
 

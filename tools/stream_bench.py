@@ -16,6 +16,11 @@ for ``latency_seconds`` and each output's latency is its Kafka record time minus
 Kafka record time (both set by the producers when the record is created). RSS is the peak
 resident set of the system's process (``VmHWM``); bytes per user come from the worker's
 changelog (the latest state of every user).
+
+The events come from :mod:`~sketchstream.tools.bench_events`, the model the worker serves from
+:mod:`~sketchstream.tools.bench_model`, topics and offsets from
+:mod:`~sketchstream.tools.kafka_io`. What is left (~640 lines) is one thing: the three systems
+(the two passthroughs are here, started as ``python -c`` children) and their measured run.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +40,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sketchstream.models.errors import SketchstreamError
+from sketchstream.tools.bench_events import (
+    BadEventLine,
+    check_events,
+    event_lines,
+    later_copies,
+    user_keys,
+)
 from sketchstream.tools.bench_harness import render
+from sketchstream.tools.bench_model import bench_model
 from sketchstream.tools.kafka_io import (
     BenchTopics,
     create_bench_topics,
@@ -45,6 +57,7 @@ from sketchstream.tools.kafka_io import (
     free_port,
     kafka_answers,
     partitions_of,
+    read_topic,
     topic_end_offsets,
 )
 
@@ -53,13 +66,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SYSTEMS",
-    "BadEventLine",
     "BenchRun",
     "StreamBenchError",
-    "bench_model",
-    "check_events",
-    "event_lines",
-    "later_copies",
     "run_bench",
     "run_system",
     "serve_passthrough",
@@ -70,6 +78,10 @@ log = logging.getLogger(__name__)
 
 SYSTEMS = ("raw", "faust", "worker")
 _READY_TIMEOUT = 120.0
+
+
+class StreamBenchError(SketchstreamError):
+    """``bench stream`` cannot run as asked; the message says why and what to do."""
 
 
 # --- the bench ------------------------------------------------------------------------------
@@ -98,8 +110,9 @@ def run_bench(
     synthetic when it has no events.jsonl). Returns one row per system (:meth:`BenchRun.row`,
     plus ``ratio_vs_raw`` beside a raw run and ``model`` for the worker).
 
-    :class:`StreamBenchError` when no broker answers or the events file is empty or has a line
-    the bench cannot use; progress goes to ``say``.
+    :class:`StreamBenchError` when no broker answers or the events file is empty,
+    :class:`~sketchstream.tools.bench_events.BadEventLine` for a line the bench cannot use;
+    progress goes to ``say``.
     """
     client_kwargs = settings.client_kwargs()
     if not kafka_answers(client_kwargs, timeout=10.0):
@@ -120,7 +133,7 @@ def run_bench(
         check_events(pool)
     except BadEventLine as exc:
         raise BadEventLine(f"{origin}: {exc}") from None
-    lines, keys = pool[:events], _keys(pool[:events])
+    lines, keys = pool[:events], user_keys(pool[:events])
 
     def more(n: int) -> tuple[list[bytes], list[bytes]]:
         """The ``n`` events after the drained ones: the file's next ones, then (when it runs
@@ -138,7 +151,7 @@ def run_bench(
                 "the first ones again, moved later in time)"
             )
             after += later_copies(pool, n - len(after))
-        return after, _keys(after)
+        return after, user_keys(after)
 
     store = version = how = None
     if "worker" in systems:
@@ -205,96 +218,6 @@ def stream_table(rows: list[dict[str, Any]]) -> str:
     return render(rows, cols, lambda _k, v: f"{v:,}" if isinstance(v, float) else str(v))
 
 
-# --- load ------------------------------------------------------------------------------------
-
-
-def event_lines(path: Path | None, n: int, seed: int = 0) -> tuple[list[bytes], str]:
-    """Up to ``n`` canonical event lines from ``path`` in file order, else (no file) ``n``
-    synthetic MovieLens-shaped ones. Returns ``(lines, source description)``."""
-    if path is not None and path.is_file():
-        lines: list[bytes] = []
-        with path.open("rb") as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    lines.append(line)
-                    if len(lines) >= n:
-                        break
-        return lines, f"{path} (first {len(lines):,} events)"
-    return synthetic_lines(n, seed), f"synthetic MovieLens-1M-shaped stream ({n:,} events)"
-
-
-def synthetic_lines(n: int, seed: int = 0) -> list[bytes]:
-    """``n`` rating events shaped like MovieLens-1M (:func:`synthetic_ratings`) as JSON lines."""
-    import numpy as np
-    import orjson
-    from sketchstream.tools.synthetic import synthetic_ratings
-
-    data = synthetic_ratings(seed=seed)
-    m = min(n, len(data["ts"]))
-    users = data["user"][:m].tolist()
-    items = data["item"][:m].tolist()
-    ts = data["ts"][:m].astype(np.int64).tolist()
-    values = data["value"][:m].astype(np.int64).tolist()
-    return [
-        orjson.dumps({"user": f"u{u}", "item": i, "action": "rate", "ts": t, "value": v})
-        for u, i, t, v in zip(users, items, ts, values, strict=True)
-    ]
-
-
-class StreamBenchError(SketchstreamError):
-    """``bench stream`` cannot run as asked; the message says why and what to do."""
-
-
-class BadEventLine(StreamBenchError, ValueError):
-    """A line of the events file that the bench cannot key by user and move in time."""
-
-
-def check_events(lines: Sequence[bytes], start: int = 0) -> None:
-    """Raise :class:`BadEventLine` for the first of ``lines`` (events ``start + 1`` on, in
-    file order) that is not a JSON object with a string ``user`` and a numeric ``ts``."""
-    import orjson
-
-    for k, line in enumerate(lines, start + 1):
-        try:
-            event = orjson.loads(line)
-            user, ts = event["user"], event["ts"]
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            raise BadEventLine(f"event {k}: not a JSON event with 'user' and 'ts': {exc}") from None
-        if not isinstance(user, str) or isinstance(ts, bool) or not isinstance(ts, int | float):
-            raise BadEventLine(f"event {k}: 'user' must be a string and 'ts' a number")
-
-
-def later_copies(lines: Sequence[bytes], n: int) -> list[bytes]:
-    """``n`` events to follow ``lines``: ``lines`` again from the start, each pass moved later
-    by the span of their times plus a second, so every user's events stay in time order.
-
-    Sending the same events again unshifted makes them late for users who already have
-    later events, and late events take the aggregator's slower path: a latency run that
-    outgrew its events would measure that instead of the stream it means to.
-    """
-    import orjson
-
-    if n <= 0 or not lines:
-        return []
-    events = [orjson.loads(line) for line in lines]
-    times = [float(e["ts"]) for e in events]
-    span = max(times) - min(times) + 1.0
-    out: list[bytes] = []
-    shift = 0.0
-    while len(out) < n:
-        shift += span
-        for e, t in zip(events[: n - len(out)], times, strict=False):
-            out.append(orjson.dumps({**e, "ts": t + shift}))
-    return out
-
-
-def _keys(lines: Sequence[bytes]) -> list[bytes]:
-    import orjson
-
-    return [orjson.loads(line)["user"].encode() for line in lines]
-
-
 async def produce(
     client_kwargs: dict[str, Any],
     topic: str,
@@ -354,43 +277,6 @@ async def produce(
     finally:
         await producer.stop()
     return time.perf_counter() - started
-
-
-async def read_topic(client_kwargs: dict[str, Any], topic: str) -> list[Any]:
-    """Every record of ``topic`` up to its current end (group-less consumer)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(
-        **client_kwargs,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_partition_fetch_bytes=1 << 23,
-        fetch_max_bytes=1 << 26,
-    )
-    await consumer.start()
-    try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        if not parts:
-            await consumer._client.force_metadata_update()  # no public metadata refresh
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        end = await consumer.end_offsets(tps)
-        await consumer.seek_to_beginning(*tps)
-        out: list[Any] = []
-        todo = {tp for tp in tps if end[tp] > 0}
-        while todo:
-            got = await consumer.getmany(*todo, timeout_ms=1000, max_records=50_000)
-            for tp, records in got.items():
-                out.extend(records)
-                if records and records[-1].offset + 1 >= end[tp]:
-                    todo.discard(tp)
-        return out
-    finally:
-        await consumer.stop()
 
 
 # --- systems ---------------------------------------------------------------------------------
@@ -756,91 +642,3 @@ async def run_one(
 def run_system(*args: Any, **kwargs: Any) -> BenchRun:
     """:func:`run_one` on a fresh event loop."""
     return asyncio.run(run_one(*args, **kwargs))
-
-
-# --- the model -------------------------------------------------------------------------------
-
-
-def bench_model(
-    model_dir: Path | None,
-    artifact_dir: Path,
-    cache_dir: Path,
-    training_lines: Callable[[], Sequence[bytes]],
-    *,
-    items_path: Path | None,
-    hidden: int,
-    blocks: int,
-    say: Callable[[str], None],
-) -> tuple[Path, str, str]:
-    """The artifact store the worker serves from: ``model_dir`` when given, else
-    ``artifact_dir`` when it holds a model, else a model built here (and cached under
-    ``cache_dir``) by the trainer's protocol on ``training_lines()`` (codebooks on the first
-    80 %, one epoch; item metadata from ``items_path`` when present).
-
-    Returns ``(store root, version, how it was chosen)``.
-    """
-    from sketchstream.models.artifacts import ArtifactStore
-
-    for root, how in ((model_dir, "given"), (artifact_dir, "newest in the artifact dir")):
-        if root is not None and ArtifactStore(root).latest() is not None:
-            return root, str(ArtifactStore(root).latest()), how
-        if root is model_dir and model_dir is not None:
-            raise FileNotFoundError(f"{model_dir}: no model artifact there")
-    lines = training_lines()
-    root = cache_dir / f"h{hidden}-b{blocks}-n{len(lines)}"
-    version = ArtifactStore(root).latest()
-    if version is not None:
-        if _servable(root / str(version)):
-            return root, str(version), f"built earlier for the bench ({root})"
-        say(f"the cached bench model {root / str(version)} no longer loads: rebuilding it")
-        shutil.rmtree(root)
-    say(f"building a bench model (hidden {hidden}, {blocks} blocks) on {len(lines):,} events ...")
-    version = _train_model(root, lines, items_path, hidden=hidden, blocks=blocks)
-    return root, version, f"built now for the bench ({root})"
-
-
-def _servable(path: Path) -> bool:
-    """Whether the worker would serve the artifact at ``path`` (it may predate the code)."""
-    from sketchstream.models.errors import SketchstreamError
-    from sketchstream.stream.models_feed import load_serving_model
-
-    try:
-        load_serving_model(path)
-    except (SketchstreamError, OSError, KeyError, TypeError, ValueError) as exc:
-        log.info("bench model %s: %s", path, exc)
-        return False
-    return True
-
-
-def _train_model(
-    root: Path, lines: Sequence[bytes], items_path: Path | None, *, hidden: int, blocks: int
-) -> str:
-    import numpy as np
-    import orjson
-    from sketchstream.models.artifacts import save_model_artifact
-    from sketchstream.models.events import DEFAULT_HEADS, EventTable, read_items
-    from sketchstream.models.trainer import TrainConfig, head_defs, run_protocol
-
-    recs = [orjson.loads(line) for line in lines]
-    events = EventTable(
-        user=np.array([r["user"] for r in recs], dtype=object),
-        item=np.array([r["item"] for r in recs], dtype=object),
-        action=np.array([r["action"] for r in recs], dtype=object),
-        ts=np.array([float(r["ts"]) for r in recs]),
-        value=np.array([r.get("value", np.nan) for r in recs], np.float32),
-    )
-    items = read_items(items_path) if items_path is not None and items_path.is_file() else None
-    config = TrainConfig(epochs=1, hidden=hidden, blocks=blocks)
-    result = run_protocol(events, items, config, heads=DEFAULT_HEADS, progress=False)
-    metrics = {
-        name: {split: dict(m) for split, m in fig.items()} for name, fig in result.metrics.items()
-    }
-    return save_model_artifact(
-        root,
-        model=result.model,
-        codebooks=result.codebooks,
-        aggregator_config=result.aggregator_config,
-        item_stats=result.item_stats,
-        metrics=metrics,
-        extra={"train": config.to_dict(), "head_defs": head_defs(DEFAULT_HEADS), "bench": True},
-    )

@@ -59,7 +59,7 @@ def test_later_copies_keep_every_users_events_in_time_order():
     """A latency run longer than its events continues with the same events, later in time:
     none is older than an event its user already sent (that would be a late event, which
     the worker reads on its slower path)."""
-    from sketchstream.tools.stream_bench import later_copies
+    from sketchstream.tools.bench_events import later_copies
 
     lines = [
         json.dumps(
@@ -82,7 +82,7 @@ def test_check_events_names_the_first_line_it_cannot_key_or_time():
     """bench stream keys events by user and moves them in time: a line without either is
     refused up front, by its number, instead of failing inside a run."""
     import pytest
-    from sketchstream.tools.stream_bench import BadEventLine, check_events
+    from sketchstream.tools.bench_events import BadEventLine, check_events
 
     good = [json.dumps({"user": "u1", "item": "i", "action": "rate", "ts": 5}).encode()] * 2
     check_events(good)
