@@ -30,7 +30,7 @@ def batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from sketchstream.stream.models_feed import load_serving_model
     from sketchstream.stream.records import RawMessage
     from sketchstream.stream.worker import BatchProcessor
-    from sketchstream.tools.evaluate import resolve_model
+    from sketchstream.tools.model_choice import resolve_model
 
     torch.set_num_threads(spec["torch_threads"])
     model = load_serving_model(resolve_model(Path(spec["model"])))

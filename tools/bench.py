@@ -25,6 +25,7 @@ from sketchstream.tools import batch_bench, cleora_bench, replay_bench
 from sketchstream.tools.bench_events import BadEventLine, check_events, event_lines
 from sketchstream.tools.bench_harness import append_jsonl
 from sketchstream.tools.cleora_bench import DEFAULT_DIMS, CleoraSize
+from sketchstream.tools.model_choice import resolve_model
 from sketchstream.tools.options import load_settings_or_exit
 from sketchstream.tools.replay_bench import ReplayVariant
 
@@ -406,7 +407,13 @@ def chaos(
         raise typer.Exit(2) from None
     if len(lines) < events:
         say(f"{path} holds {len(lines):,} events only: using them all")
-    store = _chaos_model(model if model is not None else settings.artifact_dir)
+    model_path = model if model is not None else settings.artifact_dir
+    store = resolve_model(
+        model_path,
+        how_to_make=f"train one with `sketchstream train --data data/ml-1m --out {model_path} "
+        "--epochs 1 --hidden 256 --no-baselines`",
+        param_hint="--model",
+    )
 
     keep = workdir is not None
     root = workdir or Path(tempfile.mkdtemp(prefix="sketchstream-chaos-"))
@@ -459,23 +466,6 @@ def chaos(
         say(f"worker logs: {root}/clean/worker.log, {root}/chaos/worker.log")
     else:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _chaos_model(path: Path) -> Path:
-    """The artifact ``path`` names (itself, or the newest in a folder of them), or a clear
-    error that says how to make one."""
-    from sketchstream.models.artifacts import MANIFEST, ArtifactStore
-
-    if (path / MANIFEST).is_file():
-        return path
-    latest = ArtifactStore(path).latest() if path.is_dir() else None
-    if latest is None:
-        raise typer.BadParameter(
-            f"{path}: no model artifact there; train one with `sketchstream train --data "
-            f"data/ml-1m --out {path} --epochs 1 --hidden 256 --no-baselines`",
-            param_hint="--model",
-        )
-    return path / str(latest)
 
 
 def _code_version() -> str | None:

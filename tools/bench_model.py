@@ -10,6 +10,8 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from sketchstream.tools.model_choice import refusal
+
 __all__ = ["bench_model"]
 
 log = logging.getLogger(__name__)
@@ -44,26 +46,15 @@ def bench_model(
     root = cache_dir / f"h{hidden}-b{blocks}-n{len(lines)}"
     version = ArtifactStore(root).latest()
     if version is not None:
-        if _servable(root / str(version)):
+        reason = refusal(root / str(version))
+        if reason is None:
             return root, str(version), f"built earlier for the bench ({root})"
+        log.info("bench model %s: %s", root / str(version), reason)
         say(f"the cached bench model {root / str(version)} no longer loads: rebuilding it")
         shutil.rmtree(root)
     say(f"building a bench model (hidden {hidden}, {blocks} blocks) on {len(lines):,} events ...")
     version = _train_model(root, lines, items_path, hidden=hidden, blocks=blocks)
     return root, version, f"built now for the bench ({root})"
-
-
-def _servable(path: Path) -> bool:
-    """Whether the worker would serve the artifact at ``path`` (it may predate the code)."""
-    from sketchstream.models.errors import SketchstreamError
-    from sketchstream.stream.models_feed import load_serving_model
-
-    try:
-        load_serving_model(path)
-    except (SketchstreamError, OSError, KeyError, TypeError, ValueError) as exc:
-        log.info("bench model %s: %s", path, exc)
-        return False
-    return True
 
 
 def _train_model(

@@ -31,6 +31,7 @@ from sketchstream.tools.demo_follow import Outcome, watch
 from sketchstream.tools.demo_plan import DemoError, ReplayPlan, plan_replay, replay_ts
 from sketchstream.tools.demo_processes import Processes, tail, wait_healthy
 from sketchstream.tools.kafka_io import TopicsNotDeleted, delete_topics, free_port
+from sketchstream.tools.model_choice import refusal
 
 if TYPE_CHECKING:
     import subprocess
@@ -43,7 +44,6 @@ __all__ = [
     "app_topics",
     "demo_topics",
     "find_artifact",
-    "refusal",
     "run",
 ]
 
@@ -325,19 +325,6 @@ def find_artifact(root: Path, n_events: int, md5: str) -> list[str]:
         if data.get("events") == n_events and data.get("stream_md5") == md5:
             found.append(version)
     return found
-
-
-def refusal(path: Path) -> str | None:
-    """Why the worker would refuse the artifact at ``path`` (None: it serves it), by loading it
-    the way the worker does."""
-    from sketchstream.models.errors import SketchstreamError
-    from sketchstream.stream.models_feed import load_serving_model
-
-    try:
-        load_serving_model(path)
-    except (SketchstreamError, OSError, ValueError) as exc:
-        return str(exc)
-    return None
 
 
 def _offline_auc(path: Path) -> float | None:

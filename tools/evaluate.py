@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from sketchstream.tools.model_choice import resolve_model
 from sketchstream.tools.options import (
     BaselinesOption,
     DataOption,
@@ -19,19 +20,7 @@ from sketchstream.tools.options import (
     ThreadsOption,
 )
 
-__all__ = ["evaluate", "read_data", "report_for", "resolve_model", "summary"]
-
-
-def resolve_model(path: Path) -> Path:
-    """A model artifact directory, or the latest version in an artifact store root."""
-    from sketchstream.models.artifacts import MANIFEST, ArtifactStore
-
-    if (path / MANIFEST).is_file():
-        return path
-    latest = ArtifactStore(path).latest()
-    if latest is None:
-        raise typer.BadParameter(f"{path}: neither a model artifact nor a folder of them")
-    return path / latest
+__all__ = ["evaluate", "read_data", "report_for", "summary"]
 
 
 def read_data(data: Path) -> tuple[Any, list, float]:
