@@ -85,7 +85,7 @@ def _train_model(
         model=result.model,
         codebooks=result.codebooks,
         aggregator_config=result.aggregator_config,
-        item_stats=result.item_stats,
+        item_snapshot=result.item_snapshot,
         metrics=metrics,
         extra={"train": config.to_dict(), "head_defs": head_defs(DEFAULT_HEADS), "bench": True},
     )

@@ -20,7 +20,19 @@ from sketchstream.tools.options import (
     ThreadsOption,
 )
 
-__all__ = ["evaluate", "read_data", "report_for", "summary"]
+__all__ = ["evaluate", "read_data", "report_for", "start", "summary"]
+
+
+def start(threads: int) -> float:
+    """The start of a model command: torch's threads set (0: its default); returns the
+    ``time.perf_counter()`` the report's total time counts from."""
+    import time
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return time.perf_counter()
 
 
 def read_data(data: Path) -> tuple[Any, list, float]:
@@ -122,16 +134,11 @@ def evaluate(
     progress: ProgressOption = True,
 ) -> None:
     """Score every event prequentially with a trained model and report val/test metrics."""
-    import time
-
-    import torch
     from sketchstream.models.artifacts import load_model_artifact
     from sketchstream.models.errors import SketchstreamError
     from sketchstream.models.trainer import score_events
 
-    if threads:
-        torch.set_num_threads(threads)
-    t_all = time.perf_counter()
+    t_all = start(threads)
     try:
         bundle = load_model_artifact(resolve_model(model))
         events, items, t_load = read_data(data)

@@ -62,18 +62,13 @@ def train(
     progress: ProgressOption = True,
 ) -> None:
     """Train the engagement MLP on the protocol's training period and write a model artifact."""
-    import time
-
-    import torch
     from sketchstream.models.artifacts import save_model_artifact
     from sketchstream.models.errors import SketchstreamError
     from sketchstream.models.events import DEFAULT_HEADS, stream_md5
     from sketchstream.models.trainer import TrainConfig, head_defs, run_protocol
-    from sketchstream.tools.evaluate import read_data, report_for, summary
+    from sketchstream.tools.evaluate import read_data, report_for, start, summary
 
-    if threads:
-        torch.set_num_threads(threads)
-    t_all = time.perf_counter()
+    t_all = start(threads)
     try:
         events, items, t_load = read_data(data)
         given = load_codebooks(codebooks) if codebooks is not None else None
