@@ -275,7 +275,9 @@ async def read_window(
     try:
         # aiokafka has no public "partitions of a topic I am not subscribed to": ask for fresh
         # cluster metadata (as the model feed does)
-        cluster = await consumer._client.fetch_all_metadata()
+        from sketchstream.stream.faust_compat import fetch_all_metadata
+
+        cluster = await fetch_all_metadata(consumer)
         parts = sorted(cluster.partitions_for_topic(topic) or ())
         if not parts:
             raise StreamError(

@@ -32,10 +32,9 @@ def build_tiny_artifact(root: Path, seed: int = 0) -> str:
     channels, a 16-wide MLP. Returns its version."""
     import torch
     from sketchstream.models.artifacts import save_model_artifact
-    from sketchstream.models.channels import AggregatorConfig, Channel
+    from sketchstream.models.channels import AggregatorConfig, Channel, aggregator_config_to_dict
     from sketchstream.models.emde import Codebook
     from sketchstream.models.mlp import EngagementMLP, MLPConfig
-    from sketchstream.models.trainer import aggregator_config_to_dict
 
     rng = np.random.default_rng(seed)
     ids = [f"i{k}" for k in range(60)]
@@ -362,8 +361,8 @@ def offline_reference(artifact_dir: Path, records: list[Any], batch: int = 10_00
     from sketchstream.models.aggregator import Aggregator
     from sketchstream.models.artifacts import ArtifactStore
     from sketchstream.models.batches import EventBatch
+    from sketchstream.models.channels import aggregator_config_from_dict
     from sketchstream.models.mlp import assemble
-    from sketchstream.models.trainer import aggregator_config_from_dict
 
     bundle = ArtifactStore(artifact_dir).load()
     agg = Aggregator(aggregator_config_from_dict(bundle.aggregator_config), bundle.codebooks)

@@ -10,13 +10,18 @@ from kafka_harness import ACTIONS, synthetic_events
 from sketchstream.models.aggregator import Aggregator
 from sketchstream.models.artifacts import load_model_artifact, save_model_artifact
 from sketchstream.models.batches import EventBatch
-from sketchstream.models.channels import DAY, AggregatorConfig, Channel
+from sketchstream.models.channels import (
+    DAY,
+    AggregatorConfig,
+    Channel,
+    aggregator_config_from_dict,
+    aggregator_config_to_dict,
+)
 from sketchstream.models.emde import Codebook
 from sketchstream.models.events import EventTable, labels
 from sketchstream.models.mlp import EngagementMLP, MLPConfig
 from sketchstream.models.scorer import Scorer
 from sketchstream.models.snapshot import ItemSnapshot
-from sketchstream.models.trainer import aggregator_config_from_dict, aggregator_config_to_dict
 from sketchstream.stream.records import RawMessage
 from sketchstream.stream.worker import BatchProcessor, serving_model
 

@@ -94,7 +94,7 @@ def _fold(agg, events, offsets, partition=0):
 def aggregator(tmp_path):
     from sketchstream.models.aggregator import Aggregator
     from sketchstream.models.artifacts import ArtifactStore
-    from sketchstream.models.trainer import aggregator_config_from_dict
+    from sketchstream.models.channels import aggregator_config_from_dict
 
     build_tiny_artifact(tmp_path / "artifacts")
     bundle = ArtifactStore(tmp_path / "artifacts").load()
