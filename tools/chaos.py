@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from sketchstream.tools.kafka_io import BenchTopics, create_bench_topics, free_port
+from sketchstream.tools.worker import worker_argv
 
 __all__ = [
     "FUZZ_KINDS",
@@ -115,7 +116,6 @@ TOL = 1e-5
 OUTAGE_GRACE_S = 30.0
 DEEP = 1000
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b(:|$)")
-_WORKER = "import typer; from sketchstream.tools.worker import worker; typer.run(worker)"
 
 
 @dataclass(frozen=True)
@@ -560,7 +560,7 @@ class _Worker:
             out.write(f"--- start {self.starts + 1} at {time.time():.3f}\n".encode())
             out.flush()
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _WORKER, *self.args],
+                worker_argv(*self.args),
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -669,15 +669,9 @@ class _Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,
-            "SKETCHSTREAM_KAFKA": self.bootstrap,
-            "SKETCHSTREAM_TOPIC_EVENTS": topics.events,
-            "SKETCHSTREAM_TOPIC_PREDICTIONS": topics.outputs,
-            "SKETCHSTREAM_TOPIC_DLQ": topics.dlq,
-            "SKETCHSTREAM_TOPIC_MODELS": topics.models,
-            "SKETCHSTREAM_PARTITIONS": str(config.partitions),
+            **topics.worker_env(self.bootstrap),
             "SKETCHSTREAM_STATE_DIR": str(run_dir / "state"),
             "SKETCHSTREAM_ARTIFACT_DIR": str(store),
-            "SKETCHSTREAM_APP_ID": topics.app_id,
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
         }

@@ -222,6 +222,18 @@ class BenchTopics:
     def changelog(self) -> str:
         return f"{self.app_id}-users-changelog"
 
+    def worker_env(self, bootstrap: str) -> dict[str, str]:
+        """The ``SKETCHSTREAM_*`` variables that point a worker at these topics and app id."""
+        return {
+            "SKETCHSTREAM_KAFKA": bootstrap,
+            "SKETCHSTREAM_TOPIC_EVENTS": self.events,
+            "SKETCHSTREAM_TOPIC_PREDICTIONS": self.outputs,
+            "SKETCHSTREAM_TOPIC_DLQ": self.dlq,
+            "SKETCHSTREAM_TOPIC_MODELS": self.models,
+            "SKETCHSTREAM_PARTITIONS": str(self.partitions),
+            "SKETCHSTREAM_APP_ID": self.app_id,
+        }
+
 
 async def create_bench_topics(client_kwargs: Mapping[str, Any], topics: BenchTopics) -> None:
     """Create the events, predictions and dead-letter topics (``topics.partitions`` each) and

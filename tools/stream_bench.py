@@ -60,6 +60,7 @@ from sketchstream.tools.kafka_io import (
     read_topic,
     topic_end_offsets,
 )
+from sketchstream.tools.worker import worker_argv
 
 if TYPE_CHECKING:
     from sketchstream.stream.settings import Settings
@@ -400,7 +401,6 @@ class _Process:
             return ""
 
 
-_WORKER = "import typer; from sketchstream.tools.worker import worker; typer.run(worker)"
 _PASSTHROUGH = (
     "import json, sys; from sketchstream.tools.stream_bench import serve_passthrough; "
     "serve_passthrough(json.loads(sys.argv[1]))"
@@ -423,29 +423,15 @@ def _start(
     if system == "worker":
         env.update(
             {
-                "SKETCHSTREAM_KAFKA": bootstrap,
-                "SKETCHSTREAM_TOPIC_EVENTS": topics.events,
-                "SKETCHSTREAM_TOPIC_PREDICTIONS": topics.outputs,
-                "SKETCHSTREAM_TOPIC_DLQ": topics.dlq,
-                "SKETCHSTREAM_TOPIC_MODELS": topics.models,
-                "SKETCHSTREAM_PARTITIONS": str(topics.partitions),
+                **topics.worker_env(bootstrap),
                 "SKETCHSTREAM_STATE_DIR": str(state_dir),
                 "SKETCHSTREAM_ARTIFACT_DIR": str(artifact_dir),
                 "SKETCHSTREAM_WEB_PORT": str(free_port()),
-                "SKETCHSTREAM_APP_ID": topics.app_id,
             }
         )
-        argv = [
-            sys.executable,
-            "-c",
-            _WORKER,
-            "--batch-size",
-            str(batch_size),
-            "--standby-replicas",
-            "0",
-            "--loglevel",
-            "warning",
-        ]
+        argv = worker_argv(
+            "--batch-size", str(batch_size), "--standby-replicas", "0", "--loglevel", "warning"
+        )
     else:
         spec = {
             "system": system,

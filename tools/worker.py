@@ -22,12 +22,20 @@ import typer
 from sketchstream.tools.kafka_io import kafka_answers
 from sketchstream.tools.options import setting_option
 
-__all__ = ["EXIT_STOP_TIMEOUT", "worker"]
+__all__ = ["EXIT_STOP_TIMEOUT", "worker", "worker_argv"]
 
 log = logging.getLogger(__name__)
 
 #: Exit status of a stop cut short after ``stop_timeout`` (offsets not committed).
 EXIT_STOP_TIMEOUT = 3
+
+_CHILD = "import typer; from sketchstream.tools.worker import worker; typer.run(worker)"
+
+
+def worker_argv(*args: str) -> list[str]:
+    """The command line of ``sketchstream worker args...`` as a child of this interpreter
+    (the benches' workers: no console script needed)."""
+    return [sys.executable, "-c", _CHILD, *args]
 
 
 def _bounded_worker(app: Any, stop_timeout: float, loglevel: str) -> Any:
