@@ -26,7 +26,7 @@ from sketchstream.tools.bench_events import BadEventLine, check_events, event_li
 from sketchstream.tools.bench_harness import append_jsonl
 from sketchstream.tools.cleora_bench import DEFAULT_DIMS, CleoraSize
 from sketchstream.tools.model_choice import resolve_model
-from sketchstream.tools.options import load_settings_or_exit
+from sketchstream.tools.options import load_settings_or_exit, setting_option
 from sketchstream.tools.replay_bench import ReplayVariant
 
 __all__ = ["app"]
@@ -195,7 +195,7 @@ def stream(
     timeout: Annotated[
         float, typer.Option(min=1.0, help="Seconds a system may take to drain.")
     ] = 600.0,
-    kafka: Annotated[str | None, typer.Option("--kafka", help="Bootstrap servers.")] = None,
+    kafka: Annotated[str | None, setting_option("kafka", "--kafka")] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Append one JSON line per system to this file.")
     ] = None,

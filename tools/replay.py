@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 import typer
 from sketchstream.models.errors import SketchstreamError
+from sketchstream.tools.options import load_settings_or_exit, setting_option
 
 __all__ = ["ReplayStopped", "produce_events", "replay"]
 
@@ -283,11 +284,9 @@ def replay(
         ),
     ] = RETRY_TIMEOUT_S,
     topic: Annotated[str | None, typer.Option("--topic", help="Default: the events topic.")] = None,
-    kafka: Annotated[str | None, typer.Option("--kafka", help="Bootstrap servers.")] = None,
+    kafka: Annotated[str | None, setting_option("kafka", "--kafka")] = None,
 ) -> None:
     """Produce a canonical events file into the events topic, keyed by user."""
-    from sketchstream.tools.options import load_settings_or_exit
-
     if rate == "max":
         per_second = None
     else:
