@@ -78,7 +78,8 @@ def status(port: Port = None, data_dir: DataDir = None):
 
     With SKETCHSTREAM_KAFKA set, checks those servers instead of the local broker.
     """
-    from sketchstream.tools.broker import KAFKA_VERSION, kafka_answers
+    from sketchstream.tools.broker import KAFKA_VERSION
+    from sketchstream.tools.kafka_io import kafka_answers
 
     settings = load_settings_or_exit(kafka_port=port)
     if not settings.uses_local_broker:
