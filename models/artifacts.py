@@ -135,21 +135,18 @@ def save_model_artifact(
     item_snapshot: Any = None,
     metrics: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
-    item_stats: Any = None,
 ) -> str:
     """Write a model artifact under ``root/<version>`` and return the version.
 
     ``codebooks``: ``{modality: Codebook}`` (anything with ``to_bytes()`` and ``version``).
     ``item_snapshot``: an :class:`~sketchstream.models.snapshot.ItemSnapshot` (or None), stored
-    as :data:`ITEM_SNAPSHOT`; ``item_stats`` is an older name for it.
+    as :data:`ITEM_SNAPSHOT`.
     ``aggregator_config``, ``metrics``, ``extra``: JSON-ready mappings.
     The directory is written under a temporary name and renamed into place, so readers never
     see half an artifact; saving identical content twice returns the same version.
     """
     from safetensors.torch import save_file
 
-    if item_snapshot is None:
-        item_snapshot = item_stats
     if item_snapshot is not None and not hasattr(item_snapshot, "to_bytes"):
         raise ArtifactError(
             "model artifact: online item statistics are gone; pass item_snapshot=ItemSnapshot "

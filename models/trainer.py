@@ -428,11 +428,6 @@ class ProtocolResult:
     history: list[dict[str, float]]
     timings: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def item_stats(self) -> Any:
-        """Alias of :attr:`item_snapshot` (what ``save_model_artifact(item_stats=...)`` takes)."""
-        return self.item_snapshot
-
 
 def _head_metrics(
     y: np.ndarray, p: np.ndarray, split: tuple[slice, slice, slice], heads: Sequence[str]

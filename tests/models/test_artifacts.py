@@ -169,4 +169,4 @@ def test_the_item_snapshot_round_trips_exactly_and_is_checksummed(tmp_path, part
 
 def test_online_item_stats_configs_are_refused(tmp_path, parts):
     with pytest.raises(ArtifactError, match="item_snapshot"):
-        _save(tmp_path, parts, item_stats={"heads": ["like"], "prior": 10.0})
+        _save(tmp_path, parts, item_snapshot={"heads": ["like"], "prior": 10.0})
