@@ -111,7 +111,8 @@ def run_bench(
     synthetic when it has no events.jsonl). Returns one row per system (:meth:`BenchRun.row`,
     plus ``ratio_vs_raw`` beside a raw run and ``model`` for the worker).
 
-    :class:`StreamBenchError` when no broker answers or the events file is empty,
+    :class:`StreamBenchError` when no broker answers, the events file is empty or ``model``
+    holds no artifact,
     :class:`~sketchstream.tools.bench_events.BadEventLine` for a line the bench cannot use;
     progress goes to ``say``.
     """
@@ -156,16 +157,19 @@ def run_bench(
 
     store = version = how = None
     if "worker" in systems:
-        store, version, how = bench_model(
-            model,
-            settings.artifact_dir,
-            settings.home / "bench" / "models",
-            lambda: event_lines(folder / "events.jsonl", train_events)[0],
-            items_path=folder / "items.jsonl",
-            hidden=hidden,
-            blocks=blocks,
-            say=say,
-        )
+        try:
+            store, version, how = bench_model(
+                model,
+                settings.artifact_dir,
+                settings.home / "bench" / "models",
+                lambda: event_lines(folder / "events.jsonl", train_events)[0],
+                items_path=folder / "items.jsonl",
+                hidden=hidden,
+                blocks=blocks,
+                say=say,
+            )
+        except FileNotFoundError as exc:  # --model names a folder without an artifact store
+            raise StreamBenchError(f"--model {exc}") from None
     load1, load5, _ = os.getloadavg()
     say(
         f"stream bench: {len(lines):,} events drained per system, the ones after them for the "

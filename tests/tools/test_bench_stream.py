@@ -96,3 +96,21 @@ def test_check_events_names_the_first_line_it_cannot_key_or_time():
         with pytest.raises(BadEventLine, match="event 12: ") as got:
             check_events([*good, bad], start=9)
         assert why in str(got.value)
+
+
+@pytest.mark.kafka
+def test_a_model_folder_without_an_artifact_ends_with_a_message_not_a_traceback(
+    kafka_bootstrap: str, tmp_path: Path
+):
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    result = CliRunner().invoke(
+        app,
+        [
+            *["bench", "stream", "--system", "worker", "--events", "100"],
+            *["--data", str(tmp_path), "--model", str(empty), "--kafka", kafka_bootstrap],
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert f"--model {empty}: no model artifact there" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
