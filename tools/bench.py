@@ -379,14 +379,15 @@ def chaos(
     import signal
 
     from sketchstream.tools import chaos as ch
+    from sketchstream.tools.chaos_stream import FUZZ_KINDS, numbered_events
 
     say = _say
 
-    kinds = tuple(dict.fromkeys(fuzz_kinds)) if fuzz_kinds else ch.FUZZ_KINDS
-    unknown = sorted(set(kinds) - set(ch.FUZZ_KINDS))
+    kinds = tuple(dict.fromkeys(fuzz_kinds)) if fuzz_kinds else FUZZ_KINDS
+    unknown = sorted(set(kinds) - set(FUZZ_KINDS))
     if unknown:
         raise typer.BadParameter(
-            f"unknown fuzz kinds {unknown}: expected some of {', '.join(ch.FUZZ_KINDS)}",
+            f"unknown fuzz kinds {unknown}: expected some of {', '.join(FUZZ_KINDS)}",
             param_hint="--fuzz-kind",
         )
     settings = load_settings_or_exit()
@@ -445,7 +446,7 @@ def chaos(
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleanup on SIGTERM
     try:
         row = ch.run_bench(
-            ch.numbered_events(lines), store=run_store, workdir=root, config=config, say=say
+            numbered_events(lines), store=run_store, workdir=root, config=config, say=say
         )
     except BrokerError as exc:  # the bench's own broker, not the worker under test
         typer.echo(f"the bench's broker failed: {exc}\n(work dir kept: {root})", err=True)

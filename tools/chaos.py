@@ -51,9 +51,10 @@ Fuzz records are keyed like real ones (the user of the good event they follow), 
 between good events of the same partitions; a null-keyed record is sent to its user's
 partition. The fuzz is seeded: the same seed makes the same stream.
 
-The file is long (~1,000 lines) for one thing: the pure parts (:func:`mixed_stream`,
-:func:`compare_predictions`, :func:`compare_states`) are what tests pin down; the rest is the
-run itself (a producer, a prediction reader, a supervised worker process, the faults).
+The streams (:mod:`~sketchstream.tools.chaos_stream`) and the comparisons
+(:mod:`~sketchstream.tools.chaos_compare`) are pure and live beside this module; this one is the
+run itself (a producer, a prediction reader, a supervised worker process, the faults). It is
+over 600 lines for that one thing: the two runs share the machinery, and the faults need it all.
 """
 
 from __future__ import annotations
@@ -73,48 +74,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sketchstream.tools.chaos_compare import (
+    compare_predictions,
+    compare_states,
+    final_states,
+    goal_met,
+)
+from sketchstream.tools.chaos_stream import FUZZ_KINDS, Record, mixed_stream, split_parts
 from sketchstream.tools.kafka_io import BenchTopics, create_bench_topics, free_port
 from sketchstream.tools.worker import worker_argv
 
-__all__ = [
-    "FUZZ_KINDS",
-    "ChaosConfig",
-    "Record",
-    "compare_predictions",
-    "compare_states",
-    "goal_met",
-    "mixed_stream",
-    "numbered_events",
-    "run_bench",
-    "summary_table",
-]
+__all__ = ["ChaosConfig", "run_bench", "summary_table"]
 
 log = logging.getLogger(__name__)
 
-FUZZ_KINDS = (
-    "bad_json",  # a real event's JSON cut short
-    "not_utf8",  # random bytes, invalid UTF-8
-    "empty",  # a zero-byte value
-    "tombstone",  # no value at all
-    "deep_array",  # an array nested 1,000 deep at the top level (2 KB)
-    "deep_context",  # a real event whose context is an array nested 1,000 deep
-    "deep_user",  # a real event whose user is an array nested 1,000 deep
-    "wrong_types",  # a real event with one field of the wrong type (or an infinite value)
-    "missing_field",  # a real event without one of user, item, action, ts
-    "unknown_action",  # an action the model does not know
-    "bad_timestamp",  # milliseconds, negative, or past year 2100
-    "oversized",  # a real event padded to 64 KiB
-    "long_id",  # a real event whose item id is 4,096 characters
-    "null_key",  # a valid event of a real user, sent without a key (to the user's partition)
-    "wrong_key",  # a valid event of one user keyed by another
-    "resent",  # a good event sent again (a producer retry): same event_id, later offset
-)
-"""What the fuzz mixes into the good events; each is one kind of record the worker must
-dead-letter (``resent``: must not fold twice or score differently)."""
-
-TOL = 1e-5
 OUTAGE_GRACE_S = 30.0
-DEEP = 1000
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b(:|$)")
 
 
@@ -131,290 +105,6 @@ class ChaosConfig:
     timeout_s: float = 900.0  # each run's bound
     batch_size: int | None = None  # the worker's --batch-size (None: its default)
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class Record:
-    """One record to produce: ``kind`` is ``"good"`` or one of :data:`FUZZ_KINDS`;
-    ``event_id`` the good event it is (good and resent records), else None."""
-
-    key: bytes | None
-    value: bytes | None
-    partition: int
-    kind: str
-    event_id: str | None = None
-
-
-# --- the streams -----------------------------------------------------------------------------
-
-
-def numbered_events(lines: Sequence[bytes]) -> list[dict[str, Any]]:
-    """The events of ``lines`` (canonical JSON), each given ``event_id`` ``chaos-<k>`` (an id
-    the data may carry is replaced: the bench matches predictions by it)."""
-    import orjson
-
-    return [{**orjson.loads(line), "event_id": f"chaos-{k}"} for k, line in enumerate(lines)]
-
-
-def _partition_of(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner (murmur2) gives ``key``."""
-    from aiokafka.partitioner import DefaultPartitioner
-
-    every = list(range(partitions))
-    return DefaultPartitioner()(key, every, every)
-
-
-def mixed_stream(
-    events: Sequence[Mapping[str, Any]],
-    partitions: int,
-    *,
-    fuzz_rate: float,
-    kinds: Sequence[str] = FUZZ_KINDS,
-    seed: int = 0,
-) -> tuple[list[Record], list[Record]]:
-    """``(good, mixed)``: the good events as records keyed by user, and the same records with
-    ``round(fuzz_rate * len(events))`` fuzz records inserted after seeded random good events,
-    the kinds taken in turn (each cycle shuffled), so every kind appears once there are as
-    many fuzz records as kinds."""
-    import numpy as np
-    import orjson
-
-    unknown = sorted(set(kinds) - set(FUZZ_KINDS))
-    if unknown:
-        raise ValueError(f"unknown fuzz kinds {unknown}: expected some of {', '.join(FUZZ_KINDS)}")
-    rng = np.random.default_rng(seed)
-    part: dict[str, int] = {}
-    good = []
-    for e in events:
-        user = str(e["user"])
-        if user not in part:
-            part[user] = _partition_of(user.encode(), partitions)
-        good.append(Record(user.encode(), orjson.dumps(e), part[user], "good", e["event_id"]))
-    n_fuzz = round(fuzz_rate * len(events)) if kinds else 0
-    after = np.sort(rng.integers(0, len(events), n_fuzz)) if len(events) else []
-    order: list[str] = []
-    while len(order) < n_fuzz:
-        order += [kinds[i] for i in rng.permutation(len(kinds))]
-    users = list(part)
-    mixed: list[Record] = []
-    at = 0
-    for k, (i, kind) in enumerate(zip(list(after), order, strict=False)):
-        i = int(i)
-        mixed.extend(good[at : i + 1])
-        at = i + 1
-        mixed.append(_fuzz(kind, k, i, events, good, users, part, partitions, rng))
-    mixed.extend(good[at:])
-    return good, mixed
-
-
-def _fuzz(
-    kind: str,
-    k: int,
-    i: int,
-    events: Sequence[Mapping[str, Any]],
-    good: Sequence[Record],
-    users: Sequence[str],
-    part: Mapping[str, int],
-    partitions: int,
-    rng: Any,
-) -> Record:
-    """Fuzz record number ``k``, following good event ``i``, keyed like it."""
-    import orjson
-
-    near = dict(events[i])
-    key, p = good[i].key, good[i].partition
-    fid = f"fuzz-{kind}-{k}"
-    near["event_id"] = fid
-    user = near["user"]
-    dumps = orjson.dumps
-    value: bytes | None
-    if kind == "bad_json":
-        text = dumps(near)
-        value = text[: int(rng.integers(1, len(text) - 1))]
-    elif kind == "not_utf8":
-        value = b"\xff\xfe" + rng.integers(0, 256, 64, dtype="uint8").tobytes()
-    elif kind == "empty":
-        value = b""
-    elif kind == "tombstone":
-        value = None
-    elif kind == "deep_array":
-        value = b"[" * DEEP + b"]" * DEEP
-    elif kind == "deep_context":
-        value = dumps(near)[:-1] + b',"context":' + b"[" * DEEP + b"]" * DEEP + b"}"
-    elif kind == "deep_user":
-        rest = {f: v for f, v in near.items() if f != "user"}
-        value = b'{"user":' + b"[" * DEEP + b"]" * DEEP + b"," + dumps(rest)[1:]
-    elif kind == "wrong_types":
-        variant = int(rng.integers(0, 7))
-        if variant == 6:  # a number JSON allows but no double holds
-            value = dumps({**near, "value": 1})[:-1] + b',"value":1e999}'
-        else:
-            name, bad = [
-                ("ts", str(near["ts"])),
-                ("user", 12345),
-                ("item", [near["item"]]),
-                ("value", "five"),
-                ("action", 3),
-                ("context", ["x", 1]),
-            ][variant]
-            value = dumps({**near, name: bad})
-    elif kind == "missing_field":
-        drop = ("user", "item", "action", "ts")[int(rng.integers(0, 4))]
-        value = dumps({f: v for f, v in near.items() if f != drop})
-    elif kind == "unknown_action":
-        value = dumps({**near, "action": ("lik", "purchase", "RATE")[int(rng.integers(0, 3))]})
-    elif kind == "bad_timestamp":
-        ts = float(near["ts"])
-        value = dumps({**near, "ts": (ts * 1000.0, -ts, 1e13)[int(rng.integers(0, 3))]})
-    elif kind == "oversized":
-        value = dumps({**near, "pad": "x" * 65536})
-    elif kind == "long_id":
-        value = dumps({**near, "item": "i" * 4096})
-    elif kind == "null_key":
-        value, key = dumps(near), None
-    elif kind == "wrong_key":
-        others = [u for u in users if u != user]
-        if others:
-            other = others[int(rng.integers(0, len(others)))]
-            key, p = other.encode(), part[other]
-        else:  # one user only: a key no user has
-            key = f"{user}-not-the-user".encode()
-            p = _partition_of(key, partitions)
-        value = dumps(near)
-    elif kind == "resent":
-        j = int(rng.integers(max(0, i - 50), i + 1))
-        return Record(good[j].key, good[j].value, good[j].partition, kind, good[j].event_id)
-    else:  # pragma: no cover (mixed_stream checks the kinds)
-        raise ValueError(kind)
-    return Record(key, value, p, kind, None)
-
-
-def _parts(mixed: Sequence[Record], n_good: int) -> list[list[Record]]:
-    """``mixed`` cut into three parts after the n/3-th and 2n/3-th good events."""
-    cuts = [n_good // 3, 2 * n_good // 3]
-    out: list[list[Record]] = [[], [], []]
-    seen = 0
-    for r in mixed:
-        which = sum(seen >= c for c in cuts)
-        out[which].append(r)
-        seen += r.kind == "good"
-    return out
-
-
-# --- the comparisons -------------------------------------------------------------------------
-
-
-def compare_predictions(
-    clean: Mapping[str, Sequence[Sequence[float]]],
-    chaos: Mapping[str, Sequence[Sequence[float]]],
-    event_ids: Sequence[str],
-    tol: float = TOL,
-) -> dict[str, Any]:
-    """Predictions of the good events ``event_ids``: ``{event_id: [scores (n_heads,), ...]}``
-    of each run. Returns ``lost``, ``changed``, ``duplicates``, ``duplicates_nonidentical``,
-    ``clean_lost`` (no clean prediction to compare with) and ``max_abs_diff``."""
-    import numpy as np
-
-    out = dict(lost=0, changed=0, duplicates=0, duplicates_nonidentical=0, clean_lost=0)
-    worst = 0.0
-    for eid in event_ids:
-        got = chaos.get(eid) or []
-        want = clean.get(eid) or []
-        out["lost"] += not got
-        out["clean_lost"] += not want
-        if not got:
-            continue
-        scores = np.asarray(got, dtype=np.float64)
-        if len(got) > 1:
-            out["duplicates"] += 1
-            spread = float((scores.max(axis=0) - scores.min(axis=0)).max())
-            out["duplicates_nonidentical"] += spread > tol
-        if want:
-            diff = float(np.abs(scores - np.asarray(want[0], dtype=np.float64)).max())
-            worst = max(worst, diff)
-            out["changed"] += diff > tol
-    out["max_abs_diff"] = worst
-    return out
-
-
-def compare_states(
-    aggregator: Any,
-    clean: Mapping[bytes, bytes],
-    chaos: Mapping[bytes, bytes],
-    chunk: int = 2048,
-) -> dict[str, Any]:
-    """The final user states of the two runs, decoded with ``aggregator``, compared on all
-    that offsets do not change (see the module docstring). Returns ``states_compared``,
-    ``states_differ``, ``states_missing`` (clean users without a chaos state),
-    ``states_extra`` (the reverse) and ``differ_fields`` (field → users)."""
-    import numpy as np
-
-    both = sorted(set(clean) & set(chaos))
-    fields: Counter[str] = Counter()
-    differ = np.zeros(len(both), dtype=bool)
-    for lo in range(0, len(both), chunk):
-        keys = both[lo : lo + chunk]
-        want = aggregator.load([clean[k] for k in keys])
-        got = aggregator.load([chaos[k] for k in keys])
-        rows = slice(lo, lo + len(keys))
-        if got.codebook_version != want.codebook_version:
-            differ[rows] = True
-            fields["codebook_version"] += len(keys)
-        for name, a in want._arrays().items():
-            if name in ("partitions", "offsets"):
-                continue
-            b = getattr(got, name)
-            if a.shape != b.shape:
-                bad = np.ones(len(keys), dtype=bool)
-            elif a.dtype.kind == "f":
-                rtol = 2e-5 if a.dtype.itemsize <= 4 else 0.0
-                close = np.isclose(b, a, rtol=rtol, atol=1e-6, equal_nan=True)
-                bad = ~close.reshape(len(keys), -1).all(axis=1)
-            else:
-                bad = (a != b).reshape(len(keys), -1).any(axis=1)
-            if bad.any():
-                fields[name] += int(bad.sum())
-                differ[rows] |= bad
-    return {
-        "states_compared": len(both),
-        "states_differ": int(differ.sum()),
-        "states_missing": len(set(clean) - set(chaos)),
-        "states_extra": len(set(chaos) - set(clean)),
-        "differ_fields": dict(fields),
-    }
-
-
-def _final_states(records: Sequence[Any], home: Mapping[bytes, int]) -> tuple[dict, int]:
-    """The changelog's last state per user, read on the user's own partition (``home``; a
-    user the good events do not know is taken wherever it is), and how many users also have
-    a state written on another partition."""
-    latest: dict[tuple[int, bytes], bytes | None] = {}
-    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
-        latest[(r.partition, r.key)] = r.value
-    states: dict[bytes, bytes] = {}
-    strays: set[bytes] = set()
-    for (p, key), value in latest.items():
-        own = home.get(key)
-        if own is not None and p != own:
-            strays.add(key)
-        elif value is not None:
-            states[key] = value
-    return states, len(strays)
-
-
-def goal_met(row: Mapping[str, Any]) -> bool:
-    """The issue's goal: nothing lost or changed, identical duplicates only, equal states, no
-    exit on bad input, a restart that resumes within 10 s."""
-    resume = row.get("restart_resume_s")
-    return (
-        row.get("lost") == 0
-        and row.get("changed") == 0
-        and row.get("duplicates_nonidentical") == 0
-        and row.get("states_equal") is True
-        and row.get("worker_exits_on_bad_input") == 0
-        and resume is not None
-        and resume <= 10.0
-    )
 
 
 # --- Kafka ------------------------------------------------------------------------------------
@@ -731,7 +421,7 @@ class _Run:
 
     async def chaos(self, records: Sequence[Record]) -> None:
         """Part 1, SIGKILL and restart, part 2, broker outage while part 3 is sent."""
-        parts = _parts(records, self.n_good)
+        parts = split_parts(records, self.n_good)
         n_fuzz = sum(r.kind != "good" for r in parts[0])
         self.say(f"part 1: {len(parts[0]):,} records ({n_fuzz} fuzz); one worker")
         await self.producer.send(parts[0])
@@ -907,8 +597,8 @@ def run_bench(
         "fuzz_records": len(mixed) - len(good),
     }
     row |= compare_predictions(clean.preds.by_id, chaos.preds.by_id, ids)
-    clean_states, clean_strays = _final_states(clean.changelog, home)
-    chaos_states, strays = _final_states(chaos.changelog, home)
+    clean_states, clean_strays = final_states(clean.changelog, home)
+    chaos_states, strays = final_states(chaos.changelog, home)
     states = compare_states(aggregator, clean_states, chaos_states)
     row |= {
         "states_equal": (

@@ -11,14 +11,8 @@ import numpy as np
 import orjson
 import pytest
 from sketchstream.tools.bench import app
-from sketchstream.tools.chaos import (
-    FUZZ_KINDS,
-    compare_predictions,
-    compare_states,
-    goal_met,
-    mixed_stream,
-    numbered_events,
-)
+from sketchstream.tools.chaos_compare import compare_predictions, compare_states, goal_met
+from sketchstream.tools.chaos_stream import FUZZ_KINDS, mixed_stream, numbered_events
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "stream"))
