@@ -26,7 +26,8 @@ from typing import Any, TypeVar
 
 import pytest
 from sketchstream.stream.settings import Settings, load_settings
-from sketchstream.tools.broker import LocalBroker, kafka_answers
+from sketchstream.tools.broker import LocalBroker
+from sketchstream.tools.kafka_io import free_port, kafka_answers
 from sketchstream.tools.topics import TopicSpec, create_topics
 
 T = TypeVar("T")
@@ -89,19 +90,11 @@ def delete_after(kafka_settings: Settings) -> Iterator[Callable[..., None]]:
         run_in_thread(delete_topics(kafka_settings.client_kwargs(), names))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def private_broker(tmp_path: Path) -> Iterator[LocalBroker]:
     """A started local broker of this test alone: ``.stop()`` and ``.start()`` it at will
     (same ports and data, so topics survive a restart); ``.bootstrap_servers`` to connect."""
-    settings = load_settings(kafka_port=_free_port(), kafka_controller_port=_free_port())
+    settings = load_settings(kafka_port=free_port(), kafka_controller_port=free_port())
     broker = LocalBroker(settings, data_dir=tmp_path / "private-broker")
     broker.start()
     try:

@@ -1,5 +1,5 @@
-"""README.md stays true: its configuration table is generated from Settings, and every
-`sketchstream ...` command it shows exists.
+"""README.md stays true: its configuration table is generated from Settings, every
+`sketchstream ...` command it shows exists, and its module map names every module.
 
 Regenerate the table after changing Settings: ``.venv/bin/python tests/test_readme.py``.
 """
@@ -76,6 +76,29 @@ def test_every_command_the_readme_shows_exists():
                 break  # an argument of a leaf command
             assert word in commands, f"README shows `sketchstream {words.strip()}`: no {word!r}"
             command = commands[word]
+
+
+MAP_BEGIN, MAP_END = "<!-- module-map -->", "<!-- /module-map -->"
+
+
+def _modules() -> set[str]:
+    """Every module of the three layers, as a path from the repository root."""
+    return {
+        path.relative_to(ROOT).as_posix()
+        for layer in ("models", "stream", "tools")
+        for path in (ROOT / layer).rglob("*.py")
+        if path.name != "__init__.py"
+    }
+
+
+def test_the_module_map_names_every_module_once_and_no_other():
+    text = README.read_text()
+    section = text[text.index(MAP_BEGIN) + len(MAP_BEGIN) : text.index(MAP_END)]
+    named = re.findall(r"^- `([\w/]+\.py)`: \S", section, flags=re.MULTILINE)
+    assert len(named) == len(set(named)), "a module is named twice"
+    assert set(named) == _modules(), (
+        f"missing: {sorted(_modules() - set(named))}; gone: {sorted(set(named) - _modules())}"
+    )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,6 @@ __all__ = [
     "LocalBroker",
     "MissingTool",
     "ensure_broker",
-    "kafka_answers",  # from kafka_io: tests/conftest.py still imports it from here
 ]
 
 log = logging.getLogger(__name__)
