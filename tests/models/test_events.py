@@ -41,6 +41,14 @@ def _write_lines(path: Path, lines: list[str]) -> Path:
     return path
 
 
+def _error_reading_after_a_good_line(tmp_path: Path, line: str) -> EventError:
+    """The error ``read_events`` raises on a file of one good line and then ``line``."""
+    path = _write_lines(tmp_path / "e.jsonl", [orjson.dumps(RECORDS[0]).decode(), line])
+    with pytest.raises(EventError) as error:
+        read_events(path)
+    return error.value
+
+
 def test_events_round_trip_through_a_file(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     assert write_events(path, RECORDS) == 5
@@ -89,11 +97,9 @@ _EVENT = '{"user":"u","item":"i","action":"rate"'
 def test_a_bad_line_is_reported_by_number_and_field(
     tmp_path: Path, line: str, message: str
 ) -> None:
-    path = _write_lines(tmp_path / "e.jsonl", [orjson.dumps(RECORDS[0]).decode(), line])
-    with pytest.raises(EventError) as error:
-        read_events(path)
-    assert message in str(error.value)
-    assert isinstance(error.value, SketchstreamError) and isinstance(error.value, ValueError)
+    error = _error_reading_after_a_good_line(tmp_path, line)
+    assert message in str(error)
+    assert isinstance(error, SketchstreamError) and isinstance(error, ValueError)
 
 
 def test_a_bad_line_deep_in_a_large_file_is_found(tmp_path: Path) -> None:
@@ -188,11 +194,9 @@ def _nested(depth: int) -> list:
 def test_a_hostile_line_in_an_events_file_is_a_clear_error(
     tmp_path: Path, line: str, message: str
 ) -> None:
-    path = _write_lines(tmp_path / "e.jsonl", [orjson.dumps(RECORDS[0]).decode(), line])
-    with pytest.raises(EventError) as error:
-        read_events(path)
-    assert message in str(error.value)
-    assert len(str(error.value)) < 300
+    error = _error_reading_after_a_good_line(tmp_path, line)
+    assert message in str(error)
+    assert len(str(error)) < 300
 
 
 @pytest.mark.parametrize(
