@@ -91,10 +91,20 @@ def cleora(
 @app.command("batch")
 def batch(
     model: Annotated[
-        Path, typer.Option(help="A model artifact, or a folder of them (its latest version).")
+        Path,
+        typer.Option(
+            exists=True, help="A model artifact, or a folder of them (its latest version)."
+        ),
     ],
     path: Annotated[
-        Path, typer.Option("--events-file", help="Canonical events, scored in file order.")
+        Path,
+        typer.Option(
+            "--events-file",
+            exists=True,
+            dir_okay=False,
+            help="Canonical events, scored in file order (`sketchstream data movielens-1m` "
+            "writes the default one).",
+        ),
     ] = Path("data/ml-1m/events.jsonl"),
     sizes: Annotated[
         list[int], typer.Option("--size", min=1, help="Batch sizes to time (repeatable).")

@@ -40,3 +40,18 @@ def test_bench_batch_times_each_batch_size_and_writes_json_lines(tmp_path):
         assert r["events"] == (300 if r["order"] == "in order" else 120)
         assert r["events_per_s"] > 0 and r["model"] == version
     assert "µs/event" in result.stdout
+
+
+def test_a_missing_events_file_is_a_usage_error_not_a_traceback(tmp_path):
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    build_tiny_artifact(root)
+    missing = tmp_path / "nowhere" / "events.jsonl"
+
+    result = CliRunner().invoke(
+        app, ["bench", "batch", "--model", str(root), "--events-file", str(missing)]
+    )
+
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
