@@ -62,6 +62,20 @@ def predictions_by_ref(
         time.sleep(1.0)
 
 
+def failed_on_unreadable_state(worker, timeout: float, hang: str, lines: int) -> None:
+    """Wait up to ``timeout`` s for ``worker`` to exit (``hang`` says what it means if it does
+    not); it must exit non-zero, the last ``lines`` of its log naming the unreadable state
+    and the failed batch."""
+    assert worker.proc is not None
+    try:
+        code = worker.proc.wait(timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"{hang}\n" + worker.tail()) from exc
+    assert code != 0, worker.tail()
+    log = worker.tail(lines)
+    assert "unreadable bytes" in log and "batch handler failed" in log
+
+
 def test_poison_events_go_to_the_dlq_with_their_reason_and_the_rest_is_processed(
     stream_env, start_worker
 ):
@@ -207,13 +221,7 @@ def test_a_batch_the_worker_cannot_process_is_read_again_after_a_restart(stream_
     sent += later
     victim_refs = {ref for ref, e in zip(later, rest, strict=True) if e["user"] == victim.decode()}
     worker = start_worker("w1", "--batch-size", "50")  # same state dir: restores the garbage
-    assert worker.proc is not None
-    try:
-        code = worker.proc.wait(120)
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError("the worker hangs on the unreadable state\n" + worker.tail()) from exc
-    assert code != 0, worker.tail()
-    assert "unreadable bytes" in worker.tail(200) and "batch handler failed" in worker.tail(200)
+    failed_on_unreadable_state(worker, 120, "the worker hangs on the unreadable state", 200)
     early = predictions_by_ref(env, until=len(events), timeout=5)
     assert not victim_refs & set(early), "the failed batch published nothing of the victim"
 
@@ -305,14 +313,7 @@ def test_a_failed_batch_stops_the_worker_as_sigterm_does_committing_what_it_fini
     victim_offset = sent[-1][1]
     monkeypatch.setattr(kafka_harness, "_WORKER", _THREAD_FIRST_WORKER)
     worker = start_worker("w1", "--batch-size", "10")
-    assert worker.proc is not None
-    try:
-        code = worker.proc.wait(90)
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError("the failed worker does not exit\n" + worker.tail()) from exc
-    assert code != 0, worker.tail()
-    log = worker.tail(300)
-    assert "unreadable bytes" in log and "batch handler failed" in log
+    failed_on_unreadable_state(worker, 90, "the failed worker does not exit", 300)
 
     after = run(committed_offsets(env, env.topics["events"]))
     assert before[p] is not None and before[p] < after[p] <= victim_offset, (
