@@ -230,6 +230,19 @@ def _check_type_name(name: str, value: Any) -> str:
     return value
 
 
+def _edge_columns(names: tuple[str, str], left: Any, right: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The two ends of the edges as ``(n_edges,)`` arrays: 1-d, of equal length, not empty."""
+    lc, rc = np.asarray(left), np.asarray(right)
+    if lc.ndim != 1 or rc.ndim != 1 or lc.shape != rc.shape:
+        raise ModelError(
+            f"{names[0]} and {names[1]} must be 1-d of equal length, got shapes {lc.shape} "
+            f"and {rc.shape}"
+        )
+    if lc.size == 0:
+        raise ModelError("empty graph: no edges given; pass at least one (left, right) pair")
+    return lc, rc
+
+
 def _as_weights(weights: Any, n_edges: int) -> np.ndarray:
     if weights is None:
         return np.ones(n_edges, dtype=np.float32)
@@ -320,15 +333,7 @@ class Hypergraph:
         right_type = _check_type_name("right_type", right_type)
         n_left = _check_int("n_left", n_left, minimum=1)
         n_right = _check_int("n_right", n_right, minimum=1)
-        lc = np.asarray(left_codes)
-        rc = np.asarray(right_codes)
-        if lc.ndim != 1 or rc.ndim != 1 or lc.shape != rc.shape:
-            raise ModelError(
-                f"left and right codes must be 1-d of equal length, got shapes {lc.shape} "
-                f"and {rc.shape}"
-            )
-        if lc.size == 0:
-            raise ModelError("empty graph: no edges given; pass at least one (left, right) pair")
+        lc, rc = _edge_columns(("left_codes", "right_codes"), left_codes, right_codes)
         for name, codes, bound in (("left_codes", lc, n_left), ("right_codes", rc, n_right)):
             if codes.dtype.kind not in "iu":
                 raise ModelError(f"{name} must be integers, got dtype {codes.dtype}")
@@ -365,15 +370,7 @@ class Hypergraph:
         All rows with the same left id form one hyperedge. Raw ids may be str or int (of one
         kind per side); ``"user:1"`` and ``"item:1"`` are different nodes.
         """
-        left = np.asarray(left_ids)
-        right = np.asarray(right_ids)
-        if left.ndim != 1 or right.ndim != 1 or left.shape != right.shape:
-            raise ModelError(
-                f"left_ids and right_ids must be 1-d of equal length, got lengths "
-                f"{left.shape} and {right.shape}"
-            )
-        if left.size == 0:
-            raise ModelError("empty graph: no edges given; pass at least one (left, right) pair")
+        left, right = _edge_columns(("left_ids", "right_ids"), left_ids, right_ids)
         if left_type == right_type:
             uniq, codes = np.unique(np.concatenate([left, right]), return_inverse=True)
             codes = codes.ravel()
