@@ -45,6 +45,13 @@ def _save(root, parts, **kw):
     )
 
 
+def _flip_last_byte(path) -> None:
+    """Tamper with a file of an artifact: one bit of its last byte flipped."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
 def test_round_trip_gives_the_same_predictions_and_config(tmp_path, parts):
     model, codebooks = parts
     version = _save(tmp_path, parts)
@@ -74,10 +81,7 @@ def test_directory_is_named_by_content_and_identical_content_saves_once(tmp_path
 
 def test_a_tampered_weights_file_is_refused_naming_the_file(tmp_path, parts):
     version = _save(tmp_path, parts)
-    path = tmp_path / version / WEIGHTS
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
+    _flip_last_byte(tmp_path / version / WEIGHTS)
     with pytest.raises(ArtifactError, match=r"weights\.safetensors.*checksum"):
         load_model_artifact(tmp_path / version)
 
@@ -159,10 +163,7 @@ def test_the_item_snapshot_round_trips_exactly_and_is_checksummed(tmp_path, part
     assert bundle.item_snapshot.same_as(snap)
     assert bundle.manifest["config"]["item_snapshot"]["items"] == 3
     assert _save(tmp_path / "again", parts, item_snapshot=_snapshot()) == version
-    path = tmp_path / version / "item-snapshot.safetensors"
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 1
-    path.write_bytes(bytes(data))
+    _flip_last_byte(tmp_path / version / "item-snapshot.safetensors")
     with pytest.raises(ArtifactError, match=r"item-snapshot\.safetensors"):
         load_model_artifact(tmp_path / version)
 
