@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Callable, Container
 
 import numpy as np
 import orjson
@@ -127,36 +128,41 @@ class FakeStop(threading.Event):
         return self.is_set()
 
 
-def test_the_schedule_goes_on_after_a_failed_run():
-    clock = FakeClock()
-    stop = FakeStop(clock)
-    calls: list[float] = []
+class FakeJob:
+    """A job on the fake clock: records when each run starts; run ``k`` (from 1) takes
+    ``seconds(k)`` and raises when ``k`` is in ``fails``, else returns ``"ok"``."""
 
-    def job() -> str:
-        calls.append(clock.now)
-        clock.now += 10.0  # a run takes 10 s
-        if len(calls) == 2:
+    def __init__(
+        self, clock: FakeClock, seconds: Callable[[int], float], fails: Container[int] = ()
+    ) -> None:
+        self.clock, self.seconds, self.fails = clock, seconds, fails
+        self.starts: list[float] = []
+
+    def __call__(self) -> str:
+        self.starts.append(self.clock.now)
+        self.clock.now += self.seconds(len(self.starts))
+        if len(self.starts) in self.fails:
             raise RuntimeError("the broker went away")
         return "ok"
 
+
+def test_the_schedule_goes_on_after_a_failed_run():
+    clock = FakeClock()
+    job = FakeJob(clock, lambda _run: 10.0, fails={2})
     results: list[str] = []
-    runs = run_every(job, 60.0, stop=stop, clock=clock, max_runs=4, on_result=results.append)
+    runs = run_every(
+        job, 60.0, stop=FakeStop(clock), clock=clock, max_runs=4, on_result=results.append
+    )
     assert runs == 4
-    assert calls == [1000.0, 1060.0, 1120.0, 1180.0]  # on the cadence, failure or not
+    assert job.starts == [1000.0, 1060.0, 1120.0, 1180.0]  # on the cadence, failure or not
     assert results == ["ok", "ok", "ok"]
 
 
 def test_runs_never_overlap_and_an_overrun_skips_past_slots():
     clock = FakeClock()
-    stop = FakeStop(clock)
-    calls: list[float] = []
-
-    def job() -> None:
-        calls.append(clock.now)
-        clock.now += 150.0 if len(calls) == 1 else 1.0  # the first run overruns 2 slots
-
-    run_every(job, 60.0, stop=stop, clock=clock, max_runs=3)
-    assert calls == [1000.0, 1180.0, 1240.0]
+    job = FakeJob(clock, lambda run: 150.0 if run == 1 else 1.0)  # the first overruns 2 slots
+    run_every(job, 60.0, stop=FakeStop(clock), clock=clock, max_runs=3)
+    assert job.starts == [1000.0, 1180.0, 1240.0]
 
 
 def test_jittered_starts_stay_within_the_jitter_after_their_slot():
