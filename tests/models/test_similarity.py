@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from sketchstream.models import history_cf, similarity
 from sketchstream.models.emde import item_hash
 from sketchstream.models.errors import ArtifactError
-from sketchstream.models.events import EventTable
 from sketchstream.models.history_cf import CfSums
 from sketchstream.models.similarity import (
     CF_NAMES,
@@ -421,21 +420,8 @@ def test_builder_is_the_cosine_of_like_vectors_top_k():
     assert 0 < len(kept) < len(ids) * (len(ids) - 1)  # top-2 drops pairs
 
 
-def _table(n: int = 600, seed: int = 0) -> tuple[EventTable, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    value = rng.integers(1, 6, n).astype(np.float32)
-    events = EventTable(
-        user=np.array([f"u{u}" for u in rng.integers(0, 20, n)], dtype=object),
-        item=np.array([f"i{i}" for i in rng.integers(0, 25, n)], dtype=object),
-        action=np.array(["rate"] * n, dtype=object),
-        ts=1e9 + np.sort(rng.uniform(0, 20 * DAY, n)),
-        value=value,
-    )
-    return events, (value >= 4).astype(np.float32)[:, None]
-
-
-def test_refreshed_similarity_is_built_strictly_from_events_before_the_boundary():
-    events, y = _table()
+def test_refreshed_similarity_is_built_strictly_from_events_before_the_boundary(random_ratings):
+    events, y = random_ratings(600, users=20, items=25, days=20)
     seen = 0
     for rows, snap in refresh_windows(
         events, y, ["like"], refresh_s=DAY, similarity=True, similarity_min_new_likes=1
@@ -448,8 +434,8 @@ def test_refreshed_similarity_is_built_strictly_from_events_before_the_boundary(
     assert seen > 10
 
 
-def test_snapshot_bytes_carry_the_similarity_and_refuse_tampering():
-    events, y = _table()
+def test_snapshot_bytes_carry_the_similarity_and_refuse_tampering(random_ratings):
+    events, y = random_ratings(600, users=20, items=25, days=20)
     snap = ItemSnapshot.from_events(events, y, ["like"], similarity=True, similarity_top_k=5)
     assert len(snap.similarity) > 0 and snap.config()["similarity"]["top_k"] == 5
     back = ItemSnapshot.from_bytes(snap.to_bytes())
@@ -470,13 +456,13 @@ def test_default_item_features_leave_out_age_and_global_rate():
     assert full[-2:] == ["item_log_age_days", "global_rate_like"]
 
 
-def test_a_snapshot_written_before_the_flags_reads_back_with_age_and_global_rate():
+def test_a_snapshot_written_before_the_flags_reads_back_with_age_and_global_rate(random_ratings):
     """Artifacts from before the flags: their models were trained with both columns."""
     import json
 
     from safetensors.numpy import load, save
 
-    events, y = _table(50)
+    events, y = random_ratings(50, users=20, items=25, days=20)
     new = ItemSnapshot.from_events(events, y, ["like"], item_age=True, global_rate=True)
     tensors = load(new.to_bytes())
     old = save(tensors, metadata={"snapshot": json.dumps({"heads": ["like"], "prior": 10.0})})

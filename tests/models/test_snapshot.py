@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sketchstream.models.events import EventTable
 from sketchstream.models.snapshot import (
     ItemSnapshot,
     refresh_windows,
@@ -12,19 +11,6 @@ from sketchstream.models.snapshot import (
 )
 
 DAY = 86400.0
-
-
-def _events(n: int = 300, seed: int = 0) -> tuple[EventTable, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    value = rng.integers(1, 6, n).astype(np.float32)
-    events = EventTable(
-        user=np.array([f"u{u}" for u in rng.integers(0, 9, n)], dtype=object),
-        item=np.array([f"i{i}" for i in rng.integers(0, 15, n)], dtype=object),
-        action=np.array(["rate"] * n, dtype=object),
-        ts=1e9 + np.sort(rng.uniform(0, 30 * DAY, n)),
-        value=value,
-    )
-    return events, (value >= 4).astype(np.float32)[:, None]
 
 
 def test_features_count_rates_and_age_from_the_totals():
@@ -47,8 +33,8 @@ def test_reading_features_does_not_change_the_snapshot():
     assert snap.same_as(before) and len(snap) == 1
 
 
-def test_the_snapshot_at_a_boundary_holds_exactly_the_events_strictly_before_it():
-    events, y = _events()
+def test_the_snapshot_at_a_boundary_holds_exactly_the_events_strictly_before_it(random_ratings):
+    events, y = random_ratings(300, users=9, items=15, days=30)
     seen = 0
     for rows, snap in refresh_windows(events, y, ["like"], refresh_s=DAY):
         boundary = np.floor(events.ts[rows[0]] / DAY) * DAY
@@ -60,8 +46,8 @@ def test_the_snapshot_at_a_boundary_holds_exactly_the_events_strictly_before_it(
     assert seen == len(events)
 
 
-def test_changing_a_label_changes_no_feature_before_the_next_boundary():
-    events, y = _events()
+def test_changing_a_label_changes_no_feature_before_the_next_boundary(random_ratings):
+    events, y = random_ratings(300, users=9, items=15, days=30)
     a = refreshed_item_features(events, y, ["like"], refresh_s=DAY)
     for i in (0, 120, 299):
         y2 = y.copy()
@@ -74,10 +60,10 @@ def test_changing_a_label_changes_no_feature_before_the_next_boundary():
             assert np.abs(a[~early] - b[~early]).max() > 0
 
 
-def test_bytes_round_trip_exactly_and_malformed_bytes_are_refused():
+def test_bytes_round_trip_exactly_and_malformed_bytes_are_refused(random_ratings):
     from sketchstream.models.errors import ArtifactError
 
-    events, y = _events()
+    events, y = random_ratings(300, users=9, items=15, days=30)
     snap = ItemSnapshot.from_events(events, y, ["like"], prior=3.0)
     again = ItemSnapshot.from_bytes(snap.to_bytes())
     assert again.same_as(snap)
