@@ -69,26 +69,31 @@ async def _read_all(bootstrap: str, topic: str) -> list:
         await consumer.stop()
 
 
-def start_replay(bootstrap: str, topic: str, events: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [*REPLAY, str(events), "--kafka", bootstrap, "--topic", topic, *args],
+def replay_into_an_outage(
+    broker, tmp_path: Path, n: int, *args: str
+) -> tuple[subprocess.Popen, str, str]:
+    """``sketchstream replay`` of ``n`` events at 150 a second (``args`` added) into a fresh
+    topic of ``broker``, which is stopped 6 s in, the replay still running. Returns
+    ``(replay, bootstrap, topic)``; starting the broker again is the caller's."""
+    bootstrap = broker.bootstrap_servers
+    topic = f"replay-{uuid.uuid4().hex[:8]}"
+    asyncio.run(_create_topic(bootstrap, topic))
+    events = write_events(tmp_path / "events.jsonl", n)
+    replay = subprocess.Popen(
+        [*REPLAY, str(events), "--kafka", bootstrap, "--topic", topic, "--rate", "150", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    time.sleep(6)
+    assert replay.poll() is None, "replay ended before the broker went away"
+    broker.stop()
+    return replay, bootstrap, topic
 
 
 def test_replay_goes_through_a_broker_restart_losing_and_doubling_nothing(private_broker, tmp_path):
-    bootstrap = private_broker.bootstrap_servers
-    topic = f"replay-{uuid.uuid4().hex[:8]}"
-    asyncio.run(_create_topic(bootstrap, topic))
-    n = 3000
-    events = write_events(tmp_path / "events.jsonl", n)
-
-    replay = start_replay(bootstrap, topic, events, "--rate", "150")  # ~20 s of events
-    time.sleep(6)
-    assert replay.poll() is None, "replay ended before the broker went away"
-    private_broker.stop()
+    n = 3000  # ~20 s of events
+    replay, bootstrap, topic = replay_into_an_outage(private_broker, tmp_path, n)
     time.sleep(OUTAGE_S)
     private_broker.start()
     out, _ = replay.communicate(timeout=180)
@@ -108,16 +113,10 @@ def test_replay_goes_through_a_broker_restart_losing_and_doubling_nothing(privat
 
 
 def test_replay_gives_up_after_the_retry_timeout_and_says_where_to_resume(private_broker, tmp_path):
-    bootstrap = private_broker.bootstrap_servers
-    topic = f"replay-{uuid.uuid4().hex[:8]}"
-    asyncio.run(_create_topic(bootstrap, topic))
     n = 3000
-    events = write_events(tmp_path / "events.jsonl", n)
-
-    replay = start_replay(bootstrap, topic, events, "--rate", "150", "--retry-timeout", "5")
-    time.sleep(6)
-    assert replay.poll() is None, "replay ended before the broker went away"
-    private_broker.stop()
+    replay, bootstrap, topic = replay_into_an_outage(
+        private_broker, tmp_path, n, "--retry-timeout", "5"
+    )
     try:
         out, _ = replay.communicate(timeout=90)  # gives up while the broker is still away
     finally:
