@@ -52,6 +52,14 @@ def _flip_last_byte(path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _edit_manifest(artifact, edit) -> None:
+    """Tamper with an artifact's manifest: ``edit(manifest)`` changes the parsed JSON."""
+    path = artifact / MANIFEST
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
 def test_round_trip_gives_the_same_predictions_and_config(tmp_path, parts):
     model, codebooks = parts
     version = _save(tmp_path, parts)
@@ -88,10 +96,7 @@ def test_a_tampered_weights_file_is_refused_naming_the_file(tmp_path, parts):
 
 def test_a_tampered_manifest_is_refused(tmp_path, parts):
     version = _save(tmp_path, parts)
-    path = tmp_path / version / MANIFEST
-    manifest = json.loads(path.read_text())
-    manifest["metrics"]["test"]["auc"] = 0.99
-    path.write_text(json.dumps(manifest))
+    _edit_manifest(tmp_path / version, lambda m: m["metrics"]["test"].update(auc=0.99))
     with pytest.raises(ArtifactError, match=r"manifest\.json was modified"):
         load_model_artifact(tmp_path / version)
 
@@ -109,10 +114,7 @@ def test_a_missing_or_extra_file_is_refused(tmp_path, parts):
 
 def test_an_unknown_format_version_is_refused(tmp_path, parts):
     version = _save(tmp_path, parts)
-    path = tmp_path / version / MANIFEST
-    manifest = json.loads(path.read_text())
-    manifest["format_version"] = 99
-    path.write_text(json.dumps(manifest))
+    _edit_manifest(tmp_path / version, lambda m: m.update(format_version=99))
     with pytest.raises(ArtifactError, match="format version 99"):
         load_model_artifact(tmp_path / version)
 
