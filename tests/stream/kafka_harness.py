@@ -181,13 +181,6 @@ async def consume(
         await consumer.stop()
 
 
-def latest_by_key(records: list[Any]) -> dict[bytes, bytes | None]:
-    out: dict[bytes, bytes | None] = {}
-    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
-        out[r.key] = r.value
-    return out
-
-
 # --- worker processes ----------------------------------------------------------------------
 
 
@@ -246,6 +239,15 @@ class StreamEnv:
         otherwise collects thousands of test topics)."""
         prefixes = (*self.topics.values(), self.app_id)
         run(delete_topics(self.bootstrap, prefixes, self.suffix))
+
+    def final_states(self) -> dict[str, bytes]:
+        """The user states as the worker's changelog has them: each user's last record, the
+        users whose last record is a tombstone left out."""
+        records = run(consume(self.bootstrap, self.changelog))
+        last: dict[str, bytes | None] = {}
+        for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+            last[r.key.decode()] = r.value
+        return {user: state for user, state in last.items() if state is not None}
 
     def create_topics(self) -> None:
         t = self.topics

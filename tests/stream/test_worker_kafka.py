@@ -16,7 +16,6 @@ from kafka_harness import (
     StreamEnv,
     assert_same_states,
     consume,
-    latest_by_key,
     offline_reference,
     produce,
     run,
@@ -37,12 +36,6 @@ def wait_for(predicate, timeout: float, what: str, worker=None) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}\n" + (worker.tail() if worker else ""))
-
-
-def final_states(env: StreamEnv) -> dict[str, bytes]:
-    """The user states as the changelog has them (last record per user)."""
-    records = run(consume(env.bootstrap, env.changelog))
-    return {k.decode(): v for k, v in latest_by_key(records).items() if v is not None}
 
 
 def predictions_by_ref(
@@ -149,7 +142,7 @@ def test_a_killed_worker_restarts_without_folding_twice_or_missing_events(stream
 
     records = run(consume(env.bootstrap, env.topics["events"]))
     agg, expected, _ = offline_reference(env.artifact_dir, records)
-    assert_same_states(agg, expected, final_states(env))
+    assert_same_states(agg, expected, env.final_states())
 
 
 def test_predictions_equal_the_offline_replay_engine(stream_env, start_worker):
@@ -196,7 +189,7 @@ def test_a_second_worker_takes_over_partitions_and_state_of_a_killed_one(stream_
     assert not missing, f"no prediction for {sorted(missing)}\n{b.tail(200)}"
     assert b.stop() == 0
     agg, expected, _ = offline_reference(env.artifact_dir, records)
-    assert_same_states(agg, expected, final_states(env))
+    assert_same_states(agg, expected, env.final_states())
 
 
 def test_a_batch_the_worker_cannot_process_is_read_again_after_a_restart(stream_env, start_worker):
@@ -235,7 +228,7 @@ def test_a_batch_the_worker_cannot_process_is_read_again_after_a_restart(stream_
     # the others' states are a clean run's; the victim's started afresh with the tombstone
     records = run(consume(env.bootstrap, env.topics["events"]))
     agg, expected, _ = offline_reference(env.artifact_dir, records)
-    actual = final_states(env)
+    actual = env.final_states()
     assert victim.decode() in actual
     del expected[victim.decode()], actual[victim.decode()]
     assert_same_states(agg, expected, actual)
