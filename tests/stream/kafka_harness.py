@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+from sketchstream.tools.kafka_io import free_port
 
 ACTIONS = ("view", "like", "rate")
 DAY = 86_400.0
@@ -182,12 +182,6 @@ async def consume(
 
 
 # --- worker processes ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _WORKER = "import typer; from sketchstream.tools.worker import worker; typer.run(worker)"

@@ -151,7 +151,7 @@ def test_a_worker_restarted_on_another_web_port_resumes(stream_env, start_worker
     URL and the worker sat with no partitions. The port is part of the default member id, so
     the restarted worker is a new member and gets the partitions once the old one's session
     has expired."""
-    from kafka_harness import free_port
+    from sketchstream.tools.kafka_io import free_port
 
     worker = start_worker("w1")
     with under_load(stream_env, worker):
