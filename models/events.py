@@ -66,6 +66,7 @@ from sketchstream.models.errors import ModelError
 
 __all__ = [
     "DEFAULT_HEADS",
+    "HEAD_SYNTAX",
     "MAX_DEPTH",
     "MAX_ID_CHARS",
     "EventError",
@@ -75,6 +76,7 @@ __all__ = [
     "check_event",
     "iter_event_lines",
     "labels",
+    "parse_head",
     "protocol_order",
     "protocol_split",
     "read_events",
@@ -758,6 +760,59 @@ class Head:
         object.__setattr__(self, "actions", tuple(self.actions))
         if self.applies_to is not None:
             object.__setattr__(self, "applies_to", tuple(self.applies_to))
+
+    @property
+    def spec(self) -> str:
+        """The head in :func:`parse_head`'s syntax: ``parse_head(h.spec) == h``."""
+        text = f"{self.name}:{','.join(self.actions)}"
+        if self.threshold is not None:
+            text += f">={self.threshold:g}"
+        if self.applies_to is not None:
+            text += f"@{','.join(self.applies_to)}"
+        return text
+
+
+HEAD_SYNTAX = "NAME:ACTION[,ACTION...][>=THRESHOLD][@ACTION,...]"
+
+
+def parse_head(spec: str) -> Head:
+    """A :class:`Head` from its command-line form, ``NAME:ACTIONS[>=THRESHOLD][@APPLIES_TO]``.
+
+    ``like:rate>=4``: events with action ``rate`` are labelled, positive when value >= 4.
+    ``reorder:purchase>=1``: purchases, positive when value >= 1. ``click:click@view,click``:
+    views and clicks are labelled, clicks positive. ``ACTIONS`` and ``APPLIES_TO`` are
+    comma-separated action names; without ``@``, the head applies to its own actions.
+    Raises :class:`ModelError` naming the bad part and the syntax.
+    """
+
+    def bad(why: str) -> ModelError:
+        return ModelError(f"head {spec!r}: {why}; expected {HEAD_SYNTAX}, e.g. like:rate>=4")
+
+    name, colon, rest = spec.partition(":")
+    name = name.strip()
+    if not colon or not name:
+        raise bad("no NAME: before the actions")
+    rest, at, applies = rest.partition("@")
+    if ">=" in applies:
+        raise bad("the threshold goes before @")
+    rest, ge, threshold = rest.partition(">=")
+    actions = tuple(a.strip() for a in rest.split(","))
+    if not all(actions):
+        raise bad("an empty action name")
+    value = None
+    if ge:
+        try:
+            value = float(threshold)
+        except ValueError:
+            raise bad(f"threshold {threshold!r} is not a number") from None
+        if not math.isfinite(value):
+            raise bad(f"threshold {threshold!r} is not finite")
+    applies_to = None
+    if at:
+        applies_to = tuple(a.strip() for a in applies.split(","))
+        if not all(applies_to):
+            raise bad("an empty action name after @")
+    return Head(name, actions, value, applies_to)
 
 
 DEFAULT_HEADS: tuple[Head, ...] = (Head("like", actions=("rate",), threshold=4.0),)
