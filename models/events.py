@@ -74,6 +74,7 @@ __all__ = [
     "Head",
     "Item",
     "check_event",
+    "first_out_of_order",
     "iter_event_lines",
     "labels",
     "parse_head",
@@ -694,6 +695,29 @@ def protocol_order(user: np.ndarray, item: np.ndarray, ts: np.ndarray) -> np.nda
     # lexsort: last key is primary; it is stable, so full ties keep their input order
     keys = (_string_ranks(item), _string_ranks(user), np.asarray(ts, dtype=np.float64))
     return np.lexsort(keys).astype(np.int64)
+
+
+def first_out_of_order(events: EventTable) -> int | None:
+    """The index of the first event that comes before its predecessor in protocol order
+    (by ``(ts, user, item)``, ids as strings), or None when the table is in protocol order.
+
+    Equal keys are in order (the sort is stable). Linear: ids are compared only where the
+    timestamps tie.
+    """
+    ts = np.asarray(events.ts, dtype=np.float64)
+    if len(ts) < 2:
+        return None
+    earlier = ts[1:] < ts[:-1]
+    tie = np.flatnonzero(ts[1:] == ts[:-1])
+    if len(tie):
+        users = events.user.tolist()
+        items = events.item.tolist()
+        for k in tie.tolist():
+            if (users[k + 1], items[k + 1]) < (users[k], items[k]):
+                earlier[k] = True
+                break  # later ties cannot come before this one
+    bad = np.flatnonzero(earlier)
+    return int(bad[0]) + 1 if len(bad) else None
 
 
 def _string_ranks(ids: np.ndarray) -> np.ndarray:

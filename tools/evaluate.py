@@ -8,6 +8,7 @@ state keeps updating through validation and test, the weights stay the artifact'
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +21,16 @@ from sketchstream.tools.options import (
     ThreadsOption,
 )
 
-__all__ = ["evaluate", "read_data", "report_for", "start", "summary"]
+__all__ = [
+    "Evaluation",
+    "data_heads",
+    "evaluate",
+    "evaluate_model",
+    "read_data",
+    "report_for",
+    "start",
+    "summary",
+]
 
 
 def start(threads: int) -> float:
@@ -37,15 +47,63 @@ def start(threads: int) -> float:
 
 def read_data(data: Path) -> tuple[Any, list, float]:
     """``(events, items, seconds)``: the :class:`EventTable` of ``data/events.jsonl``, the items
-    of ``data/items.jsonl`` (``[]`` when absent) and how long reading them took."""
+    of ``data/items.jsonl`` (``[]`` when absent) and how long reading them took.
+
+    Refuses, before any work, a folder without an events file and a file not in protocol
+    order (:class:`~sketchstream.models.events.EventError` naming the first line out of order
+    and the command that sorts it).
+    """
     import time
 
-    from sketchstream.models.events import read_events, read_items
+    from sketchstream.models.events import (
+        EventError,
+        first_out_of_order,
+        iter_event_lines,
+        read_events,
+        read_items,
+    )
 
     t0 = time.perf_counter()
-    events = read_events(data / "events.jsonl")
+    path = data / "events.jsonl"
+    if not path.is_file():
+        raise EventError(
+            f"{data}: no events.jsonl in this folder (make one from your events with "
+            f"`sketchstream data import EVENTS_FILE {data}`, or fetch a set with "
+            "`sketchstream data list`)"
+        )
+    events = read_events(path)
+    bad = first_out_of_order(events)
+    if bad is not None:
+        line = next(n for k, (n, _) in enumerate(iter_event_lines(path)) if k == bad)
+        raise EventError(
+            f"{path}: line {line} comes before the line above it in protocol order (stable by "
+            f"ts, then user, then item, ids compared as strings): ts {events.ts[bad]:g} user "
+            f"{events.user[bad]!r} item {events.item[bad]!r} after ts {events.ts[bad - 1]:g} "
+            f"user {events.user[bad - 1]!r} item {events.item[bad - 1]!r}. Sort it with "
+            f"`sketchstream data import {path} OUT_FOLDER` and use OUT_FOLDER"
+        )
     items = read_items(data / "items.jsonl") if (data / "items.jsonl").is_file() else []
     return events, items, time.perf_counter() - t0
+
+
+def data_heads(data: Path, specs: list[str] | None) -> tuple:
+    """The label heads of a run: ``specs`` parsed (``--head``), else the heads that
+    ``data/MANIFEST.json`` recommends, else ``DEFAULT_HEADS`` (like = rate >= 4).
+
+    Raises :class:`~sketchstream.models.errors.ModelError` naming a bad spec.
+    """
+    import orjson
+    from sketchstream.models.events import DEFAULT_HEADS, parse_head
+
+    if specs:
+        return tuple(parse_head(spec) for spec in specs)
+    try:
+        recommended = orjson.loads((data / "MANIFEST.json").read_bytes()).get("heads")
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        recommended = None
+    if recommended:
+        return tuple(parse_head(spec) for spec in recommended)
+    return DEFAULT_HEADS
 
 
 def summary(report: dict) -> str:
@@ -72,8 +130,13 @@ def report_for(
     baselines: bool,
     t_start: float,
     items: Any = None,
+    label_heads: Any = None,
 ) -> dict:
-    """Run the baselines (when asked and available) and write the report into ``out``."""
+    """Run the baselines (when asked and available) and write the report into ``out``.
+
+    ``label_heads``: the :class:`Head` objects the model was trained on (default
+    ``DEFAULT_HEADS``), so the baselines predict the same labels.
+    """
     import logging
     import time
 
@@ -92,7 +155,9 @@ def report_for(
         else:
             from sketchstream.models.events import DEFAULT_HEADS
 
-            base = run_baselines(events, heads=DEFAULT_HEADS, split=split, items=items or None)
+            base = run_baselines(
+                events, heads=label_heads or DEFAULT_HEADS, split=split, items=items or None
+            )
         timings["baselines"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     return write_report(
@@ -133,19 +198,65 @@ def evaluate(
     threads: ThreadsOption = 0,
     progress: ProgressOption = True,
 ) -> None:
-    """Score every event prequentially with a trained model and report val/test metrics."""
-    from sketchstream.models.artifacts import load_model_artifact
+    """Score every event prequentially with a trained model and report val/test metrics.
+
+    Labels come from the heads recorded in the model artifact (``train --head``), for the
+    model and the baselines alike."""
     from sketchstream.models.errors import SketchstreamError
-    from sketchstream.models.trainer import score_events
 
     t_all = start(threads)
     try:
-        bundle = load_model_artifact(resolve_model(model))
-        events, items, t_load = read_data(data)
-        scored = score_events(bundle, events, progress=progress)
+        done = evaluate_model(
+            data, resolve_model(model), out, baselines=baselines, progress=progress, t_start=t_all
+        )
     except SketchstreamError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+        raise typer.Exit(1) from None
+    specs = " ".join(h.spec for h in done.heads)
+    typer.echo(f"model {done.report['model']['version']} on {data} (heads {specs})")
+    typer.echo(summary(done.report))
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What :func:`evaluate_model` computed: the written report, the events, the label heads,
+    and the model's labels and scores ``y``, ``p`` (``(n, heads)``) with the protocol split."""
+
+    report: dict
+    events: Any
+    items: list
+    heads: tuple
+    y: Any
+    p: Any
+    split: tuple[slice, slice, slice]
+
+
+def evaluate_model(
+    data: Path,
+    model: Path,
+    out: Path,
+    *,
+    baselines: bool = True,
+    progress: bool = True,
+    t_start: float | None = None,
+) -> Evaluation:
+    """The work of ``sketchstream evaluate`` with the artifact folder ``model`` (one version):
+    read ``data`` (refusing bad input before any work), score it prequentially, run the
+    baselines on the artifact's heads and write the report into ``out``.
+
+    Raises :class:`~sketchstream.models.errors.SketchstreamError` on bad data or artifact.
+    """
+    import time
+
+    from sketchstream.models.artifacts import load_model_artifact
+    from sketchstream.models.trainer import bundle_heads, score_events
+
+    t_start = time.perf_counter() if t_start is None else t_start
+    bundle = load_model_artifact(model)
+    heads = tuple(bundle_heads(bundle))
+    events, items, t_load = read_data(data)
+    scored = score_events(bundle, events, progress=progress)
     report = report_for(
         out,
         events=events,
@@ -158,9 +269,8 @@ def evaluate(
         codebooks=bundle.codebooks,
         timings={"load": t_load, **scored.timings},
         baselines=baselines,
-        t_start=t_all,
+        t_start=t_start,
         items=items,
+        label_heads=heads,
     )
-    typer.echo(f"model {bundle.version} on {data}")
-    typer.echo(summary(report))
-    typer.echo(f"report: {out / 'report.md'}")
+    return Evaluation(report, events, items, heads, scored.y, scored.p, scored.split)

@@ -21,6 +21,7 @@ from sketchstream.stream.settings import ENV_PREFIX, Settings
 __all__ = [
     "BaselinesOption",
     "DataOption",
+    "HeadOption",
     "ProgressOption",
     "ThreadsOption",
     "env_var",
@@ -36,6 +37,18 @@ DataOption = Annotated[
         help="Folder with events.jsonl (and optionally items.jsonl).",
         exists=True,
         file_okay=False,
+    ),
+]
+HeadOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--head",
+        help="A prediction target, NAME:ACTION[,ACTION...][>=THRESHOLD][@ACTION,...] "
+        "(repeatable; the first is primary). like:rate>=4: rate events, positive when the "
+        "value is >= 4; reorder:purchase>=1: purchases with value >= 1; click:click@view,click: "
+        "views and clicks labelled, clicks positive. Default: the heads the data folder's "
+        "MANIFEST.json recommends, else like:rate>=4.",
+        show_default=False,
     ),
 ]
 BaselinesOption = Annotated[bool, typer.Option(help="Run the baselines for the report.")]

@@ -12,18 +12,20 @@ version. Heavy imports (torch, numpy) happen inside the command body.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from sketchstream.tools.options import (
     BaselinesOption,
     DataOption,
+    HeadOption,
     ProgressOption,
     ThreadsOption,
 )
 
-__all__ = ["load_codebooks", "train"]
+__all__ = ["load_codebooks", "train", "train_model"]
 
 
 def load_codebooks(path: Path) -> dict:
@@ -57,50 +59,94 @@ def train(
     depth: Annotated[int, typer.Option(min=1, help="EMDE codebook depth.")] = 12,
     width: Annotated[int, typer.Option(min=2, help="EMDE codebook width.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of codebooks, init and shuffling.")] = 0,
+    head: HeadOption = None,
     baselines: BaselinesOption = True,
     threads: ThreadsOption = 0,
     progress: ProgressOption = True,
 ) -> None:
-    """Train the engagement MLP on the protocol's training period and write a model artifact."""
-    from sketchstream.models.artifacts import save_model_artifact
+    """Train the engagement MLP on the protocol's training period and write a model artifact.
+
+    The heads (--head) are recorded in the artifact; `evaluate` labels with them."""
     from sketchstream.models.errors import SketchstreamError
-    from sketchstream.models.events import DEFAULT_HEADS, stream_md5
-    from sketchstream.models.trainer import TrainConfig, head_defs, run_protocol
-    from sketchstream.tools.evaluate import read_data, report_for, start, summary
+    from sketchstream.models.trainer import TrainConfig
+    from sketchstream.tools.evaluate import data_heads, start, summary
 
     t_all = start(threads)
     try:
-        events, items, t_load = read_data(data)
+        heads = data_heads(data, head)
+    except SketchstreamError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--head") from None
+    config = TrainConfig(
+        epochs=epochs, hidden=hidden, blocks=blocks, depth=depth, width=width, seed=seed
+    )
+    try:
         given = load_codebooks(codebooks) if codebooks is not None else None
-        config = TrainConfig(
-            epochs=epochs, hidden=hidden, blocks=blocks, depth=depth, width=width, seed=seed
-        )
-        result = run_protocol(
-            events, items, config, codebooks=given, heads=DEFAULT_HEADS, progress=progress
-        )
-        metrics = {
-            name: {split: {k: v for k, v in m.items()} for split, m in fig.items()}
-            for name, fig in result.metrics.items()
-        }
-        version = save_model_artifact(
+        version, report = train_model(
+            data,
             out,
-            model=result.model,
-            codebooks=result.codebooks,
-            aggregator_config=result.aggregator_config,
-            item_snapshot=result.item_snapshot,
-            metrics=metrics,
-            extra={
-                "train": config.to_dict(),
-                "head_defs": head_defs(DEFAULT_HEADS),
-                "data": {"events": len(events), "stream_md5": stream_md5(events)},
-                "codebooks_given": given is not None,
-                "history": result.history,
-            },
+            config,
+            heads=heads,
+            codebooks=given,
+            baselines=baselines,
+            progress=progress,
+            t_start=t_all,
         )
     except SketchstreamError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
-    timings = {"load": t_load, **result.timings}
+        raise typer.Exit(1) from None
+    specs = " ".join(h.spec for h in heads)
+    typer.echo(f"model {version} written to {out / version} (heads {specs})")
+    typer.echo(summary(report))
+    typer.echo(f"report: {out / 'report' / 'report.md'}")
+
+
+def train_model(
+    data: Path,
+    out: Path,
+    config: Any,
+    *,
+    heads: Sequence[Any],
+    codebooks: dict | None = None,
+    baselines: bool = True,
+    progress: bool = True,
+    t_start: float | None = None,
+) -> tuple[str, dict]:
+    """The work of ``sketchstream train``: read ``data`` (refusing bad input before any work),
+    run the protocol with ``config`` (a ``TrainConfig``) and ``heads``, save the artifact under
+    ``out`` and the report under ``out/report``; returns ``(version, report)``.
+
+    Raises :class:`~sketchstream.models.errors.SketchstreamError` on bad data.
+    """
+    import time
+
+    from sketchstream.models.artifacts import save_model_artifact
+    from sketchstream.models.events import stream_md5
+    from sketchstream.models.trainer import head_defs, run_protocol
+    from sketchstream.tools.evaluate import read_data, report_for
+
+    t_start = time.perf_counter() if t_start is None else t_start
+    events, items, t_load = read_data(data)
+    result = run_protocol(
+        events, items, config, codebooks=codebooks, heads=heads, progress=progress
+    )
+    metrics = {
+        name: {split: dict(m) for split, m in fig.items()} for name, fig in result.metrics.items()
+    }
+    version = save_model_artifact(
+        out,
+        model=result.model,
+        codebooks=result.codebooks,
+        aggregator_config=result.aggregator_config,
+        item_snapshot=result.item_snapshot,
+        metrics=metrics,
+        extra={
+            "train": config.to_dict(),
+            "head_defs": head_defs(heads),
+            "data": {"events": len(events), "stream_md5": stream_md5(events)},
+            "codebooks_given": codebooks is not None,
+            "history": result.history,
+        },
+    )
     report = report_for(
         out / "report",
         events=events,
@@ -111,11 +157,10 @@ def train(
         heads=result.metrics,
         version=version,
         codebooks=result.codebooks,
-        timings=timings,
+        timings={"load": t_load, **result.timings},
         baselines=baselines,
-        t_start=t_all,
+        t_start=t_start,
         items=items,
+        label_heads=heads,
     )
-    typer.echo(f"model {version} written to {out / version}")
-    typer.echo(summary(report))
-    typer.echo(f"report: {out / 'report' / 'report.md'}")
+    return version, report

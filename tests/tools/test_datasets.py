@@ -205,3 +205,61 @@ def test_data_list_names_every_set() -> None:
     result = CliRunner().invoke(app, ["data", "list"])
     assert result.exit_code == 0
     assert [line.split()[0] for line in result.output.splitlines()] == list(CATALOGUE)
+
+
+def _write_lines(path: Path, records: list[dict]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    return path
+
+
+def test_import_sorts_into_protocol_order_with_ids_as_strings(tmp_path: Path) -> None:
+    source = _write_lines(
+        tmp_path / "mine.jsonl",
+        [
+            {"user": "9", "item": "b", "action": "click", "ts": 20},
+            {"user": "10", "item": "b", "action": "view", "ts": 20},
+            {"user": "9", "item": "a", "action": "view", "ts": 10},
+            {"user": "10", "item": "b", "action": "click", "ts": 20},  # ties the 2nd: kept after
+        ],
+    )
+    result = CliRunner().invoke(
+        app,
+        ["data", "import", str(source), str(tmp_path / "out"), "--head", "click:click@view,click"],
+    )
+    assert result.exit_code == 0, result.output
+    events = read_events(tmp_path / "out" / "events.jsonl")
+    assert list(zip(events.user, events.action, strict=True)) == [
+        ("9", "view"),
+        ("10", "view"),
+        ("10", "click"),
+        ("9", "click"),
+    ]
+    manifest = orjson.loads((tmp_path / "out" / "MANIFEST.json").read_bytes())
+    assert manifest["heads"] == ["click:click@view,click"] and manifest["source"]["moved"] == 3
+    again = CliRunner().invoke(
+        app,
+        ["data", "import", str(source), str(tmp_path / "out"), "--head", "click:click@view,click"],
+    )
+    assert again.exit_code == 0 and "up to date" in again.output
+
+
+def test_import_refuses_a_bad_line_by_number(tmp_path: Path) -> None:
+    source = _write_lines(
+        tmp_path / "mine.jsonl",
+        [
+            {"user": "1", "item": "a", "action": "view", "ts": 1},
+            {"user": "1", "item": "a", "ts": 2},
+        ],
+    )
+    result = CliRunner().invoke(app, ["data", "import", str(source), str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "line 2: missing required field 'action'" in result.output
+    assert not (tmp_path / "out" / "events.jsonl").exists()
+
+
+def test_import_names_a_missing_file(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["data", "import", str(tmp_path / "no.jsonl"), str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2
+    assert "no.jsonl: no such file" in result.output and "Traceback" not in result.output

@@ -109,3 +109,91 @@ def test_train_works_without_item_metadata(tmp_path, data_dir):
     assert result.exit_code == 0, result.output
     (version,) = [p for p in out.iterdir() if (p / "manifest.json").is_file()]
     assert set(json.loads((version / "manifest.json").read_text())["codebooks"]) == {"interactions"}
+
+
+def _as_purchases(data_dir):
+    """The fixture's ratings as implicit "purchase" events, value 1 for a rating >= 4."""
+    import numpy as np
+    from sketchstream.models.events import EventTable, read_events, write_events
+
+    events = read_events(data_dir / "events.jsonl")
+    write_events(
+        data_dir / "events.jsonl",
+        EventTable(
+            user=events.user,
+            item=events.item,
+            action=np.full(len(events), "purchase", dtype=object),
+            ts=events.ts,
+            value=(events.value >= 4).astype(np.float32),
+        ),
+    )
+    return data_dir
+
+
+def test_a_head_from_the_command_line_is_recorded_and_used_by_evaluate(tmp_path, data_dir):
+    data = _as_purchases(data_dir)
+    out, runner = tmp_path / "model", CliRunner()
+    result = runner.invoke(
+        _app(),
+        ["train", "--data", str(data), "--out", str(out), "--head", "buy:purchase>=1", *SMALL],
+    )
+    assert result.exit_code == 0, result.output
+    assert "heads buy:purchase>=1" in result.output
+    (version,) = [p for p in out.iterdir() if (p / "manifest.json").is_file()]
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["config"]["head_defs"] == [
+        {"name": "buy", "actions": ["purchase"], "threshold": 1.0, "applies_to": None}
+    ]
+    result = runner.invoke(
+        _app(),
+        ["evaluate", "--data", str(data), "--model", str(out), "--out", str(tmp_path / "e"),
+         "--no-progress", "--threads", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert list(report["heads"]) == ["buy"]
+    assert report["test"]["n"] > 0 and "counts_gbdt" in report["baselines"]
+
+
+def test_train_takes_the_heads_the_data_manifest_recommends(tmp_path, data_dir):
+    data = _as_purchases(data_dir)
+    (data / "MANIFEST.json").write_text(json.dumps({"heads": ["buy:purchase>=1"]}))
+    out = tmp_path / "model"
+    result = CliRunner().invoke(_app(), ["train", "--data", str(data), "--out", str(out), *SMALL])
+    assert result.exit_code == 0, result.output
+    assert "heads buy:purchase>=1" in result.output
+
+
+def test_a_bad_head_is_a_usage_error_naming_the_syntax(tmp_path, data_dir):
+    result = CliRunner().invoke(
+        _app(),
+        ["train", "--data", str(data_dir), "--out", str(tmp_path / "m"), "--head", "like>=4"],
+    )
+    assert result.exit_code == 2
+    assert "NAME:ACTION" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_data_folder_without_events_gets_one_line(tmp_path, command):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["--model", str(empty)] if command == "evaluate" else []
+    result = CliRunner().invoke(
+        _app(), [command, "--data", str(empty), "--out", str(tmp_path / "o"), *args]
+    )
+    assert result.exit_code in (1, 2), result.output
+    assert "Traceback" not in result.output
+    if command == "train":
+        assert "no events.jsonl" in result.output and "sketchstream data import" in result.output
+
+
+def test_events_out_of_protocol_order_are_refused_before_any_work(tmp_path, data_dir):
+    lines = (data_dir / "events.jsonl").read_text().splitlines(keepends=True)
+    lines[4], lines[5] = lines[5], lines[4]  # ts ascends by an hour per event
+    (data_dir / "events.jsonl").write_text("".join(lines))
+    out = tmp_path / "model"
+    result = CliRunner().invoke(_app(), ["train", "--data", str(data_dir), "--out", str(out)])
+    assert result.exit_code == 1
+    assert "line 6 comes before the line above it" in result.output
+    assert f"sketchstream data import {data_dir / 'events.jsonl'}" in result.output
+    assert not out.exists()
