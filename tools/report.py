@@ -24,7 +24,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["markdown", "plot_calibration", "plot_roc", "plot_scores", "write_report"]
+__all__ = [
+    "markdown",
+    "paired_user_bootstrap",
+    "plot_calibration",
+    "plot_roc",
+    "plot_scores",
+    "write_report",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +107,53 @@ def markdown(report: Mapping[str, Any]) -> str:
     if plots:
         lines += [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def paired_user_bootstrap(
+    y: np.ndarray,
+    p_a: np.ndarray,
+    p_b: np.ndarray,
+    users: np.ndarray,
+    *,
+    draws: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """``(difference, low, high)``: AUC of ``p_a`` minus AUC of ``p_b`` on labels ``y``, and
+    the percentile interval of that difference over ``draws`` paired user-level bootstrap
+    resamples.
+
+    ``y``, ``p_a``, ``p_b``, ``users``: ``(n,)`` labels (nan rows are dropped), two scores of
+    the same events, and each event's user. A resample draws as many users as there are, with
+    replacement, and takes all events of each drawn user as often as it was drawn, for both
+    scores at once (paired), so the interval reflects that events of one user are not
+    independent. Draws with a single class are skipped.
+    """
+    from sketchstream.models.metrics import roc_auc
+
+    y = np.asarray(y, dtype=np.float64)
+    known = ~np.isnan(y)
+    y, p_a, p_b = y[known], np.asarray(p_a)[known], np.asarray(p_b)[known]
+    _, code = np.unique(np.asarray(users)[known].astype(str), return_inverse=True)
+    n_users = int(code.max()) + 1 if len(code) else 0
+    diff = roc_auc(y, p_a) - roc_auc(y, p_b)
+    rng = np.random.default_rng(seed)
+    rows_of = np.argsort(code, kind="stable")
+    start = np.r_[0, np.cumsum(np.bincount(code, minlength=n_users))]
+    diffs = []
+    for _ in range(draws):
+        times = np.bincount(rng.integers(0, n_users, n_users), minlength=n_users)
+        picked = np.repeat(np.arange(n_users), times)
+        rows = np.concatenate([rows_of[start[u] : start[u + 1]] for u in picked])
+        yb = y[rows]
+        if yb.min() == yb.max():
+            continue
+        diffs.append(roc_auc(yb, p_a[rows]) - roc_auc(yb, p_b[rows]))
+    if not diffs:
+        return diff, math.nan, math.nan
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(diffs, [tail, 100 - tail])
+    return float(diff), float(low), float(high)
 
 
 def _figure():
