@@ -1,0 +1,737 @@
+"""Top-k recommendations from the per-user state: the EMDE recipe on the worker's sketches.
+
+A shallow MLP reads the user's decayed EMDE sketches as they stand *before* an event (the
+very ``Features.user_sketch`` the aggregator returns to the worker and the trainer; never the
+event item's own columns) and predicts the sketch of the event's item: per codebook and depth
+level a softmax over the ``width`` buckets (an L1-normalised sketch), trained with per-level
+cross-entropy. Decoding ranks every catalogue item by ``sum over levels log p[level,
+bucket(item)]`` (the geometric mean of its level probabilities), vectorised over the catalogue
+with a precomputed ``(n_items, levels)`` bucket index (:class:`Catalogue`).
+
+    spec = InputSpec.build(aggregator.config, RecommendConfig())
+    x, codes = replay_inputs(events, aggregator, keep, spec)   # (n, F) float16, (n, M, D)
+    model, history = fit_recommender(x[tr], codes[tr], val, catalogue, config)
+    ids, scores = catalogue.top_k(model.log_probs(x_user), k=10, exclude=seen)
+
+:func:`recommend_report` runs the whole offline comparison (this model, recent popularity,
+item-item CF and SASRec on the test period's events) and returns the ``"recommend"`` block of
+``report.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sketchstream.models.batches import EventBatch
+from sketchstream.models.channels import AggregatorConfig
+from sketchstream.models.emde import normalize
+from sketchstream.models.errors import ModelError
+from torch import nn
+
+__all__ = [
+    "Catalogue",
+    "InputSpec",
+    "RecommendConfig",
+    "SketchRecommender",
+    "fit_recommender",
+    "recent_sketches",
+    "recommend_report",
+    "replay_inputs",
+    "state_last_codes",
+    "stream_last_codes",
+    "user_inputs",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RecommendConfig:
+    """Inputs, shape and training of the recommendation head; saved with the model."""
+
+    # input sketches: groups of state channels, each group's sketches summed into one input
+    # sketch (None: every channel on its own)
+    inputs: tuple[tuple[str, ...], ...] | None = None
+    user_columns: bool = True  # the state's counts (mass per channel, hours since last, events)
+    # sketches of the user's last `recent_length` items in the state's bounded history, one per
+    # decay g (the newest item weighs 1, the one before g, then g^2, ...) and modality
+    recent_decays: tuple[float, ...] = ()
+    recent_length: int = 50
+    targets: tuple[str, ...] | None = None  # modalities whose sketch is predicted (None: all)
+    hidden: int = 1024
+    blocks: int = 1  # residual blocks after the input layer
+    dropout: float = 0.1
+    epochs: int = 12  # upper bound; early stopping on validation NDCG@10
+    patience: int = 2  # validation checks without gain before stopping
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 512
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Where each input column comes from, in order: ``groups`` (channel indices summed per
+    input sketch), the count columns (``user_columns``), then the recent-item sketches
+    (``recent_decays`` × ``modalities``); the state's depth and width."""
+
+    groups: tuple[tuple[int, ...], ...]
+    user_columns: bool
+    n_counts: int
+    depth: int
+    width: int
+    recent_decays: tuple[float, ...] = ()
+    recent_length: int = 50
+    modalities: int = 1
+
+    @classmethod
+    def build(
+        cls, config: AggregatorConfig, rec: RecommendConfig, depth: int, width: int
+    ) -> InputSpec:
+        names = [c.name for c in config.channels]
+        wanted = rec.inputs if rec.inputs is not None else tuple((n,) for n in names)
+        groups = []
+        for g in wanted:
+            unknown = [n for n in g if n not in names]
+            if unknown or not g:
+                raise ModelError(
+                    f"recommend inputs: unknown channels {unknown or g}: expected some of "
+                    f"{', '.join(names)}"
+                )
+            groups.append(tuple(names.index(n) for n in g))
+        if rec.recent_decays and not 1 <= rec.recent_length <= config.history_size:
+            raise ModelError(
+                f"recent_length {rec.recent_length} must be in [1, history_size "
+                f"{config.history_size}]: the recent items come from the state's history"
+            )
+        if any(not 0.0 < g <= 1.0 for g in rec.recent_decays):
+            raise ModelError(f"recent_decays must lie in (0, 1], got {rec.recent_decays}")
+        return cls(
+            tuple(groups),
+            rec.user_columns,
+            len(names) + 2,
+            depth,
+            width,
+            tuple(rec.recent_decays),
+            rec.recent_length,
+            len(config.modalities),
+        )
+
+    @property
+    def n_features(self) -> int:
+        cells = self.depth * self.width
+        return (
+            len(self.groups) * cells
+            + (self.n_counts if self.user_columns else 0)
+            + len(self.recent_decays) * self.modalities * cells
+        )
+
+
+def recent_sketches(last_codes: np.ndarray, decays: Sequence[float], width: int) -> np.ndarray:
+    """Decayed sketches of each user's last items, L2-normalised per level:
+    ``(B, len(decays) * M * D * width)`` float32 from ``last_codes (B, L, M, D)`` (oldest
+    first; -1: no item, or unknown to that modality)."""
+    c = np.asarray(last_codes, np.int64)
+    b, length, m, d = c.shape
+    age = np.arange(length - 1, -1, -1, dtype=np.float64)
+    bb, ll, mm, dd = np.nonzero(c >= 0)
+    cell = ((bb * m + mm) * d + dd) * width + c[bb, ll, mm, dd]
+    out = []
+    for g in decays:
+        acc = np.bincount(cell, weights=g ** age[ll], minlength=b * m * d * width)
+        out.append(normalize(acc.reshape(b, m, d, width).astype(np.float32)).reshape(b, -1))
+    return np.concatenate(out, axis=1) if out else np.zeros((b, 0), np.float32)
+
+
+def stream_last_codes(
+    item_codes: np.ndarray, history: Any, events: np.ndarray, length: int
+) -> np.ndarray:
+    """Offline: ``(B, length, M, D)`` codes of each event's user's last ``length`` items
+    before it, from ``item_codes (n, M, D)`` (every stream event's buckets) and a
+    :class:`~sketchstream.models.ranking.UserHistory` over stream rows."""
+    last = history.last(events, length)
+    out = np.asarray(item_codes)[np.maximum(last, 0)].astype(np.int64)
+    out[last < 0] = -1
+    return out
+
+
+def state_last_codes(
+    state: Any, users: np.ndarray, codebooks: Sequence[Any], length: int
+) -> np.ndarray:
+    """Online: the same ``(B, length, M, D)`` codes read off the users' states (their bounded
+    histories, by time then fold order; ``codebooks`` in modality order)."""
+    users = np.asarray(users, np.int64)
+    k = state.hist_item.shape[1]
+    slot = np.arange(k)[None, :]
+    used = slot < state.hist_len[users][:, None]
+    # slots rank newest first among equal weights; sort each history by time, oldest first
+    ts = np.where(used, state.hist_ts[users], np.inf)
+    order = np.lexsort((-slot.repeat(len(users), 0), ts), axis=1)
+    n_used = used.sum(axis=1)
+    take = np.arange(length)[None, :] + (n_used[:, None] - length)  # the last `length` used
+    ok = take >= 0
+    pick = np.take_along_axis(order, np.maximum(take, 0), axis=1)
+    hashes = np.take_along_axis(state.hist_item[users], pick, axis=1)
+    codes = np.stack(
+        [cb._codes_at(cb.rows_for_hashes(hashes.reshape(-1))) for cb in codebooks], axis=1
+    ).reshape(len(users), length, len(codebooks), -1)
+    codes = codes.astype(np.int64)
+    codes[~ok] = -1
+    return codes
+
+
+def user_inputs(features: Any, spec: InputSpec, last_codes: np.ndarray | None = None) -> np.ndarray:
+    """The model's input ``(n, spec.n_features)`` float16 from the aggregator's ``Features``
+    (read with ``with_sketches``): per group the summed sketches L2-normalised per depth, then
+    ``log1p`` of the counts, then the :func:`recent_sketches` of ``last_codes (n, L, M, D)``
+    (needed when ``spec.recent_decays``). float16 is part of the definition (training stores
+    it, serving casts the same way), so both read identical values."""
+    sk = features.user_sketch
+    if sk is None:
+        raise ModelError("user_inputs: the features carry no user sketches (with_sketches)")
+    n = sk.shape[0]
+    parts = [normalize(sk[:, list(g)].sum(axis=1)).reshape(n, -1) for g in spec.groups]
+    if spec.user_columns:
+        parts.append(np.log1p(np.maximum(np.asarray(features.counts, np.float32), 0.0)))
+    if spec.recent_decays:
+        if last_codes is None:
+            raise ModelError("user_inputs: recent_decays need the users' last item codes")
+        parts.append(recent_sketches(last_codes, spec.recent_decays, spec.width))
+    return np.concatenate(parts, axis=1).astype(np.float16)
+
+
+def replay_inputs(
+    events: Any,
+    aggregator: Any,
+    keep: np.ndarray,
+    spec: InputSpec,
+    *,
+    batch_size: int = 1024,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Score-then-fold the whole stream through ``aggregator`` (the worker's call) and keep,
+    for the rows where ``keep (n,)`` is set, the user inputs read before each event and the
+    event item's buckets: ``(x (k, F) float16, codes (k, M, D) int16)``, in stream order.
+
+    Batches without a kept row fold without reading sketches (the cheap path)."""
+    from tqdm.auto import tqdm
+
+    n = len(events)
+    keep = np.asarray(keep, dtype=bool)
+    if keep.shape != (n,):
+        raise ModelError(f"replay_inputs: keep has shape {keep.shape}, expected ({n},)")
+    _, user_index = np.unique(events.user.astype(str), return_inverse=True)
+    action_of = {a: k for k, a in enumerate(aggregator.config.actions)}
+    action = np.array([action_of.get(a, -1) for a in events.action.astype(str).tolist()])
+    state = aggregator.new_batch(int(user_index.max()) + 1 if n else 0)
+    if spec.recent_decays:
+        from sketchstream.models.ranking import UserHistory
+
+        history = UserHistory(events.user, np.arange(n))
+        all_codes = np.stack(
+            [cb.encode(events.item.tolist()) for cb in aggregator.codebooks.values()], axis=1
+        )
+    x = np.zeros((int(keep.sum()), spec.n_features), np.float16)
+    codes = np.full((int(keep.sum()), len(aggregator.modalities), spec.depth), -1, np.int16)
+    done = 0
+    bar = tqdm(total=n, desc="replay", unit="ev", disable=not progress, mininterval=2.0)
+    for start in range(0, n, batch_size):
+        rows = slice(start, min(start + batch_size, n))
+        batch = EventBatch.from_table(events, rows, user_index=user_index, action=action)
+        k = keep[rows]
+        feats = aggregator.score_then_fold(state, batch, with_sketches=bool(k.any()))
+        if k.any():
+            got = feats.take(np.flatnonzero(k))
+            last = None
+            if spec.recent_decays:
+                at = start + np.flatnonzero(k)
+                last = stream_last_codes(all_codes, history, at, spec.recent_length)
+            x[done : done + len(got.valid)] = user_inputs(got, spec, last)
+            codes[done : done + len(got.valid)] = got.item_codes
+            done += len(got.valid)
+        bar.update(rows.stop - rows.start)
+    bar.close()
+    return x, codes
+
+
+class Catalogue:
+    """The items a recommendation ranks and their buckets: ``ids (n_items,)``, ``levels
+    (n_items, L)`` int64 rows ``level * width + bucket`` into a flattened ``(L, width)``
+    output, and optional ``categories`` per item (for the candidate filter)."""
+
+    def __init__(
+        self,
+        ids: Sequence[str],
+        levels: np.ndarray,
+        width: int,
+        categories: Sequence[frozenset[str]] | None = None,
+    ) -> None:
+        self.ids = tuple(str(i) for i in ids)
+        self.levels = np.asarray(levels, np.int64)
+        self.width = int(width)
+        if self.levels.shape[0] != len(self.ids) or self.levels.ndim != 2:
+            raise ModelError(f"Catalogue: levels {self.levels.shape} for {len(self.ids)} ids")
+        self.categories = None if categories is None else tuple(categories)
+        n, n_levels = self.levels.shape
+        self._decoder = sp.csr_matrix(
+            (
+                np.ones(n * n_levels, np.float32),
+                self.levels.reshape(-1),
+                np.arange(0, n * n_levels + 1, n_levels),
+            ),
+            shape=(n, n_levels * self.width),
+        )
+
+    @classmethod
+    def from_codebooks(
+        cls,
+        codebooks: Mapping[str, Any],
+        modalities: Sequence[str],
+        items: Sequence[Any] | None = None,
+    ) -> Catalogue:
+        """Items known to every codebook in ``modalities``, in the first one's order; levels
+        run modality after modality. ``items``: :class:`~.events.Item` records whose
+        ``categories`` feed the candidate filter."""
+        first = codebooks[modalities[0]]
+        ids = list(first.ids_)
+        codes = np.concatenate([codebooks[m].encode(ids) for m in modalities], axis=1)
+        ok = (codes >= 0).all(axis=1)
+        ids = [i for i, good in zip(ids, ok, strict=True) if good]
+        codes = codes[ok].astype(np.int64)
+        width = first.width
+        levels = codes + np.arange(codes.shape[1])[None, :] * width
+        cats = None
+        if items is not None:
+            by_id = {it.item: frozenset(it.categories) for it in items}
+            cats = [by_id.get(i, frozenset()) for i in ids]
+        return cls(ids, levels, width, cats)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def scores(self, log_probs: np.ndarray) -> np.ndarray:
+        """``(B, n_items)`` float32: sum of each item's level log-probabilities, from
+        ``log_probs (B, L * width)``."""
+        lp = np.asarray(log_probs, np.float32)
+        if lp.ndim != 2 or lp.shape[1] != self._decoder.shape[1]:
+            raise ModelError(
+                f"Catalogue.scores: log_probs {lp.shape}, expected (B, {self._decoder.shape[1]})"
+            )
+        return np.asarray(self._decoder.dot(lp.T).T, dtype=np.float32)
+
+    def candidates(self, categories: Sequence[str]) -> np.ndarray:
+        """``(n_items,)`` bool: items with any of ``categories``."""
+        if self.categories is None:
+            raise ModelError("candidate filter: the catalogue has no item categories")
+        want = frozenset(categories)
+        return np.fromiter((bool(c & want) for c in self.categories), bool, len(self.ids))
+
+    def top_k(
+        self,
+        log_probs: np.ndarray,
+        k: int = 10,
+        *,
+        exclude: np.ndarray | None = None,
+        candidates: np.ndarray | None = None,
+    ) -> tuple[list[list[str]], np.ndarray]:
+        """Best ``k`` items per row of ``log_probs (B, L * width)``: ``(ids, scores (B, k'))``,
+        best first, ``k' <= k`` when fewer items remain. ``exclude (B, n_items)`` bool: items
+        left out per row (the user's seen items); ``candidates (n_items,)`` bool: the only
+        items allowed. Ties go to the lower catalogue row."""
+        if k < 1:
+            raise ModelError(f"top_k: k must be >= 1, got {k}")
+        s = self.scores(log_probs).astype(np.float64)
+        if exclude is not None:
+            s = np.where(exclude, -np.inf, s)
+        if candidates is not None:
+            s = np.where(np.asarray(candidates, bool)[None, :], s, -np.inf)
+        kk = min(k, s.shape[1])
+        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < s.shape[1] else None
+        out_ids, out_scores = [], []
+        for b in range(s.shape[0]):
+            cols = part[b] if part is not None else np.arange(s.shape[1])
+            cols = cols[np.lexsort((cols, -s[b, cols]))]
+            cols = cols[np.isfinite(s[b, cols])][:kk]
+            out_ids.append([self.ids[c] for c in cols])
+            out_scores.append(s[b, cols])
+        width = max((len(r) for r in out_scores), default=0)
+        scores = np.full((s.shape[0], width), -np.inf)
+        for b, r in enumerate(out_scores):
+            scores[b, : len(r)] = r
+        return out_ids, scores
+
+
+class _Block(nn.Module):
+    def __init__(self, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(nn.functional.leaky_relu(self.norm(self.fc(x))))
+
+
+class SketchRecommender(nn.Module):
+    """User inputs ``(n, n_in)`` → per-level logits ``(n, levels, width)``.
+
+    Inputs are standardised with training statistics (buffers saved with the weights), then
+    Linear → LayerNorm → LeakyReLU, ``blocks`` residual blocks, and one linear output layer.
+    """
+
+    def __init__(
+        self, n_in: int, levels: int, width: int, *, hidden: int, blocks: int, dropout: float
+    ) -> None:
+        super().__init__()
+        self.levels, self.width = levels, width
+        self.register_buffer("mean", torch.zeros(n_in))
+        self.register_buffer("std", torch.ones(n_in))
+        self.inp = nn.Linear(n_in, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(_Block(hidden, dropout) for _ in range(blocks))
+        self.out = nn.Linear(hidden, levels * width)
+
+    def set_normalization(self, x: np.ndarray) -> None:
+        """Fit the input standardisation on training rows ``(n, n_in)``."""
+        x = np.asarray(x, np.float32)
+        mean = x.mean(axis=0, dtype=np.float64)
+        std = x.std(axis=0, dtype=np.float64)
+        self.mean.copy_(torch.from_numpy(mean.astype(np.float32)))
+        self.std.copy_(torch.from_numpy(np.where(std > 1e-4, std, 1.0).astype(np.float32)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp((x.float() - self.mean) / self.std)
+        h = self.drop(nn.functional.leaky_relu(self.norm(h)))
+        for block in self.blocks:
+            h = block(h)
+        return self.out(h).view(-1, self.levels, self.width)
+
+    def log_probs(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """``(n, levels * width)`` float32 per-level log-probabilities, no autograd."""
+        was = self.training
+        self.eval()
+        out = np.empty((len(x), self.levels * self.width), np.float32)
+        try:
+            with torch.inference_mode():
+                for a in range(0, len(x), batch_size):
+                    xb = torch.from_numpy(np.asarray(x[a : a + batch_size], np.float32))
+                    lp = torch.log_softmax(self(xb), dim=-1)
+                    out[a : a + len(xb)] = lp.reshape(len(xb), -1).numpy()
+        finally:
+            self.train(was)
+        return out
+
+
+@dataclass
+class Validation:
+    """Early-stopping events: inputs ``x (n, F)``, catalogue ``target (n,)`` rows (-1
+    outside), and ``exclude (n, n_items)`` bool (the users' seen items) or None."""
+
+    x: np.ndarray
+    target: np.ndarray
+    exclude: np.ndarray | None
+
+
+def _levels_target(codes: np.ndarray, modalities: Sequence[int], width: int) -> np.ndarray:
+    """``(n, L)`` int64 bucket per level of the target modalities, -1 unknown."""
+    c = np.asarray(codes)[:, list(modalities), :].reshape(len(codes), -1).astype(np.int64)
+    return np.where((c >= 0) & (c < width), c, -1)
+
+
+def fit_recommender(
+    x: np.ndarray,
+    codes: np.ndarray,
+    val: Validation,
+    catalogue: Catalogue,
+    config: RecommendConfig,
+    *,
+    target_modalities: Sequence[int] = (0,),
+    progress: bool = False,
+) -> tuple[SketchRecommender, list[dict[str, float]]]:
+    """Train on ``x (n, F)`` → the buckets ``codes (n, M, D)`` of ``target_modalities``;
+    keep the weights with the best validation NDCG@10 (seen items excluded when
+    ``val.exclude`` is given). Deterministic given ``config.seed`` (one torch thread)."""
+    from sketchstream.models.ranking import rank_metrics
+
+    width = catalogue.width
+    y = _levels_target(codes, target_modalities, width)
+    levels = y.shape[1]
+    if catalogue.levels.shape[1] != levels:
+        raise ModelError(
+            f"fit_recommender: {levels} target levels, the catalogue has "
+            f"{catalogue.levels.shape[1]}"
+        )
+    if len(x) == 0:
+        raise ModelError("fit_recommender: no training events")
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = SketchRecommender(
+        x.shape[1],
+        levels,
+        width,
+        hidden=config.hidden,
+        blocks=config.blocks,
+        dropout=config.dropout,
+    )
+    model.set_normalization(x[rng.choice(len(x), min(len(x), 200_000), replace=False)])
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    y_t = torch.from_numpy(y)
+    best, best_state, bad, history = -math.inf, None, 0, []
+    steps = -(-len(x) // config.batch_size)
+    t0 = time.perf_counter()
+    for epoch in range(config.epochs):
+        model.train()
+        perm = rng.permutation(len(x))
+        total = 0.0
+        for b in range(steps):
+            idx = np.sort(perm[b * config.batch_size : (b + 1) * config.batch_size])
+            xb = torch.from_numpy(x[idx].astype(np.float32))
+            yb = y_t[idx]
+            logits = model(xb)
+            loss = nn.functional.cross_entropy(
+                logits.reshape(-1, width), yb.reshape(-1), ignore_index=-1
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+        scores = catalogue.scores(model.log_probs(val.x))
+        m = rank_metrics(scores, val.target, val.exclude)
+        ndcg = float(m["ndcg@10"].mean()) if len(val.target) else -math.inf
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": total / steps,
+                "val_ndcg@10": ndcg,
+                "val_hr@10": float(m["hr@10"].mean()) if len(val.target) else math.nan,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        log.info("recommend epoch %d: %s", epoch + 1, history[-1])
+        if progress:
+            print(f"  recommend epoch {epoch + 1}: {history[-1]}", flush=True)
+        if ndcg > best + 1e-6:
+            best, bad = ndcg, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= config.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return model, history
+
+
+# --- the offline comparison --------------------------------------------------------------------
+
+POPULARITY_HALF_LIVES_S = (3_600.0, 86_400.0, 7 * 86_400.0, 30 * 86_400.0, math.inf)
+ITEM_CF_GAMMAS = (0.5, 0.8, 0.95, 1.0)
+
+
+@dataclass
+class RecommendResult:
+    """What :func:`recommend_report` returns: ``report`` (the ``"recommend"`` block of
+    ``report.json``), the trained model, its catalogue and input spec, the choices made on
+    validation, per-epoch histories and timings (seconds)."""
+
+    report: dict[str, dict[str, dict[str, float]]]
+    model: SketchRecommender
+    catalogue: Catalogue
+    spec: InputSpec
+    chosen: dict[str, Any]
+    histories: dict[str, list[dict[str, float]]]
+    timings: dict[str, float]
+    counts: dict[str, int]
+
+
+def protocol_rows(
+    n: int, *, max_train_events: int | None, val_events: int | None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stream rows ``(train, val, test)`` the comparison uses: the last ``max_train_events``
+    of the training period (None: all), ``val_events`` of the validation period drawn with
+    ``seed`` (None: all; they pick hyperparameters and stop training), all of the test."""
+    from sketchstream.models.events import protocol_split
+
+    tr, va, te = protocol_split(n)
+    lo = tr.start if max_train_events is None else max(tr.start, tr.stop - max_train_events)
+    val = np.arange(va.start, va.stop)
+    if val_events is not None and val_events < len(val):
+        val = np.sort(np.random.default_rng(seed).choice(val, val_events, replace=False))
+    return np.arange(lo, tr.stop), val, np.arange(te.start, te.stop)
+
+
+def recommend_report(
+    events: Any,
+    codebooks: Mapping[str, Any],
+    aggregator_config: AggregatorConfig,
+    items: Sequence[Any] | None = None,
+    *,
+    config: RecommendConfig | None = None,
+    sasrec: Any = None,
+    max_train_events: int | None = 300_000,
+    val_events: int | None = 20_000,
+    inputs: tuple[np.ndarray, np.ndarray] | None = None,
+    progress: bool = False,
+) -> RecommendResult:
+    """Train the sketch recommender and the baselines on the protocol's training period, pick
+    their settings on validation, and rank the whole catalogue at every test event.
+
+    ``events``: the stream in protocol order; ``codebooks`` and ``aggregator_config``: the
+    state the engagement heads use. ``inputs``: the :func:`replay_inputs` output for the rows
+    of :func:`protocol_rows` (train, val, test concatenated), to skip the replay.
+    ``report``: ``{"test": {"sketchstream" | "popularity" | "item_cf" | "sasrec": {"hr@10",
+    "ndcg@10", "mrr"}}, "test_with_seen": {...}}``; "test" excludes the user's seen items.
+    """
+    from sketchstream.models.aggregator import Aggregator
+    from sketchstream.models.ranking import (
+        EvalEvents,
+        ItemCF,
+        RecentPopularity,
+        UserHistory,
+        evaluate_scorer,
+        evaluate_streamed,
+        item_rows,
+        pick,
+    )
+    from sketchstream.models.sasrec import SASRecConfig, fit_sasrec
+
+    config = config or RecommendConfig()
+    sasrec = sasrec or SASRecConfig()
+    timings: dict[str, float] = {}
+    aggregator = Aggregator(aggregator_config, codebooks)
+    targets = config.targets or aggregator.modalities
+    target_idx = [aggregator.modalities.index(m) for m in targets]
+    catalogue = Catalogue.from_codebooks(aggregator.codebooks, targets, items)
+    n_items = len(catalogue)
+    spec = InputSpec.build(aggregator_config, config, aggregator.depth, aggregator.width)
+    n = len(events)
+    tr, va, te = protocol_rows(n, max_train_events=max_train_events, val_events=val_events)
+    rows = item_rows(events.item, catalogue.ids)
+    history = UserHistory(events.user, rows)
+
+    t0 = time.perf_counter()
+    if inputs is None:
+        keep = np.zeros(n, bool)
+        keep[np.concatenate([tr, va, te])] = True
+        inputs = replay_inputs(events, aggregator, keep, spec, progress=progress)
+    x, codes = inputs
+    if len(x) != len(tr) + len(va) + len(te) or x.shape[1] != spec.n_features:
+        raise ModelError(
+            f"recommend_report: inputs {x.shape}, expected ({len(tr) + len(va) + len(te)}, "
+            f"{spec.n_features})"
+        )
+    timings["replay"] = time.perf_counter() - t0
+    x_tr, x_va, x_te = x[: len(tr)], x[len(tr) : len(tr) + len(va)], x[len(tr) + len(va) :]
+    val_seen = history.seen(va, n_items)
+    val = EvalEvents(va, rows[va], history, n_items)
+    test = EvalEvents(te, rows[te], history, n_items)
+    results: dict[str, dict[bool, dict[str, float]]] = {}
+    chosen: dict[str, Any] = {}
+    histories: dict[str, list[dict[str, float]]] = {}
+
+    def ndcg(res: dict[bool, dict[str, float]]) -> float:
+        return res[True]["ndcg@10"]
+
+    # the EMDE model
+    t0 = time.perf_counter()
+    model, histories["sketchstream"] = fit_recommender(
+        x_tr,
+        codes[: len(tr)],
+        Validation(x_va, rows[va], val_seen),
+        catalogue,
+        config,
+        target_modalities=target_idx,
+        progress=progress,
+    )
+    timings["sketchstream_train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results["sketchstream"] = evaluate_scorer(
+        lambda p: catalogue.scores(model.log_probs(x_te[p])), test
+    )
+    timings["sketchstream_test"] = time.perf_counter() - t0
+
+    # recent popularity: half-life on validation
+    ts = np.asarray(events.ts, np.float64)
+
+    def popularity(half_life: float, ev: EvalEvents) -> dict[bool, dict[str, float]]:
+        wanted = np.zeros(n, bool)
+        wanted[ev.events] = True
+        stop = int(ev.events.max()) + 1
+        walk = RecentPopularity(n_items, half_life).scores(rows[:stop], ts[:stop], wanted)
+        return evaluate_streamed(walk, ev)
+
+    t0 = time.perf_counter()
+    chosen["popularity_half_life_s"], chosen["popularity_val"] = pick(
+        POPULARITY_HALF_LIVES_S, lambda h: ndcg(popularity(h, val)), "popularity half-life"
+    )
+    timings["popularity_train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results["popularity"] = popularity(chosen["popularity_half_life_s"], test)
+    timings["popularity_test"] = time.perf_counter() - t0
+
+    # item-item CF on the training period: recency weight on validation
+    t0 = time.perf_counter()
+    train_all = protocol_rows(n, max_train_events=None, val_events=0)[0]
+    cf = ItemCF(n_items).fit(events.user[train_all], rows[train_all])
+    length = sasrec.max_len
+
+    def cf_eval(gamma: float, ev: EvalEvents) -> dict[bool, dict[str, float]]:
+        cf.gamma = gamma
+        return evaluate_scorer(lambda p: cf.scores(history.last(ev.events[p], length)), ev)
+
+    chosen["item_cf_gamma"], chosen["item_cf_val"] = pick(
+        ITEM_CF_GAMMAS, lambda g: ndcg(cf_eval(g, val)), "item-CF gamma"
+    )
+    timings["item_cf_train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results["item_cf"] = cf_eval(chosen["item_cf_gamma"], test)
+    timings["item_cf_test"] = time.perf_counter() - t0
+
+    # SASRec on the training period's sequences
+    t0 = time.perf_counter()
+    u_train = np.asarray(events.user[train_all]).astype(str)
+    order = np.argsort(u_train, kind="stable")
+    cuts = np.flatnonzero(np.r_[True, u_train[order][1:] != u_train[order][:-1]])
+    sequences = np.split(rows[train_all][order], cuts[1:])
+    sas, histories["sasrec"] = fit_sasrec(
+        sequences,
+        history.last(va, sasrec.max_len),
+        rows[va],
+        n_items,
+        sasrec,
+        val_exclude=val_seen,
+        progress=progress,
+    )
+    timings["sasrec_train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results["sasrec"] = evaluate_scorer(
+        lambda p: sas.scores(history.last(te[p], sasrec.max_len)), test
+    )
+    timings["sasrec_test"] = time.perf_counter() - t0
+
+    keys = ("hr@10", "ndcg@10", "mrr")
+    report = {
+        split: {name: {k: r[seen][k] for k in keys} for name, r in results.items()}
+        for split, seen in (("test", True), ("test_with_seen", False))
+    }
+    counts = {
+        "test_events": len(te),
+        "test_targets_outside_catalogue": int((rows[te] < 0).sum()),
+        "catalogue_items": n_items,
+        "train_events": len(tr),
+        "val_events": len(va),
+    }
+    return RecommendResult(report, model, catalogue, spec, chosen, histories, timings, counts)

@@ -1,0 +1,222 @@
+"""The EMDE recommender: decoding, top-k options, prequential inputs, determinism, learning."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sketchstream.models.aggregator import Aggregator
+from sketchstream.models.channels import AggregatorConfig, Channel
+from sketchstream.models.emde import Codebook, normalize
+from sketchstream.models.errors import ModelError
+from sketchstream.models.events import EventTable, Item
+from sketchstream.models.recommend import (
+    Catalogue,
+    InputSpec,
+    RecommendConfig,
+    Validation,
+    fit_recommender,
+    recommend_report,
+    replay_inputs,
+)
+from sketchstream.models.sasrec import SASRecConfig
+
+torch.set_num_threads(1)
+
+N_ITEMS = 48
+HOUR = 3600.0
+
+
+def _codebooks(seed: int = 0) -> dict[str, Codebook]:
+    rng = np.random.default_rng(seed)
+    ids = [f"i{k}" for k in range(N_ITEMS)]
+    return {
+        "interactions": Codebook(depth=4, width=16, seed=seed).fit(
+            rng.normal(size=(N_ITEMS, 8)).astype("f4"), ids
+        )
+    }
+
+
+def _config() -> AggregatorConfig:
+    return AggregatorConfig(
+        channels=(
+            Channel("all", "interactions"),
+            Channel("recent", "interactions", half_life_s=HOUR),
+        ),
+        actions=("view",),
+        history_size=16,
+    )
+
+
+def _cycle_stream(n_users: int = 80, length: int = 20, seed: int = 0) -> EventTable:
+    """Each user walks the item cycle i0 -> i1 -> ... from a random start, one step an hour,
+    users interleaved in time: the next item is the one after the user's last."""
+    rng = np.random.default_rng(seed)
+    users, items, ts = [], [], []
+    for u in range(n_users):
+        start = rng.integers(N_ITEMS)
+        t0 = rng.uniform(0, 1000 * HOUR)
+        for k in range(length):
+            users.append(f"u{u}")
+            items.append(f"i{(start + k) % N_ITEMS}")
+            ts.append(t0 + k * HOUR)
+    order = np.lexsort((np.array(items), np.array(users), np.array(ts)))
+    n = len(users)
+    return EventTable(
+        user=np.array(users, dtype=object)[order],
+        item=np.array(items, dtype=object)[order],
+        action=np.array(["view"] * n, dtype=object),
+        ts=np.array(ts)[order],
+        value=np.full(n, np.nan, np.float32),
+    )
+
+
+@pytest.fixture(scope="module")
+def catalogue() -> Catalogue:
+    cats = [Item(f"i{k}", categories=("even",) if k % 2 == 0 else ("odd",)) for k in range(N_ITEMS)]
+    return Catalogue.from_codebooks(_codebooks(), ["interactions"], cats)
+
+
+def test_decoding_equals_a_loop_over_items_and_levels(catalogue: Catalogue) -> None:
+    rng = np.random.default_rng(1)
+    cb = _codebooks()["interactions"]
+    lp = np.log(rng.dirichlet(np.ones(16), size=(3, 4))).reshape(3, -1).astype(np.float32)
+    got = catalogue.scores(lp)
+    for b in range(3):
+        for r, item in enumerate(catalogue.ids):
+            code = cb.encode([item])[0]
+            want = sum(lp[b, d * 16 + code[d]] for d in range(4))
+            assert got[b, r] == pytest.approx(want, abs=1e-5)
+
+
+def test_top_k_is_the_k_best_in_order(catalogue: Catalogue) -> None:
+    lp = np.random.default_rng(2).normal(size=(2, 64)).astype(np.float32)
+    ids, scores = catalogue.top_k(lp, k=5)
+    full = catalogue.scores(lp)
+    for b in range(2):
+        best = np.argsort(-full[b], kind="stable")[:5]
+        assert ids[b] == [catalogue.ids[c] for c in best]
+        assert np.all(np.diff(scores[b]) <= 0)
+
+
+def test_top_k_leaves_out_excluded_items_and_keeps_candidates(catalogue: Catalogue) -> None:
+    lp = np.random.default_rng(3).normal(size=(1, 64)).astype(np.float32)
+    best = catalogue.top_k(lp, k=3)[0][0]
+    exclude = np.zeros((1, len(catalogue)), bool)
+    exclude[0, [catalogue.ids.index(i) for i in best]] = True
+    again = catalogue.top_k(lp, k=3, exclude=exclude)[0][0]
+    assert not set(again) & set(best)
+    even = catalogue.candidates(["even"])
+    got = catalogue.top_k(lp, k=100, candidates=even)[0][0]
+    assert sorted(got) == sorted(i for i in catalogue.ids if int(i[1:]) % 2 == 0)
+
+
+def test_candidate_filter_without_categories_is_a_clear_error() -> None:
+    cat = Catalogue.from_codebooks(_codebooks(), ["interactions"])
+    with pytest.raises(ModelError, match="no item categories"):
+        cat.candidates(["even"])
+
+
+def test_inputs_are_the_normalized_sketches_read_before_each_event() -> None:
+    events = _cycle_stream(n_users=3, length=5)
+    agg = Aggregator(_config(), _codebooks())
+    spec = InputSpec.build(agg.config, RecommendConfig(inputs=(("all",), ("recent",))), 4, 16)
+    x, codes = replay_inputs(events, agg, np.ones(len(events), bool), spec)
+    assert x.shape == (len(events), spec.n_features) and x.dtype == np.float16
+    cb = _codebooks()["interactions"]
+    for i in range(len(events)):
+        before = [j for j in range(i) if events.user[j] == events.user[i]]
+        raw = np.zeros((4, 16))
+        for j in before:
+            raw[np.arange(4), cb.encode([events.item[j]])[0]] += 1.0
+        want = normalize(raw.astype(np.float32)).reshape(-1)
+        np.testing.assert_allclose(x[i, :64].astype(np.float32), want, atol=2e-3)
+        assert np.array_equal(codes[i, 0], cb.encode([events.item[i]])[0])
+
+
+def test_an_events_inputs_do_not_depend_on_later_events() -> None:
+    events = _cycle_stream(n_users=5, length=8)
+    agg = lambda: Aggregator(_config(), _codebooks())  # noqa: E731
+    spec = InputSpec.build(_config(), RecommendConfig(), 4, 16)
+    cut = len(events) // 2
+    changed = events.item.copy()
+    changed[cut:] = "i0"
+    other = EventTable(events.user, changed, events.action, events.ts, events.value)
+    keep = np.ones(len(events), bool)
+    a, _ = replay_inputs(events, agg(), keep, spec, batch_size=7)
+    b, _ = replay_inputs(other, agg(), keep, spec, batch_size=7)
+    assert np.array_equal(a[: cut + 1], b[: cut + 1])  # event `cut` itself: read before it
+    assert not np.array_equal(a, b)
+
+
+def _small_fit(seed: int) -> np.ndarray:
+    events = _cycle_stream(n_users=20, length=10)
+    agg = Aggregator(_config(), _codebooks())
+    spec = InputSpec.build(agg.config, RecommendConfig(), 4, 16)
+    x, codes = replay_inputs(events, agg, np.ones(len(events), bool), spec)
+    cat = Catalogue.from_codebooks(agg.codebooks, ["interactions"])
+    target = np.array([cat.ids.index(i) for i in events.item])
+    cfg = RecommendConfig(hidden=32, epochs=2, batch_size=32, seed=seed)
+    model, _ = fit_recommender(
+        x[:150], codes[:150], Validation(x[150:], target[150:], None), cat, cfg
+    )
+    return model.log_probs(x[150:])
+
+
+def test_training_is_deterministic_given_a_seed() -> None:
+    assert np.array_equal(_small_fit(0), _small_fit(0))
+    assert not np.array_equal(_small_fit(0), _small_fit(1))
+
+
+def test_on_a_predictable_stream_the_model_beats_popularity() -> None:
+    events = _cycle_stream()
+    result = recommend_report(
+        events,
+        _codebooks(),
+        _config(),
+        config=RecommendConfig(hidden=64, epochs=15, patience=3, batch_size=64),
+        sasrec=SASRecConfig(max_len=10, dim=16, blocks=1, epochs=3),
+        max_train_events=None,
+        val_events=None,
+    )
+    test = result.report["test"]
+    assert set(result.report) == {"test", "test_with_seen"}
+    assert set(test) == {"sketchstream", "popularity", "item_cf", "sasrec"}
+    assert all(set(m) == {"hr@10", "ndcg@10", "mrr"} for m in test.values())
+    assert all(0.0 <= v <= 1.0 for m in test.values() for v in m.values() if not math.isnan(v))
+    assert test["sketchstream"]["ndcg@10"] > 0.5
+    assert test["sketchstream"]["hr@10"] > test["popularity"]["hr@10"] + 0.2
+    assert result.counts["test_events"] == len(events) - len(events) * 9 // 10
+
+
+def test_recent_items_read_off_the_state_equal_those_read_off_the_stream() -> None:
+    from sketchstream.models.batches import EventBatch
+    from sketchstream.models.ranking import UserHistory
+    from sketchstream.models.recommend import state_last_codes, stream_last_codes
+
+    events = _cycle_stream(n_users=6, length=20)
+    agg = Aggregator(_config(), _codebooks())  # history_size 16: older items fall out
+    _, uid = np.unique(events.user.astype(str), return_inverse=True)
+    state = agg.new_batch(int(uid.max()) + 1)
+    all_codes = np.stack([cb.encode(events.item.tolist()) for cb in agg.codebooks.values()], 1)
+    history = UserHistory(events.user, np.arange(len(events)))
+    cbs = list(agg.codebooks.values())
+    action = np.zeros(len(events), np.int64)
+    for i in range(len(events)):  # before each event: the state's last items = the stream's
+        online = state_last_codes(state, uid[i : i + 1], cbs, 10)
+        offline = stream_last_codes(all_codes, history, np.array([i]), 10)
+        assert np.array_equal(online, offline)
+        batch = EventBatch.from_table(events, slice(i, i + 1), user_index=uid, action=action)
+        agg.score_then_fold(state, batch)
+
+
+def test_recent_sketches_weigh_the_newest_item_most() -> None:
+    from sketchstream.models.recommend import recent_sketches
+
+    last = np.array([[[[0, 1]], [[2, 3]]]])  # (1 user, 2 items, 1 modality, 2 levels)
+    s = recent_sketches(last, [0.5], width=4).reshape(2, 4)
+    norm = np.sqrt(1 + 0.25)
+    np.testing.assert_allclose(s[0], [0.5 / norm, 0, 1 / norm, 0], rtol=1e-6)
+    np.testing.assert_allclose(s[1], [0, 0.5 / norm, 0, 1 / norm], rtol=1e-6)
