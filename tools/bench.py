@@ -523,32 +523,19 @@ def quality(
         Path,
         typer.Option(help="Artifacts and reports, <out>/<id>/model, <out>/<id>/eval."),
     ] = Path("var/bench/quality"),
-    epochs: Annotated[
-        int | None, typer.Option(min=1, help="train --epochs (default: train's).")
-    ] = None,
-    hidden: Annotated[
-        int | None, typer.Option(min=1, help="train --hidden (default: train's).")
-    ] = None,
-    blocks: Annotated[
-        int | None, typer.Option(min=0, help="train --blocks (default: train's).")
-    ] = None,
-    depth: Annotated[
-        int | None, typer.Option(min=1, help="train --depth (default: train's).")
-    ] = None,
-    width: Annotated[
-        int | None, typer.Option(min=2, help="train --width (default: train's).")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="train --seed (default: train's).")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="train --epochs.")] = None,
+    seed: Annotated[int | None, typer.Option(help="train --seed.")] = None,
     config: Annotated[
         list[str] | None,
         typer.Option(
             "--config",
-            help="Any other TrainConfig field, KEY=VALUE (repeatable), e.g. --config lr=0.002.",
+            help="Any other TrainConfig field (train's options and more), KEY=VALUE "
+            "(repeatable): --config hidden=256 --config lr=0.002. Unset fields keep train's "
+            "defaults.",
         ),
     ] = None,
     draws: Annotated[int, typer.Option(min=10, help="Bootstrap draws of the interval.")] = 200,
     threads: Annotated[int, typer.Option(min=0, help="torch threads (0: default).")] = 0,
-    progress: Annotated[bool, typer.Option(help="Progress bars of train and evaluate.")] = False,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Append one JSON line per data set to this file.")
     ] = None,
@@ -559,7 +546,7 @@ def quality(
     The held-out set (instacart, not used for tuning) is reported last, marked."""
     from sketchstream.models.errors import SketchstreamError
     from sketchstream.tools import bench_quality as bq
-    from sketchstream.tools.datasets import CATALOGUE, prepare
+    from sketchstream.tools.datasets import CATALOGUE
     from sketchstream.tools.evaluate import start
 
     settings = load_settings_or_exit()
@@ -571,8 +558,7 @@ def quality(
             param_hint="--datasets",
         )
     ids.sort(key=lambda d: d == bq.HELD_OUT)  # stable: the held-out set last
-    given = {"epochs": epochs, "hidden": hidden, "blocks": blocks, "depth": depth}
-    given |= {"width": width, "seed": seed}
+    given = {"epochs": epochs, "seed": seed}
     try:
         train_config = bq.train_config(
             {k: v for k, v in given.items() if v is not None}, config or ()
@@ -582,25 +568,14 @@ def quality(
     root = data_root if data_root is not None else settings.data_dir
     cache_dir = cache if cache is not None else settings.home / "cache"
     start(threads)
-    rows = []
-    for dataset in ids:
-        folder = root / dataset
-        try:
-            if not (folder / "events.jsonl").is_file():
-                _say(f"[{dataset}] fetching and converting into {folder} ...")
-            prepare(dataset, folder, cache_dir)
-            rows.append(
-                bq.run_dataset(
-                    dataset,
-                    folder,
-                    out / dataset,
-                    train_config,
-                    draws=draws,
-                    progress=progress,
-                    say=_say,
-                )
+    try:
+        rows = [
+            bq.run_dataset(
+                d, root / d, out / d, train_config, draws=draws, say=_say, cache=cache_dir
             )
-        except SketchstreamError as exc:
-            typer.echo(f"error: {dataset}: {exc}", err=True)
-            raise typer.Exit(1) from None
+            for d in ids
+        ]
+    except SketchstreamError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     _report(bq.quality_table(rows), rows, json_path)

