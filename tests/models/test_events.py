@@ -299,3 +299,82 @@ def test_a_value_beyond_float32_range_is_refused_not_read_as_infinity(tmp_path: 
         match=r"line 2: 'value' must be a number or absent \(a float32: within ±3.4e38\)",
     ):
         read_events(path)
+
+
+# --- heads from the command line, and protocol order -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "head"),
+    [
+        ("like:rate>=4", Head("like", ("rate",), 4.0)),
+        ("reorder:purchase>=1", Head("reorder", ("purchase",), 1.0)),
+        ("click:click@view,click", Head("click", ("click",), None, ("view", "click"))),
+        ("play:play,replay>=0.5", Head("play", ("play", "replay"), 0.5)),
+    ],
+)
+def test_a_head_spec_parses_and_prints_back(spec: str, head: Head) -> None:
+    from sketchstream.models.events import parse_head
+
+    assert parse_head(spec) == head
+    assert head.spec == spec
+
+
+def test_the_default_head_is_like_rate_at_least_4() -> None:
+    from sketchstream.models.events import parse_head
+
+    assert (parse_head("like:rate>=4"),) == DEFAULT_HEADS
+
+
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        ("rate>=4", "no NAME: before the actions"),
+        ("like:", "an empty action name"),
+        ("like:rate>=four", "threshold 'four' is not a number"),
+        ("like:rate>=inf", "is not finite"),
+        ("click:click@view>=1", "the threshold goes before @"),
+        ("click:click@", "an empty action name after @"),
+    ],
+)
+def test_a_bad_head_spec_names_the_part_and_the_syntax(spec: str, why: str) -> None:
+    from sketchstream.models.events import parse_head
+
+    with pytest.raises(SketchstreamError, match=why) as info:
+        parse_head(spec)
+    assert "NAME:ACTION" in str(info.value) and repr(spec) in str(info.value)
+
+
+def _table(rows: list[tuple[float, str, str]]) -> EventTable:
+    ts, user, item = zip(*rows, strict=True) if rows else ((), (), ())
+    return EventTable(
+        user=np.array(user, dtype=object),
+        item=np.array(item, dtype=object),
+        action=np.full(len(rows), "rate", dtype=object),
+        ts=np.array(ts, dtype=np.float64),
+        value=np.full(len(rows), np.nan, dtype=np.float32),
+    )
+
+
+def test_protocol_order_holds_for_a_sorted_table_with_ties() -> None:
+    from sketchstream.models.events import first_out_of_order
+
+    rows = [(1, "10", "b"), (1, "9", "a"), (1, "9", "a"), (2, "1", "z")]  # "10" < "9"
+    assert first_out_of_order(_table(rows)) is None
+    assert first_out_of_order(_table([])) is None
+
+
+@pytest.mark.parametrize(
+    ("rows", "first"),
+    [
+        ([(1, "a", "x"), (3, "a", "x"), (2, "a", "x"), (0, "a", "x")], 2),  # ts goes back
+        ([(1, "a", "x"), (2, "9", "x"), (2, "10", "x")], 2),  # ids are strings: "10" < "9"
+        ([(1, "a", "y"), (1, "a", "x"), (0, "b", "x")], 1),  # the tie's item decides
+    ],
+)
+def test_the_first_event_out_of_protocol_order_is_found(rows: list, first: int) -> None:
+    from sketchstream.models.events import first_out_of_order
+
+    assert first_out_of_order(_table(rows)) == first
+    order = protocol_order(_table(rows).user, _table(rows).item, _table(rows).ts)
+    assert first_out_of_order(_table(rows)[order]) is None
