@@ -103,7 +103,7 @@ def batch(
             "--events-file",
             exists=True,
             dir_okay=False,
-            help="Canonical events, scored in file order (`sketchstream data movielens-1m` "
+            help="Canonical events, scored in file order (`sketchstream data ml-1m` "
             "writes the default one).",
         ),
     ] = Path("data/ml-1m/events.jsonl"),
@@ -260,7 +260,7 @@ def replay(
         Path | None,
         typer.Option(
             help="Canonical data folder with events.jsonl (and optionally items.jsonl); "
-            "default: <data dir>/ml-1m (`sketchstream data movielens-1m`).",
+            "default: <data dir>/ml-1m (`sketchstream data ml-1m`).",
             file_okay=False,
         ),
     ] = None,
@@ -306,7 +306,7 @@ def replay(
     folder = data if data is not None else load_settings_or_exit().data_dir / "ml-1m"
     if not (folder / "events.jsonl").is_file():
         raise typer.BadParameter(
-            f"{folder}: no events.jsonl (make one with `sketchstream data movielens-1m`)",
+            f"{folder}: no events.jsonl (make one with `sketchstream data ml-1m`)",
             param_hint="--data",
         )
     chosen = [ReplayVariant(v) for v in dict.fromkeys(variants or list(ReplayVariant))]
@@ -327,7 +327,7 @@ def chaos(
         Path | None,
         typer.Option(
             help="Canonical events folder (events.jsonl); default: <data dir>/ml-1m, else the "
-            "MovieLens-1M cache ~/.sketchstream/cache/ml-1m (`sketchstream data movielens-1m`).",
+            "MovieLens-1M cache ~/.sketchstream/cache/ml-1m (`sketchstream data ml-1m`).",
             file_okay=False,
         ),
     ] = None,
@@ -408,7 +408,7 @@ def chaos(
     path = data / "events.jsonl"
     if not path.is_file():
         raise typer.BadParameter(
-            f"{data}: no events.jsonl (make one with `sketchstream data movielens-1m`)",
+            f"{data}: no events.jsonl (make one with `sketchstream data ml-1m`)",
             param_hint="--data",
         )
     lines, _ = event_lines(path, events)
