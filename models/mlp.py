@@ -50,6 +50,12 @@ class MLPConfig:
     blocks: int = 2  # residual blocks after the input layer
     dropout: float = 0.1  # inside each block, training only
     leaky_slope: float = 0.01  # negative slope of LeakyReLU
+    # > 0: the dense block also enters as its per-column empirical CDF over the training rows,
+    # piecewise linear between this many quantiles (0: standardized values only, as before)
+    quantiles: int = 0
+    # > 1: that many networks of this shape, trained side by side from their own initial
+    # weights, the logits averaged (1: one network, as before)
+    members: int = 1
     heads: tuple[str, ...] = ("like",)  # one sigmoid output per engagement type
     dense_names: tuple[str, ...] = field(default=())  # names of the dense columns, for reports
 
@@ -63,6 +69,10 @@ class MLPConfig:
                 f"MLPConfig: hidden={self.hidden}, blocks={self.blocks}, depth={self.depth}, "
                 f"width={self.width}: expected hidden, depth, width >= 1 and blocks >= 0"
             )
+        if self.members < 1:
+            raise ModelError(f"MLPConfig: members={self.members}: expected >= 1")
+        if self.quantiles < 0 or self.quantiles == 1:
+            raise ModelError(f"MLPConfig: quantiles={self.quantiles}: expected 0 (off) or >= 2")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelError(f"MLPConfig: dropout={self.dropout} not in [0, 1)")
         if not self.heads:
@@ -180,16 +190,30 @@ class _Block(nn.Module):
 
 
 class EngagementMLP(nn.Module):
-    """Residual MLP: (dense features, item bucket codes) → one logit per head."""
+    """Residual MLP: (dense features, item bucket codes) → one logit per head.
+
+    With ``config.members`` K > 1 it is an ensemble: ``members`` holds K networks of the same
+    shape (each ``members = 1``), the logit is their mean (:meth:`member_logits` gives each).
+    """
 
     def __init__(self, config: MLPConfig) -> None:
         super().__init__()
         self.config = config
+        if config.members > 1:
+            one = MLPConfig.from_dict({**config.to_dict(), "members": 1})
+            self.members = nn.ModuleList(EngagementMLP(one) for _ in range(config.members))
+            return
+        self.members = None
         h = config.hidden
         # Standardization of the dense block, fitted on training rows (set_normalization).
         self.register_buffer("dense_mean", torch.zeros(config.n_dense))
         self.register_buffer("dense_std", torch.ones(config.n_dense))
-        self.dense_in = nn.Linear(config.n_dense, h) if config.n_dense else None
+        q = config.quantiles if config.n_dense else 0
+        if q:
+            # (n_dense, q + 1) knots: the training rows' quantiles 0, 1/q, ..., 1 per column
+            self.register_buffer("dense_knots", torch.zeros(config.n_dense, q + 1))
+        n_in = config.n_dense * (2 if q else 1)
+        self.dense_in = nn.Linear(n_in, h) if config.n_dense else None
         if config.modalities:
             self.codes_in = nn.EmbeddingBag(
                 config.n_codes + 1, h, mode="sum", padding_idx=config.n_codes
@@ -212,6 +236,10 @@ class EngagementMLP(nn.Module):
 
     def set_normalization(self, dense: np.ndarray) -> None:
         """Fit the dense standardization on training rows ``(n, n_dense)``."""
+        if self.members is not None:
+            for member in self.members:
+                member.set_normalization(dense)
+            return
         x = np.asarray(dense, dtype=np.float64)
         if x.shape[1] != self.config.n_dense:
             raise ModelError(
@@ -222,18 +250,52 @@ class EngagementMLP(nn.Module):
         std = np.where(std > 1e-6, std, 1.0)
         self.dense_mean.copy_(torch.from_numpy(mean.astype(np.float32)))
         self.dense_std.copy_(torch.from_numpy(std.astype(np.float32)))
+        q = self.config.quantiles
+        if q and len(x):
+            knots = np.quantile(x, np.linspace(0.0, 1.0, q + 1), axis=0).T  # (n_dense, q + 1)
+            self.dense_knots.copy_(torch.from_numpy(np.ascontiguousarray(knots, np.float32)))
+
+    def _dense_block(self, dense: torch.Tensor) -> torch.Tensor:
+        """``(n, n_dense)`` → the first layer's dense input: standardized values, then (with
+        ``quantiles``) each column's training CDF, ``(n, 2 * n_dense)`` scaled to unit variance.
+
+        The CDF is linear between knots; a value tied with several knots reads the highest
+        (the CDF at that value), so a column's mass at 0 maps to one point, not a range."""
+        z = (dense - self.dense_mean) / self.dense_std
+        q = self.config.quantiles
+        if not q:
+            return z
+        knots = self.dense_knots  # (F, q + 1)
+        xt = dense.t().contiguous()  # (F, n)
+        idx = torch.searchsorted(knots, xt, right=True).clamp(1, q)
+        lo = knots.gather(1, idx - 1)
+        hi = knots.gather(1, idx)
+        gap = hi - lo
+        frac = torch.where(gap > 0, (xt - lo) / torch.where(gap > 0, gap, 1.0), 0.0)
+        cdf = (idx - 1 + frac.clamp(0.0, 1.0)) / q
+        # a uniform variable has variance 1/12: centre and scale it like the standardized block
+        return torch.cat([z, (cdf.t() - 0.5) * math.sqrt(12.0)], dim=1)
 
     def forward(self, dense: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """``dense (n, n_dense)`` float32, ``codes (n, M, D)`` int → logits ``(n, n_heads)``."""
+        if self.members is not None:
+            return self.member_logits(dense, codes).mean(dim=0)
         x = self.bias_in
         if self.dense_in is not None:
-            x = x + self.dense_in((dense - self.dense_mean) / self.dense_std)
+            x = x + self.dense_in(self._dense_block(dense))
         if self.codes_in is not None:
             x = x + self.codes_in(code_indices(codes, self.config.width))
         x = self.act_in(self.norm_in(x))
         for block in self.blocks:
             x = block(x)
         return self.head(x)
+
+    def member_logits(self, dense: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Each member's logits ``(members, n, n_heads)`` (``(1, n, n_heads)`` for one network):
+        training fits every member to the labels on its own."""
+        if self.members is None:
+            return self(dense, codes).unsqueeze(0)
+        return torch.stack([member(dense, codes) for member in self.members])
 
     def predict(self, inputs: MLPInputs, batch_size: int = 8192) -> np.ndarray:
         """Engagement probabilities ``(n, n_heads)`` float32, batched, no autograd."""

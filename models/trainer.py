@@ -88,6 +88,8 @@ class TrainConfig:
     blocks: int = 2
     dropout: float = 0.1
     leaky_slope: float = 0.01
+    quantiles: int = 64  # dense columns also enter as their training CDF (MLPConfig.quantiles)
+    members: int = 1  # networks averaged (MLPConfig.members)
     # --- optimization --------------------------------------------------------------------
     epochs: int = 6  # upper bound; early stopping usually ends sooner
     patience: int = 1  # epochs without validation AUC gain before stopping
@@ -95,6 +97,10 @@ class TrainConfig:
     weight_decay: float = 1e-5
     batch_size: int = 1024
     evals_per_epoch: int = 2  # validation checks per epoch (early stopping granularity)
+    # > 0: validate and keep an exponential moving average of the weights over about this many
+    # epochs of steps (0: the raw weights). The raw weights at lr 1e-3 are noisy from step to
+    # step; the average is what early stopping judges and what is saved
+    ema_epochs: float = 0.25
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -333,12 +339,16 @@ def train_mlp(
     evals_per_epoch: int = 2,
     seed: int = 0,
     progress: bool = True,
+    ema_epochs: float = 0.0,
 ) -> tuple[EngagementMLP, list[dict[str, float]]]:
     """Train an :class:`EngagementMLP`; return the best model (by validation AUC) and history.
 
     ``y_* (n, heads)`` float labels, nan where a head does not apply (masked out of the loss).
     Validation runs ``evals_per_epoch`` times per epoch; training stops after ``patience``
-    epochs' worth of checks without improvement. Seeds torch and the shuffling generator.
+    epochs' worth of checks without improvement. ``ema_epochs`` > 0: what is validated and
+    returned is the moving average of the weights over about that many epochs of steps.
+    Every member of an ensemble (``config.members``) is fitted to the labels on its own; the
+    validation AUC is the ensemble's. Seeds torch and the shuffling generator.
     """
     from tqdm.auto import tqdm
 
@@ -357,6 +367,12 @@ def train_mlp(
     y_t = torch.from_numpy(np.nan_to_num(y_train, nan=0.0).astype(np.float32))
     m_t = torch.from_numpy((~np.isnan(y_train)).astype(np.float32))
     dense_all, codes_all = to_tensors(train)
+    ema = None
+    if ema_epochs > 0:
+        ema_decay = 1.0 - 1.0 / max(1.0, ema_epochs * steps_per_epoch)
+        ema = EngagementMLP(config)
+        ema.load_state_dict(model.state_dict())
+        ema_params = [(e, p) for e, p in zip(ema.parameters(), model.parameters(), strict=True)]
     best_auc, best_state, bad, history = -np.inf, None, 0, []
     step = 0
     bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, mininterval=1.0)
@@ -366,19 +382,29 @@ def train_mlp(
         perm = torch.from_numpy(rng.permutation(n))
         for b in range(steps_per_epoch):
             idx = perm[b * batch_size : (b + 1) * batch_size]
-            logits = model(dense_all[idx], codes_all[idx])
-            mask = m_t[idx]
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                logits, y_t[idx], weight=mask, reduction="sum"
-            ) / mask.sum().clamp(min=1.0)
+            # each member fits the labels on its own (an ensemble, not one wide network)
+            logits = model.member_logits(dense_all[idx], codes_all[idx])  # (members, b, heads)
+            mask = m_t[idx].expand_as(logits)
+            loss = (
+                torch.nn.functional.binary_cross_entropy_with_logits(
+                    logits, y_t[idx].expand_as(logits), weight=mask, reduction="sum"
+                )
+                / mask.sum().clamp(min=1.0)
+                * logits.shape[0]
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             step += 1
+            if ema is not None:
+                with torch.no_grad():
+                    for e, p in ema_params:
+                        e.lerp_(p, 1.0 - ema_decay)
             bar.update(1)
             if step % check_every == 0 or b == steps_per_epoch - 1:
-                p_val = model.predict(val)
+                judged = model if ema is None else ema
+                p_val = judged.predict(val)
                 auc = _mean_auc(y_val, p_val)
                 history.append(
                     {
@@ -392,7 +418,7 @@ def train_mlp(
                 log.info("step %d epoch %d: val AUC %.4f", step, epoch, auc)
                 if auc > best_auc + 1e-5:
                     best_auc, bad = auc, 0
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    best_state = {k: v.detach().clone() for k, v in judged.state_dict().items()}
                 else:
                     bad += 1
                     if bad >= patience * max(1, evals_per_epoch):
@@ -589,6 +615,8 @@ def run_protocol(
         blocks=config.blocks,
         dropout=config.dropout,
         leaky_slope=config.leaky_slope,
+        quantiles=config.quantiles,
+        members=config.members,
         heads=head_names,
         dense_names=tuple(names) if len(names) == inputs.dense.shape[1] else (),
     )
@@ -615,6 +643,7 @@ def run_protocol(
         evals_per_epoch=config.evals_per_epoch,
         seed=config.seed,
         progress=progress,
+        ema_epochs=config.ema_epochs,
     )
     timings["train"] = time.perf_counter() - t0
 

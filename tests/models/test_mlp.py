@@ -114,3 +114,45 @@ def test_a_few_steps_of_training_lower_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_quantile_block_reads_each_column_as_its_training_cdf():
+    model = EngagementMLP(_config(n_dense=2, quantiles=4))
+    train = np.column_stack([np.arange(9.0), np.zeros(9)]).astype(np.float32)  # col 1: constant
+    model.set_normalization(train)
+    assert model.state_dict()["dense_knots"].shape == (2, 5)  # saved with the weights
+    block = model._dense_block(torch.tensor([[-5.0, 0.0], [2.0, 0.0], [4.0, 0.0], [99.0, 0.0]]))
+    cdf = block[:, 2:] / np.sqrt(12.0) + 0.5
+    # knots of column 0 are 0, 2, 4, 6, 8: below the range 0, at 2 a quarter, above it 1
+    torch.testing.assert_close(cdf[:, 0], torch.tensor([0.0, 0.25, 0.5, 1.0]))
+    assert torch.all(cdf[:, 1] == cdf[0, 1])  # a constant column reads one value
+    assert block.shape == (4, 4)
+
+
+def test_config_refuses_one_quantile_and_no_members():
+    with pytest.raises(ModelError, match="quantiles=1"):
+        _config(quantiles=1)
+    with pytest.raises(ModelError, match="members=0"):
+        _config(members=0)
+
+
+def test_an_ensemble_averages_its_members_logits():
+    model = EngagementMLP(_config(members=3))
+    x = _inputs()
+    model.set_normalization(x.dense)
+    dense, codes = torch.from_numpy(x.dense), torch.from_numpy(x.codes.astype(np.int64))
+    model.eval()
+    each = model.member_logits(dense, codes)
+    assert each.shape == (3, 64, 2)
+    assert not torch.allclose(each[0], each[1])  # members start from their own weights
+    torch.testing.assert_close(model(dense, codes), each.mean(dim=0))
+
+
+def test_an_ensemble_round_trips_through_its_state_dict():
+    cfg = _config(members=2, quantiles=8)
+    model = EngagementMLP(cfg)
+    x = _inputs()
+    model.set_normalization(x.dense)
+    again = EngagementMLP(MLPConfig.from_dict(cfg.to_dict()))
+    again.load_state_dict(model.state_dict(), strict=True)
+    np.testing.assert_array_equal(again.predict(x), model.predict(x))

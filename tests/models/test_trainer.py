@@ -143,3 +143,22 @@ def test_train_mlp_learns_a_separable_signal_and_is_reproducible():
     np.testing.assert_array_equal(m1.predict(va), m2.predict(va))
     # two checks per epoch of 16 steps: the history counts epochs done
     assert [h["epoch"] for h in hist][:4] == [0.5, 1.0, 1.5, 2.0]
+
+
+def test_train_mlp_with_a_weight_average_and_an_ensemble_learns_and_is_reproducible():
+    rng = np.random.default_rng(1)
+    from sketchstream.models.mlp import MLPInputs
+
+    def data(n):
+        dense = rng.normal(size=(n, 3)).astype(np.float32)
+        codes = rng.integers(-1, 8, (n, 1, 2)).astype(np.int16)
+        y = (dense[:, :1] + 0.3 * rng.normal(size=(n, 1)) > 0).astype(np.float32)
+        return MLPInputs(dense, codes), y
+
+    (tr, y_tr), (va, y_va) = data(2000), data(500)
+    cfg = MLPConfig(n_dense=3, modalities=1, depth=2, width=8, hidden=16, blocks=1)
+    cfg = MLPConfig.from_dict({**cfg.to_dict(), "members": 2, "quantiles": 16})
+    kw = dict(epochs=3, batch_size=128, lr=1e-2, progress=False, seed=3, ema_epochs=0.25)
+    (m1, hist), (m2, _) = (train_mlp(tr, y_tr, va, y_va, cfg, **kw) for _ in range(2))
+    assert max(h["val_auc"] for h in hist) > 0.9
+    np.testing.assert_array_equal(m1.predict(va), m2.predict(va))
