@@ -403,11 +403,18 @@ class SketchRecommender(nn.Module):
         self.blocks = nn.ModuleList(_Block(hidden, dropout) for _ in range(blocks))
         self.out = nn.Linear(hidden, levels * width)
 
-    def set_normalization(self, x: np.ndarray) -> None:
-        """Fit the input standardisation on training rows ``(n, n_in)``."""
-        x = np.asarray(x, np.float32)
-        mean = x.mean(axis=0, dtype=np.float64)
-        std = x.std(axis=0, dtype=np.float64)
+    def set_normalization(self, x: np.ndarray, chunk: int = 4096) -> None:
+        """Fit the input standardisation on training rows ``(n, n_in)`` (chunk by chunk: the
+        inputs are float16 and wide, a float64 copy of them all would not fit)."""
+        n = len(x)
+        total = np.zeros(x.shape[1])
+        squares = np.zeros(x.shape[1])
+        for a in range(0, n, chunk):
+            c = np.asarray(x[a : a + chunk], np.float64)
+            total += c.sum(axis=0)
+            squares += np.square(c).sum(axis=0)
+        mean = total / max(n, 1)
+        std = np.sqrt(np.maximum(squares / max(n, 1) - mean**2, 0.0))
         self.mean.copy_(torch.from_numpy(mean.astype(np.float32)))
         self.std.copy_(torch.from_numpy(np.where(std > 1e-4, std, 1.0).astype(np.float32)))
 
@@ -485,7 +492,7 @@ def fit_recommender(
         blocks=config.blocks,
         dropout=config.dropout,
     )
-    model.set_normalization(x[rng.choice(len(x), min(len(x), 200_000), replace=False)])
+    model.set_normalization(x[np.sort(rng.choice(len(x), min(len(x), 50_000), replace=False))])
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     y_t = torch.from_numpy(y)
     best, best_state, bad, history = -math.inf, None, 0, []
@@ -537,8 +544,10 @@ def fit_recommender(
 
 # --- the offline comparison --------------------------------------------------------------------
 
+#: the methods :func:`recommend_report` compares, in report order
+METHODS = ("sketchstream", "popularity", "item_cf", "sasrec")
 POPULARITY_HALF_LIVES_S = (3_600.0, 86_400.0, 7 * 86_400.0, 30 * 86_400.0, math.inf)
-ITEM_CF_GAMMAS = (0.5, 0.8, 0.95, 1.0)
+ITEM_CF_GAMMAS = (0.2, 0.5, 0.8, 0.95, 1.0)
 
 
 @dataclass
@@ -548,7 +557,7 @@ class RecommendResult:
     validation, per-epoch histories and timings (seconds)."""
 
     report: dict[str, dict[str, dict[str, float]]]
-    model: SketchRecommender
+    model: SketchRecommender | None
     catalogue: Catalogue
     spec: InputSpec
     chosen: dict[str, Any]
@@ -584,6 +593,7 @@ def recommend_report(
     max_train_events: int | None = 300_000,
     val_events: int | None = 20_000,
     inputs: tuple[np.ndarray, np.ndarray] | None = None,
+    methods: Sequence[str] = METHODS,
     progress: bool = False,
 ) -> RecommendResult:
     """Train the sketch recommender and the baselines on the protocol's training period, pick
@@ -592,6 +602,8 @@ def recommend_report(
     ``events``: the stream in protocol order; ``codebooks`` and ``aggregator_config``: the
     state the engagement heads use. ``inputs``: the :func:`replay_inputs` output for the rows
     of :func:`protocol_rows` (train, val, test concatenated), to skip the replay.
+    ``methods``: the subset of :data:`METHODS` to run (without "sketchstream" there is no
+    replay and ``model`` is None).
     ``report``: ``{"test": {"sketchstream" | "popularity" | "item_cf" | "sasrec": {"hr@10",
     "ndcg@10", "mrr"}}, "test_with_seen": {...}}``; "test" excludes the user's seen items.
     """
@@ -622,109 +634,116 @@ def recommend_report(
     rows = item_rows(events.item, catalogue.ids)
     history = UserHistory(events.user, rows)
 
-    t0 = time.perf_counter()
-    if inputs is None:
-        keep = np.zeros(n, bool)
-        keep[np.concatenate([tr, va, te])] = True
-        inputs = replay_inputs(events, aggregator, keep, spec, progress=progress)
-    x, codes = inputs
-    if len(x) != len(tr) + len(va) + len(te) or x.shape[1] != spec.n_features:
-        raise ModelError(
-            f"recommend_report: inputs {x.shape}, expected ({len(tr) + len(va) + len(te)}, "
-            f"{spec.n_features})"
-        )
-    timings["replay"] = time.perf_counter() - t0
-    x_tr, x_va, x_te = x[: len(tr)], x[len(tr) : len(tr) + len(va)], x[len(tr) + len(va) :]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise ModelError(f"recommend_report: unknown methods {unknown}: expected some of {METHODS}")
     val_seen = history.seen(va, n_items)
     val = EvalEvents(va, rows[va], history, n_items)
     test = EvalEvents(te, rows[te], history, n_items)
     results: dict[str, dict[bool, dict[str, float]]] = {}
     chosen: dict[str, Any] = {}
     histories: dict[str, list[dict[str, float]]] = {}
+    model = None
+    train_all = protocol_rows(n, max_train_events=None, val_events=0)[0]
 
     def ndcg(res: dict[bool, dict[str, float]]) -> float:
         return res[True]["ndcg@10"]
 
-    # the EMDE model
-    t0 = time.perf_counter()
-    model, histories["sketchstream"] = fit_recommender(
-        x_tr,
-        codes[: len(tr)],
-        Validation(x_va, rows[va], val_seen),
-        catalogue,
-        config,
-        target_modalities=target_idx,
-        progress=progress,
-    )
-    timings["sketchstream_train"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    results["sketchstream"] = evaluate_scorer(
-        lambda p: catalogue.scores(model.log_probs(x_te[p])), test
-    )
-    timings["sketchstream_test"] = time.perf_counter() - t0
+    if "sketchstream" in methods:  # the EMDE model
+        t0 = time.perf_counter()
+        if inputs is None:
+            keep = np.zeros(n, bool)
+            keep[np.concatenate([tr, va, te])] = True
+            inputs = replay_inputs(events, aggregator, keep, spec, progress=progress)
+        x, codes = inputs
+        if len(x) != len(tr) + len(va) + len(te) or x.shape[1] != spec.n_features:
+            raise ModelError(
+                f"recommend_report: inputs {x.shape}, expected "
+                f"({len(tr) + len(va) + len(te)}, {spec.n_features})"
+            )
+        timings["replay"] = time.perf_counter() - t0
+        x_tr, x_va, x_te = x[: len(tr)], x[len(tr) : len(tr) + len(va)], x[len(tr) + len(va) :]
+        t0 = time.perf_counter()
+        model, histories["sketchstream"] = fit_recommender(
+            x_tr,
+            codes[: len(tr)],
+            Validation(x_va, rows[va], val_seen),
+            catalogue,
+            config,
+            target_modalities=target_idx,
+            progress=progress,
+        )
+        timings["sketchstream_train"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fitted = model
+        results["sketchstream"] = evaluate_scorer(
+            lambda p: catalogue.scores(fitted.log_probs(x_te[p])), test
+        )
+        timings["sketchstream_test"] = time.perf_counter() - t0
 
-    # recent popularity: half-life on validation
-    ts = np.asarray(events.ts, np.float64)
+    if "popularity" in methods:  # recent popularity: half-life on validation
+        ts = np.asarray(events.ts, np.float64)
 
-    def popularity(half_life: float, ev: EvalEvents) -> dict[bool, dict[str, float]]:
-        wanted = np.zeros(n, bool)
-        wanted[ev.events] = True
-        stop = int(ev.events.max()) + 1
-        walk = RecentPopularity(n_items, half_life).scores(rows[:stop], ts[:stop], wanted)
-        return evaluate_streamed(walk, ev)
+        def popularity(half_life: float, ev: EvalEvents) -> dict[bool, dict[str, float]]:
+            wanted = np.zeros(n, bool)
+            wanted[ev.events] = True
+            stop = int(ev.events.max()) + 1
+            walk = RecentPopularity(n_items, half_life).scores(rows[:stop], ts[:stop], wanted)
+            return evaluate_streamed(walk, ev)
 
-    t0 = time.perf_counter()
-    chosen["popularity_half_life_s"], chosen["popularity_val"] = pick(
-        POPULARITY_HALF_LIVES_S, lambda h: ndcg(popularity(h, val)), "popularity half-life"
-    )
-    timings["popularity_train"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    results["popularity"] = popularity(chosen["popularity_half_life_s"], test)
-    timings["popularity_test"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        chosen["popularity_half_life_s"], chosen["popularity_val"] = pick(
+            POPULARITY_HALF_LIVES_S, lambda h: ndcg(popularity(h, val)), "popularity half-life"
+        )
+        timings["popularity_train"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results["popularity"] = popularity(chosen["popularity_half_life_s"], test)
+        timings["popularity_test"] = time.perf_counter() - t0
 
-    # item-item CF on the training period: recency weight on validation
-    t0 = time.perf_counter()
-    train_all = protocol_rows(n, max_train_events=None, val_events=0)[0]
-    cf = ItemCF(n_items).fit(events.user[train_all], rows[train_all])
-    length = sasrec.max_len
+    if "item_cf" in methods:  # item-item CF on the training period: recency weight on validation
+        t0 = time.perf_counter()
+        cf = ItemCF(n_items).fit(events.user[train_all], rows[train_all])
+        length = sasrec.max_len
 
-    def cf_eval(gamma: float, ev: EvalEvents) -> dict[bool, dict[str, float]]:
-        cf.gamma = gamma
-        return evaluate_scorer(lambda p: cf.scores(history.last(ev.events[p], length)), ev)
+        def cf_eval(gamma: float, ev: EvalEvents) -> dict[bool, dict[str, float]]:
+            cf.gamma = gamma
+            return evaluate_scorer(lambda p: cf.scores(history.last(ev.events[p], length)), ev)
 
-    chosen["item_cf_gamma"], chosen["item_cf_val"] = pick(
-        ITEM_CF_GAMMAS, lambda g: ndcg(cf_eval(g, val)), "item-CF gamma"
-    )
-    timings["item_cf_train"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    results["item_cf"] = cf_eval(chosen["item_cf_gamma"], test)
-    timings["item_cf_test"] = time.perf_counter() - t0
+        chosen["item_cf_gamma"], chosen["item_cf_val"] = pick(
+            ITEM_CF_GAMMAS, lambda g: ndcg(cf_eval(g, val)), "item-CF gamma"
+        )
+        timings["item_cf_train"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results["item_cf"] = cf_eval(chosen["item_cf_gamma"], test)
+        timings["item_cf_test"] = time.perf_counter() - t0
 
-    # SASRec on the training period's sequences
-    t0 = time.perf_counter()
-    u_train = np.asarray(events.user[train_all]).astype(str)
-    order = np.argsort(u_train, kind="stable")
-    cuts = np.flatnonzero(np.r_[True, u_train[order][1:] != u_train[order][:-1]])
-    sequences = np.split(rows[train_all][order], cuts[1:])
-    sas, histories["sasrec"] = fit_sasrec(
-        sequences,
-        history.last(va, sasrec.max_len),
-        rows[va],
-        n_items,
-        sasrec,
-        val_exclude=val_seen,
-        progress=progress,
-    )
-    timings["sasrec_train"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    results["sasrec"] = evaluate_scorer(
-        lambda p: sas.scores(history.last(te[p], sasrec.max_len)), test
-    )
-    timings["sasrec_test"] = time.perf_counter() - t0
+    if "sasrec" in methods:  # SASRec on the training period's sequences
+        t0 = time.perf_counter()
+        u_train = np.asarray(events.user[train_all]).astype(str)
+        order = np.argsort(u_train, kind="stable")
+        cuts = np.flatnonzero(np.r_[True, u_train[order][1:] != u_train[order][:-1]])
+        sequences = np.split(rows[train_all][order], cuts[1:])
+        sas, histories["sasrec"] = fit_sasrec(
+            sequences,
+            history.last(va, sasrec.max_len),
+            rows[va],
+            n_items,
+            sasrec,
+            val_exclude=val_seen,
+            progress=progress,
+        )
+        timings["sasrec_train"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results["sasrec"] = evaluate_scorer(
+            lambda p: sas.scores(history.last(te[p], sasrec.max_len)), test
+        )
+        timings["sasrec_test"] = time.perf_counter() - t0
 
     keys = ("hr@10", "ndcg@10", "mrr")
     report = {
-        split: {name: {k: r[seen][k] for k in keys} for name, r in results.items()}
+        split: {
+            name: {k: results[name][seen][k] for k in keys} for name in METHODS if name in results
+        }
         for split, seen in (("test", True), ("test_with_seen", False))
     }
     counts = {

@@ -6,8 +6,8 @@ embeddings and ``blocks`` pre-norm transformer blocks with a causal mask; the la
 output dotted with every item embedding scores the catalogue. Training: every position of
 every user's training-period sequence predicts the next item with a full softmax over the
 catalogue (small catalogues: cheaper and better than sampled negatives), Adam, early stopping
-on validation NDCG@10, a wall-clock bound. CPU-sized: on MovieLens-1M it trains in a few
-minutes on one thread.
+on validation NDCG@10. CPU-sized: on MovieLens-1M an epoch (800k positions) takes ~40 s on
+one thread.
 
     model, history = fit_sasrec(train_seqs, val_last, val_target, n_items, SASRecConfig())
     scores = model.scores(last_items)          # (B, n_items), last_items (B, max_len), -1 pad
@@ -41,11 +41,13 @@ class SASRecConfig:
     blocks: int = 2
     heads: int = 1
     dropout: float = 0.2
-    epochs: int = 40  # upper bound; early stopping on validation NDCG@10
-    patience: int = 3  # validation checks without gain before stopping
+    epochs: int = 12  # upper bound; early stopping on validation NDCG@10
+    patience: int = 2  # validation checks without gain before stopping
     lr: float = 1e-3
     batch_size: int = 128
-    max_train_seconds: float = 300.0  # wall-clock bound on training
+    # optional wall-clock bound on training (None: none; a bound makes the result depend on
+    # the machine's speed, so the report's runs leave it off and bound the epochs instead)
+    max_train_seconds: float | None = None
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,7 +190,8 @@ def fit_sasrec(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad += 1
-        if bad >= config.patience or time.perf_counter() - t0 > config.max_train_seconds:
+        spent = time.perf_counter() - t0
+        if bad >= config.patience or spent > (config.max_train_seconds or math.inf):
             break
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -220,3 +220,28 @@ def test_recent_sketches_weigh_the_newest_item_most() -> None:
     norm = np.sqrt(1 + 0.25)
     np.testing.assert_allclose(s[0], [0.5 / norm, 0, 1 / norm, 0], rtol=1e-6)
     np.testing.assert_allclose(s[1], [0, 0.5 / norm, 0, 1 / norm], rtol=1e-6)
+
+
+def test_recent_item_sketches_follow_the_state_sketches_in_the_inputs() -> None:
+    from sketchstream.models.ranking import UserHistory
+    from sketchstream.models.recommend import recent_sketches, stream_last_codes
+
+    events = _cycle_stream(n_users=4, length=12)
+    agg = Aggregator(_config(), _codebooks())
+    rec = RecommendConfig(inputs=(("all",),), recent_decays=(0.5, 1.0), recent_length=6)
+    spec = InputSpec.build(agg.config, rec, 4, 16)
+    keep = np.zeros(len(events), bool)
+    keep[::5] = True
+    x, _ = replay_inputs(events, agg, keep, spec, batch_size=8)
+    assert x.shape[1] == spec.n_features == 64 + 4 + 2 * 64
+    all_codes = np.stack([cb.encode(events.item.tolist()) for cb in agg.codebooks.values()], 1)
+    last = stream_last_codes(
+        all_codes, UserHistory(events.user, np.arange(len(events))), np.flatnonzero(keep), 6
+    )
+    want = recent_sketches(last, (0.5, 1.0), 16).astype(np.float16)
+    assert np.array_equal(x[:, 68:], want)
+
+
+def test_recent_items_beyond_the_states_history_are_refused() -> None:
+    with pytest.raises(ModelError, match="history_size"):
+        InputSpec.build(_config(), RecommendConfig(recent_decays=(0.5,), recent_length=99), 4, 16)
