@@ -8,14 +8,17 @@ cross-entropy. Decoding ranks every catalogue item by ``sum over levels log p[le
 bucket(item)]`` (the geometric mean of its level probabilities), vectorised over the catalogue
 with a precomputed ``(n_items, levels)`` bucket index (:class:`Catalogue`).
 
-    spec = InputSpec.build(aggregator.config, RecommendConfig())
+    spec = InputSpec.build(aggregator.config, config, aggregator.depth, aggregator.width)
     x, codes = replay_inputs(events, aggregator, keep, spec)   # (n, F) float16, (n, M, D)
     model, history = fit_recommender(x[tr], codes[tr], val, catalogue, config)
     ids, scores = catalogue.top_k(model.log_probs(x_user), k=10, exclude=seen)
 
-:func:`recommend_report` runs the whole offline comparison (this model, recent popularity,
-item-item CF and SASRec on the test period's events) and returns the ``"recommend"`` block of
-``report.json``.
+Online, the same inputs come from a user's state: :func:`user_inputs` on the features read
+with ``with_sketches`` and :func:`state_last_codes` on the state's bounded history.
+
+:func:`~sketchstream.models.ranking.recommend_report` runs the whole offline comparison (this
+model, recent popularity, item-item CF and SASRec on the test period's events) and returns the
+``"recommend"`` block of ``report.json``.
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ __all__ = [
     "SketchRecommender",
     "fit_recommender",
     "recent_sketches",
-    "recommend_report",
     "replay_inputs",
     "state_last_codes",
     "stream_last_codes",
@@ -540,217 +542,3 @@ def fit_recommender(
         model.load_state_dict(best_state)
     model.eval()
     return model, history
-
-
-# --- the offline comparison --------------------------------------------------------------------
-
-#: the methods :func:`recommend_report` compares, in report order
-METHODS = ("sketchstream", "popularity", "item_cf", "sasrec")
-POPULARITY_HALF_LIVES_S = (3_600.0, 86_400.0, 7 * 86_400.0, 30 * 86_400.0, math.inf)
-ITEM_CF_GAMMAS = (0.2, 0.5, 0.8, 0.95, 1.0)
-
-
-@dataclass
-class RecommendResult:
-    """What :func:`recommend_report` returns: ``report`` (the ``"recommend"`` block of
-    ``report.json``), the trained model, its catalogue and input spec, the choices made on
-    validation, per-epoch histories and timings (seconds)."""
-
-    report: dict[str, dict[str, dict[str, float]]]
-    model: SketchRecommender | None
-    catalogue: Catalogue
-    spec: InputSpec
-    chosen: dict[str, Any]
-    histories: dict[str, list[dict[str, float]]]
-    timings: dict[str, float]
-    counts: dict[str, int]
-
-
-def protocol_rows(
-    n: int, *, max_train_events: int | None, val_events: int | None, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stream rows ``(train, val, test)`` the comparison uses: the last ``max_train_events``
-    of the training period (None: all), ``val_events`` of the validation period drawn with
-    ``seed`` (None: all; they pick hyperparameters and stop training), all of the test."""
-    from sketchstream.models.events import protocol_split
-
-    tr, va, te = protocol_split(n)
-    lo = tr.start if max_train_events is None else max(tr.start, tr.stop - max_train_events)
-    val = np.arange(va.start, va.stop)
-    if val_events is not None and val_events < len(val):
-        val = np.sort(np.random.default_rng(seed).choice(val, val_events, replace=False))
-    return np.arange(lo, tr.stop), val, np.arange(te.start, te.stop)
-
-
-def recommend_report(
-    events: Any,
-    codebooks: Mapping[str, Any],
-    aggregator_config: AggregatorConfig,
-    items: Sequence[Any] | None = None,
-    *,
-    config: RecommendConfig | None = None,
-    sasrec: Any = None,
-    max_train_events: int | None = 300_000,
-    val_events: int | None = 20_000,
-    inputs: tuple[np.ndarray, np.ndarray] | None = None,
-    methods: Sequence[str] = METHODS,
-    progress: bool = False,
-) -> RecommendResult:
-    """Train the sketch recommender and the baselines on the protocol's training period, pick
-    their settings on validation, and rank the whole catalogue at every test event.
-
-    ``events``: the stream in protocol order; ``codebooks`` and ``aggregator_config``: the
-    state the engagement heads use. ``inputs``: the :func:`replay_inputs` output for the rows
-    of :func:`protocol_rows` (train, val, test concatenated), to skip the replay.
-    ``methods``: the subset of :data:`METHODS` to run (without "sketchstream" there is no
-    replay and ``model`` is None).
-    ``report``: ``{"test": {"sketchstream" | "popularity" | "item_cf" | "sasrec": {"hr@10",
-    "ndcg@10", "mrr"}}, "test_with_seen": {...}}``; "test" excludes the user's seen items.
-    """
-    from sketchstream.models.aggregator import Aggregator
-    from sketchstream.models.ranking import (
-        EvalEvents,
-        ItemCF,
-        RecentPopularity,
-        UserHistory,
-        evaluate_scorer,
-        evaluate_streamed,
-        item_rows,
-        pick,
-    )
-    from sketchstream.models.sasrec import SASRecConfig, fit_sasrec
-
-    config = config or RecommendConfig()
-    sasrec = sasrec or SASRecConfig()
-    timings: dict[str, float] = {}
-    aggregator = Aggregator(aggregator_config, codebooks)
-    targets = config.targets or aggregator.modalities
-    target_idx = [aggregator.modalities.index(m) for m in targets]
-    catalogue = Catalogue.from_codebooks(aggregator.codebooks, targets, items)
-    n_items = len(catalogue)
-    spec = InputSpec.build(aggregator_config, config, aggregator.depth, aggregator.width)
-    n = len(events)
-    tr, va, te = protocol_rows(n, max_train_events=max_train_events, val_events=val_events)
-    rows = item_rows(events.item, catalogue.ids)
-    history = UserHistory(events.user, rows)
-
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown or not methods:
-        raise ModelError(f"recommend_report: unknown methods {unknown}: expected some of {METHODS}")
-    val_seen = history.seen(va, n_items)
-    val = EvalEvents(va, rows[va], history, n_items)
-    test = EvalEvents(te, rows[te], history, n_items)
-    results: dict[str, dict[bool, dict[str, float]]] = {}
-    chosen: dict[str, Any] = {}
-    histories: dict[str, list[dict[str, float]]] = {}
-    model = None
-    train_all = protocol_rows(n, max_train_events=None, val_events=0)[0]
-
-    def ndcg(res: dict[bool, dict[str, float]]) -> float:
-        return res[True]["ndcg@10"]
-
-    if "sketchstream" in methods:  # the EMDE model
-        t0 = time.perf_counter()
-        if inputs is None:
-            keep = np.zeros(n, bool)
-            keep[np.concatenate([tr, va, te])] = True
-            inputs = replay_inputs(events, aggregator, keep, spec, progress=progress)
-        x, codes = inputs
-        if len(x) != len(tr) + len(va) + len(te) or x.shape[1] != spec.n_features:
-            raise ModelError(
-                f"recommend_report: inputs {x.shape}, expected "
-                f"({len(tr) + len(va) + len(te)}, {spec.n_features})"
-            )
-        timings["replay"] = time.perf_counter() - t0
-        x_tr, x_va, x_te = x[: len(tr)], x[len(tr) : len(tr) + len(va)], x[len(tr) + len(va) :]
-        t0 = time.perf_counter()
-        model, histories["sketchstream"] = fit_recommender(
-            x_tr,
-            codes[: len(tr)],
-            Validation(x_va, rows[va], val_seen),
-            catalogue,
-            config,
-            target_modalities=target_idx,
-            progress=progress,
-        )
-        timings["sketchstream_train"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fitted = model
-        results["sketchstream"] = evaluate_scorer(
-            lambda p: catalogue.scores(fitted.log_probs(x_te[p])), test
-        )
-        timings["sketchstream_test"] = time.perf_counter() - t0
-
-    if "popularity" in methods:  # recent popularity: half-life on validation
-        ts = np.asarray(events.ts, np.float64)
-
-        def popularity(half_life: float, ev: EvalEvents) -> dict[bool, dict[str, float]]:
-            wanted = np.zeros(n, bool)
-            wanted[ev.events] = True
-            stop = int(ev.events.max()) + 1
-            walk = RecentPopularity(n_items, half_life).scores(rows[:stop], ts[:stop], wanted)
-            return evaluate_streamed(walk, ev)
-
-        t0 = time.perf_counter()
-        chosen["popularity_half_life_s"], chosen["popularity_val"] = pick(
-            POPULARITY_HALF_LIVES_S, lambda h: ndcg(popularity(h, val)), "popularity half-life"
-        )
-        timings["popularity_train"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        results["popularity"] = popularity(chosen["popularity_half_life_s"], test)
-        timings["popularity_test"] = time.perf_counter() - t0
-
-    if "item_cf" in methods:  # item-item CF on the training period: recency weight on validation
-        t0 = time.perf_counter()
-        cf = ItemCF(n_items).fit(events.user[train_all], rows[train_all])
-        length = sasrec.max_len
-
-        def cf_eval(gamma: float, ev: EvalEvents) -> dict[bool, dict[str, float]]:
-            cf.gamma = gamma
-            return evaluate_scorer(lambda p: cf.scores(history.last(ev.events[p], length)), ev)
-
-        chosen["item_cf_gamma"], chosen["item_cf_val"] = pick(
-            ITEM_CF_GAMMAS, lambda g: ndcg(cf_eval(g, val)), "item-CF gamma"
-        )
-        timings["item_cf_train"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        results["item_cf"] = cf_eval(chosen["item_cf_gamma"], test)
-        timings["item_cf_test"] = time.perf_counter() - t0
-
-    if "sasrec" in methods:  # SASRec on the training period's sequences
-        t0 = time.perf_counter()
-        u_train = np.asarray(events.user[train_all]).astype(str)
-        order = np.argsort(u_train, kind="stable")
-        cuts = np.flatnonzero(np.r_[True, u_train[order][1:] != u_train[order][:-1]])
-        sequences = np.split(rows[train_all][order], cuts[1:])
-        sas, histories["sasrec"] = fit_sasrec(
-            sequences,
-            history.last(va, sasrec.max_len),
-            rows[va],
-            n_items,
-            sasrec,
-            val_exclude=val_seen,
-            progress=progress,
-        )
-        timings["sasrec_train"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        results["sasrec"] = evaluate_scorer(
-            lambda p: sas.scores(history.last(te[p], sasrec.max_len)), test
-        )
-        timings["sasrec_test"] = time.perf_counter() - t0
-
-    keys = ("hr@10", "ndcg@10", "mrr")
-    report = {
-        split: {
-            name: {k: results[name][seen][k] for k in keys} for name in METHODS if name in results
-        }
-        for split, seen in (("test", True), ("test_with_seen", False))
-    }
-    counts = {
-        "test_events": len(te),
-        "test_targets_outside_catalogue": int((rows[te] < 0).sum()),
-        "catalogue_items": n_items,
-        "train_events": len(tr),
-        "val_events": len(va),
-    }
-    return RecommendResult(report, model, catalogue, spec, chosen, histories, timings, counts)

@@ -12,13 +12,13 @@ from sketchstream.models.channels import AggregatorConfig, Channel
 from sketchstream.models.emde import Codebook, normalize
 from sketchstream.models.errors import ModelError
 from sketchstream.models.events import EventTable, Item
+from sketchstream.models.ranking import recommend_report
 from sketchstream.models.recommend import (
     Catalogue,
     InputSpec,
     RecommendConfig,
     Validation,
     fit_recommender,
-    recommend_report,
     replay_inputs,
 )
 from sketchstream.models.sasrec import SASRecConfig
