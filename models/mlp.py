@@ -20,6 +20,7 @@ one logit per engagement head; :meth:`EngagementMLP.predict` applies the sigmoid
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "assemble",
     "code_indices",
     "to_tensors",
+    "user_rate_columns",
 ]
 
 
@@ -56,6 +58,9 @@ class MLPConfig:
     # > 1: that many networks of this shape, trained side by side from their own initial
     # weights, the logits averaged (1: one network, as before)
     members: int = 1
+    # the dense block carries user_rate_columns (the user's like rates read off the channel
+    # masses); False for artifacts trained before them
+    user_rates: bool = False
     heads: tuple[str, ...] = ("like",)  # one sigmoid output per engagement type
     dense_names: tuple[str, ...] = field(default=())  # names of the dense columns, for reports
 
@@ -127,18 +132,79 @@ class MLPInputs:
         return MLPInputs(dense=self.dense[rows], codes=self.codes[rows])
 
 
-def assemble(features: Any, item_features: np.ndarray | None = None) -> MLPInputs:
+def _channel_pairs(names: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """From the ``mass/<channel>`` names: the (positive, negative) channel pairs, a positive
+    channel ``*pos*`` with its ``*neg*`` (or ``*other*``) twin, and the channels in no pair
+    (``top``, ``bottom``)."""
+    chans = [n[len("mass/") :] for n in names if n.startswith("mass/")]
+    pairs, paired = [], set()
+    for c in chans:
+        if "pos" not in c:
+            continue
+        for word in ("neg", "other"):
+            twin = c.replace("pos", word)
+            if twin in chans:
+                pairs.append((c, twin))
+                paired |= {c, twin}
+                break
+    return pairs, [c for c in chans if c not in paired]
+
+
+def user_rate_columns(features: Any) -> tuple[np.ndarray, list[str]]:
+    """The user's rates, read off the channel masses and densities: ``(n, k)`` float32 in
+    [0, 1] and their names (none when ``features`` has no channel names).
+
+    Per (positive, negative) channel pair (:func:`_channel_pairs`): the positive share of
+    the pair's mass (the user's like rate, 0 for a user without events there), and the same
+    share within the event item's buckets (density x mass: the like rate among the user's
+    events near the item). Per unpaired channel (``top``, ``bottom``): its share of the
+    first pair's mass (the user's value histogram). The MLP could in principle form these
+    ratios from the log masses; given them, it needs far fewer examples to use them.
+    """
+    names = list(getattr(features, "names", ()) or ())
+    pairs, single = _channel_pairs(names)
+    if not pairs:
+        return np.zeros((len(features.valid), 0), np.float32), []
+    col = {n: i for i, n in enumerate(names)}
+    density = np.asarray(features.density, dtype=np.float64)
+    counts = np.asarray(features.counts, dtype=np.float64)
+    n_density = density.shape[1]
+
+    def mass(c: str) -> np.ndarray:
+        return np.maximum(counts[:, col[f"mass/{c}"] - n_density], 0.0)
+
+    def near(c: str) -> np.ndarray:
+        return density[:, col[f"density/{c}"]] * mass(c)
+
+    def share(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.where(b > 0, a / np.where(b > 0, b, 1.0), 0.0)
+
+    out, out_names = [], []
+    for pos, neg in pairs:
+        out += [share(mass(pos), mass(pos) + mass(neg)), share(near(pos), near(pos) + near(neg))]
+        out_names += [f"rate/{pos}", f"rate_near/{pos}"]
+    total = mass(pairs[0][0]) + mass(pairs[0][1])
+    for c in single:
+        out.append(share(mass(c), total))
+        out_names.append(f"share/{c}")
+    return np.stack(out, axis=1).astype(np.float32), out_names
+
+
+def assemble(
+    features: Any, item_features: np.ndarray | None = None, *, user_rates: bool = False
+) -> MLPInputs:
     """Build MLP inputs from the aggregator's ``Features`` (and optional item features).
 
     The one feature-assembly function: the trainer and the streaming worker both call it.
 
     ``features.density``: ``(n, C*M)`` shares of user sketch mass in the item's buckets.
     ``features.counts``: ``(n, k)`` non-negative counts, log1p-scaled here (heavy-tailed).
+    ``user_rates``: then :func:`user_rate_columns` (``r`` columns).
     ``features.item_codes``: ``(n, M, D)`` int16 bucket codes, -1 unknown.
     ``features.cf``: ``(n, f)`` item-item CF columns (optional, None: absent).
     ``item_features``: ``(n, s)`` float32 item features of the snapshot (already scaled), or
     None.
-    Returns :class:`MLPInputs` with ``dense (n, C*M + k + f + s)`` float32.
+    Returns :class:`MLPInputs` with ``dense (n, C*M + k [+ r] + f + s)`` float32.
     """
     density = np.asarray(features.density, dtype=np.float32)
     n = density.shape[0]
@@ -147,6 +213,8 @@ def assemble(features: Any, item_features: np.ndarray | None = None) -> MLPInput
     if counts is not None and np.size(counts):
         c = np.asarray(counts, dtype=np.float32).reshape(n, -1)
         parts.append(np.sign(c) * np.log1p(np.abs(c)))
+    if user_rates:
+        parts.append(user_rate_columns(features)[0].reshape(n, -1))
     cf = getattr(features, "cf", None)
     if cf is not None:  # item-item CF columns, already in [-1, 1]
         parts.append(np.asarray(cf, dtype=np.float32).reshape(n, -1))

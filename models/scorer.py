@@ -69,7 +69,8 @@ class Scorer:
                     "Scorer: the item snapshot has an item similarity but the features have no "
                     "CF columns: call score_then_fold(..., item_similarity=scorer.item_similarity)"
                 )
-        return assemble(features, item_features)
+        user_rates = bool(getattr(self.mlp.config, "user_rates", False))
+        return assemble(features, item_features, user_rates=user_rates)
 
     def score(
         self,

@@ -41,7 +41,14 @@ from sketchstream.models.channels import (
     aggregator_config_to_dict,
 )
 from sketchstream.models.errors import ModelError
-from sketchstream.models.mlp import EngagementMLP, MLPConfig, MLPInputs, assemble, to_tensors
+from sketchstream.models.mlp import (
+    EngagementMLP,
+    MLPConfig,
+    MLPInputs,
+    assemble,
+    to_tensors,
+    user_rate_columns,
+)
 
 __all__ = [
     "ProtocolResult",
@@ -90,6 +97,7 @@ class TrainConfig:
     leaky_slope: float = 0.01
     quantiles: int = 64  # dense columns also enter as their training CDF (MLPConfig.quantiles)
     members: int = 1  # networks averaged (MLPConfig.members)
+    user_rates: bool = True  # the user's like rates off the channel masses (MLPConfig.user_rates)
     # --- optimization --------------------------------------------------------------------
     epochs: int = 6  # upper bound; early stopping usually ends sooner
     patience: int = 1  # epochs without validation AUC gain before stopping
@@ -479,8 +487,10 @@ def build_inputs(
     batch_size: int = 4096,
     progress: bool = True,
     snapshot_options: Mapping[str, Any] | None = None,
+    user_rates: bool = False,
 ) -> tuple[MLPInputs, np.ndarray, Replayed]:
     """Replay and assemble: ``(inputs for every event, valid (n,) bool, the replay)``.
+    ``user_rates``: :func:`~sketchstream.models.mlp.assemble`'s option.
 
     With ``item_snapshot``, item features are read off a snapshot refreshed every
     ``refresh_s`` from the events before each refresh boundary, as the refresh job serves them;
@@ -517,7 +527,7 @@ def build_inputs(
             on_window=on_window,
         )
         log.info("replay with refreshed item snapshots in %.1fs", time.perf_counter() - t0)
-    inputs = assemble(rep.features, item_features)
+    inputs = assemble(rep.features, item_features, user_rates=user_rates)
     valid = np.asarray(getattr(rep.features, "valid", np.ones(len(events), bool)), dtype=bool)
     return inputs, valid, rep
 
@@ -582,6 +592,7 @@ def run_protocol(
         batch_size=config.replay_batch,
         progress=progress,
         snapshot_options=snap_opts,
+        user_rates=config.user_rates,
     )
     snapshot = None
     if config.item_snapshot:
@@ -603,6 +614,8 @@ def run_protocol(
 
     t0 = time.perf_counter()
     names = list(getattr(rep.features, "names", ()) or ())
+    if config.user_rates:
+        names += user_rate_columns(rep.features.take(slice(0, 0)))[1]
     names += list(getattr(rep.features, "cf_names", ()) or ())
     if snapshot is not None:
         names += snapshot.feature_names
@@ -617,6 +630,7 @@ def run_protocol(
         leaky_slope=config.leaky_slope,
         quantiles=config.quantiles,
         members=config.members,
+        user_rates=config.user_rates,
         heads=head_names,
         dense_names=tuple(names) if len(names) == inputs.dense.shape[1] else (),
     )

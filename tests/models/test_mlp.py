@@ -156,3 +156,26 @@ def test_an_ensemble_round_trips_through_its_state_dict():
     again = EngagementMLP(MLPConfig.from_dict(cfg.to_dict()))
     again.load_state_dict(model.state_dict(), strict=True)
     np.testing.assert_array_equal(again.predict(x), model.predict(x))
+
+
+def test_user_rate_columns_read_like_rates_off_the_channel_masses():
+    from sketchstream.models.mlp import user_rate_columns
+
+    names = (
+        "density/pos", "density/neg", "density/top",
+        "mass/pos", "mass/neg", "mass/top", "hours_since_last", "events",
+    )  # fmt: skip
+    features = SimpleNamespace(
+        valid=np.ones(2, bool),
+        names=names,
+        density=np.array([[0.5, 0.25, 0.0], [0.0, 0.0, 0.0]], np.float32),
+        counts=np.array([[6.0, 2.0, 3.0, 1.0, 8.0], [0.0, 0.0, 0.0, 0.0, 0.0]], np.float32),
+        item_codes=np.zeros((2, 1, 3), np.int16),
+    )
+    cols, col_names = user_rate_columns(features)
+    assert col_names == ["rate/pos", "rate_near/pos", "share/top"]
+    # 6 liked of 8; near the item 0.5*6 liked vs 0.25*2 not; 3 of the 8 at the top level
+    np.testing.assert_allclose(cols[0], [6 / 8, 3 / 3.5, 3 / 8], rtol=1e-6)
+    np.testing.assert_array_equal(cols[1], [0, 0, 0])  # a new user: zeros, not nan
+    x = assemble(features, user_rates=True)
+    assert x.dense.shape == (2, 3 + 5 + 3)
