@@ -23,6 +23,7 @@ used only here; the feature code they drive lives in the aggregator's modules.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -85,7 +86,9 @@ class TrainConfig:
     item_global_rate: bool = False  # global positive rate column (off: likewise)
     item_similarity: bool = True  # item-item CF columns (needs item_snapshot)
     similarity_top_k: int = 100  # neighbours kept per item
-    similarity_like_min: float = 4.0  # "liked" = value >= this, "disliked" = value < this
+    # "liked" = value >= this, "disliked" = value < this; nan: the first head's value
+    # threshold (like = rating >= 4 gives 4; reorder = purchase >= 1 gives 1), else 4
+    similarity_like_min: float = math.nan
     # offline: rebuild the similarity at a boundary after this many new likes. On MovieLens-1M
     # (seed 0) 2,000, 5,000 and 20,000 gave test AUC 0.8127, 0.8127, 0.8126 (RCE 24.18, 24.20,
     # 24.18) with 167, 81 and 21 builds; each build costs ~0.15 s of the replay's refresh thread
@@ -532,15 +535,20 @@ def build_inputs(
     return inputs, valid, rep
 
 
-def snapshot_options(config: TrainConfig) -> dict[str, Any]:
+def snapshot_options(config: TrainConfig, heads: Sequence[Any] = ()) -> dict[str, Any]:
     """Keyword arguments of :func:`~sketchstream.models.snapshot.refresh_windows` that a
-    training configuration asks for."""
+    training configuration asks for; ``heads`` (label heads, the first counts) settle an
+    unset ``similarity_like_min``."""
+    like_min = config.similarity_like_min
+    if like_min is None or math.isnan(like_min):  # None: a manifest (JSON has no nan)
+        threshold = getattr(heads[0], "threshold", None) if heads else None
+        like_min = 4.0 if threshold is None else float(threshold)
     return {
         "item_age": config.item_age,
         "global_rate": config.item_global_rate,
         "similarity": config.item_similarity,
         "similarity_top_k": config.similarity_top_k,
-        "like_min": config.similarity_like_min,
+        "like_min": like_min,
         "similarity_min_new_likes": config.similarity_min_new_likes,
     }
 
@@ -580,7 +588,7 @@ def run_protocol(
         events[split[0]], heads, metadata="metadata" in codebooks
     )
     aggregator = Aggregator(agg_config, codebooks)
-    snap_opts = snapshot_options(config)
+    snap_opts = snapshot_options(config, heads)
     inputs, valid, rep = build_inputs(
         events,
         aggregator,

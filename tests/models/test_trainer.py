@@ -162,3 +162,13 @@ def test_train_mlp_with_a_weight_average_and_an_ensemble_learns_and_is_reproduci
     (m1, hist), (m2, _) = (train_mlp(tr, y_tr, va, y_va, cfg, **kw) for _ in range(2))
     assert max(h["val_auc"] for h in hist) > 0.9
     np.testing.assert_array_equal(m1.predict(va), m2.predict(va))
+
+
+def test_the_cf_like_threshold_follows_the_first_head_unless_set():
+    from sketchstream.models.events import parse_head
+    from sketchstream.models.trainer import TrainConfig, snapshot_options
+
+    reorder = parse_head("reorder:purchase>=1")
+    assert snapshot_options(TrainConfig(), [reorder])["like_min"] == 1.0
+    assert snapshot_options(TrainConfig(), [])["like_min"] == 4.0
+    assert snapshot_options(TrainConfig(similarity_like_min=3.0), [reorder])["like_min"] == 3.0
