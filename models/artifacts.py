@@ -50,6 +50,7 @@ __all__ = [
     "content_hash",
     "load_model_artifact",
     "save_model_artifact",
+    "save_trained_artifact",
     "verify_model_artifact",
 ]
 
@@ -124,6 +125,33 @@ def content_hash(manifest: Mapping[str, Any]) -> str:
 def _codebook_file(modality: str) -> str:
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in modality)
     return f"codebook-{safe}.bin"
+
+
+def save_trained_artifact(
+    root: str | Path,
+    result: Any,
+    *,
+    item_snapshot: Any = None,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """Save a trainer result (``ProtocolResult``: model, codebooks, aggregator config,
+    per-head metrics) as a model artifact under ``root``; returns the version.
+
+    ``item_snapshot``: the snapshot to serve with (default: the result's own, the one taken at
+    the end of the protocol; the refresh job passes the whole window's).
+    """
+    metrics = {
+        name: {split: dict(m) for split, m in fig.items()} for name, fig in result.metrics.items()
+    }
+    return save_model_artifact(
+        root,
+        model=result.model,
+        codebooks=result.codebooks,
+        aggregator_config=result.aggregator_config,
+        item_snapshot=result.item_snapshot if item_snapshot is None else item_snapshot,
+        metrics=metrics,
+        extra=extra,
+    )
 
 
 def save_model_artifact(

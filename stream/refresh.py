@@ -393,13 +393,12 @@ class RefreshJob:
     ) -> str:
         """Write the candidate under the store's staging folder; into the store itself only
         when it is to be published. Returns its version."""
-        from sketchstream.models.artifacts import ArtifactStore
+        from sketchstream.models.artifacts import ArtifactStore, save_trained_artifact
         from sketchstream.models.events import DEFAULT_HEADS
         from sketchstream.models.trainer import head_defs
 
         result = candidate.result
         staging = self.store_root / STAGING_DIR
-        metrics = {name: dict(fig) for name, fig in result.metrics.items()}
         extra = {
             "train": config.to_dict(),
             "head_defs": head_defs(DEFAULT_HEADS),
@@ -411,7 +410,9 @@ class RefreshJob:
                 "gate": verdict.to_dict(),
             },
         }
-        version = _save_artifact(staging, candidate, metrics, extra)
+        version = save_trained_artifact(
+            staging, result, item_snapshot=candidate.item_snapshot, extra=extra
+        )
         try:
             if verdict.publish or self.options.force:
                 ArtifactStore(self.store_root).publish(staging / version)
@@ -457,25 +458,6 @@ class RefreshJob:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
-
-
-def _save_artifact(
-    root: Path, candidate: Any, metrics: Mapping[str, Any], extra: Mapping[str, Any]
-) -> str:
-    """The candidate as a model artifact under ``root`` (as ``sketchstream train`` writes one,
-    with the item snapshot of the whole window)."""
-    from sketchstream.models.artifacts import save_model_artifact
-
-    result = candidate.result
-    return save_model_artifact(
-        root,
-        model=result.model,
-        codebooks=result.codebooks,
-        aggregator_config=result.aggregator_config,
-        item_snapshot=candidate.item_snapshot,
-        metrics=metrics,
-        extra=extra,
-    )
 
 
 # --- Kafka: the models topic -----------------------------------------------------------------

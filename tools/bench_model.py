@@ -62,7 +62,7 @@ def _train_model(
 ) -> str:
     import numpy as np
     import orjson
-    from sketchstream.models.artifacts import save_model_artifact
+    from sketchstream.models.artifacts import save_trained_artifact
     from sketchstream.models.events import DEFAULT_HEADS, EventTable, read_items
     from sketchstream.models.trainer import TrainConfig, head_defs, run_protocol
 
@@ -77,15 +77,5 @@ def _train_model(
     items = read_items(items_path) if items_path is not None and items_path.is_file() else None
     config = TrainConfig(epochs=1, hidden=hidden, blocks=blocks)
     result = run_protocol(events, items, config, heads=DEFAULT_HEADS, progress=False)
-    metrics = {
-        name: {split: dict(m) for split, m in fig.items()} for name, fig in result.metrics.items()
-    }
-    return save_model_artifact(
-        root,
-        model=result.model,
-        codebooks=result.codebooks,
-        aggregator_config=result.aggregator_config,
-        item_snapshot=result.item_snapshot,
-        metrics=metrics,
-        extra={"train": config.to_dict(), "head_defs": head_defs(DEFAULT_HEADS), "bench": True},
-    )
+    extra = {"train": config.to_dict(), "head_defs": head_defs(DEFAULT_HEADS), "bench": True}
+    return save_trained_artifact(root, result, extra=extra)

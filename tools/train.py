@@ -119,7 +119,7 @@ def train_model(
     """
     import time
 
-    from sketchstream.models.artifacts import save_model_artifact
+    from sketchstream.models.artifacts import save_trained_artifact
     from sketchstream.models.events import stream_md5
     from sketchstream.models.trainer import head_defs, run_protocol
     from sketchstream.tools.evaluate import read_data, report_for
@@ -129,10 +129,6 @@ def train_model(
     result = run_protocol(
         events, items, config, codebooks=codebooks, heads=heads, progress=progress
     )
-    metrics = {
-        name: {split: dict(m) for split, m in fig.items()} for name, fig in result.metrics.items()
-    }
-    parts = ("model", "codebooks", "aggregator_config", "item_snapshot")
     extra = {
         "train": config.to_dict(),
         "head_defs": head_defs(heads),
@@ -140,9 +136,7 @@ def train_model(
         "codebooks_given": codebooks is not None,
         "history": result.history,
     }
-    version = save_model_artifact(
-        out, metrics=metrics, extra=extra, **{k: getattr(result, k) for k in parts}
-    )
+    version = save_trained_artifact(out, result, extra=extra)
     report = report_for(
         out / "report",
         events=events,

@@ -160,17 +160,15 @@ def test_the_candidate_never_sees_the_holdout_or_validation_items_in_its_codeboo
 def test_a_candidate_trained_on_shuffled_labels_is_refused_against_a_good_serving_model(
     tmp_path,
 ):
-    from sketchstream.models.artifacts import load_model_artifact, save_model_artifact
+    from sketchstream.models.artifacts import load_model_artifact, save_trained_artifact
     from sketchstream.models.trainer import head_defs
 
     window = learnable_events(3000, seed=3)
     good = build_candidate(window, None, TINY)
     r = good.result
-    version = save_model_artifact(
+    version = save_trained_artifact(
         tmp_path,
-        model=r.model,
-        codebooks=r.codebooks,
-        aggregator_config=r.aggregator_config,
+        r,
         item_snapshot=good.item_snapshot,
         extra={"head_defs": head_defs(_heads()), "train": TINY.to_dict()},
     )
