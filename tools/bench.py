@@ -27,7 +27,7 @@ from sketchstream.tools.bench_events import BadEventLine, check_events, event_li
 from sketchstream.tools.bench_harness import append_jsonl
 from sketchstream.tools.cleora_bench import DEFAULT_DIMS, CleoraSize
 from sketchstream.tools.model_choice import resolve_model
-from sketchstream.tools.options import load_settings_or_exit, setting_option
+from sketchstream.tools.options import exit_on_error, load_settings_or_exit, setting_option
 from sketchstream.tools.replay_bench import ReplayVariant
 
 __all__ = ["app"]
@@ -568,14 +568,11 @@ def quality(
     root = data_root if data_root is not None else settings.data_dir
     cache_dir = cache if cache is not None else settings.home / "cache"
     start(threads)
-    try:
+    with exit_on_error():
         rows = [
             bq.run_dataset(
                 d, root / d, out / d, train_config, draws=draws, say=_say, cache=cache_dir
             )
             for d in ids
         ]
-    except SketchstreamError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     _report(bq.quality_table(rows), rows, json_path)

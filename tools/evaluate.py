@@ -19,6 +19,7 @@ from sketchstream.tools.options import (
     DataOption,
     ProgressOption,
     ThreadsOption,
+    exit_on_error,
 )
 
 __all__ = [
@@ -202,16 +203,11 @@ def evaluate(
 
     Labels come from the heads recorded in the model artifact (``train --head``), for the
     model and the baselines alike."""
-    from sketchstream.models.errors import SketchstreamError
-
     t_all = start(threads)
-    try:
+    with exit_on_error():
         done = evaluate_model(
             data, resolve_model(model), out, baselines=baselines, progress=progress, t_start=t_all
         )
-    except SketchstreamError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     specs = " ".join(h.spec for h in done.heads)
     typer.echo(f"model {done.report['model']['version']} on {data} (heads {specs})")
     typer.echo(summary(done.report))

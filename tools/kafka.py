@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from sketchstream.tools.options import load_settings_or_exit, setting_option
+from sketchstream.tools.options import fail, load_settings_or_exit, setting_option
 
 if TYPE_CHECKING:
     from sketchstream.tools.broker import LocalBroker
@@ -48,11 +48,6 @@ def _broker(port: int | None, data_dir: Path | None, controller_port: int | None
     return LocalBroker(settings, data_dir)
 
 
-def _fail(exc: Exception) -> NoReturn:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(1)
-
-
 @app.command()
 def start(port: Port = None, controller_port: ControllerPort = None, data_dir: DataDir = None):
     """Start the broker in the background and wait until it answers (fetch Kafka on first use)."""
@@ -64,7 +59,7 @@ def start(port: Port = None, controller_port: ControllerPort = None, data_dir: D
     try:
         started = broker.start()
     except BrokerError as exc:
-        _fail(exc)
+        fail(exc)
     verb = "started" if started else "is already running"
     typer.echo(
         f"Kafka {KAFKA_VERSION} {verb} at {broker.bootstrap_servers} (pid {broker.pid()}); "
@@ -122,7 +117,7 @@ def stop(
     try:
         pids = broker.stop()
     except BrokerError as exc:
-        _fail(exc)
+        fail(exc)
     if pids:
         typer.echo(f"stopped the local broker (pid {', '.join(map(str, pids))})")
     else:

@@ -12,8 +12,10 @@ The help text names the variable and the default, so ``--help`` documents both.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from sketchstream.stream.settings import ENV_PREFIX, Settings
@@ -25,6 +27,8 @@ __all__ = [
     "ProgressOption",
     "ThreadsOption",
     "env_var",
+    "exit_on_error",
+    "fail",
     "load_settings_or_exit",
     "setting_option",
 ]
@@ -90,3 +94,25 @@ def load_settings_or_exit(**flags: Any) -> Settings:
             name = env_var(field) if field in Settings.model_fields else field
             typer.echo(f"invalid setting {name}={error.get('input')!r}: {error['msg']}", err=True)
         raise typer.Exit(2) from None
+
+
+def fail(message: object, code: int = 1) -> NoReturn:
+    """End the command with one ``error: ...`` line on stderr and exit status ``code``."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def exit_on_error(
+    code: int = 1, errors: type[BaseException] | tuple[type[BaseException], ...] | None = None
+) -> Iterator[None]:
+    """Inside the block, an expected error (default: any
+    :class:`~sketchstream.models.errors.SketchstreamError`: bad data, a missing model, an
+    unreachable broker) ends the command through :func:`fail`: one line, no traceback."""
+    from sketchstream.models.errors import SketchstreamError
+
+    caught = SketchstreamError if errors is None else errors
+    try:
+        yield
+    except caught as exc:
+        fail(exc, code)

@@ -23,6 +23,7 @@ import typer
 from sketchstream.tools.options import (
     ProgressOption,
     ThreadsOption,
+    exit_on_error,
     load_settings_or_exit,
     setting_option,
 )
@@ -125,12 +126,11 @@ def refresh(
     import signal
     import threading
 
-    from sketchstream.models.errors import SketchstreamError
     from sketchstream.stream.refresh import RefreshJob, RefreshOptions, run_every
     from sketchstream.stream.window import parse_duration, resolve_window
 
     settings = load_settings_or_exit(kafka=kafka, artifact_dir=artifact_dir)
-    try:
+    with exit_on_error(2):
         options = RefreshOptions(
             data=data,
             items=items,
@@ -151,9 +151,6 @@ def refresh(
         spread = parse_duration(jitter)
         if period is not None and not period > 0:
             raise typer.BadParameter(f"--every must be > 0, got {every!r}")
-    except SketchstreamError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
 
     if threads:
         import torch
@@ -162,11 +159,8 @@ def refresh(
     if options.uses_kafka:
         from sketchstream.tools.broker import BrokerError, ensure_broker
 
-        try:
+        with exit_on_error(errors=BrokerError):
             ensure_broker(settings)
-        except BrokerError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
 
     job = RefreshJob(settings, options)
 

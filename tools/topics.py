@@ -22,10 +22,10 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
-from sketchstream.tools.options import load_settings_or_exit, setting_option
+from sketchstream.tools.options import fail, load_settings_or_exit, setting_option
 
 if TYPE_CHECKING:
     from sketchstream.stream.settings import Settings
@@ -146,12 +146,7 @@ def _connect(settings: Settings) -> None:
     try:
         ensure_broker(settings)
     except BrokerError as exc:
-        _fail(exc)
-
-
-def _fail(exc: Exception | str) -> NoReturn:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(1)
+        fail(exc)
 
 
 @app.command()
@@ -173,7 +168,7 @@ def create(
             )
         )
     except KafkaError as exc:
-        _fail(f"{exc} (servers {settings.bootstrap_servers})")
+        fail(f"{exc} (servers {settings.bootstrap_servers})")
     width = max(len(r.name) for r in reports)
     typer.echo(f"{'topic':<{width}}  partitions  cleanup.policy  state")
     for r in reports:
@@ -193,11 +188,11 @@ def roundtrip(
         asyncio.run(create_topics(settings.client_kwargs(), topic_specs(settings)))
         sent, back, where, seconds = asyncio.run(_roundtrip(settings, timeout))
     except (KafkaError, TimeoutError) as exc:
-        _fail(f"round trip through {settings.bootstrap_servers} failed: {exc!r}")
+        fail(f"round trip through {settings.bootstrap_servers} failed: {exc!r}")
     typer.echo(f"produced to {where}: {sent.decode()}")
     typer.echo(f"consumed from {where} after {seconds * 1000:.0f} ms: {back.decode()}")
     if back != sent:
-        _fail("the event came back changed")
+        fail("the event came back changed")
     typer.echo("round trip OK")
 
 

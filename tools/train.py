@@ -23,6 +23,7 @@ from sketchstream.tools.options import (
     HeadOption,
     ProgressOption,
     ThreadsOption,
+    exit_on_error,
 )
 
 __all__ = ["load_codebooks", "train", "train_model"]
@@ -79,7 +80,7 @@ def train(
     config = TrainConfig(
         epochs=epochs, hidden=hidden, blocks=blocks, depth=depth, width=width, seed=seed
     )
-    try:
+    with exit_on_error():
         given = load_codebooks(codebooks) if codebooks is not None else None
         version, report = train_model(
             data,
@@ -91,9 +92,6 @@ def train(
             progress=progress,
             t_start=t_all,
         )
-    except SketchstreamError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     specs = " ".join(h.spec for h in heads)
     typer.echo(f"model {version} written to {out / version} (heads {specs})")
     typer.echo(summary(report))
