@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,15 @@ SMALL = [
 ]
 
 
+def _evaluate_args(data: Path, model: Path, out: Path) -> list[str]:
+    """``sketchstream evaluate`` on one thread, without baselines or progress."""
+    return [
+        "evaluate",
+        *("--data", str(data), "--model", str(model), "--out", str(out)),
+        *("--no-baselines", "--no-progress", "--threads", "1"),
+    ]
+
+
 def test_train_then_evaluate_writes_artifact_and_reports(tmp_path, data_dir):
     runner = CliRunner()
     out = tmp_path / "model"
@@ -57,22 +67,7 @@ def test_train_then_evaluate_writes_artifact_and_reports(tmp_path, data_dir):
         assert (out / "report" / name).is_file()
 
     ev_out = tmp_path / "eval"
-    result = runner.invoke(
-        _app(),
-        [
-            "evaluate",
-            "--data",
-            str(data_dir),
-            "--model",
-            str(out),
-            "--out",
-            str(ev_out),
-            "--no-baselines",
-            "--no-progress",
-            "--threads",
-            "1",
-        ],
-    )
+    result = runner.invoke(_app(), _evaluate_args(data_dir, out, ev_out))
     assert result.exit_code == 0, result.output
     again = json.loads((ev_out / "report.json").read_text())
     # evaluate replays with the artifact's codebooks and weights: the same figures as train's
@@ -82,20 +77,7 @@ def test_train_then_evaluate_writes_artifact_and_reports(tmp_path, data_dir):
     # a tampered artifact is refused with a message naming the file
     weights = versions[0] / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
-    result = runner.invoke(
-        _app(),
-        [
-            "evaluate",
-            "--data",
-            str(data_dir),
-            "--model",
-            str(versions[0]),
-            "--out",
-            str(tmp_path / "e"),
-            "--no-baselines",
-            "--no-progress",
-        ],
-    )
+    result = runner.invoke(_app(), _evaluate_args(data_dir, versions[0], tmp_path / "e"))
     assert result.exit_code == 1
     assert "weights.safetensors" in result.output and "checksum" in result.output
 
