@@ -347,6 +347,7 @@ def run_baselines(
     cf_block: int = 50_000,
     n_threads: int = 2,
     seed: int = 0,
+    scores: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Fit and score the baselines on ``events`` (in stream order) for each head.
 
@@ -358,7 +359,8 @@ def run_baselines(
     ``items`` (optional) adds user x category and year features to the boosted baselines;
     ``smoothing`` is the grid of prior strengths ``rates_lr`` picks from on validation;
     ``cf_block`` the number of events between refreshes of the CF similarities; ``n_threads``
-    LightGBM's threads.
+    LightGBM's threads. ``scores`` (optional): a dict that receives each baseline's ``(n,)``
+    predictions under its result name, for comparisons that need them (a paired bootstrap).
     """
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
@@ -397,6 +399,8 @@ def run_baselines(
                     x, names = np.column_stack([x, cf]), names + cf_names
                 p, params = _fit_gbdt(x, names, y, split, n_threads, seed)
             seconds += time.perf_counter() - start
+            if scores is not None:
+                scores[name + suffix] = p
             results[name + suffix] = {
                 "val": binary_metrics(y[val], p[val]),
                 "test": binary_metrics(y[test], p[test]),

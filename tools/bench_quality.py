@@ -91,29 +91,6 @@ def best_baseline(baselines: dict[str, Any], head: str, n_heads: int) -> tuple[s
     return name, mine[name]
 
 
-def _baseline_scores(
-    name: str, events: Any, y: np.ndarray, split: tuple[slice, slice, slice], items: list
-) -> np.ndarray:
-    """``(n,)`` scores of the in-tool baseline ``name`` (without a ``/head`` suffix), fitted
-    as ``run_baselines`` fits it with its defaults (features, smoothing grid, CF block, seed,
-    threads). ``run_baselines`` returns figures only, hence this second fit."""
-    import inspect
-
-    from sketchstream.models import baselines as b
-
-    default = {k: v.default for k, v in inspect.signature(b.run_baselines).parameters.items()}
-    online = b.OnlineStats(events, y)
-    if name == "constant":
-        return np.full(len(y), float(np.nanmean(y[split[0]])))
-    if name == "rates_lr":
-        return b._fit_rates_lr(online, y, split, default["smoothing"])[0]
-    x, names = b.count_features(online, items or None)
-    if name == "counts_cf_gbdt":
-        cf, cf_names = b.cf_features(online, default["cf_block"])
-        x, names = np.column_stack([x, cf]), names + cf_names
-    return b._fit_gbdt(x, names, y, split, default["n_threads"], default["seed"])[0]
-
-
 def run_dataset(
     dataset: str,
     data: Path,
@@ -130,7 +107,6 @@ def run_dataset(
     fetched and converted first (a no-op when intact). Raises :class:`SketchstreamError` on
     bad data (read before any work).
     """
-    from sketchstream.models.metrics import binary_metrics
     from sketchstream.tools.datasets import prepare
     from sketchstream.tools.evaluate import data_heads, evaluate_model
     from sketchstream.tools.model_choice import resolve_model
@@ -156,18 +132,8 @@ def run_dataset(
     name, figures = best_baseline(report["baselines"], primary, len(heads))
     say(f"[{dataset}] evaluate done in {t_eval:.0f} s; bootstrap against {name} ...")
     y = done.y[:, 0].astype(np.float64)
-    p_base = _baseline_scores(name.split("/")[0], done.events, y, split, done.items)
+    p_base = done.baseline_p[name]
     test = split[2]
-    again = binary_metrics(y[test], p_base[test])["auc"]
-    if abs(again - figures["test"]["auc"]) > 1e-6:
-        log.warning(
-            "%s: %s scored again has test AUC %.6f, the report %.6f; the interval uses the "
-            "second fit",
-            dataset,
-            name,
-            again,
-            figures["test"]["auc"],
-        )
     diff, low, high = paired_user_bootstrap(
         y[test], done.p[test, 0], p_base[test], done.events.user[test], draws=draws
     )

@@ -8,7 +8,7 @@ state keeps updating through validation and test, the weights stay the artifact'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -132,11 +132,13 @@ def report_for(
     t_start: float,
     items: Any = None,
     label_heads: Any = None,
+    baseline_scores: dict | None = None,
 ) -> dict:
     """Run the baselines (when asked and available) and write the report into ``out``.
 
     ``label_heads``: the :class:`Head` objects the model was trained on (default
-    ``DEFAULT_HEADS``), so the baselines predict the same labels.
+    ``DEFAULT_HEADS``), so the baselines predict the same labels. ``baseline_scores``: a dict
+    that receives each baseline's predictions (see ``run_baselines``).
     """
     import logging
     import time
@@ -157,7 +159,11 @@ def report_for(
             from sketchstream.models.events import DEFAULT_HEADS
 
             base = run_baselines(
-                events, heads=label_heads or DEFAULT_HEADS, split=split, items=items or None
+                events,
+                heads=label_heads or DEFAULT_HEADS,
+                split=split,
+                items=items or None,
+                scores=baseline_scores,
             )
         timings["baselines"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
@@ -226,6 +232,7 @@ class Evaluation:
     y: Any
     p: Any
     split: tuple[slice, slice, slice]
+    baseline_p: dict = field(default_factory=dict)  # name -> (n,) predictions
 
 
 def evaluate_model(
@@ -253,6 +260,7 @@ def evaluate_model(
     heads = tuple(bundle_heads(bundle))
     events, items, t_load = read_data(data)
     scored = score_events(bundle, events, progress=progress)
+    baseline_p: dict = {}
     report = report_for(
         out,
         events=events,
@@ -268,5 +276,6 @@ def evaluate_model(
         t_start=t_start,
         items=items,
         label_heads=heads,
+        baseline_scores=baseline_p,
     )
-    return Evaluation(report, events, items, heads, scored.y, scored.p, scored.split)
+    return Evaluation(report, events, items, heads, scored.y, scored.p, scored.split, baseline_p)

@@ -102,6 +102,21 @@ def test_run_baselines_refuses_unknown_names() -> None:
         run_baselines(events, baselines=["constant", "forest"])
 
 
+def test_run_baselines_hands_out_the_predictions_its_figures_come_from() -> None:
+    from sketchstream.models.events import labels, protocol_split
+    from sketchstream.models.metrics import binary_metrics
+
+    events, items = _synthetic(600)
+    scores: dict = {}
+    results = run_baselines(events, items=items, cf_block=500, n_threads=1, scores=scores)
+    assert set(scores) == set(results)
+    y = labels(events)[:, 0].astype(float)
+    test = protocol_split(len(events))[2]
+    for name, p in scores.items():
+        assert p.shape == (len(events),)
+        assert binary_metrics(y[test], p[test])["auc"] == results[name]["test"]["auc"]
+
+
 @pytest.mark.slow
 def test_rates_lr_reproduces_the_reference_on_movielens(movielens: Path) -> None:
     from sketchstream.models.events import read_events
