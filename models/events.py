@@ -836,6 +836,10 @@ def parse_head(spec: str) -> Head:
         applies_to = tuple(a.strip() for a in applies.split(","))
         if not all(applies_to):
             raise bad("an empty action name after @")
+    for action in actions + (applies_to or ()):
+        odd = sorted(set(action) & set("<>=!:@ \t"))
+        if odd:
+            raise bad(f"action {action!r} has {''.join(odd)!r} in it (the only comparison is >=)")
     return Head(name, actions, value, applies_to)
 
 

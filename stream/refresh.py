@@ -85,6 +85,8 @@ class RefreshOptions:
     announce: bool = True  # announce on the models topic (needs Kafka)
     force: bool = False  # publish even when the gate refuses
     progress: bool = False  # progress bars of replay and training
+    heads: tuple = ()  # label heads (Head); empty: the serving model's, else first_heads
+    first_heads: tuple = ()  # heads without a serving model (empty: like = rate >= 4)
 
     def __post_init__(self) -> None:
         if self.keep < 1:
@@ -243,7 +245,8 @@ class RefreshJob:
             config = TrainConfig()
         if opts.overrides:
             config = replace(config, **dict(opts.overrides))
-        candidate = build_candidate(events, items, config, progress=opts.progress)
+        heads = self._heads(bundle)
+        candidate = build_candidate(events, items, config, heads=heads, progress=opts.progress)
         timings.update(
             {k: v for k, v in candidate.timings.items() if k not in ("predict", "codebooks")}
         )
@@ -279,7 +282,7 @@ class RefreshJob:
 
         # publish
         t0 = time.perf_counter()
-        version = self._save(candidate, config, serving, verdict, summary.window)
+        version = self._save(candidate, config, heads, serving, verdict, summary.window)
         summary.version = version
         if verdict.publish or opts.force:
             path = store.path(version).resolve()
@@ -383,10 +386,23 @@ class RefreshJob:
 
     # -- publishing ---------------------------------------------------------------------------
 
+    def _heads(self, bundle: Any) -> tuple:
+        """The candidate's label heads: the options', else the serving model's (a refresh
+        keeps what the served model predicts), else the first run's."""
+        from sketchstream.models.events import DEFAULT_HEADS
+        from sketchstream.models.trainer import bundle_heads
+
+        if self.options.heads:
+            return tuple(self.options.heads)
+        if bundle is not None:
+            return tuple(bundle_heads(bundle))
+        return tuple(self.options.first_heads) or DEFAULT_HEADS
+
     def _save(
         self,
         candidate: Any,
         config: Any,
+        heads: tuple,
         serving: ServingInfo | None,
         verdict: Any,
         window: Mapping[str, Any],
@@ -394,14 +410,13 @@ class RefreshJob:
         """Write the candidate under the store's staging folder; into the store itself only
         when it is to be published. Returns its version."""
         from sketchstream.models.artifacts import ArtifactStore, save_trained_artifact
-        from sketchstream.models.events import DEFAULT_HEADS
         from sketchstream.models.trainer import head_defs
 
         result = candidate.result
         staging = self.store_root / STAGING_DIR
         extra = {
             "train": config.to_dict(),
-            "head_defs": head_defs(DEFAULT_HEADS),
+            "head_defs": head_defs(heads),
             "data": {"events": int(window.get("events", 0))},
             "history": result.history,
             "refresh": {

@@ -21,6 +21,7 @@ import typer
 from sketchstream.stream.settings import ENV_PREFIX, Settings
 
 __all__ = [
+    "HEAD_HELP",
     "BaselinesOption",
     "DataOption",
     "HeadOption",
@@ -43,15 +44,18 @@ DataOption = Annotated[
         file_okay=False,
     ),
 ]
+HEAD_HELP = (
+    "A prediction target, NAME:ACTION[,ACTION...][>=THRESHOLD][@ACTION,...] "
+    "(repeatable; the first is primary). like:rate>=4: rate events, positive when the "
+    "value is >= 4; reorder:purchase>=1: purchases with value >= 1; click:click@view,click: "
+    "views and clicks labelled, clicks positive."
+)
 HeadOption = Annotated[
     list[str] | None,
     typer.Option(
         "--head",
-        help="A prediction target, NAME:ACTION[,ACTION...][>=THRESHOLD][@ACTION,...] "
-        "(repeatable; the first is primary). like:rate>=4: rate events, positive when the "
-        "value is >= 4; reorder:purchase>=1: purchases with value >= 1; click:click@view,click: "
-        "views and clicks labelled, clicks positive. Default: the heads the data folder's "
-        "MANIFEST.json recommends, else like:rate>=4.",
+        help=HEAD_HELP + " Default: the heads the data folder's MANIFEST.json recommends, "
+        "else like:rate>=4.",
         show_default=False,
     ),
 ]

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import typer
 from sketchstream.tools.options import (
+    HEAD_HELP,
     ProgressOption,
     ThreadsOption,
     exit_on_error,
@@ -121,6 +122,16 @@ def refresh(
         bool, typer.Option("--json", help="Print each run's summary as one JSON object.")
     ] = False,
     progress: ProgressOption = False,
+    head: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--head",
+            help=HEAD_HELP + " Default: the serving model's heads (a refresh keeps predicting "
+            "what is served); without one, those the --data folder's MANIFEST.json recommends, "
+            "else like:rate>=4.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Refresh the model on a recent window of events; publish it if it is not worse."""
     import signal
@@ -128,6 +139,7 @@ def refresh(
 
     from sketchstream.stream.refresh import RefreshJob, RefreshOptions, run_every
     from sketchstream.stream.window import parse_duration, resolve_window
+    from sketchstream.tools.evaluate import data_heads
 
     settings = load_settings_or_exit(kafka=kafka, artifact_dir=artifact_dir)
     with exit_on_error(2):
@@ -145,6 +157,8 @@ def refresh(
             announce=announce,
             force=force,
             progress=progress,
+            heads=data_heads(data, head) if head else (),
+            first_heads=data_heads(data, None) if data is not None else (),
         )
         resolve_window(window, since, until, anchor=0.0 if data else None)  # check them now
         period = parse_duration(every) if every is not None else None

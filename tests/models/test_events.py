@@ -335,6 +335,9 @@ def test_the_default_head_is_like_rate_at_least_4() -> None:
         ("like:rate>=inf", "is not finite"),
         ("click:click@view>=1", "the threshold goes before @"),
         ("click:click@", "an empty action name after @"),
+        ("top:rate>>5", "action 'rate>>5' has '>' in it"),
+        ("top:rate>5", "the only comparison is >="),
+        ("top:rate<=2", "action 'rate<=2' has '<=' in it"),
     ],
 )
 def test_a_bad_head_spec_names_the_part_and_the_syntax(spec: str, why: str) -> None:

@@ -302,3 +302,27 @@ def test_a_second_job_on_the_same_store_skips_its_run(tmp_path):
         assert held
         summary = other.run_once()
     assert summary.status == "skipped" and "one run at a time" in summary.reason
+
+
+def test_a_refresh_keeps_the_heads_of_the_model_it_serves(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKETCHSTREAM_DATA_DIR", str(tmp_path / "nodata"))
+    store = tmp_path / "store"
+    write_events(tmp_path / "data", learnable_events(2500))
+    base = ("--data", str(tmp_path / "data"), "--artifact-dir", str(store), *TINY_FLAGS)
+
+    code, first, result = cli(*base, "--head", "top:rate>=5", "--force")
+    assert code == 0, result.output
+    served = ArtifactStore(store).path(first["version"])
+    assert [
+        h["name"]
+        for h in orjson.loads((served / "manifest.json").read_bytes())["config"]["head_defs"]
+    ] == ["top"]
+
+    # no --head: the candidate predicts what is served, and the gate compares that head
+    code, second, result = cli(*base, "--force")
+    assert code == 0, result.output
+    assert set(second["gate"]["heads"]) == {"top"}
+
+    code, _, result = cli(*base, "--head", "top:rate>>5")
+    assert code == 2
+    assert "rate>>5" in result.output
