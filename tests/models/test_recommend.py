@@ -122,7 +122,9 @@ def test_candidate_filter_without_categories_is_a_clear_error() -> None:
 def test_inputs_are_the_normalized_sketches_read_before_each_event() -> None:
     events = _cycle_stream(n_users=3, length=5)
     agg = Aggregator(_config(), _codebooks())
-    spec = InputSpec.build(agg.config, RecommendConfig(inputs=(("all",), ("recent",))), 4, 16)
+    spec = InputSpec.build(
+        agg.config, RecommendConfig(inputs=(("all",), ("recent",)), recent_length=10), 4, 16
+    )
     x, codes = replay_inputs(events, agg, np.ones(len(events), bool), spec)
     assert x.shape == (len(events), spec.n_features) and x.dtype == np.float16
     cb = _codebooks()["interactions"]
@@ -139,7 +141,7 @@ def test_inputs_are_the_normalized_sketches_read_before_each_event() -> None:
 def test_an_events_inputs_do_not_depend_on_later_events() -> None:
     events = _cycle_stream(n_users=5, length=8)
     agg = lambda: Aggregator(_config(), _codebooks())  # noqa: E731
-    spec = InputSpec.build(_config(), RecommendConfig(), 4, 16)
+    spec = InputSpec.build(_config(), RecommendConfig(recent_length=10), 4, 16)
     cut = len(events) // 2
     changed = events.item.copy()
     changed[cut:] = "i0"
@@ -154,7 +156,7 @@ def test_an_events_inputs_do_not_depend_on_later_events() -> None:
 def _small_fit(seed: int) -> np.ndarray:
     events = _cycle_stream(n_users=20, length=10)
     agg = Aggregator(_config(), _codebooks())
-    spec = InputSpec.build(agg.config, RecommendConfig(), 4, 16)
+    spec = InputSpec.build(agg.config, RecommendConfig(recent_length=10), 4, 16)
     x, codes = replay_inputs(events, agg, np.ones(len(events), bool), spec)
     cat = Catalogue.from_codebooks(agg.codebooks, ["interactions"])
     target = np.array([cat.ids.index(i) for i in events.item])
@@ -176,7 +178,7 @@ def test_on_a_predictable_stream_the_model_beats_popularity() -> None:
         events,
         _codebooks(),
         _config(),
-        config=RecommendConfig(hidden=64, epochs=15, patience=3, batch_size=64),
+        config=RecommendConfig(hidden=64, epochs=15, patience=3, batch_size=64, recent_length=10),
         sasrec=SASRecConfig(max_len=10, dim=16, blocks=1, epochs=3),
         max_train_events=None,
         val_events=None,
