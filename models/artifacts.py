@@ -10,9 +10,13 @@ hash) holding everything a worker needs to rebuild the exact scorer::
       codebook-<modality>.bin  one EMDE codebook per modality (``Codebook.to_bytes``)
       item-snapshot.safetensors  the item snapshot the worker scores with (optional;
                                ``ItemSnapshot.to_bytes``, no pickle)
+      recommend.safetensors    the top-k recommender's weights (optional, with the next file)
+      recommend-catalogue.json the items it ranks, in catalogue-row order, and their categories
 
 ``manifest["config"]`` holds the MLP config, the aggregator config, the heads and what the
-item snapshot covers (``item_snapshot``: heads, prior, items, events, as_of). The content
+item snapshot covers (``item_snapshot``: heads, prior, items, events, as_of) and, for an
+artifact that carries a recommender (:class:`RecommenderParts`), ``recommend``: its
+``RecommendConfig``, ``InputSpec``, target modalities and catalogue size. The content
 hash covers the manifest (less ``created`` and the hash itself)
 including every file's sha256, so changing one byte anywhere is caught at load time:
 :func:`load_model_artifact` verifies every checksum before it reads anything and raises
@@ -37,6 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sketchstream.models.errors import ArtifactError, SketchstreamError
 from sketchstream.models.mlp import EngagementMLP, MLPConfig
 
@@ -44,12 +49,17 @@ __all__ = [
     "FORMAT_VERSION",
     "ITEM_SNAPSHOT",
     "MANIFEST",
+    "RECOMMEND_CATALOGUE",
+    "RECOMMEND_WEIGHTS",
     "WEIGHTS",
     "ArtifactStore",
     "ModelBundle",
+    "RecommenderParts",
     "content_hash",
     "load_model_artifact",
+    "load_recommender",
     "save_model_artifact",
+    "save_recommender",
     "save_trained_artifact",
     "verify_model_artifact",
 ]
@@ -60,6 +70,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 ITEM_SNAPSHOT = "item-snapshot.safetensors"
+RECOMMEND_WEIGHTS = "recommend.safetensors"
+RECOMMEND_CATALOGUE = "recommend-catalogue.json"
 _KIND = "sketchstream.model"
 _VERSION_CHARS = 16
 _CHUNK = 1 << 20
@@ -80,11 +92,39 @@ class ModelBundle:
     heads: tuple[str, ...]
     item_snapshot: Any = None  # ItemSnapshot the worker scores with; None: no item features
     metrics: dict[str, Any] = field(default_factory=dict)
+    recommender: RecommenderParts | None = None  # None: the artifact has no recommender
 
     @property
     def codebook_versions(self) -> dict[str, str]:
         """``{modality: codebook version}`` as recorded in the manifest."""
         return dict(self.manifest.get("codebooks", {}))
+
+
+@dataclass(frozen=True, eq=False)
+class RecommenderParts:
+    """The top-k recommender an artifact may carry (:mod:`~sketchstream.models.recommend`).
+
+    ``model``: the fitted ``SketchRecommender``; ``config``: its ``RecommendConfig``; ``spec``:
+    the ``InputSpec`` of its inputs (checked on load against the artifact's aggregator);
+    ``catalogue``: the ``Catalogue`` it ranks (saved as item ids in row order, their buckets
+    recomputed from the artifact's codebooks on load); ``targets``: the modalities whose
+    buckets it predicts, in level order.
+    """
+
+    model: Any
+    config: Any
+    spec: Any
+    catalogue: Any
+    targets: tuple[str, ...]
+
+    @classmethod
+    def from_result(cls, result: Any, config: Any, aggregator_config: Any) -> RecommenderParts:
+        """From :func:`~sketchstream.models.ranking.recommend_report`'s ``RecommendResult``
+        and the ``RecommendConfig`` and ``AggregatorConfig`` it was run with."""
+        if result.model is None:
+            raise ArtifactError("recommender: the recommend report ran without 'sketchstream'")
+        targets = tuple(config.targets or aggregator_config.modalities)
+        return cls(result.model, config, result.spec, result.catalogue, targets)
 
 
 def _sha256_file(path: Path) -> str:
@@ -133,12 +173,14 @@ def save_trained_artifact(
     *,
     item_snapshot: Any = None,
     extra: Mapping[str, Any] | None = None,
+    recommender: RecommenderParts | None = None,
 ) -> str:
     """Save a trainer result (``ProtocolResult``: model, codebooks, aggregator config,
     per-head metrics) as a model artifact under ``root``; returns the version.
 
     ``item_snapshot``: the snapshot to serve with (default: the result's own, the one taken at
-    the end of the protocol; the refresh job passes the whole window's).
+    the end of the protocol; the refresh job passes the whole window's). ``recommender``: the
+    top-k recommender to ship in the same artifact and version (None: none).
     """
     metrics = {
         name: {split: dict(m) for split, m in fig.items()} for name, fig in result.metrics.items()
@@ -151,6 +193,7 @@ def save_trained_artifact(
         item_snapshot=result.item_snapshot if item_snapshot is None else item_snapshot,
         metrics=metrics,
         extra=extra,
+        recommender=recommender,
     )
 
 
@@ -163,12 +206,15 @@ def save_model_artifact(
     item_snapshot: Any = None,
     metrics: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    recommender: RecommenderParts | None = None,
 ) -> str:
     """Write a model artifact under ``root/<version>`` and return the version.
 
     ``codebooks``: ``{modality: Codebook}`` (anything with ``to_bytes()`` and ``version``).
     ``item_snapshot``: an :class:`~sketchstream.models.snapshot.ItemSnapshot` (or None), stored
     as :data:`ITEM_SNAPSHOT`.
+    ``recommender``: a :class:`RecommenderParts` (or None), stored as :data:`RECOMMEND_WEIGHTS`
+    and :data:`RECOMMEND_CATALOGUE`.
     ``aggregator_config``, ``metrics``, ``extra``: JSON-ready mappings.
     The directory is written under a temporary name and renamed into place, so readers never
     see half an artifact; saving identical content twice returns the same version.
@@ -200,6 +246,10 @@ def save_model_artifact(
         if item_snapshot is not None:
             (tmp / ITEM_SNAPSHOT).write_bytes(item_snapshot.to_bytes())
             files[ITEM_SNAPSHOT] = _sha256_file(tmp / ITEM_SNAPSHOT)
+        recommend = None
+        if recommender is not None:
+            recommend = save_recommender(tmp, recommender)
+            files.update({name: _sha256_file(tmp / name) for name in _RECOMMEND_FILES})
         manifest: dict[str, Any] = _json_safe(
             {
                 "kind": _KIND,
@@ -210,6 +260,7 @@ def save_model_artifact(
                     "aggregator": dict(aggregator_config),
                     "heads": list(model.config.heads),
                     "item_snapshot": item_snapshot.config() if item_snapshot is not None else None,
+                    **({"recommend": recommend} if recommend is not None else {}),
                     **(dict(extra) if extra else {}),
                 },
                 "codebooks": cb_versions,
@@ -357,7 +408,129 @@ def load_model_artifact(path: str | Path) -> ModelBundle:
         heads=tuple(config.get("heads") or mlp_config.heads),
         item_snapshot=snapshot,
         metrics=dict(manifest.get("metrics") or {}),
+        recommender=load_recommender(path, manifest, codebooks),
     )
+
+
+_RECOMMEND_FILES = (RECOMMEND_WEIGHTS, RECOMMEND_CATALOGUE)
+
+
+def save_recommender(directory: Path, parts: RecommenderParts) -> dict[str, Any]:
+    """Write ``parts`` as :data:`RECOMMEND_WEIGHTS` (safetensors, no pickle) and
+    :data:`RECOMMEND_CATALOGUE` into ``directory``; returns the manifest's ``config.recommend``
+    entry. :func:`save_model_artifact` calls it (``recommender=``): the files are checksummed
+    and hashed into the version like every other."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    catalogue = parts.catalogue
+    levels = np.asarray(catalogue.levels)
+    state = {k: v.detach().cpu().contiguous() for k, v in parts.model.state_dict().items()}
+    save_file(state, str(directory / RECOMMEND_WEIGHTS), metadata={"format": "pt"})
+    categories = None
+    if catalogue.categories is not None:
+        categories = [sorted(c) for c in catalogue.categories]
+    (directory / RECOMMEND_CATALOGUE).write_text(
+        json.dumps({"ids": list(catalogue.ids), "categories": categories}, separators=(",", ":"))
+    )
+    return {
+        "config": parts.config.to_dict(),
+        "spec": asdict(parts.spec),
+        "targets": list(parts.targets),
+        "items": len(catalogue),
+        "levels": int(levels.shape[1]),
+        "width": int(catalogue.width),
+        "categories": categories is not None,
+    }
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to (nested) tuples, as the frozen configs hold them."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def load_recommender(
+    path: Path, manifest: Mapping[str, Any], codebooks: Mapping[str, Any]
+) -> RecommenderParts | None:
+    """The :class:`RecommenderParts` of a verified artifact, or None when it has none.
+
+    The catalogue's buckets are read off the artifact's own codebooks, and the saved
+    ``InputSpec`` must be the one its aggregator config and ``RecommendConfig`` give: anything
+    else is an :class:`ArtifactError` (a recommender that would read other inputs than it
+    was trained on)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from sketchstream.models.channels import aggregator_config_from_dict
+    from sketchstream.models.recommend import (
+        Catalogue,
+        InputSpec,
+        RecommendConfig,
+        SketchRecommender,
+    )
+
+    config = manifest.get("config", {})
+    entry = config.get("recommend")
+    if entry is None:
+        return None
+    files = manifest.get("files", {})
+    missing = [name for name in _RECOMMEND_FILES if name not in files]
+    if missing:
+        raise ArtifactError(f"model artifact {path}: config names a recommender, no {missing}")
+    try:
+        rec = RecommendConfig(**{k: _tuples(v) for k, v in entry["config"].items()})
+        spec = InputSpec(**{k: _tuples(v) for k, v in entry["spec"].items()})
+        targets = tuple(entry["targets"])
+        agg_config = aggregator_config_from_dict(config.get("aggregator") or {})
+        want = InputSpec.build(agg_config, rec, spec.depth, spec.width)
+        body = json.loads((path / RECOMMEND_CATALOGUE).read_text())
+        ids = [str(i) for i in body["ids"]]
+        cats = body.get("categories")
+    except (KeyError, TypeError, ValueError, SketchstreamError) as exc:
+        raise ArtifactError(f"model artifact {path}: bad recommender config: {exc}") from exc
+    if want != spec:
+        raise ArtifactError(
+            f"model artifact {path}: the recommender's input spec {spec} is not the one its "
+            f"aggregator and RecommendConfig give ({want}); retrain it"
+        )
+    unknown = [m for m in targets if m not in codebooks]
+    if unknown or not targets:
+        raise ArtifactError(
+            f"model artifact {path}: recommender targets {list(targets)} need codebooks the "
+            f"artifact lacks ({unknown})"
+        )
+    codes = np.concatenate([codebooks[m].encode(ids) for m in targets], axis=1).astype(np.int64)
+    if (codes < 0).any():
+        bad = ids[int(np.flatnonzero((codes < 0).any(axis=1))[0])]
+        raise ArtifactError(
+            f"model artifact {path}: catalogue item {bad!r} is unknown to the recommender's "
+            "codebooks"
+        )
+    width = codebooks[targets[0]].width
+    levels = codes + np.arange(codes.shape[1])[None, :] * width
+    if cats is not None and len(cats) != len(ids):
+        raise ArtifactError(
+            f"model artifact {path}: {len(cats)} category lists for {len(ids)} catalogue items"
+        )
+    catalogue = Catalogue(
+        ids, levels, width, None if cats is None else [frozenset(c) for c in cats]
+    )
+    model = SketchRecommender(
+        spec.n_features,
+        levels.shape[1],
+        width,
+        hidden=rec.hidden,
+        blocks=rec.blocks,
+        dropout=rec.dropout,
+    )
+    try:
+        model.load_state_dict(load_file(str(path / RECOMMEND_WEIGHTS)), strict=True)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise ArtifactError(
+            f"model artifact {path}: {RECOMMEND_WEIGHTS} does not fit the recommender config: {exc}"
+        ) from exc
+    model.eval()
+    return RecommenderParts(model, rec, spec, catalogue, targets)
 
 
 class ArtifactStore:

@@ -173,3 +173,102 @@ def test_the_item_snapshot_round_trips_exactly_and_is_checksummed(tmp_path, part
 def test_online_item_stats_configs_are_refused(tmp_path, parts):
     with pytest.raises(ArtifactError, match="item_snapshot"):
         _save(tmp_path, parts, item_snapshot={"heads": ["like"], "prior": 10.0})
+
+
+def _recommender(codebooks, *, categories: bool = True, recent: bool = True):
+    """A tiny fitted recommender on a cycle stream (each user walks i0 -> i1 -> ...) and the
+    aggregator config it reads, as ``(RecommenderParts, aggregator config, inputs)``."""
+    from sketchstream.models.aggregator import Aggregator
+    from sketchstream.models.artifacts import RecommenderParts
+    from sketchstream.models.channels import AggregatorConfig, Channel
+    from sketchstream.models.events import EventTable, Item
+    from sketchstream.models.recommend import (
+        Catalogue,
+        InputSpec,
+        RecommendConfig,
+        Validation,
+        fit_recommender,
+        replay_inputs,
+    )
+
+    config = AggregatorConfig(
+        channels=(
+            Channel("all", "interactions"),
+            Channel("recent", "interactions", half_life_s=3600.0),
+        ),
+        actions=("view",),
+        history_size=8,
+    )
+    users = [f"u{k // 6}" for k in range(60)]
+    items = [f"i{(k // 6 * 7 + k % 6) % 40}" for k in range(60)]
+    order = np.lexsort((np.array(items), np.array(users), np.arange(60) % 6))
+    events = EventTable(
+        user=np.array(users, dtype=object)[order],
+        item=np.array(items, dtype=object)[order],
+        action=np.array(["view"] * 60, dtype=object),
+        ts=1e9 + 3600.0 * (np.arange(60) % 6)[order],
+        value=np.full(60, np.nan, np.float32),
+    )
+    agg = Aggregator(config, codebooks)
+    rec = RecommendConfig(
+        hidden=16, epochs=1, batch_size=16, recent_decays=(0.5,) if recent else (), recent_length=4
+    )
+    spec = InputSpec.build(config, rec, agg.depth, agg.width)
+    x, codes = replay_inputs(events, agg, np.ones(60, bool), spec)
+    cats = [Item(f"i{k}", categories=("even",) if k % 2 == 0 else ("odd",)) for k in range(40)]
+    catalogue = Catalogue.from_codebooks(codebooks, ["interactions"], cats if categories else None)
+    target = np.array([catalogue.ids.index(i) for i in events.item])
+    model, _ = fit_recommender(
+        x[:40], codes[:40], Validation(x[40:], target[40:], None), catalogue, rec
+    )
+    return RecommenderParts(model, rec, spec, catalogue, ("interactions",)), config, x
+
+
+def _save_with_recommender(root, parts, **kw):
+    from sketchstream.models.channels import aggregator_config_to_dict
+
+    model, codebooks = parts
+    recommender, config, x = _recommender(codebooks, **kw)
+    version = save_model_artifact(
+        root,
+        model=model,
+        codebooks=codebooks,
+        aggregator_config=aggregator_config_to_dict(config),
+        recommender=recommender,
+    )
+    return version, recommender, x
+
+
+def test_an_artifact_without_a_recommender_loads_none(tmp_path, parts):
+    assert load_model_artifact(tmp_path / _save(tmp_path, parts)).recommender is None
+
+
+def test_the_recommender_round_trips_its_scores_catalogue_and_config(tmp_path, parts):
+    version, saved, x = _save_with_recommender(tmp_path, parts)
+    loaded = load_model_artifact(tmp_path / version).recommender
+    assert loaded.config == saved.config and loaded.spec == saved.spec
+    assert loaded.targets == ("interactions",)
+    assert loaded.catalogue.ids == saved.catalogue.ids
+    np.testing.assert_array_equal(loaded.catalogue.levels, saved.catalogue.levels)
+    assert loaded.catalogue.categories == saved.catalogue.categories
+    np.testing.assert_array_equal(loaded.model.log_probs(x), saved.model.log_probs(x))
+    ids, _ = loaded.catalogue.top_k(loaded.model.log_probs(x[:3]), 5)
+    assert ids == saved.catalogue.top_k(saved.model.log_probs(x[:3]), 5)[0]
+
+
+def test_the_recommender_changes_the_version_and_a_catalogue_without_categories_loads(
+    tmp_path, parts
+):
+    plain = _save(tmp_path, parts)
+    version, _, _ = _save_with_recommender(tmp_path, parts, categories=False, recent=False)
+    assert version != plain
+    loaded = load_model_artifact(tmp_path / version).recommender
+    assert loaded.catalogue.categories is None and loaded.spec.recent_decays == ()
+
+
+@pytest.mark.parametrize("name", ["recommend.safetensors", "recommend-catalogue.json"])
+def test_a_tampered_recommender_file_is_refused_naming_it(tmp_path, parts, name):
+    version, _, _ = _save_with_recommender(tmp_path, parts)
+    _flip_last_byte(tmp_path / version / name)
+    with pytest.raises(ArtifactError, match=name.replace(".", r"\.") + ".*checksum"):
+        load_model_artifact(tmp_path / version)
