@@ -5,8 +5,16 @@ Declared top-down, like faust's examples, but inside a factory (no import-time a
     events (raw bytes, keyed by user) ─► "score": one batch per fetch ─► BatchProcessor
         ├─► predictions (keyed by user)        └─► table "users" (RocksDB + changelog)
         └─► events.dlq (refused events, with the reason)
+    recommend (requests, keyed by user) ─► "answer": reads table "users", never writes it
+        ├─► recommendations (keyed by user)
+        └─► events.dlq (refused requests, with the reason)
     sketchstream.models ─► ModelFeed ─► swapped in between batches
     web: /health, /metrics (Prometheus text, the worker's own registry)
+
+The recommend topic is co-partitioned with the events (same partition count, same consumer
+group: the worker creates it with ``settings.partitions`` when missing), so a request keyed by
+its user reaches the worker that holds that user's state. A fetch's events are handled before
+its requests, so a request sees the events fetched with it.
 
 Delivery is at-least-once and the user state remembers the last offset folded, so a crash
 replays without double counting. Order inside a batch: predictions and dead letters are sent
@@ -25,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from sketchstream.stream.metrics import WorkerMetrics
 from sketchstream.stream.models_feed import ModelFeed
-from sketchstream.stream.records import EventLimits
+from sketchstream.stream.records import EventLimits, RequestLimits
 from sketchstream.stream.settings import Settings
 from sketchstream.stream.tables import UserStates
 from sketchstream.stream.worker import BatchProcessor
@@ -205,13 +213,23 @@ def create_app(settings: Settings) -> faust.App:
         value_serializer="raw",
         partitions=settings.partitions,
     )
+    requests = app.topic(
+        settings.topic_recommend,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+        internal=True,  # declared (created when missing) on subscription, as the events' twin
+    )
     outputs = [
         app.topic(
             name, key_serializer="raw", value_serializer="raw", partitions=settings.partitions
         )
-        for name in (settings.topic_predictions, settings.topic_dlq)
+        for name in (settings.topic_predictions, settings.topic_dlq, settings.topic_recommendations)
     ]
     predictions_topic, dlq_topic = settings.topic_predictions, settings.topic_dlq
+    recommendations_topic = settings.topic_recommendations
     users = app.Table(
         "users",
         default=None,
@@ -260,6 +278,8 @@ def create_app(settings: Settings) -> faust.App:
                     limits=limits,
                     metrics=metrics,
                     on_error=settings.on_error,
+                    request_topic=settings.topic_recommend,
+                    request_limits=RequestLimits(max_bytes=settings.max_event_bytes),
                 )
             )
         return processors[0]
@@ -285,7 +305,21 @@ def create_app(settings: Settings) -> faust.App:
         metrics.observe_latencies([published - ts for ts in result.kafka_ts if ts])
         metrics.batch_seconds.observe(time.perf_counter() - started)
 
+    async def answer(messages: list[Any]) -> None:
+        """One micro-batch of recommendation requests: answers out; no state is written."""
+        batch = await processor()
+        new = feed.take_pending()
+        if new is not None:
+            batch.swap(new)
+            _settle_heap()
+        result = batch.answer(messages)
+        sends = await publish(app.producer, recommendations_topic, result.answers)
+        sends += await publish(app.producer, dlq_topic, result.dlq)
+        if sends:
+            await asyncio.gather(*sends)
+
     app.bulk(events, score, size=settings.batch_size)
+    app.bulk(requests, answer, size=settings.batch_size)
 
     @app.task
     async def probe_broker() -> None:

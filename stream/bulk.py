@@ -10,10 +10,13 @@ faust's no-op agent passes 9–13k events/s where a bare aiokafka consume→prod
 
 :class:`BulkConsumer` is faust's aiokafka consumer with a fetch loop of its own:
 
-* records of the *bulk* topics (the events topic) go to one handler as lists of at most
-  ``bulk_size`` messages: everything one fetch returned, every partition's records in offset
-  order. No waiting to fill a batch: under load a fetch brings thousands of records, when the
-  input is slow a batch is whatever has arrived, so latency stays low at low rates;
+* records of the *bulk* topics (the events topic, the recommendation requests) go to their
+  topic's handler as lists of at most that handler's ``size`` messages: everything one fetch
+  returned, every partition's records in offset order. No waiting to fill a batch: under load
+  a fetch brings thousands of records, when the input is slow a batch is whatever has
+  arrived, so latency stays low at low rates. A fetch's batches go out handler by handler,
+  in the order the handlers were added (events first, then the requests that may read the
+  states those events just wrote);
 * records of every other topic (the tables' changelogs, read for recovery and the standby
   replicas) keep faust's per-record delivery, unchanged.
 
@@ -49,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import mode
@@ -83,9 +87,9 @@ class BulkConsumer(FetchLoopConsumer):
     _bulk_acked = 0  # acknowledged since this loop last committed
 
     @property
-    def _bulk(self) -> tuple[frozenset[str], BulkHandler | None, int]:
+    def _bulk(self) -> tuple[Mapping[str, int], tuple[BulkHandler, ...], tuple[int, ...]]:
         app = self.app
-        return app.bulk_topics, app.bulk_handler, app.bulk_size
+        return app.bulk_routes, app.bulk_handlers, app.bulk_sizes
 
     async def fetch_loop(self, fetcher: Any) -> None:
         """The fetch loop (run by faust's ``Fetcher`` service until it or the consumer stops)."""
@@ -113,10 +117,10 @@ class BulkConsumer(FetchLoopConsumer):
 
     async def _deliver(self, records: Mapping[Any, Sequence[Any]], active: Any) -> None:
         """One fetch: the other topics' records one by one, then the bulk topics' in batches."""
-        topics, handler, size = self._bulk
+        routes, handlers, sizes = self._bulk
         generation = self.app.consumer_generation_id
         buffered = self.buffered_partitions
-        bulk: list[Any] = []
+        bulk: list[list[Any]] = [[] for _ in handlers]  # per handler
         to_message = self.to_message
         paused: dict[Any, int] = {}
         for tp, recs in records.items():
@@ -127,14 +131,16 @@ class BulkConsumer(FetchLoopConsumer):
             fresh = await self._fresh(tp, recs)
             if not fresh:
                 continue
-            if handler is not None and tp.topic in topics:
-                bulk.extend(to_message(tp, r) for r in fresh)
+            route = routes.get(tp.topic)
+            if route is not None:
+                bulk[route].extend(to_message(tp, r) for r in fresh)
             else:
                 await self._deliver_each(tp, fresh, generation)
         if paused:
             await self._put_back(paused)
-        for start in range(0, len(bulk), size):
-            await self._deliver_batch(handler, bulk[start : start + size], generation)
+        for messages, handler, size in zip(bulk, handlers, sizes, strict=True):
+            for start in range(0, len(messages), size):
+                await self._deliver_batch(handler, messages[start : start + size], generation)
 
     async def _put_back(self, first: Mapping[Any, int]) -> None:
         """Seek partitions paused while a fetch was under way back to the first record it
@@ -221,22 +227,33 @@ class BulkConsumer(FetchLoopConsumer):
 
 class BulkApp(FetchLoopApp):
     """A faust ``App`` whose consumer is a :class:`BulkConsumer`; :meth:`bulk` routes a topic to
-    a batch handler (the topic is subscribed, and co-partitioned with the tables, as an agent's
-    would be)."""
+    a batch handler (the topic is subscribed, and co-partitioned with the tables and the other
+    topics of the same partition count, as an agent's would be)."""
 
-    bulk_topics: frozenset[str] = frozenset()
-    bulk_handler: BulkHandler | None = None
-    bulk_size: int = 2048
+    # topic name -> index into bulk_handlers; replaced, never mutated (the class default too)
+    bulk_routes: Mapping[str, int] = MappingProxyType({})
+    bulk_handlers: tuple[BulkHandler, ...] = ()
+    bulk_sizes: tuple[int, ...] = ()
     consumer_class = BulkConsumer
 
+    @property
+    def bulk_topics(self) -> frozenset[str]:
+        """The topics delivered in batches."""
+        return frozenset(self.bulk_routes)
+
     def bulk(self, topic: Any, handler: BulkHandler, *, size: int) -> None:
-        """Deliver ``topic`` (a faust topic) to ``handler`` in batches of at most ``size``."""
+        """Deliver ``topic`` (a faust topic) to ``handler`` in batches of at most ``size``;
+        a fetch's batches go to the handlers in the order they were added."""
         if size < 1:
             raise ValueError(f"bulk batch size must be at least 1, got {size}")
+        taken = sorted(set(topic.topics) & set(self.bulk_routes))
+        if taken:
+            raise ValueError(f"topics {taken} already have a bulk handler")
         self.topics.add(topic)
-        self.bulk_topics = self.bulk_topics | frozenset(topic.topics)
-        self.bulk_handler = handler
-        self.bulk_size = size
+        route = len(self.bulk_handlers)
+        self.bulk_routes = {**self.bulk_routes, **{t: route for t in topic.topics}}
+        self.bulk_handlers = (*self.bulk_handlers, handler)
+        self.bulk_sizes = (*self.bulk_sizes, size)
 
     async def fail(self, exc: BaseException) -> None:
         """Stop the worker running this app because it failed with ``exc``, so that it exits

@@ -1,5 +1,5 @@
 """What travels on the stream's topics: incoming events decoded and validated into columns,
-dead-letter records, and prediction records.
+recommendation requests and their answers, dead-letter records, and prediction records.
 
 Events arrive as raw bytes (the worker consumes with ``value_serializer="raw"``) and are decoded
 here with orjson straight into the columns the aggregator wants; nothing builds a per-event
@@ -12,6 +12,10 @@ Every refused event becomes one dead-letter record (:func:`dlq_record`) naming t
 one-line message and the source ``topic[partition]@offset``::
 
     unknown action 'lik' in event at events[2]@17: expected one of like, rate, view
+
+Recommendation requests (:func:`decode_requests`) are small JSON objects keyed by their user,
+``{"user", "request_id", "k", "exclude_seen", "categories", "ts"}`` (the last four optional);
+each valid one gets one answer (:func:`recommendation_record`), each refused one a dead letter.
 """
 
 from __future__ import annotations
@@ -32,9 +36,13 @@ __all__ = [
     "RawMessage",
     "RejectReason",
     "Rejected",
+    "Request",
+    "RequestLimits",
     "decode_events",
+    "decode_requests",
     "dlq_record",
     "prediction_records",
+    "recommendation_record",
     "where",
 ]
 
@@ -48,6 +56,7 @@ RejectReason = Literal[
     "bad_timestamp",  # outside EventLimits' window (milliseconds sent as seconds, ...)
     "bad_key",  # no Kafka key, or not the event's user: its state would live elsewhere
     "processing_error",  # valid, but scoring or folding it raised (BatchProcessor's on_error)
+    "no_recommender",  # a recommendation request to a model that has no recommender
 ]
 REJECT_REASONS: tuple[str, ...] = RejectReason.__args__  # type: ignore[attr-defined]
 
@@ -307,14 +316,210 @@ def _at(msg: Any) -> str:
     return where(msg.topic, msg.partition, msg.offset)
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a recommendation request may ask: ``k`` in ``[1, max_k]`` (``default_k`` when
+    absent), at most ``max_categories`` category names, ids and names of at most
+    ``max_id_chars``, payloads of at most ``max_bytes``, ``ts`` within the events' window."""
+
+    max_bytes: int = 16 * 1024
+    max_k: int = 1000
+    default_k: int = 10
+    max_categories: int = 100
+    max_id_chars: int = MAX_ID_CHARS
+    ts_min: float = 0.0
+    ts_max: float = 4102444800.0
+
+
+class Request(NamedTuple):
+    """A valid recommendation request. ``ts``: the time to read the user's state at (seconds;
+    None: the request record's Kafka time); ``categories``: None for any item."""
+
+    source: int  # index in the batch handed to decode_requests
+    user: str
+    request_id: str
+    k: int
+    exclude_seen: bool
+    categories: tuple[str, ...] | None
+    ts: float | None
+    partition: int
+    offset: int
+
+
+_REQUEST_FIELDS = ("user", "request_id", "k", "exclude_seen", "categories", "ts")
+
+
+def _request(record: Any, msg: Any, limits: RequestLimits) -> Request | Rejected:
+    """One decoded request, or why not (``Rejected.index`` is filled in by the caller)."""
+    at = f"request at {_at(msg)}"
+    if not isinstance(record, dict):
+        return Rejected(
+            0, "bad_field", f"{at}: expected a JSON object, got {type(record).__name__}"
+        )
+    unknown = sorted(str(k)[:40] for k in record if k not in _REQUEST_FIELDS)
+    if unknown:
+        return Rejected(
+            0,
+            "bad_field",
+            f"{at}: unknown field {unknown[0]!r}: expected some of {', '.join(_REQUEST_FIELDS)}",
+        )
+    ids = {}
+    for name in ("user", "request_id"):
+        value = record.get(name)
+        if value is None:
+            return Rejected(0, "missing_field", f"{at}: missing required field {name!r}")
+        if type(value) is not str or not value or len(value) > limits.max_id_chars:
+            return Rejected(
+                0,
+                "bad_field",
+                f"{at}: {name!r} must be a non-empty string of at most {limits.max_id_chars} "
+                f"characters, got {_show(value)}",
+            )
+        ids[name] = value
+    k = record.get("k", limits.default_k)
+    if type(k) is not int or not 1 <= k <= limits.max_k:
+        return Rejected(
+            0, "bad_field", f"{at}: 'k' must be an integer in [1, {limits.max_k}], got {_show(k)}"
+        )
+    exclude_seen = record.get("exclude_seen", True)
+    if type(exclude_seen) is not bool:
+        return Rejected(
+            0, "bad_field", f"{at}: 'exclude_seen' must be true or false, got {_show(exclude_seen)}"
+        )
+    categories = record.get("categories")
+    if categories is not None:
+        if (
+            type(categories) is not list
+            or not 1 <= len(categories) <= limits.max_categories
+            or any(type(c) is not str or not c or len(c) > limits.max_id_chars for c in categories)
+        ):
+            return Rejected(
+                0,
+                "bad_field",
+                f"{at}: 'categories' must be a list of 1 to {limits.max_categories} category "
+                f"names (non-empty strings), got {_show(categories)}",
+            )
+        categories = tuple(categories)
+    ts = record.get("ts")
+    if ts is not None:
+        if type(ts) not in (int, float):
+            return Rejected(0, "bad_field", f"{at}: 'ts' must be a number, got {_show(ts)}")
+        ts = float(ts)
+        if not limits.ts_min <= ts <= limits.ts_max:
+            return Rejected(0, "bad_timestamp", _bad_ts(ts, msg, limits, "request"))
+    key = msg.key
+    if key is None or key != ids["user"].encode():
+        got = "no key" if key is None else f"key {_show_key(key)}"
+        return Rejected(
+            0,
+            "bad_key",
+            f"{at} has {got} but user {ids['user']!r}: requests must be keyed by their user, "
+            "or they reach a worker that does not hold the user's state",
+        )
+    return Request(
+        0,
+        ids["user"],
+        ids["request_id"],
+        k,
+        exclude_seen,
+        categories,
+        ts,
+        msg.partition,
+        msg.offset,
+    )
+
+
+def decode_requests(
+    messages: Sequence[Any], limits: RequestLimits = RequestLimits()
+) -> tuple[list[Request], list[Rejected]]:
+    """Decode and validate a batch of raw recommendation requests (:class:`RawMessage`-like):
+    the valid ones in input order and one :class:`Rejected` per refused message. Never raises
+    on bad input."""
+    requests: list[Request] = []
+    rejects: list[Rejected] = []
+    for index, msg in enumerate(messages):
+        raw = msg.value
+        if raw is None or len(raw) == 0:
+            rejects.append(Rejected(index, "empty", f"request at {_at(msg)} has no payload"))
+            continue
+        if len(raw) > limits.max_bytes:
+            rejects.append(
+                Rejected(
+                    index,
+                    "too_large",
+                    f"request at {_at(msg)} is {len(raw)} bytes: over the limit of "
+                    f"{limits.max_bytes}",
+                )
+            )
+            continue
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            rejects.append(Rejected(index, "bad_json", f"request at {_at(msg)}: not JSON ({exc})"))
+            continue
+        got = _request(record, msg, limits)
+        if isinstance(got, Rejected):
+            rejects.append(got._replace(index=index))
+        else:
+            requests.append(got._replace(source=index))
+    return requests, rejects
+
+
+def recommendation_record(
+    request: Request,
+    *,
+    items: Sequence[str],
+    scores: Sequence[float],
+    cold_start: bool,
+    as_of: float,
+    topic: str,
+    model_version: str,
+    codebook_version: str,
+    received: float,
+    published: float,
+) -> tuple[bytes, bytes]:
+    """The ``(key, value)`` answer to ``request`` for the recommendations topic, keyed by user:
+    ``items`` best first with their ``scores``, ``as_of`` the time the state was read at."""
+    return (
+        request.user.encode(),
+        orjson.dumps(
+            {
+                "request_id": request.request_id,
+                "user": request.user,
+                "items": list(items),
+                "scores": [float(s) for s in scores],
+                "k": request.k,
+                "exclude_seen": request.exclude_seen,
+                "categories": None if request.categories is None else list(request.categories),
+                "cold_start": cold_start,
+                "as_of": as_of,
+                "model_version": model_version,
+                "codebook_version": codebook_version,
+                "request": {
+                    "topic": topic,
+                    "partition": request.partition,
+                    "offset": request.offset,
+                },
+                "received_ts": received,
+                "published_ts": published,
+            }
+        ),
+    )
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _show_key(key: bytes) -> str:
     text = repr(key[:61])  # a key may be megabytes long
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _bad_ts(ts: float, msg: Any, limits: EventLimits) -> str:
+def _bad_ts(ts: float, msg: Any, limits: Any, what: str = "event") -> str:
     text = (
-        f"timestamp {ts!r} in event at {_at(msg)}: expected seconds since the epoch between "
+        f"timestamp {ts!r} in {what} at {_at(msg)}: expected seconds since the epoch between "
         f"{limits.ts_min:.0f} and {limits.ts_max:.0f}"
     )
     if math.isfinite(ts) and limits.ts_min <= ts / 1000.0 <= limits.ts_max:

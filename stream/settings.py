@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     topic_events: str = Field(default="events", description="Interaction events, keyed by user.")
     topic_predictions: str = Field(default="predictions", description="Engagement predictions.")
     topic_dlq: str = Field(default="events.dlq", description="Dead letters, with the reason.")
+    topic_recommend: str = Field(
+        default="recommend",
+        description="Top-k recommendation requests, keyed by user, partitioned as the events.",
+    )
+    topic_recommendations: str = Field(
+        default="recommendations", description="Answers to recommendation requests, by user."
+    )
     topic_models: str = Field(
         default="sketchstream.models", description="Compacted topic of published model versions."
     )

@@ -10,6 +10,11 @@ only moves these bytes; tests drive this class directly.
 
 The model being served is a :class:`ServingModel`; :meth:`BatchProcessor.swap` replaces it
 between batches (the model feed hands over a new version; nothing pauses).
+
+:meth:`BatchProcessor.answer` takes a micro-batch of recommendation requests instead: one state
+read, one recommender call, one answer per valid request and a dead letter per refused one. It
+reads states and never writes them: a request changes nothing. The engagement path pays
+nothing for it (requests come in batches of their own).
 """
 
 from __future__ import annotations
@@ -27,18 +32,22 @@ from sketchstream.stream.records import (
     DecodedEvents,
     EventLimits,
     Rejected,
+    RequestLimits,
     decode_events,
+    decode_requests,
     dlq_record,
     prediction_records,
+    recommendation_record,
     where,
 )
 
 if TYPE_CHECKING:  # the models (numpy, torch) load when a model does: serving_model
     from sketchstream.models.aggregator import Aggregator
     from sketchstream.models.batches import Features
-    from sketchstream.models.scorer import Scorer
+    from sketchstream.models.scorer import Recommender, Scorer
 
 __all__ = [
+    "AnswerResult",
     "BatchProcessor",
     "BatchResult",
     "OnError",
@@ -70,6 +79,8 @@ class ServingModel:
     ``scorer``: the artifact's :class:`~sketchstream.models.scorer.Scorer` (MLP + the item
     snapshot shipped in the artifact, frozen until a refreshed artifact is swapped in). The
     worker keeps no item state of its own: its features are the trainer's.
+    ``recommender``: the artifact's :class:`~sketchstream.models.scorer.Recommender` on the
+    same aggregator, or None when the artifact carries none.
     """
 
     version: str
@@ -79,6 +90,7 @@ class ServingModel:
     aggregator: Aggregator
     scorer: Scorer
     path: str = ""
+    recommender: Recommender | None = None
 
     @property
     def mlp(self) -> Any:
@@ -101,10 +113,15 @@ def serving_model(bundle: Any) -> ServingModel:
     the trainer's scoring path (aggregator features + item snapshot → ``Scorer``)."""
     from sketchstream.models.aggregator import Aggregator
     from sketchstream.models.channels import aggregator_config_from_dict
-    from sketchstream.models.scorer import Scorer
+    from sketchstream.models.scorer import Recommender, Scorer
 
     config = aggregator_config_from_dict(bundle.aggregator_config)
     aggregator = Aggregator(config, bundle.codebooks)
+    parts = getattr(bundle, "recommender", None)
+    # its own aggregator: a request's throw-away fold must not touch the events' counters
+    recommender = (
+        None if parts is None else Recommender(parts, Aggregator(config, bundle.codebooks))
+    )
     return ServingModel(
         version=bundle.version,
         codebook_version=str(aggregator.codebook_version),
@@ -113,6 +130,7 @@ def serving_model(bundle: Any) -> ServingModel:
         aggregator=aggregator,
         scorer=Scorer.from_bundle(bundle),
         path=str(bundle.path),
+        recommender=recommender,
     )
 
 
@@ -123,6 +141,13 @@ class BatchResult(NamedTuple):
     dlq: list[tuple[bytes | None, bytes]]  # (source key, dead letter JSON) for the DLQ topic
     table_writes: list[tuple[int, bytes, bytes]]  # (partition, user, state) for the table
     kafka_ts: list[float | None]  # Kafka time of each prediction's event (latency metric)
+
+
+class AnswerResult(NamedTuple):
+    """What one batch of recommendation requests produced: no table writes, ever."""
+
+    answers: list[tuple[bytes, bytes]]  # (user, answer JSON) for the recommendations topic
+    dlq: list[tuple[bytes | None, bytes]]  # (source key, dead letter JSON) for the DLQ topic
 
 
 @dataclass
@@ -140,6 +165,8 @@ class BatchProcessor:
     metrics: WorkerMetrics | None = None
     clock: Callable[[], float] = time.time
     on_error: OnError = "dead_letter"
+    request_topic: str = "recommend"
+    request_limits: RequestLimits = field(default_factory=RequestLimits)
 
     def swap(self, model: ServingModel) -> None:
         """Serve ``model`` from the next batch on."""
@@ -192,6 +219,119 @@ class BatchProcessor:
             return BatchResult([], dlq, [], [])
         predictions, kafka_ts, writes = out
         return BatchResult(predictions, dlq, writes, kafka_ts)
+
+    def answer(self, messages: Sequence[Any]) -> AnswerResult:
+        """One micro-batch of recommendation requests (:class:`RawMessage`-like, keyed by
+        user, on partitions co-partitioned with the events): one answer per valid request,
+        read off the user's stored state at the request's ``ts`` (default: its Kafka time);
+        a user with no state gets the model's answer on an empty state (``cold_start``). Never
+        writes a state. Bad requests, and every request to a model without a recommender
+        (``no_recommender``), become dead letters; a request whose answering raises is
+        dead-lettered as ``processing_error`` under ``on_error="dead_letter"``."""
+        received = self.clock()
+        model = self.model
+        requests, rejects = decode_requests(messages, self.request_limits)
+        dead = [(r.index, r.reason, r.message) for r in rejects]
+        rec = model.recommender
+        ok = []
+        for q in requests:
+            at = _at(messages[q.source])
+            if rec is None:
+                dead.append(
+                    (
+                        q.source,
+                        "no_recommender",
+                        f"request {q.request_id!r} at {at}: model {model.version} has no "
+                        "recommender; serve a model trained with one",
+                    )
+                )
+            elif q.categories is not None and not rec.has_categories:
+                dead.append(
+                    (
+                        q.source,
+                        "bad_field",
+                        f"request {q.request_id!r} at {at}: 'categories' given but model "
+                        f"{model.version}'s catalogue has no item categories; leave it out",
+                    )
+                )
+            else:
+                ok.append(q)
+        answers: list[tuple[bytes, bytes]] = []
+        if ok:
+            assert rec is not None
+            answers = self._answer(model, rec, messages, ok, received, dead)
+        if self.metrics is not None:
+            for _, reason, _ in dead:
+                self.metrics.dlq.labels(reason=reason).inc()
+        dead.sort()
+        dlq = [
+            (messages[i].key, dlq_record(messages[i], reason, text, now=received))
+            for i, reason, text in dead
+        ]
+        return AnswerResult(answers, dlq)
+
+    def _answer(
+        self,
+        model: ServingModel,
+        rec: Recommender,
+        messages: Sequence[Any],
+        requests: list[Any],
+        received: float,
+        dead: list[tuple[int, str, str]],
+    ) -> list[tuple[bytes, bytes]]:
+        """Answers of valid ``requests``: all in one recommender call; if that raises (and
+        is not a fault), one by one, dead-lettering those that raise."""
+        stored = self.read_states(
+            [q.partition for q in requests], [q.user.encode() for q in requests]
+        )
+        when = [
+            q.ts if q.ts is not None else (messages[q.source].timestamp or received)
+            for q in requests
+        ]
+
+        def run(rows: list[int]) -> list[Any]:
+            return rec.recommend(
+                [stored[i] for i in rows],
+                [when[i] for i in rows],
+                k=[requests[i].k for i in rows],
+                exclude_seen=[requests[i].exclude_seen for i in rows],
+                categories=[requests[i].categories for i in rows],
+            )
+
+        rows = list(range(len(requests)))
+        try:
+            got: list[Any] = run(rows)
+        except Exception as exc:
+            if self.on_error == "fail" or is_fault(exc):
+                raise
+            got = []
+            for i in rows:
+                try:
+                    got += run([i])
+                except Exception as one:
+                    if is_fault(one):
+                        raise
+                    msg = messages[requests[i].source]
+                    text = _processing_error(msg, one).replace("processing event", "answering")
+                    dead.append((requests[i].source, "processing_error", text))
+                    got.append(None)
+        published = self.clock()
+        return [
+            recommendation_record(
+                q,
+                items=r.items,
+                scores=r.scores,
+                cold_start=r.cold_start,
+                as_of=float(t),
+                topic=self.request_topic,
+                model_version=model.version,
+                codebook_version=model.codebook_version,
+                received=received,
+                published=published,
+            )
+            for q, r, t in zip(requests, got, when, strict=True)
+            if r is not None
+        ]
 
     def _score(
         self,

@@ -27,9 +27,11 @@ DAY = 86_400.0
 # --- the model -----------------------------------------------------------------------------
 
 
-def build_tiny_artifact(root: Path, seed: int = 0) -> str:
+def build_tiny_artifact(root: Path, seed: int = 0, *, recommender: bool = False) -> str:
     """A small but real model artifact: one codebook (depth 4, width 8) over 60 items, two
-    channels, a 16-wide MLP. Returns its version."""
+    channels, a 16-wide MLP; with ``recommender``, also a top-k recommender fitted on
+    :func:`synthetic_events` (recent-item inputs, items with categories). Returns its
+    version."""
     import torch
     from sketchstream.models.artifacts import save_model_artifact
     from sketchstream.models.channels import AggregatorConfig, Channel, aggregator_config_to_dict
@@ -55,12 +57,55 @@ def build_tiny_artifact(root: Path, seed: int = 0) -> str:
         MLPConfig(n_dense=n_ch + n_ch + 2, modalities=1, depth=4, width=8, hidden=16, blocks=1)
     )
     mlp.set_normalization(rng.normal(size=(64, 2 * n_ch + 2)).astype(np.float32) + 1.0)
+    codebooks = {"interactions": codebook}
     return save_model_artifact(
         root,
         model=mlp,
-        codebooks={"interactions": codebook},
+        codebooks=codebooks,
         aggregator_config=aggregator_config_to_dict(config),
+        recommender=_tiny_recommender(config, codebooks, seed) if recommender else None,
     )
+
+
+def item_categories(item: str) -> tuple[str, ...]:
+    """The tiny catalogue's categories: ``even`` or ``odd`` by the item's number."""
+    return ("even",) if int(item[1:]) % 2 == 0 else ("odd",)
+
+
+def _tiny_recommender(config: Any, codebooks: dict[str, Any], seed: int) -> Any:
+    from sketchstream.models.aggregator import Aggregator
+    from sketchstream.models.artifacts import RecommenderParts
+    from sketchstream.models.events import EventTable, Item
+    from sketchstream.models.recommend import (
+        Catalogue,
+        InputSpec,
+        RecommendConfig,
+        Validation,
+        fit_recommender,
+        replay_inputs,
+    )
+
+    raw = synthetic_events(400, users=30, seed=seed + 100)
+    events = EventTable(
+        user=np.array([e["user"] for e in raw], dtype=object),
+        item=np.array([e["item"] for e in raw], dtype=object),
+        action=np.array([e["action"] for e in raw], dtype=object),
+        ts=np.array([e["ts"] for e in raw]),
+        value=np.array([e.get("value", np.nan) for e in raw], np.float32),
+    )
+    agg = Aggregator(config, codebooks)
+    rec = RecommendConfig(hidden=16, epochs=1, batch_size=32, recent_decays=(0.7,), recent_length=8)
+    spec = InputSpec.build(config, rec, agg.depth, agg.width)
+    known = np.array([i in codebooks["interactions"].ids_ for i in events.item])
+    x, codes = replay_inputs(events, agg, known, spec)
+    items = [Item(i, categories=item_categories(i)) for i in codebooks["interactions"].ids_]
+    catalogue = Catalogue.from_codebooks(codebooks, ["interactions"], items)
+    target = np.array([catalogue.ids.index(i) for i in events.item[known]])
+    cut = len(x) * 3 // 4
+    model, _ = fit_recommender(
+        x[:cut], codes[:cut], Validation(x[cut:], target[cut:], None), catalogue, rec
+    )
+    return RecommenderParts(model, rec, spec, catalogue, ("interactions",))
 
 
 def synthetic_events(n: int, *, users: int = 40, seed: int = 1) -> list[dict[str, Any]]:
@@ -208,6 +253,8 @@ class StreamEnv:
             "predictions": f"predictions-{self.suffix}",
             "dlq": f"events.dlq-{self.suffix}",
             "models": f"models-{self.suffix}",
+            "recommend": f"recommend-{self.suffix}",
+            "recommendations": f"recommendations-{self.suffix}",
         }
 
     @property
@@ -224,6 +271,8 @@ class StreamEnv:
             topic_predictions=t["predictions"],
             topic_dlq=t["dlq"],
             topic_models=t["models"],
+            topic_recommend=t["recommend"],
+            topic_recommendations=t["recommendations"],
             partitions=self.partitions,
             artifact_dir=self.artifact_dir,
         )
@@ -275,6 +324,8 @@ class WorkerProcess:
             "SKETCHSTREAM_TOPIC_PREDICTIONS": t["predictions"],
             "SKETCHSTREAM_TOPIC_DLQ": t["dlq"],
             "SKETCHSTREAM_TOPIC_MODELS": t["models"],
+            "SKETCHSTREAM_TOPIC_RECOMMEND": t["recommend"],
+            "SKETCHSTREAM_TOPIC_RECOMMENDATIONS": t["recommendations"],
             "SKETCHSTREAM_PARTITIONS": str(self.env.partitions),
             "SKETCHSTREAM_STATE_DIR": str(self.state_dir),
             "SKETCHSTREAM_ARTIFACT_DIR": str(self.env.artifact_dir),

@@ -11,9 +11,12 @@ import pytest
 from sketchstream.stream.records import (
     EventLimits,
     RawMessage,
+    RequestLimits,
     decode_events,
+    decode_requests,
     dlq_record,
     prediction_records,
+    recommendation_record,
 )
 
 ACTIONS = ("view", "like", "rate")
@@ -278,3 +281,105 @@ def test_a_value_beyond_float32_range_is_refused_not_folded_as_infinity(value):
     reason, text = refuse(event(action="rate", value=value))
     assert reason == "bad_field"
     assert "'value' must be finite and within float32 range" in text
+
+
+# --- recommendation requests ---------------------------------------------------------------
+
+
+def request_message(value: object, *, key: bytes | None = b"u1", offset: int = 5):
+    raw = value if isinstance(value, bytes) or value is None else orjson.dumps(value)
+    return RawMessage("recommend", 1, offset, key, raw, 1700000000.0)
+
+
+def refuse_request(value: object, **kw: object) -> tuple[str, str]:
+    requests, rejects = decode_requests([request_message(value, **kw)], RequestLimits(max_k=50))
+    assert requests == [] and len(rejects) == 1
+    return rejects[0].reason, rejects[0].message
+
+
+def test_a_request_gets_defaults_for_what_it_leaves_out():
+    [q], [] = decode_requests([request_message({"user": "u1", "request_id": "r1"})])
+    assert (q.user, q.request_id, q.k, q.exclude_seen, q.categories, q.ts) == (
+        "u1",
+        "r1",
+        10,
+        True,
+        None,
+        None,
+    )
+    assert (q.source, q.partition, q.offset) == (0, 1, 5)
+
+
+def test_a_full_request_is_read_as_given_and_requests_keep_their_batch_index():
+    full = {
+        "user": "u1",
+        "request_id": "r2",
+        "k": 3,
+        "exclude_seen": False,
+        "categories": ["odd"],
+        "ts": 1e9,
+    }
+    requests, rejects = decode_requests([request_message(b"{"), request_message(full)])
+    assert [r.reason for r in rejects] == ["bad_json"]
+    [q] = requests
+    assert (q.source, q.k, q.exclude_seen, q.categories, q.ts) == (1, 3, False, ("odd",), 1e9)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason", "words"),
+    [
+        (b"", "empty", "no payload"),
+        (b"[1, 2", "bad_json", "not JSON"),
+        ([1, 2], "bad_field", "expected a JSON object"),
+        ({"request_id": "r"}, "missing_field", "'user'"),
+        ({"user": "u1"}, "missing_field", "'request_id'"),
+        ({"user": "u1", "request_id": 7}, "bad_field", "'request_id' must be a non-empty string"),
+        (
+            {"user": "u1", "request_id": "r", "k": 0},
+            "bad_field",
+            "'k' must be an integer in [1, 50]",
+        ),
+        ({"user": "u1", "request_id": "r", "k": 51}, "bad_field", "got 51"),
+        ({"user": "u1", "request_id": "r", "k": 2.5}, "bad_field", "'k'"),
+        ({"user": "u1", "request_id": "r", "k": True}, "bad_field", "'k'"),
+        ({"user": "u1", "request_id": "r", "exclude_seen": 1}, "bad_field", "true or false"),
+        ({"user": "u1", "request_id": "r", "categories": []}, "bad_field", "'categories'"),
+        ({"user": "u1", "request_id": "r", "categories": "odd"}, "bad_field", "'categories'"),
+        ({"user": "u1", "request_id": "r", "ts": 1.7e12}, "bad_timestamp", "milliseconds"),
+        ({"user": "u1", "request_id": "r", "kk": 3}, "bad_field", "unknown field 'kk'"),
+        ({"user": "u2", "request_id": "r"}, "bad_key", "keyed by their user"),
+    ],
+)
+def test_a_bad_request_is_refused_with_its_reason_and_its_source(value, reason, words):
+    got, text = refuse_request(value)
+    assert got == reason
+    assert words in text
+    assert "recommend[1]@5" in text
+
+
+def test_an_unkeyed_or_oversized_request_is_refused():
+    assert refuse_request({"user": "u1", "request_id": "r"}, key=None)[0] == "bad_key"
+    big = {"user": "u1", "request_id": "r", "categories": ["x" * 200] * 100}
+    assert refuse_request(big)[0] == "too_large"
+
+
+def test_an_answer_names_the_request_the_items_and_the_model():
+    [q], _ = decode_requests([request_message({"user": "u1", "request_id": "r1", "k": 2})])
+    key, value = recommendation_record(
+        q,
+        items=["i3", "i1"],
+        scores=[-1.5, -2.0],
+        cold_start=False,
+        as_of=1e9,
+        topic="recommend",
+        model_version="abc",
+        codebook_version="interactions=1",
+        received=1.0,
+        published=2.0,
+    )
+    answer = orjson.loads(value)
+    assert key == b"u1"
+    assert answer["request_id"] == "r1" and answer["items"] == ["i3", "i1"]
+    assert answer["scores"] == [-1.5, -2.0] and answer["model_version"] == "abc"
+    assert answer["cold_start"] is False and answer["k"] == 2
+    assert answer["request"] == {"topic": "recommend", "partition": 1, "offset": 5}
