@@ -69,8 +69,8 @@ class RecommendConfig:
     recent_decays: tuple[float, ...] = (0.5, 0.8)
     recent_length: int = 50
     targets: tuple[str, ...] | None = None  # modalities whose sketch is predicted (None: all)
-    hidden: int = 512
-    blocks: int = 1  # residual blocks after the input layer
+    hidden: int = 1024  # ML-1M validation NDCG@10: 512 x 1 block 0.119, 1024 x 2 blocks 0.127
+    blocks: int = 2  # residual blocks after the input layer
     dropout: float = 0.1
     epochs: int = 8  # upper bound; early stopping on validation NDCG@10 (ML-1M: best at 5)
     patience: int = 2  # validation checks without gain before stopping
