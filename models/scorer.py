@@ -33,6 +33,8 @@ __all__ = ["Recommendation", "Recommender", "Scorer"]
 
 # A probe event's offset: above any real one, so the probe is never taken for a redelivery.
 _PROBE_OFFSET = 1 << 62
+# Scores decoded at once, (requests, n_items) cells: see Recommender.recommend.
+_CHUNK_CELLS = 1 << 18
 
 
 class Scorer:
@@ -188,12 +190,30 @@ class Recommender:
         log_probs = self.model.log_probs(x)
         seen = self.seen(state) if any(exclude_seen) else None
         cats = categories if categories is not None else [None] * len(blobs)
-        out = []
-        for i, blob in enumerate(blobs):
-            exclude = seen[i : i + 1] if exclude_seen[i] and seen is not None else None
-            wanted = self.catalogue.candidates(cats[i]) if cats[i] is not None else None
+        # one top_k call per distinct (k, categories) and chunk of rows: the catalogue is
+        # decoded for all the chunk's rows in one sparse product (4x cheaper a row than one
+        # product per request), and a chunk's (rows, n_items) scores stay about _CHUNK_CELLS
+        # (bigger ones fall out of the cache: slower a row than one request at a time)
+        groups: dict[tuple[int, tuple[str, ...] | None], list[int]] = {}
+        for i in range(len(blobs)):
+            key = (int(k[i]), None if cats[i] is None else tuple(cats[i]))
+            groups.setdefault(key, []).append(i)
+        chunk = max(1, _CHUNK_CELLS // max(len(self.catalogue), 1))
+        parts = [
+            (key, rows[a : a + chunk])
+            for key, rows in groups.items()
+            for a in range(0, len(rows), chunk)
+        ]
+        out: list[Recommendation | None] = [None] * len(blobs)
+        for (kk, cat), rows in parts:
+            exclude = None
+            if seen is not None and any(exclude_seen[i] for i in rows):
+                exclude = seen[rows] & np.asarray([exclude_seen[i] for i in rows])[:, None]
+            wanted = self.catalogue.candidates(cat) if cat is not None else None
             ids, scores = self.catalogue.top_k(
-                log_probs[i : i + 1], int(k[i]), exclude=exclude, candidates=wanted
+                log_probs[rows], kk, exclude=exclude, candidates=wanted
             )
-            out.append(Recommendation(ids[0], scores[0].tolist(), blob is None))
-        return out
+            for j, i in enumerate(rows):
+                n = len(ids[j])  # rows are padded with -inf to the longest
+                out[i] = Recommendation(ids[j], scores[j, :n].tolist(), blobs[i] is None)
+        return out  # type: ignore[return-value]
