@@ -8,6 +8,7 @@ state keeps updating through validation and test, the weights stay the artifact'
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -133,12 +134,14 @@ def report_for(
     items: Any = None,
     label_heads: Any = None,
     baseline_scores: dict | None = None,
+    extra: dict | None = None,
 ) -> dict:
     """Run the baselines (when asked and available) and write the report into ``out``.
 
     ``label_heads``: the :class:`Head` objects the model was trained on (default
     ``DEFAULT_HEADS``), so the baselines predict the same labels. ``baseline_scores``: a dict
-    that receives each baseline's predictions (see ``run_baselines``).
+    that receives each baseline's predictions (see ``run_baselines``). ``extra``: more
+    top-level blocks of ``report.json`` (``recommend``).
     """
     import logging
     import time
@@ -186,7 +189,26 @@ def report_for(
             "test": split[2].stop - split[2].start,
             "stream_md5": stream_md5(events),
         },
+        extra=extra,
     )
+
+
+def recommend_methods(option: str | None) -> tuple[str, ...]:
+    """The methods of ``evaluate --recommend``: None -> none, ``all`` -> every one."""
+    from sketchstream.models.ranking import METHODS
+
+    if option is None:
+        return ()
+    if option.strip() == "all":
+        return METHODS
+    methods = tuple(m.strip() for m in option.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise typer.BadParameter(
+            f"unknown method(s) {unknown}: 'all' or some of {','.join(METHODS)}",
+            param_hint="--recommend",
+        )
+    return methods
 
 
 def evaluate(
@@ -204,15 +226,32 @@ def evaluate(
     baselines: BaselinesOption = True,
     threads: ThreadsOption = 0,
     progress: ProgressOption = True,
+    recommend: Annotated[
+        str | None,
+        typer.Option(
+            help="Also compare next-item recommendations on the test period (report.json "
+            "'recommend': HR@10, NDCG@10, MRR, seen items excluded and not): 'all' or some of "
+            "sketchstream,popularity,item_cf,sasrec. Off by default: it trains a recommender "
+            "and SASRec (tens of minutes on MovieLens-1M).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Score every event prequentially with a trained model and report val/test metrics.
 
     Labels come from the heads recorded in the model artifact (``train --head``), for the
     model and the baselines alike."""
+    methods = recommend_methods(recommend)
     t_all = start(threads)
     with exit_on_error():
         done = evaluate_model(
-            data, resolve_model(model), out, baselines=baselines, progress=progress, t_start=t_all
+            data,
+            resolve_model(model),
+            out,
+            baselines=baselines,
+            progress=progress,
+            t_start=t_all,
+            recommend=methods,
         )
     specs = " ".join(h.spec for h in done.heads)
     typer.echo(f"model {done.report['model']['version']} on {data} (heads {specs})")
@@ -243,6 +282,7 @@ def evaluate_model(
     baselines: bool = True,
     progress: bool = True,
     t_start: float | None = None,
+    recommend: Sequence[str] = (),
 ) -> Evaluation:
     """The work of ``sketchstream evaluate`` with the artifact folder ``model`` (one version):
     read ``data`` (refusing bad input before any work), score it prequentially, run the
@@ -261,6 +301,22 @@ def evaluate_model(
     events, items, t_load = read_data(data)
     scored = score_events(bundle, events, progress=progress)
     baseline_p: dict = {}
+    extra, timings = {}, {"load": t_load, **scored.timings}
+    if recommend:
+        from sketchstream.models.channels import aggregator_config_from_dict
+        from sketchstream.models.ranking import recommend_report
+
+        t0 = time.perf_counter()
+        ranked = recommend_report(
+            events,
+            bundle.codebooks,
+            aggregator_config_from_dict(bundle.aggregator_config),
+            items or None,
+            methods=tuple(recommend),
+            progress=progress,
+        )
+        extra["recommend"] = ranked.report
+        timings["recommend"] = time.perf_counter() - t0
     report = report_for(
         out,
         events=events,
@@ -271,11 +327,12 @@ def evaluate_model(
         heads=scored.metrics,
         version=bundle.version,
         codebooks=bundle.codebooks,
-        timings={"load": t_load, **scored.timings},
+        timings=timings,
         baselines=baselines,
         t_start=t_start,
         items=items,
         label_heads=heads,
         baseline_scores=baseline_p,
+        extra=extra,
     )
     return Evaluation(report, events, items, heads, scored.y, scored.p, scored.split, baseline_p)

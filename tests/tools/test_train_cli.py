@@ -179,3 +179,27 @@ def test_events_out_of_protocol_order_are_refused_before_any_work(tmp_path, data
     assert "line 6 comes before the line above it" in result.output
     assert f"sketchstream data import {data_dir / 'events.jsonl'}" in result.output
     assert not out.exists()
+
+
+def test_evaluate_recommend_adds_the_ranking_block_and_refuses_unknown_methods(
+    tmp_path, data_dir
+) -> None:
+    runner = CliRunner()
+    out = tmp_path / "model"
+    result = runner.invoke(_app(), ["train", "--data", str(data_dir), "--out", str(out), *SMALL])
+    assert result.exit_code == 0, result.output
+
+    methods = ("sketchstream", "popularity", "item_cf")
+    args = _evaluate_args(data_dir, out, tmp_path / "eval")
+    result = runner.invoke(_app(), [*args, "--recommend", ",".join(methods)])
+    assert result.exit_code == 0, result.output
+    block = json.loads((tmp_path / "eval" / "report.json").read_text())["recommend"]
+    for variant in ("test", "test_with_seen"):
+        assert set(block[variant]) == set(methods)
+        for figures in block[variant].values():
+            assert set(figures) >= {"hr@10", "ndcg@10", "mrr"}
+            assert 0.0 <= figures["mrr"] <= figures["hr@10"] <= 1.0
+
+    result = runner.invoke(_app(), [*args, "--recommend", "popularity,oracle"])
+    assert result.exit_code == 2
+    assert "oracle" in result.output
