@@ -48,6 +48,7 @@ __all__ = [
     "ItemCF",
     "RecentPopularity",
     "UserHistory",
+    "ValidationStopper",
     "evaluate_scorer",
     "item_rows",
     "protocol_rows",
@@ -133,6 +134,53 @@ def _summary(parts: list[dict[str, np.ndarray]]) -> dict[str, float]:
         "mrr": float(rr.mean()),
         "n": int(hr.size),
     }
+
+
+class ValidationStopper:
+    """Early stopping of a next-item model on validation NDCG@10, shared by the EMDE
+    recommender and SASRec: each epoch is logged into ``history``, the best weights are kept,
+    and training stops after ``patience`` epochs without a gain; :meth:`restore` puts the best
+    weights back."""
+
+    def __init__(self, name: str, model: Any, patience: int, progress: bool = False) -> None:
+        self.name, self.model, self.patience, self.progress = name, model, patience, progress
+        self.history: list[dict[str, float]] = []
+        self.best, self.bad, self.state = -math.inf, 0, None
+        self.t0 = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def epoch(self, loss: float, metrics: Mapping[str, np.ndarray]) -> bool:
+        """Record an epoch's mean loss and validation ranks; True when training should stop."""
+        some = len(metrics["ndcg@10"]) > 0
+        ndcg = float(metrics["ndcg@10"].mean()) if some else -math.inf
+        self.history.append(
+            {
+                "epoch": len(self.history) + 1,
+                "loss": loss,
+                "val_ndcg@10": ndcg,
+                "val_hr@10": float(metrics["hr@10"].mean()) if some else math.nan,
+                "seconds": self.seconds,
+            }
+        )
+        log.info("%s epoch %d: %s", self.name, len(self.history), self.history[-1])
+        if self.progress:
+            print(f"  {self.name} epoch {len(self.history)}: {self.history[-1]}", flush=True)
+        if ndcg > self.best + 1e-6:
+            self.best, self.bad = ndcg, 0
+            self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:
+            self.bad += 1
+        return self.bad >= self.patience
+
+    def restore(self) -> list[dict[str, float]]:
+        """The best weights back in the model (in eval mode); returns the history."""
+        if self.state is not None:
+            self.model.load_state_dict(self.state)
+        self.model.eval()
+        return self.history
 
 
 # --- each event's earlier items ----------------------------------------------------------------

@@ -24,8 +24,6 @@ model, recent popularity, item-item CF and SASRec on the test period's events) a
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -474,7 +472,7 @@ def fit_recommender(
     """Train on ``x (n, F)`` → the buckets ``codes (n, M, D)`` of ``target_modalities``;
     keep the weights with the best validation NDCG@10 (seen items excluded when
     ``val.exclude`` is given). Deterministic given ``config.seed`` (one torch thread)."""
-    from sketchstream.models.ranking import rank_metrics
+    from sketchstream.models.ranking import ValidationStopper, rank_metrics
 
     width = catalogue.width
     y = _levels_target(codes, target_modalities, width)
@@ -499,10 +497,9 @@ def fit_recommender(
     model.set_normalization(x[np.sort(rng.choice(len(x), min(len(x), 50_000), replace=False))])
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     y_t = torch.from_numpy(y)
-    best, best_state, bad, history = -math.inf, None, 0, []
+    stopper = ValidationStopper("recommend", model, config.patience, progress)
     steps = -(-len(x) // config.batch_size)
-    t0 = time.perf_counter()
-    for epoch in range(config.epochs):
+    for _ in range(config.epochs):
         model.train()
         perm = rng.permutation(len(x))
         total = 0.0
@@ -519,28 +516,6 @@ def fit_recommender(
             opt.step()
             total += float(loss.detach())
         scores = catalogue.scores(model.log_probs(val.x))
-        m = rank_metrics(scores, val.target, val.exclude)
-        ndcg = float(m["ndcg@10"].mean()) if len(val.target) else -math.inf
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "loss": total / steps,
-                "val_ndcg@10": ndcg,
-                "val_hr@10": float(m["hr@10"].mean()) if len(val.target) else math.nan,
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-        log.info("recommend epoch %d: %s", epoch + 1, history[-1])
-        if progress:
-            print(f"  recommend epoch {epoch + 1}: {history[-1]}", flush=True)
-        if ndcg > best + 1e-6:
-            best, bad = ndcg, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-            if bad >= config.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return model, history
+        if stopper.epoch(total / steps, rank_metrics(scores, val.target, val.exclude)):
+            break
+    return model, stopper.restore()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -145,7 +144,7 @@ def fit_sasrec(
     """Train on users' training-period ``sequences`` (catalogue rows in order); keep the
     weights with the best NDCG@10 on the validation events (``val_last (n, max_len)``,
     ``val_target (n,)``, ``val_exclude (n, n_items)`` seen items or None)."""
-    from sketchstream.models.ranking import rank_metrics
+    from sketchstream.models.ranking import ValidationStopper, rank_metrics
 
     windows = training_windows(sequences, config.max_len)
     if len(windows) == 0:
@@ -155,9 +154,8 @@ def fit_sasrec(
     model = SASRec(n_items, config)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98))
     w_t = torch.from_numpy(windows)
-    best, best_state, bad, history = -math.inf, None, 0, []
-    t0 = time.perf_counter()
-    for epoch in range(config.epochs):
+    stopper = ValidationStopper("sasrec", model, config.patience, progress)
+    for _ in range(config.epochs):
         model.train()
         perm = torch.from_numpy(rng.permutation(len(windows)))
         total, steps = 0.0, 0
@@ -172,28 +170,7 @@ def fit_sasrec(
             opt.step()
             total, steps = total + float(loss.detach()), steps + 1
         m = rank_metrics(model.scores(val_last), val_target, val_exclude)
-        ndcg = float(m["ndcg@10"].mean())
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "loss": total / max(steps, 1),
-                "val_ndcg@10": ndcg,
-                "val_hr@10": float(m["hr@10"].mean()),
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-        log.info("sasrec epoch %d: %s", epoch + 1, history[-1])
-        if progress:
-            print(f"  sasrec epoch {epoch + 1}: {history[-1]}", flush=True)
-        if ndcg > best + 1e-6:
-            best, bad = ndcg, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-        spent = time.perf_counter() - t0
-        if bad >= config.patience or spent > (config.max_train_seconds or math.inf):
+        stop = stopper.epoch(total / max(steps, 1), m)
+        if stop or stopper.seconds > (config.max_train_seconds or math.inf):
             break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return model, history
+    return model, stopper.restore()
