@@ -305,6 +305,29 @@ def create_app(settings: Settings) -> faust.App:
         metrics.observe_latencies([published - ts for ts in result.kafka_ts if ts])
         metrics.batch_seconds.observe(time.perf_counter() - started)
 
+    checked: list[str] = []  # the partitioning check's verdict, once: "" when right
+
+    async def partitioning() -> str:
+        """Why requests cannot be answered here ("" when they can): a recommend topic with
+        another partition count than the events' would bring requests to partitions whose
+        states live elsewhere, and every such answer would be a wrong cold start."""
+        if not checked:
+            from sketchstream.stream.faust_compat import aiokafka_producer
+
+            kafka = aiokafka_producer(app.producer)
+            n_req = len(await kafka.partitions_for(settings.topic_recommend))
+            n_ev = len(await kafka.partitions_for(settings.topic_events))
+            verdict = ""
+            if n_req != n_ev:
+                verdict = (
+                    f"topic {settings.topic_recommend!r} has {n_req} partitions, "
+                    f"{settings.topic_events!r} has {n_ev}: requests would reach workers without "
+                    f"their users' states; recreate {settings.topic_recommend!r} with {n_ev}"
+                )
+                log.error("recommendation requests refused: %s", verdict)
+            checked.append(verdict)
+        return checked[0]
+
     async def answer(messages: list[Any]) -> None:
         """One micro-batch of recommendation requests: answers out; no state is written."""
         batch = await processor()
@@ -312,7 +335,12 @@ def create_app(settings: Settings) -> faust.App:
         if new is not None:
             batch.swap(new)
             _settle_heap()
-        result = batch.answer(messages)
+        mismatch = await partitioning()
+        result = (
+            batch.refuse(messages, "bad_partitioning", mismatch)
+            if mismatch
+            else batch.answer(messages)
+        )
         sends = await publish(app.producer, recommendations_topic, result.answers)
         sends += await publish(app.producer, dlq_topic, result.dlq)
         if sends:

@@ -57,6 +57,7 @@ RejectReason = Literal[
     "bad_key",  # no Kafka key, or not the event's user: its state would live elsewhere
     "processing_error",  # valid, but scoring or folding it raised (BatchProcessor's on_error)
     "no_recommender",  # a recommendation request to a model that has no recommender
+    "bad_partitioning",  # a request on a recommend topic not partitioned as the events
 ]
 REJECT_REASONS: tuple[str, ...] = RejectReason.__args__  # type: ignore[attr-defined]
 

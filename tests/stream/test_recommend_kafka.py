@@ -239,3 +239,22 @@ async def _partitions(bootstrap: str, topic: str) -> int:
         return len(cluster.partitions_for_topic(topic) or ())
     finally:
         await consumer.stop()
+
+
+def test_requests_on_a_recommend_topic_partitioned_unlike_the_events_are_refused(
+    stream_env, start_worker
+):
+    env = stream_env
+    run(create_topics(env.bootstrap, {env.topics["recommend"]: env.partitions // 2}))
+    events = synthetic_events(40, users=8, seed=4)
+    run(produce(env.bootstrap, env.topics["events"], keyed(events)))
+    worker = start_worker("w1")
+    worker.wait_healthy()
+    requests = [{"user": f"u{j}", "request_id": f"r{j}"} for j in range(4)]
+    run(produce(env.bootstrap, env.topics["recommend"], keyed(requests)))
+    dead = run(consume(env.bootstrap, env.topics["dlq"], until=len(requests), timeout=30))
+    letters = [orjson.loads(r.value) for r in dead]
+    assert [d["reason"] for d in letters] == ["bad_partitioning"] * len(requests)
+    assert f"has {env.partitions // 2} partitions" in letters[0]["error"]
+    assert run(consume(env.bootstrap, env.topics["recommendations"], timeout=3)) == []
+    assert worker.stop() == 0
