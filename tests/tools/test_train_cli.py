@@ -203,3 +203,19 @@ def test_evaluate_recommend_adds_the_ranking_block_and_refuses_unknown_methods(
     result = runner.invoke(_app(), [*args, "--recommend", "popularity,oracle"])
     assert result.exit_code == 2
     assert "oracle" in result.output
+
+
+def test_train_recommender_puts_the_recommender_in_the_artifact(tmp_path, data_dir) -> None:
+    from sketchstream.models.artifacts import load_model_artifact
+
+    out = tmp_path / "model"
+    args = ["train", "--data", str(data_dir), "--out", str(out), *SMALL, "--recommender"]
+    result = CliRunner().invoke(_app(), args)
+    assert result.exit_code == 0, result.output
+    (version,) = [p for p in out.iterdir() if (p / "manifest.json").is_file()]
+    bundle = load_model_artifact(version)
+    assert bundle.recommender is not None
+    assert len(bundle.recommender.catalogue) > 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert set(report["recommend"]["test"]) == {"sketchstream"}
+    assert 0.0 <= report["recommend"]["test"]["sketchstream"]["hr@10"] <= 1.0
