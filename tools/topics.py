@@ -57,11 +57,15 @@ class TopicReport:
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
-    """The system's topics under ``settings``: three data topics and the compacted model topic."""
+    """The system's topics under ``settings``: the data topics, the recommendation requests and
+    answers, and the compacted model topic."""
     return [
         TopicSpec(settings.topic_events, settings.partitions),
         TopicSpec(settings.topic_predictions, settings.partitions),
         TopicSpec(settings.topic_dlq, settings.partitions),
+        # requests keyed by user: the events' partition count, so each meets its user's state
+        TopicSpec(settings.topic_recommend, settings.partitions),
+        TopicSpec(settings.topic_recommendations, settings.partitions),
         # One partition: every worker reads all model versions, in publication order.
         TopicSpec(settings.topic_models, 1, {"cleanup.policy": "compact"}),
     ]

@@ -25,6 +25,8 @@ def topic_env(kafka_bootstrap, delete_after):
         "SKETCHSTREAM_TOPIC_PREDICTIONS": f"predictions-{tag}",
         "SKETCHSTREAM_TOPIC_DLQ": f"events-{tag}.dlq",
         "SKETCHSTREAM_TOPIC_MODELS": f"sketchstream-{tag}.models",
+        "SKETCHSTREAM_TOPIC_RECOMMEND": f"recommend-{tag}",
+        "SKETCHSTREAM_TOPIC_RECOMMENDATIONS": f"recommendations-{tag}",
     }
     delete_after(*(v for k, v in env.items() if k.startswith("SKETCHSTREAM_TOPIC_")))
     return env
@@ -44,7 +46,7 @@ def rows(output: str) -> dict[str, list[str]]:
     return {line.split()[0]: line.split()[1:] for line in lines[header + 1 :]}
 
 
-def test_create_makes_the_four_topics_and_is_idempotent(topic_env):
+def test_create_makes_the_six_topics_and_is_idempotent(topic_env):
     first = invoke(topic_env, "create")
     assert first.exit_code == 0, first.output
     again = invoke(topic_env, "create")
@@ -89,6 +91,7 @@ def test_partitions_flag_overrides_the_environment(topic_env):
 def test_partitions_come_from_the_environment_without_a_flag(topic_env):
     result = invoke({**topic_env, "SKETCHSTREAM_PARTITIONS": "3"}, "create")
     assert rows(result.output)[topic_env["SKETCHSTREAM_TOPIC_DLQ"]][0] == "3"
+    assert rows(result.output)[topic_env["SKETCHSTREAM_TOPIC_RECOMMEND"]][0] == "3"
 
 
 def test_replication_factor_flag_reaches_the_broker(topic_env):
