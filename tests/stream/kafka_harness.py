@@ -403,16 +403,18 @@ class WorkerProcess:
 
 def offline_reference(artifact_dir: Path, records: list[Any], batch: int = 10_000):
     """The offline replay engine over consumed event records: per partition in offset order,
-    ``Aggregator.score_then_fold`` then the same MLP predict. Returns ``(states, scores)``:
-    ``{user: StateBatch row bytes}`` and ``{(partition, offset): scores (n_heads,)}``."""
+    ``Aggregator.score_then_fold`` then the worker's ``Scorer`` (same inputs, same MLP).
+    Returns ``(states, scores)``: ``{user: StateBatch row bytes}`` and
+    ``{(partition, offset): scores (n_heads,)}``."""
     from sketchstream.models.aggregator import Aggregator
     from sketchstream.models.artifacts import ArtifactStore
     from sketchstream.models.batches import EventBatch
     from sketchstream.models.channels import aggregator_config_from_dict
-    from sketchstream.models.mlp import assemble
+    from sketchstream.models.scorer import Scorer
 
     bundle = ArtifactStore(artifact_dir).load()
     agg = Aggregator(aggregator_config_from_dict(bundle.aggregator_config), bundle.codebooks)
+    scorer = Scorer.from_bundle(bundle)
     action_of = {a: k for k, a in enumerate(agg.config.actions)}
     states: dict[str, bytes] = {}
     scores: dict[tuple[int, int], np.ndarray] = {}
@@ -437,9 +439,9 @@ def offline_reference(artifact_dir: Path, records: list[Any], batch: int = 10_00
                 offset=[rs[i].offset for i in chunk],
                 event_id=np.array([events[i].get("event_id") for i in chunk], dtype=object),
             )
-            feats = agg.score_then_fold(state, eb)
+            feats = agg.score_then_fold(state, eb, item_similarity=scorer.item_similarity)
             assert feats.valid.all()
-            pred = bundle.model.predict(assemble(feats))
+            pred = scorer.score(feats, eb.item, np.asarray(eb.ts, dtype=np.float64))
             for j, i in enumerate(chunk):
                 scores[(p, rs[i].offset)] = pred[j]
             for u, blob in zip(users, agg.dump(state), strict=True):
