@@ -24,6 +24,10 @@ including every file's sha256, so changing one byte anywhere is caught at load t
 
 :class:`ArtifactStore` keeps published versions under one root: ``publish``, ``versions``
 (newest first), ``latest``, ``prune`` (never the version being served).
+
+Just over 600 lines, on purpose: the format (manifest, checksums, version hash), its optional
+parts (item snapshot, recommender) and the store are one contract that train, refresh and the
+worker read; split, the checks would drift apart.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ Baselines:
     user x item), top-K neighbours per item; an event's score of item ``j`` is the sum of
     ``sim(i, j)`` over the user's last items ``i``, weighted ``gamma ** age`` (age 0: the
     latest); ``gamma`` picked on validation.
+
+Just over 600 lines, on purpose: the metrics, each event's earlier items, the baselines and the
+comparison share one rule (a rank sees only earlier events) and are checked together.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ one-line message and the source ``topic[partition]@offset``::
 Recommendation requests (:func:`decode_requests`) are small JSON objects keyed by their user,
 ``{"user", "request_id", "k", "exclude_seen", "categories", "ts"}`` (the last four optional);
 each valid one gets one answer (:func:`recommendation_record`), each refused one a dead letter.
+
+Just over 600 lines, on purpose: every byte from outside (events and recommendation requests)
+is decoded and judged here, so the limits and the dead-letter reasons live in one place.
 """
 
 from __future__ import annotations
