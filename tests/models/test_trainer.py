@@ -120,8 +120,9 @@ def test_metadata_hyperedges_type_tokens_and_skip_items_without_metadata():
     assert edges == [("x", ["w:matrix", "c:sci-fi", "y:1999", "d:1990s"])]
 
 
-def test_train_mlp_learns_a_separable_signal_and_is_reproducible():
-    rng = np.random.default_rng(0)
+def _separable(rng: np.random.Generator) -> tuple:
+    """2,000 training and 500 validation rows whose label is the sign of the first dense
+    column, with noise: ``((inputs, y), (inputs, y))``."""
     from sketchstream.models.mlp import MLPInputs
 
     def data(n):
@@ -130,7 +131,11 @@ def test_train_mlp_learns_a_separable_signal_and_is_reproducible():
         y = (dense[:, :1] + 0.3 * rng.normal(size=(n, 1)) > 0).astype(np.float32)
         return MLPInputs(dense, codes), y
 
-    (tr, y_tr), (va, y_va) = data(2000), data(500)
+    return data(2000), data(500)
+
+
+def test_train_mlp_learns_a_separable_signal_and_is_reproducible():
+    (tr, y_tr), (va, y_va) = _separable(np.random.default_rng(0))
     cfg = MLPConfig(n_dense=3, modalities=1, depth=2, width=8, hidden=16, blocks=1)
     runs = [
         train_mlp(
@@ -146,16 +151,7 @@ def test_train_mlp_learns_a_separable_signal_and_is_reproducible():
 
 
 def test_train_mlp_with_a_weight_average_and_an_ensemble_learns_and_is_reproducible():
-    rng = np.random.default_rng(1)
-    from sketchstream.models.mlp import MLPInputs
-
-    def data(n):
-        dense = rng.normal(size=(n, 3)).astype(np.float32)
-        codes = rng.integers(-1, 8, (n, 1, 2)).astype(np.int16)
-        y = (dense[:, :1] + 0.3 * rng.normal(size=(n, 1)) > 0).astype(np.float32)
-        return MLPInputs(dense, codes), y
-
-    (tr, y_tr), (va, y_va) = data(2000), data(500)
+    (tr, y_tr), (va, y_va) = _separable(np.random.default_rng(1))
     cfg = MLPConfig(n_dense=3, modalities=1, depth=2, width=8, hidden=16, blocks=1)
     cfg = MLPConfig.from_dict({**cfg.to_dict(), "members": 2, "quantiles": 16})
     kw = dict(epochs=3, batch_size=128, lr=1e-2, progress=False, seed=3, ema_epochs=0.25)
