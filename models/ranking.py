@@ -57,6 +57,7 @@ __all__ = [
     "protocol_rows",
     "rank_metrics",
     "recommend_report",
+    "train_recommender",
 ]
 
 log = logging.getLogger(__name__)
@@ -609,3 +610,28 @@ def recommend_report(
         "val_events": len(va),
     }
     return RecommendResult(report, model, catalogue, spec, chosen, histories, timings, counts)
+
+
+def train_recommender(
+    events: Any, items: Sequence[Any] | None, result: Any, *, seed: int = 0, progress: bool = False
+) -> tuple[Any, dict]:
+    """The EMDE recommender for an artifact, trained on the codebooks and aggregator of a
+    trainer result (``ProtocolResult``) over the same events, seeded like its MLP: returns the
+    artifact's ``RecommenderParts`` and the ``recommend`` block of its own figures. Used by
+    ``sketchstream train --recommender`` and by the refresh job when the served model has one."""
+    from sketchstream.models.artifacts import RecommenderParts
+    from sketchstream.models.channels import aggregator_config_from_dict
+    from sketchstream.models.recommend import RecommendConfig
+
+    aggregator = aggregator_config_from_dict(result.aggregator_config)
+    config = RecommendConfig(seed=seed)
+    ranked = recommend_report(
+        events,
+        result.codebooks,
+        aggregator,
+        items or None,
+        config=config,
+        methods=("sketchstream",),
+        progress=progress,
+    )
+    return RecommenderParts.from_result(ranked, config, aggregator), ranked.report

@@ -280,9 +280,19 @@ class RefreshJob:
             "refresh: gate %s (%s)", "passed" if verdict.publish else "refused", verdict.reason
         )
 
-        # publish
+        # publish (with a recommender when the served model has one, so requests stay answered)
         t0 = time.perf_counter()
-        version = self._save(candidate, config, heads, serving, verdict, summary.window)
+        recommender = None
+        if (verdict.publish or opts.force) and getattr(bundle, "recommender", None) is not None:
+            from sketchstream.models.ranking import train_recommender
+
+            recommender, _ = train_recommender(
+                events, items, candidate.result, seed=config.seed, progress=opts.progress
+            )
+            timings["recommender"] = time.perf_counter() - t0
+        version = self._save(
+            candidate, config, heads, serving, verdict, summary.window, recommender
+        )
         summary.version = version
         if verdict.publish or opts.force:
             path = store.path(version).resolve()
@@ -406,6 +416,7 @@ class RefreshJob:
         serving: ServingInfo | None,
         verdict: Any,
         window: Mapping[str, Any],
+        recommender: Any = None,
     ) -> str:
         """Write the candidate under the store's staging folder; into the store itself only
         when it is to be published. Returns its version."""
@@ -426,7 +437,11 @@ class RefreshJob:
             },
         }
         version = save_trained_artifact(
-            staging, result, item_snapshot=candidate.item_snapshot, extra=extra
+            staging,
+            result,
+            item_snapshot=candidate.item_snapshot,
+            extra=extra,
+            recommender=recommender,
         )
         try:
             if verdict.publish or self.options.force:

@@ -132,6 +132,7 @@ def train_model(
 
     from sketchstream.models.artifacts import save_trained_artifact
     from sketchstream.models.events import stream_md5
+    from sketchstream.models.ranking import train_recommender
     from sketchstream.models.trainer import head_defs, run_protocol
     from sketchstream.tools.evaluate import read_data, report_for
 
@@ -151,7 +152,9 @@ def train_model(
     parts, more = None, {}
     if recommender:
         t0 = time.perf_counter()
-        parts, more["recommend"] = _train_recommender(events, items, result, config, progress)
+        parts, more["recommend"] = train_recommender(
+            events, items, result, seed=config.seed, progress=progress
+        )
         timings["recommender"] = time.perf_counter() - t0
     version = save_trained_artifact(out, result, extra=extra, recommender=parts)
     report = report_for(
@@ -172,27 +175,3 @@ def train_model(
         extra=more,
     )
     return version, report
-
-
-def _train_recommender(
-    events: Any, items: Any, result: Any, config: Any, progress: bool
-) -> tuple[Any, dict]:
-    """The EMDE recommender on ``result``'s codebooks and aggregator, seeded like the MLP:
-    its artifact parts and the report's ``recommend`` block (its own figures only)."""
-    from sketchstream.models.artifacts import RecommenderParts
-    from sketchstream.models.channels import aggregator_config_from_dict
-    from sketchstream.models.ranking import recommend_report
-    from sketchstream.models.recommend import RecommendConfig
-
-    aggregator = aggregator_config_from_dict(result.aggregator_config)
-    rec_config = RecommendConfig(seed=config.seed)
-    ranked = recommend_report(
-        events,
-        result.codebooks,
-        aggregator,
-        items or None,
-        config=rec_config,
-        methods=("sketchstream",),
-        progress=progress,
-    )
-    return RecommenderParts.from_result(ranked, rec_config, aggregator), ranked.report

@@ -326,3 +326,37 @@ def test_a_refresh_keeps_the_heads_of_the_model_it_serves(tmp_path, monkeypatch)
     code, _, result = cli(*base, "--head", "top:rate>>5")
     assert code == 2
     assert "rate>>5" in result.output
+
+
+def test_a_refresh_over_a_model_with_a_recommender_publishes_one_with_a_recommender(
+    tmp_path, monkeypatch
+):
+    from sketchstream.models.artifacts import load_model_artifact
+    from sketchstream.models.events import DEFAULT_HEADS
+    from sketchstream.models.trainer import TrainConfig
+    from sketchstream.tools.train import train_model
+
+    monkeypatch.setenv("SKETCHSTREAM_DATA_DIR", str(tmp_path / "nodata"))
+    store = tmp_path / "store"
+    write_events(tmp_path / "data", learnable_events(2500))
+    tiny = TrainConfig(epochs=3, hidden=64, blocks=1, depth=8, width=16, batch_size=128)
+    served, _ = train_model(
+        tmp_path / "data",
+        store,
+        tiny,
+        heads=DEFAULT_HEADS,
+        baselines=False,
+        progress=False,
+        recommender=True,
+    )
+    assert load_model_artifact(store / served).recommender is not None
+
+    code, run, result = cli(
+        "--data", str(tmp_path / "data"), "--artifact-dir", str(store), *TINY_FLAGS, "--force"
+    )
+    assert code == 0, result.output
+    assert run["status"] == "published" and run["version"] != served
+    assert "recommender" in run["timings"]
+    refreshed = load_model_artifact(ArtifactStore(store).path(run["version"]))
+    assert refreshed.recommender is not None
+    assert len(refreshed.recommender.catalogue) > 0
