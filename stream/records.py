@@ -24,6 +24,7 @@ is decoded and judged here, so the limits and the dead-letter reasons live in on
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -511,8 +512,14 @@ def recommendation_record(
     )
 
 
+# a refused value's repr in a message: bounded in depth and size, so a value nested a thousand
+# levels deep (orjson parses up to 1024) is shown, not a RecursionError
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 3, 4, 4, 50, 50
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

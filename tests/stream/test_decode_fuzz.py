@@ -2,7 +2,8 @@
 message with exactly one prediction or one dead letter (or, read again, nothing new), and never
 raises. Arbitrary bytes, arbitrary JSON (nested past any limit, huge numbers, long strings,
 unicode), every field of a valid event replaced by anything, and valid events with bytes flipped,
-cut or inserted, as values and as keys, through ``decode_events`` and ``BatchProcessor``."""
+cut or inserted, as values and as keys, through ``decode_events`` and ``BatchProcessor``;
+recommendation requests likewise, through ``decode_requests`` and ``BatchProcessor.answer``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka_harness import build_tiny_artifact
 from sketchstream.stream.models_feed import load_serving_model
-from sketchstream.stream.records import REJECT_REASONS, RawMessage, decode_events
+from sketchstream.stream.records import REJECT_REASONS, RawMessage, decode_events, decode_requests
 from sketchstream.stream.worker import BatchProcessor
 
 # derandomized and without a database: the same examples on every run, a few seconds in all
@@ -223,3 +224,93 @@ def test_every_message_gets_one_prediction_or_one_dead_letter_and_nothing_raises
     assert [orjson.loads(v)["reason"] for _, v in again.dlq] == [
         orjson.loads(v)["reason"] for _, v in result.dlq
     ]
+
+
+# --- recommendation requests: the other path that takes outside bytes ------------------------
+
+
+@pytest.fixture(scope="module")
+def recommending(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recommending")
+    return load_serving_model(root / build_tiny_artifact(root, recommender=True))
+
+
+@st.composite
+def valid_request(draw) -> dict:
+    request = {"user": draw(st.sampled_from(USERS)), "request_id": draw(st.text(max_size=12))}
+    if draw(st.booleans()):
+        request["k"] = draw(st.integers(-2, 1002))
+    if draw(st.booleans()):
+        request["exclude_seen"] = draw(st.booleans())
+    if draw(st.booleans()):
+        request["categories"] = draw(st.lists(st.sampled_from(["a", "b", "Comedy"]), max_size=3))
+    if draw(st.booleans()):
+        request["ts"] = draw(st.floats(min_value=1e9, max_value=2e9))
+    return request
+
+
+@st.composite
+def wrong_request_field(draw) -> bytes:
+    request = draw(valid_request())
+    name = draw(
+        st.sampled_from(["user", "request_id", "k", "exclude_seen", "categories", "ts", "extra"])
+    )
+    if draw(st.booleans()):
+        request[name] = draw(json_values)
+        return dumps(request)
+    request.pop(name, None)
+    return orjson.dumps(request)[:-1] + f',"{name}":'.encode() + draw(deep()) + b"}"
+
+
+request_payloads = st.sampled_from(
+    [
+        valid_request().map(orjson.dumps),
+        valid_request().map(orjson.dumps),
+        wrong_request_field(),
+        deep(),
+        json_values.map(dumps),
+        st.binary(max_size=64),
+        st.none(),
+    ]
+).flatmap(lambda kind: kind)
+
+
+@st.composite
+def request_batches(draw) -> list[RawMessage]:
+    messages = []
+    for offset in range(draw(st.integers(1, 12))):
+        value = draw(request_payloads)
+        key: bytes | None = draw(st.sampled_from([None, b"u1", b"\xff", "ü3".encode()]))
+        try:
+            if draw(st.booleans()):
+                key = orjson.loads(value)["user"].encode()
+        except Exception:  # not a request with a str user: keep the drawn key
+            pass
+        messages.append(RawMessage("recommend", draw(st.integers(0, 3)), offset, key, value, 1.5e9))
+    return messages
+
+
+@FUZZ
+@given(batch=request_batches())
+@pytest.mark.filterwarnings("ignore")
+def test_every_request_gets_one_answer_or_one_dead_letter_and_nothing_raises(recommending, batch):
+    def read(partitions, keys):  # no stored states: every user is a cold start
+        return [None] * len(keys)
+
+    with worker_stack():
+        requests, rejects = decode_requests(batch)
+    refused = [r.index for r in rejects]
+    assert sorted(refused + [q.source for q in requests]) == list(range(len(batch)))
+
+    with worker_stack():
+        result = BatchProcessor(recommending, read).answer(batch)
+    answered = [
+        (a["request"]["partition"], a["request"]["offset"])
+        for a in (orjson.loads(v) for _, v in result.answers)
+    ]
+    dead = [
+        (d["source"]["partition"], d["source"]["offset"])
+        for d in (orjson.loads(v) for _, v in result.dlq)
+    ]
+    assert sorted(answered + dead) == sorted((m.partition, m.offset) for m in batch)
+    assert {orjson.loads(v)["reason"] for _, v in result.dlq} <= set(REJECT_REASONS)
