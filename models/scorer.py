@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+import scipy.sparse as sp
 from sketchstream.models.errors import ModelError
 from sketchstream.models.mlp import EngagementMLP, MLPInputs, assemble
 from sketchstream.models.snapshot import ItemSnapshot
@@ -33,8 +34,6 @@ __all__ = ["Recommendation", "Recommender", "Scorer"]
 
 # A probe event's offset: above any real one, so the probe is never taken for a redelivery.
 _PROBE_OFFSET = 1 << 62
-# Scores decoded at once, (requests, n_items) cells: see Recommender.recommend.
-_CHUNK_CELLS = 1 << 18
 
 
 class Scorer:
@@ -162,17 +161,20 @@ class Recommender:
         state.hist_len, state.hist_item = hist_len, hist_item  # the history before the probe
         return user_inputs(features, self.spec, last), state
 
-    def seen(self, state: Any) -> np.ndarray:
-        """``(n, n_items)`` bool: the catalogue items in each state's bounded history."""
+    def seen(self, state: Any, wanted: Sequence[bool]) -> sp.csr_matrix:
+        """``(n, n_items)`` sparse bool: the catalogue items in the bounded history of each
+        state whose ``wanted (n,)`` is set (rows of the others are empty). Sparse: a history
+        holds a few dozen items, a catalogue up to millions."""
         n, k = state.hist_item.shape
-        out = np.zeros((n, len(self.catalogue)), bool)
-        used = np.arange(k)[None, :] < state.hist_len[:, None]
+        used = (np.arange(k)[None, :] < state.hist_len[:, None]) & np.asarray(wanted)[:, None]
         user, slot = np.nonzero(used)
         h = state.hist_item[user, slot]
         at = np.minimum(np.searchsorted(self._hashes, h), len(self._hashes) - 1)
         known = self._hashes[at] == h
-        out[user[known], self._hash_order[at[known]]] = True
-        return out
+        return sp.csr_matrix(
+            (np.ones(int(known.sum()), bool), (user[known], self._hash_order[at[known]])),
+            shape=(n, len(self.catalogue)),
+        )
 
     def recommend(
         self,
@@ -185,33 +187,24 @@ class Recommender:
     ) -> list[Recommendation]:
         """One :class:`Recommendation` per stored state in ``blobs``, read at ``ts``: its
         ``k`` best catalogue items, less the items of its history when ``exclude_seen``, only
-        items of ``categories`` when given (None: any). One model call for them all."""
+        items of ``categories`` when given (None: any). One model call for them all, one
+        catalogue ``top_k`` call per distinct ``(k, categories)``."""
         x, state = self.inputs(blobs, np.asarray(ts, np.float64))
         log_probs = self.model.log_probs(x)
-        seen = self.seen(state) if any(exclude_seen) else None
+        seen = self.seen(state, exclude_seen) if any(exclude_seen) else None
         cats = categories if categories is not None else [None] * len(blobs)
-        # one top_k call per distinct (k, categories) and chunk of rows: the catalogue is
-        # decoded for all the chunk's rows in one sparse product (4x cheaper a row than one
-        # product per request), and a chunk's (rows, n_items) scores stay about _CHUNK_CELLS
-        # (bigger ones fall out of the cache: slower a row than one request at a time)
         groups: dict[tuple[int, tuple[str, ...] | None], list[int]] = {}
         for i in range(len(blobs)):
             key = (int(k[i]), None if cats[i] is None else tuple(cats[i]))
             groups.setdefault(key, []).append(i)
-        chunk = max(1, _CHUNK_CELLS // max(len(self.catalogue), 1))
-        parts = [
-            (key, rows[a : a + chunk])
-            for key, rows in groups.items()
-            for a in range(0, len(rows), chunk)
-        ]
         out: list[Recommendation | None] = [None] * len(blobs)
-        for (kk, cat), rows in parts:
-            exclude = None
-            if seen is not None and any(exclude_seen[i] for i in rows):
-                exclude = seen[rows] & np.asarray([exclude_seen[i] for i in rows])[:, None]
+        for (kk, cat), rows in groups.items():
             wanted = self.catalogue.candidates(cat) if cat is not None else None
             ids, scores = self.catalogue.top_k(
-                log_probs[rows], kk, exclude=exclude, candidates=wanted
+                log_probs[rows],
+                kk,
+                exclude=None if seen is None else seen[rows],
+                candidates=wanted,
             )
             for j, i in enumerate(rows):
                 n = len(ids[j])  # rows are padded with -inf to the longest

@@ -113,6 +113,53 @@ def test_top_k_leaves_out_excluded_items_and_keeps_candidates(catalogue: Catalog
     assert sorted(got) == sorted(i for i in catalogue.ids if int(i[1:]) % 2 == 0)
 
 
+def _stable_top_k(
+    scores: np.ndarray, k: int, exclude: np.ndarray, candidates: np.ndarray
+) -> list[tuple[list[int], np.ndarray]]:
+    """The straightforward top-k: per row, a stable sort of every score, allowed items only."""
+    out = []
+    for b in range(len(scores)):
+        s = np.where(exclude[b] | ~candidates, -np.inf, scores[b])
+        rows = np.argsort(-s, kind="stable")
+        rows = rows[np.isfinite(s[rows])][:k]
+        out.append((rows.tolist(), s[rows]))
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 10, 300])
+def test_fast_top_k_equals_a_stable_sort_of_every_score_ties_and_exclusions_included(
+    k: int,
+) -> None:
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(k)
+    n, n_levels, width = 5000, 3, 4  # 64 distinct bucket rows for 5,000 items: ties galore
+    levels = rng.integers(0, width, (n, n_levels)) + np.arange(n_levels) * width
+    cat = Catalogue([f"i{r}" for r in range(n)], levels, width)
+    lp = rng.normal(size=(37, n_levels * width)).astype(np.float32)  # 37 rows: 3 decode chunks
+    exclude = rng.random((37, n)) < 0.02
+    exclude[5] = rng.random(n) < 0.999  # fewer than k items left for some k
+    exclude[6] = True  # nothing left
+    candidates = rng.random(n) < 0.9
+    want = _stable_top_k(cat.scores(lp), k, exclude, candidates)
+    for given in (exclude, sp.csr_matrix(exclude)):
+        ids, scores = cat.top_k(lp, k, exclude=given, candidates=candidates)
+        assert scores.dtype == np.float32
+        for b, (rows, best) in enumerate(want):
+            assert ids[b] == [cat.ids[r] for r in rows]
+            assert np.array_equal(scores[b, : len(rows)], best)
+            assert np.all(scores[b, len(rows) :] == -np.inf)
+    assert ids[6] == [] and 0 < len(ids[5]) < 300  # k = 300: rows with fewer items left
+
+
+def test_decoding_is_the_float32_sum_of_the_levels_in_level_order(catalogue: Catalogue) -> None:
+    lp = np.random.default_rng(4).normal(size=(20, 64)).astype(np.float32)
+    want = lp[:, catalogue.levels[:, 0]]
+    for level in range(1, catalogue.levels.shape[1]):
+        want = want + lp[:, catalogue.levels[:, level]]
+    assert np.array_equal(catalogue.scores(lp), want)
+
+
 def test_candidate_filter_without_categories_is_a_clear_error() -> None:
     cat = Catalogue.from_codebooks(_codebooks(), ["interactions"])
     with pytest.raises(ModelError, match="no item categories"):
