@@ -239,9 +239,10 @@ def create_app(settings: Settings) -> faust.App:
         options={"driver": "rocksdict"},
         help="User states (aggregator bytes), keyed by user.",
     )
-    states = UserStates(users)
     health = Health(app, settings)
-    metrics = WorkerMetrics(lag_source=health.lag)
+    stages = app.stages  # timed by the fetch loop, the batch handlers and the table writes
+    metrics = WorkerMetrics(lag_source=health.lag, stages=stages)
+    states = UserStates(users, stages)
     feed = ModelFeed(settings, metrics=metrics)
     app.add_dependency(feed)  # started before the app's consumer: the first model loads first
 
@@ -293,17 +294,22 @@ def create_app(settings: Settings) -> faust.App:
             batch.swap(new)
             _settle_heap()
         result = batch.process(messages)
+        t = time.perf_counter_ns()
         sends = await publish(app.producer, predictions_topic, result.predictions)
         sends += await publish(app.producer, dlq_topic, result.dlq)
+        t = stages.lap("send", t)
         if sends:
             await asyncio.gather(*sends)
         published = time.time()
+        t = stages.lap("send_wait", t)
         # only now: a state never gets ahead of the predictions made on the way to it
         states.write(result.table_writes)
+        t = time.perf_counter_ns()
         health.processed(messages)
         metrics.predictions_out.inc(len(result.predictions))
         metrics.observe_latencies([published - ts for ts in result.kafka_ts if ts])
         metrics.batch_seconds.observe(time.perf_counter() - started)
+        stages.lap("metrics", t)
 
     checked: list[str] = []  # the partitioning check's verdict, once: "" when right
 

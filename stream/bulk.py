@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -61,6 +62,7 @@ from sketchstream.stream.faust_compat import (
     FetchLoopConsumer,
     stop_worker_as_a_signal,
 )
+from sketchstream.stream.metrics import StageTimes
 
 __all__ = ["BulkApp", "BulkConsumer", "BulkHandler"]
 
@@ -92,19 +94,28 @@ class BulkConsumer(FetchLoopConsumer):
         return app.bulk_routes, app.bulk_handlers, app.bulk_sizes
 
     async def fetch_loop(self, fetcher: Any) -> None:
-        """The fetch loop (run by faust's ``Fetcher`` service until it or the consumer stops)."""
+        """The fetch loop (run by faust's ``Fetcher`` service until it or the consumer stops).
+
+        A round that delivers records counts as busy time in the app's ``stages``, its fetch
+        (the wait for records included) as ``fetch``; rounds that fetched nothing count nowhere.
+        """
+        stages = self.app.stages
         try:
             while not (self.should_stop or fetcher.should_stop):
+                started = time.perf_counter_ns()
                 records, active = await self.next_records(1.0)
                 await asyncio.sleep(0)  # a fetch can return at once, again and again
                 if not records or self.should_stop:
                     continue
+                stages.lap("fetch", started)
                 try:
                     await self._deliver(records, active)
                 except _Abandoned:
                     await self._seek_back()
                 except _Failed:
                     return  # not raised on: that would crash the fetcher, and every service
+                finally:
+                    stages.busy_ns += time.perf_counter_ns() - started
         except self.consumer_stopped_errors:
             if self.app.should_stop:
                 log.info("consumer stopped by the broker while shutting down")
@@ -117,6 +128,7 @@ class BulkConsumer(FetchLoopConsumer):
 
     async def _deliver(self, records: Mapping[Any, Sequence[Any]], active: Any) -> None:
         """One fetch: the other topics' records one by one, then the bulk topics' in batches."""
+        t = time.perf_counter_ns()
         routes, handlers, sizes = self._bulk
         generation = self.app.consumer_generation_id
         buffered = self.buffered_partitions
@@ -138,6 +150,7 @@ class BulkConsumer(FetchLoopConsumer):
                 await self._deliver_each(tp, fresh, generation)
         if paused:
             await self._put_back(paused)
+        self.app.stages.lap("deliver", t)
         for messages, handler, size in zip(bulk, handlers, sizes, strict=True):
             for start in range(0, len(messages), size):
                 await self._deliver_batch(handler, messages[start : start + size], generation)
@@ -190,10 +203,13 @@ class BulkConsumer(FetchLoopConsumer):
     ) -> None:
         """Track, hand over, acknowledge; then the read offsets move on."""
         assert handler is not None
+        stages = self.app.stages
+        t = time.perf_counter_ns()
         self._check_flow(generation)
         track, ack = self.track_message, self.ack
         for m in messages:
             track(m)
+        stages.lap("deliver", t)
         try:
             await handler(messages)
         except Exception as exc:
@@ -207,15 +223,18 @@ class BulkConsumer(FetchLoopConsumer):
             await self._seek_back()
             await self.app.fail(exc)
             raise _Failed() from exc
+        t = time.perf_counter_ns()
         last: dict[Any, int] = {}
         for m in messages:
             ack(m)
             last[m.tp] = m.offset
         self.read_offsets.update(last)
         self._bulk_acked += len(messages)
+        t = stages.lap("deliver", t)
         if self._bulk_acked >= self.app.conf.broker_commit_every:
             self._bulk_acked = 0
             await self.commit()
+            stages.lap("commit", t)
 
     async def _seek_back(self) -> None:
         """Back to the committed offsets, so what was fetched and abandoned is read again."""
@@ -235,6 +254,12 @@ class BulkApp(FetchLoopApp):
     bulk_handlers: tuple[BulkHandler, ...] = ()
     bulk_sizes: tuple[int, ...] = ()
     consumer_class = BulkConsumer
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: where the worker's time goes, batch stage by batch stage (the fetch loop's own
+        #: stages here, the handlers' from them): ``/metrics`` shows it
+        self.stages = StageTimes()
 
     @property
     def bulk_topics(self) -> frozenset[str]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
-from sketchstream.stream.metrics import WorkerMetrics
+from sketchstream.stream.metrics import StageTimes, WorkerMetrics
 from sketchstream.stream.records import (
     DecodedEvents,
     EventLimits,
@@ -102,10 +102,21 @@ class ServingModel:
         """The artifact's frozen item-item similarity (None: a model without CF features)."""
         return getattr(self.scorer, "item_similarity", None)
 
-    def predict(self, features: Features, events: DecodedEvents, rows: np.ndarray) -> np.ndarray:
+    def predict(
+        self, features: Features, events: DecodedEvents, rows: np.ndarray, stages: StageTimes
+    ) -> np.ndarray:
         """Scores ``(k, n_heads)`` float32 for ``rows (k,)`` of ``events``, from their
-        ``features`` (the aggregator's ``Features`` restricted to those rows)."""
-        return self.scorer.score(features, events.item[rows], events.ts[rows])
+        ``features`` (the aggregator's ``Features`` restricted to those rows).
+
+        ``Scorer.score``'s two steps, called one by one so that ``stages`` times the item
+        features and the MLP apart."""
+        scorer = self.scorer
+        t = time.perf_counter_ns()
+        inputs = scorer.inputs(features, events.item[rows], events.ts[rows])
+        t = stages.lap("item_features", t)
+        scores = scorer.mlp.predict(inputs)
+        stages.lap("mlp", t)
+        return scores
 
 
 def serving_model(bundle: Any) -> ServingModel:
@@ -156,6 +167,8 @@ class BatchProcessor:
 
     ``read_states`` fetches stored states (see :data:`StateReader`); ``topic`` names the events
     topic in prediction records. Not thread-safe: one batch handler, one processor.
+    ``stages`` times each step of a batch: the ``metrics``' (a :class:`StageTimes` of its own
+    without them).
     """
 
     model: ServingModel
@@ -167,6 +180,10 @@ class BatchProcessor:
     on_error: OnError = "dead_letter"
     request_topic: str = "recommend"
     request_limits: RequestLimits = field(default_factory=RequestLimits)
+    stages: StageTimes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stages = self.metrics.stages if self.metrics is not None else StageTimes()
 
     def swap(self, model: ServingModel) -> None:
         """Serve ``model`` from the next batch on."""
@@ -196,6 +213,8 @@ class BatchProcessor:
         every exception with ``"fail"``; the worker then stops without committing.
         """
         received = self.clock()
+        stages = self.stages
+        t = time.perf_counter_ns()
         model = self.model
         try:
             events, rejects = decode_events(messages, model.actions, self.limits)
@@ -204,17 +223,21 @@ class BatchProcessor:
                 raise
             events, rejects = self._decode_one_by_one(messages, model)
         dead = [(r.index, r.reason, r.message) for r in rejects]
+        stages.lap("decode", t)
         out = self._score(model, messages, events, received, dead) if len(events) else None
+        t = time.perf_counter_ns()
         metrics = self.metrics
         if metrics is not None:
             metrics.events_in.inc(len(messages))
             metrics.batch_size.observe(len(messages))
             for _, reason, _ in dead:
                 metrics.dlq.labels(reason=reason).inc()
+        t = stages.lap("metrics", t)
         dlq = [
             (messages[i].key, dlq_record(messages[i], reason, text, now=received))
             for i, reason, text in dead
         ]
+        stages.lap("predictions_encode", t)
         if out is None:
             return BatchResult([], dlq, [], [])
         predictions, kafka_ts, writes = out
@@ -353,6 +376,7 @@ class BatchProcessor:
         """Read the batch's states, score and fold ``events``; ``(predictions, kafka_ts,
         table writes)``. Events isolated by the processing-error policy are appended to
         ``dead`` as ``(message index, reason, message)``."""
+        t = time.perf_counter_ns()
         users, user_index = _index_users(events.user)
         keys = [u.encode() for u in users]
         _, first = np.unique(user_index, return_index=True)  # each user's first event
@@ -360,6 +384,7 @@ class BatchProcessor:
         stored = self.read_states(partitions, keys)
         agg = model.aggregator
         state = agg.load(stored)  # unreadable bytes raise: a fault, never dead-lettered
+        self.stages.lap("state_read", t)
         metrics = self.metrics
         if metrics is not None and getattr(state, "rebuilt", 0):
             metrics.states_rebuilt.inc(state.rebuilt)
@@ -397,6 +422,9 @@ class BatchProcessor:
         folded) nor a duplicate (an ``event_id`` in its user's window) gets a prediction."""
         from sketchstream.models.batches import EventBatch
 
+        stages = self.stages
+        t = time.perf_counter_ns()
+
         def take(a: np.ndarray) -> np.ndarray:
             return a if rows is None else a[rows]
 
@@ -416,8 +444,11 @@ class BatchProcessor:
         selected = valid if rows is None else rows[valid]  # (v,) into events
         # usually every event gets a prediction: then no copy
         scored = features if len(valid) == len(features.valid) else features.take(valid)
-        scores = model.predict(scored, events, selected) if len(valid) else None
+        stages.lap("fold", t)
+        scores = model.predict(scored, events, selected, stages) if len(valid) else None
+        t = time.perf_counter_ns()
         blobs = agg.dump(state)
+        t = stages.lap("state_encode", t)
         kafka_ts = [messages[i].timestamp for i in events.source[selected].tolist()]
         predictions = (
             prediction_records(
@@ -436,6 +467,7 @@ class BatchProcessor:
             if scores is not None
             else []
         )
+        stages.lap("predictions_encode", t)
         duplicates = int(state.duplicates)
         return predictions, kafka_ts, blobs, len(batch.item) - len(valid) - duplicates, duplicates
 

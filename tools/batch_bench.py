@@ -1,6 +1,7 @@
 """``sketchstream bench batch``: the worker's per-batch processing alone, without Kafka or
 faust (:class:`~sketchstream.stream.worker.BatchProcessor`, states in a dict), in a fresh
-process: events/s and µs per event by batch size, in file order and for late events.
+process: events/s and µs per event by batch size, in file order and for late events; with
+``spec["profile"]``, each row's split by stage (:mod:`~sketchstream.tools.bench_profile`).
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ def batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """In a fresh process: the worker's per-batch path (:class:`BatchProcessor`: decode,
     validate, read states, score-then-fold, MLP, encode) on ``spec["path"]``'s events, states
     in a dict; events/s per batch size after a warm-up that gives users states, then (with
-    ``spec["late"]``) per batch size for the file's first events sent again as late ones."""
+    ``spec["late"]``) per batch size for the file's first events sent again as late ones.
+    With ``spec["profile"]`` each row has ``"profile"``: its :func:`profile_rows`."""
     import orjson
     import torch
     from sketchstream.stream.metrics import WorkerMetrics
     from sketchstream.stream.models_feed import load_serving_model
     from sketchstream.stream.records import RawMessage
     from sketchstream.stream.worker import BatchProcessor
+    from sketchstream.tools.bench_profile import profile_rows, snapshot
     from sketchstream.tools.model_choice import resolve_model
 
     torch.set_num_threads(spec["torch_threads"])
@@ -98,7 +101,9 @@ def batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
     timed = [(size, "in order") for size in spec["sizes"]]
     timed += [(size, "late") for size in spec["sizes"] if late]
     for size, order in timed:
+        before = snapshot(processor.stages, 0, 0.0)
         done, secs = run(size, spec["events"]) if order == "in order" else run_late(size)
+        after = snapshot(processor.stages, done, secs)
         rows.append(
             {
                 "batch_size": size,
@@ -111,6 +116,8 @@ def batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 "load_avg": round(os.getloadavg()[0], 2),
             }
         )
+        if spec.get("profile"):
+            rows[-1]["profile"] = profile_rows(before, after, f"{size} {order}")
     return {"rows": rows, "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 

@@ -15,7 +15,9 @@ of outputs over the span of their Kafka timestamps. Then events are produced at 
 for ``latency_seconds`` and each output's latency is its Kafka record time minus its event's
 Kafka record time (both set by the producers when the record is created). RSS is the peak
 resident set of the system's process (``VmHWM``); bytes per user come from the worker's
-changelog (the latest state of every user).
+changelog (the latest state of every user). With ``profile``, the worker's row also gets where
+its time went in each phase, stage by stage (:mod:`~sketchstream.tools.bench_profile`, read
+off its ``/metrics``).
 
 The events come from :mod:`~sketchstream.tools.bench_events`, the model the worker serves from
 :mod:`~sketchstream.tools.bench_model`, topics and offsets from
@@ -105,11 +107,14 @@ def run_bench(
     blocks: int,
     timeout: float,
     say: Callable[[str], None],
+    profile: bool = False,
 ) -> list[dict[str, Any]]:
     """``bench stream``: each of ``systems`` (some of :data:`SYSTEMS`) on the broker of
     ``settings``, one after the other, on the events of ``data`` (default ``<data dir>/ml-1m``;
     synthetic when it has no events.jsonl). Returns one row per system (:meth:`BenchRun.row`,
-    plus ``ratio_vs_raw`` beside a raw run and ``model`` for the worker).
+    plus ``ratio_vs_raw`` beside a raw run and ``model`` for the worker; with ``profile``, the
+    worker's ``profile``: :func:`~sketchstream.tools.bench_profile.profile_rows` of the drain
+    and of the latency run).
 
     :class:`StreamBenchError` when no broker answers, the events file is empty or ``model``
     holds no artifact,
@@ -195,6 +200,7 @@ def run_bench(
                 latency_rate=latency_rate,
                 timeout=timeout,
                 say=say,
+                profile=profile,
             )
         except BadEventLine as exc:  # met in the events read for a latency run
             raise BadEventLine(f"{origin}: {exc}") from None
@@ -371,8 +377,11 @@ def _faust_passthrough(spec: dict[str, Any]) -> None:
 class _Process:
     """A system under test in its own process: started, watched (RSS), stopped."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, argv: list[str], env: dict[str, str], log_path: Path, metrics_url: str | None = None
+    ) -> None:
         self.log_path = log_path
+        self.metrics_url = metrics_url  # the worker's /metrics
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.peak_rss_mb = 0.0
@@ -425,30 +434,31 @@ def _start(
     state_dir = root / f"state-{system}"
     log_path = root / f"{system}.log"
     if system == "worker":
+        port = free_port()
         env.update(
             {
                 **topics.worker_env(bootstrap),
                 "SKETCHSTREAM_STATE_DIR": str(state_dir),
                 "SKETCHSTREAM_ARTIFACT_DIR": str(artifact_dir),
-                "SKETCHSTREAM_WEB_PORT": str(free_port()),
+                "SKETCHSTREAM_WEB_PORT": str(port),
             }
         )
         argv = worker_argv(
             "--batch-size", str(batch_size), "--standby-replicas", "0", "--loglevel", "warning"
         )
-    else:
-        spec = {
-            "system": system,
-            "bootstrap": bootstrap,
-            "events": topics.events,
-            "outputs": topics.outputs,
-            "partitions": topics.partitions,
-            "app_id": topics.app_id,
-            "batch_size": batch_size,
-            "batch_within": batch_within,
-            "state_dir": str(state_dir),
-        }
-        argv = [sys.executable, "-c", _PASSTHROUGH, json.dumps(spec)]
+        return _Process(argv, env, log_path, f"http://127.0.0.1:{port}/metrics")
+    spec = {
+        "system": system,
+        "bootstrap": bootstrap,
+        "events": topics.events,
+        "outputs": topics.outputs,
+        "partitions": topics.partitions,
+        "app_id": topics.app_id,
+        "batch_size": batch_size,
+        "batch_within": batch_within,
+        "state_dir": str(state_dir),
+    }
+    argv = [sys.executable, "-c", _PASSTHROUGH, json.dumps(spec)]
     return _Process(argv, env, log_path)
 
 
@@ -556,10 +566,13 @@ async def run_one(
     timeout: float,
     say: Callable[[str], None],
     latency_rate: float | None = None,
+    profile: bool = False,
 ) -> BenchRun:
     """One system: drain ``lines`` at full speed, then ``more(n)`` events at half that rate
-    (or at ``latency_rate`` events/s when given)."""
+    (or at ``latency_rate`` events/s when given); ``profile``: the worker's stage profile of
+    each phase in ``extra["profile"]``."""
     import numpy as np
+    from sketchstream.tools.bench_profile import profile_rows, scrape_idle
 
     topics = BenchTopics(partitions)
     await create_bench_topics(client_kwargs, topics)
@@ -586,6 +599,11 @@ async def run_one(
             rate = (len(outs) - 1) / span if span > 0 else float("nan")
             say(f"  {system}: {len(outs):,} outputs in {span:.2f}s: {rate:,.0f} events/s")
             run = BenchRun(system, n, rate)
+            url = proc.metrics_url if profile else None
+            drained = await scrape_idle(url) if url else None
+            if drained is not None:
+                zero = dict.fromkeys(drained, 0.0)  # a fresh worker: counters from zero
+                run.extra["profile"] = profile_rows(zero, drained, "drain")
 
             paced = latency_rate or rate / 2.0
             m = max(1, int(paced * latency_seconds)) if np.isfinite(paced) else 0
@@ -609,6 +627,8 @@ async def run_one(
                     f"  {system}: {len(lat):,} events at {paced:,.0f}/s: "
                     f"p50 {run.p50_ms:.1f} ms, p99 {run.p99_ms:.1f} ms"
                 )
+                if drained is not None and url is not None:
+                    run.extra["profile"] += profile_rows(drained, await scrape_idle(url), "paced")
             proc.sample()
             run.rss_mb = proc.peak_rss_mb
             if system == "worker":

@@ -94,6 +94,15 @@ def test_bad_events_become_dead_letters_and_the_rest_is_scored(model):
     assert key == b"u1" and orjson.loads(letter)["reason"] == "bad_json"
 
 
+def test_each_step_of_a_batch_is_timed_in_the_metrics_stages(model):
+    proc = processor(model, {})
+    proc.process(messages(synthetic_events(40, users=5)))
+    spent = proc.metrics.stages.ns
+    steps = ("decode", "state_read", "fold", "item_features", "mlp", "state_encode")
+    assert all(spent[s] > 0 for s in (*steps, "predictions_encode")), spent
+    assert spent["fetch"] == spent["send"] == 0  # the Kafka side's: the app times those
+
+
 def test_a_swapped_model_serves_from_the_next_batch(model, tmp_path):
     other = load_serving_model(tmp_path / build_tiny_artifact(tmp_path, seed=5))
     store = {}
@@ -127,15 +136,16 @@ class RaisingAggregator:
 
 
 class RaisingScorer:
-    """The model's scorer, except that scoring one of the chosen items raises."""
+    """The model's scorer, except that scoring one of the chosen items raises (in building
+    the MLP's inputs: the worker calls that, then the MLP)."""
 
     def __init__(self, inner, items):
         self.inner, self.items = inner, set(items)
 
-    def score(self, features, items, ts, **kwargs):
+    def inputs(self, features, items, ts, **kwargs):
         if self.items & set(items.tolist()):
             raise RuntimeError(f"no score for {sorted(self.items)}")
-        return self.inner.score(features, items, ts, **kwargs)
+        return self.inner.inputs(features, items, ts, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 from sketchstream.tools.cli import app
 from typer.testing import CliRunner
 
@@ -55,3 +56,30 @@ def test_a_missing_events_file_is_a_usage_error_not_a_traceback(tmp_path):
     assert result.exit_code == 2
     assert "does not exist" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_bench_batch_profile_splits_each_batch_size_by_stage_within_its_wall_time(tmp_path):
+    from sketchstream.stream.metrics import STAGES
+
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    build_tiny_artifact(root)
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"\n".join(orjson.dumps(e) for e in synthetic_events(400, users=20)))
+    out = tmp_path / "batch.jsonl"
+
+    result = CliRunner().invoke(
+        app,
+        ["bench", "batch", "--model", str(root), "--events-file", str(events), "--size", "50",
+         "--events", "200", "--warm", "100", "--profile", "--json", str(out)],
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    us = {p["stage"]: p["us_per_event"] for p in row["profile"]}
+    assert list(us) == [*STAGES, "rest", "busy (wall)"]
+    assert us["busy (wall)"] == pytest.approx(row["us_per_event"], rel=0.01)
+    for stage in ("decode", "state_read", "fold", "item_features", "mlp", "state_encode"):
+        assert us[stage] > 0, stage
+    assert sum(us[s] for s in STAGES) <= us["busy (wall)"]
+    assert "50 in order µs/event" in result.stdout

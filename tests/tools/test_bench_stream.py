@@ -55,6 +55,39 @@ def test_bench_stream_writes_one_json_line_per_system(kafka_bootstrap: str, tmp_
     assert "system" in result.output  # the table
 
 
+@pytest.mark.slow
+@pytest.mark.kafka
+def test_bench_stream_profile_splits_the_workers_wall_time_by_stage(
+    kafka_bootstrap: str, tmp_path: Path
+):
+    """The worker's own stage counters, read off its /metrics: every stage of a batch, in
+    both phases, none negative, together within the busy wall time they are parts of."""
+    from sketchstream.stream.metrics import STAGES
+
+    models = tmp_path / "models"
+    build_tiny_artifact(models)
+    out = tmp_path / "stream.jsonl"
+    result = CliRunner().invoke(
+        app,
+        [
+            *["bench", "stream", "--system", "worker", "--events", "2000"],
+            *["--latency-seconds", "1", "--data", str(tmp_path), "--model", str(models)],
+            *["--kafka", kafka_bootstrap, "--timeout", "60", "--profile", "--json", str(out)],
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    [worker] = [json.loads(line) for line in out.read_text().splitlines()]
+    for phase in ("drain", "paced"):
+        spent = {p["stage"]: p for p in worker["profile"] if p["phase"] == phase}
+        assert list(spent) == [*STAGES, "rest", "busy (wall)"]
+        for stage in ("fetch", "decode", "state_read", "fold", "mlp", "send_wait", "changelog"):
+            assert spent[stage]["us_per_event"] > 0, (phase, stage)
+        assert all(p["us_per_event"] >= 0 for p in spent.values()), phase
+        assert sum(spent[s]["pct_of_wall"] for s in STAGES) <= 100.0 + 0.1 * len(STAGES)
+        assert spent["busy (wall)"]["pct_of_wall"] == 100.0
+    assert "drain µs/event" in result.output and "paced µs/event" in result.output
+
+
 def test_later_copies_keep_every_users_events_in_time_order():
     """A latency run longer than its events continues with the same events, later in time:
     none is older than an event its user already sent (that would be a late event, which
