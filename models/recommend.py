@@ -53,10 +53,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Requests decoded at once: embedding_bag gathers a row of this many floats per item and level,
-# about as fast as a row of one up to 16-24 (measured, one thread, 100k items x 24 levels:
-# 2.0 ms for 1 request, 3.3 ms for 16, 5.2 ms for 32); the (n_items, 16) scores stay small.
-_DECODE_COLUMNS = 16
+# Requests decoded at once: embedding_bag gathers a row of this many floats per item and
+# level, for ~2.5x the time of a row of one (one thread, 100k items x 24 levels: 2.0 ms for
+# one request, 5.2 ms for 32). top_k per request there: 16 columns 600 us, 24 486, 32 451,
+# 48 442 (a loaded machine: the trend, not the figures); the (n_items, 32) scores stay small.
+_DECODE_COLUMNS = 32
 # Sorting a candidate row costs about this many sample cells partitioned (see _best).
 _SORT_COST = 10
 
