@@ -59,7 +59,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sketchstream.models import batches, state_codec
+from sketchstream.models import batches, kernels, state_codec
 from sketchstream.models.batches import (
     Event,
     EventBatch,
@@ -90,9 +90,7 @@ log = logging.getLogger(__name__)
 # scaled weights 2^((ts - t0)/h) stay within float64's comfortable range (see _fold_pass).
 _MAX_PASS_HALF_LIVES = 24.0
 _ITEM_CACHE_MAX = 4_000_000
-# A contribution decayed below this is forgotten (exactly 0): it keeps float32 out of
-# denormals and makes "is the channel empty" the same question on every code path.
-_FORGET = 2.0**-100
+_FORGET = kernels.FORGET
 
 
 def _decay(dt: np.ndarray, half_life: np.ndarray) -> np.ndarray:
@@ -331,15 +329,18 @@ class Aggregator:
             base = np.where(np.isfinite(clock0), clock0, ts[first])
             span = np.where(np.isfinite(incl), incl - base, 0.0)
             seg = np.floor(np.maximum(span, 0.0) / (_MAX_PASS_HALF_LIVES * h_min))
-            cut = (starts | run_flags(seg)).astype(np.int64)
-            pass_id = np.cumsum(cut) - np.cumsum(cut)[first]
+            cut = starts | run_flags(seg)
         else:
-            pass_id = np.zeros(n, np.int64)
+            cut = starts
         dens_s = np.zeros((n, n_ch))
         mass_s = np.zeros((n, n_ch))
-        for p in range(int(pass_id.max()) + 1):
-            sel = np.flatnonzero(pass_id == p)
-            self._fold_pass(batch, sel, arrays, dens_s, mass_s, sk_out)
+        if kernels.ENABLED and sk_out is None:
+            self._fold_compiled(batch, cut, arrays, dens_s, mass_s)
+        else:
+            pass_id = np.cumsum(cut) - np.cumsum(cut)[first]
+            for p in range(int(pass_id.max()) + 1):
+                sel = np.flatnonzero(pass_id == p)
+                self._fold_pass(batch, sel, arrays, dens_s, mass_s, sk_out)
         cf_out = None
         if sim is not None:
             cf_out = np.zeros((n, len(cf_names)), np.float32)
@@ -626,6 +627,36 @@ class Aggregator:
         vals = np.repeat(sw[i_idx, c_idx].astype(np.float32), depth)
         np.add.at(sk_flat, flat[i_idx, c_idx].reshape(-1), vals)
         batch.clocks[users] = np.where(active, t0, clock0)
+
+    def _fold_compiled(
+        self,
+        batch: StateBatch,
+        seg_start: np.ndarray,
+        arrays: dict[str, np.ndarray],
+        dens_out: np.ndarray,
+        mass_out: np.ndarray,
+    ) -> None:
+        """What the passes of :meth:`_fold_pass` do, one user's pass (a segment: ``seg_start``
+        True where one begins, in user-sorted order) at a time, in compiled code
+        (:func:`~sketchstream.models.kernels.fold_segments`)."""
+        kernels.fold_segments(
+            arrays["u"],
+            seg_start,
+            arrays["ts"],
+            arrays["valid"],
+            arrays["codes"],
+            np.ascontiguousarray(arrays["known"]),  # one compiled signature, not C and F
+            arrays["member"] & arrays["known"],
+            arrays["w"],
+            arrays["read_t"],
+            batch.sketches,
+            batch.clocks,
+            self._ch_mod,
+            self._ch_half,
+            self._ch_weight,
+            dens_out,
+            mass_out,
+        )
 
     def _merge_history(
         self,

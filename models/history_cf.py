@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from sketchstream.models import kernels
 from sketchstream.models.batches import StateBatch
 from sketchstream.models.segments import (
     excl,
@@ -34,10 +35,20 @@ class CfSums:
 
     def __init__(self, n: int, like_min: float) -> None:
         self.n, self.like_min = n, like_min
-        z = np.zeros
-        self.liked, self.liked_n, self.dis, self.dis_n = z(n), z(n), z(n), z(n)
-        self.value, self.liked_max, self.dis_max = z(n), z(n), z(n)
-        self.sq, self.liked_sq, self.value_sq = z(n), z(n), z(n)  # the same with weights s^2
+        self.liked_n, self.dis_n = np.zeros(n), np.zeros(n)
+        # The weighted sums and maxima, one (n, 8) array (what the compiled kernel adds to);
+        # the names are views of its columns, updated in place.
+        self.weighted = np.zeros((n, 8))
+        (
+            self.liked,
+            self.dis,
+            self.value,
+            self.liked_max,
+            self.dis_max,
+            self.sq,  # the same with weights s^2
+            self.liked_sq,
+            self.value_sq,
+        ) = self.weighted.T
 
     def add(self, ev: np.ndarray, s: np.ndarray, v: np.ndarray) -> None:
         """All of the events' pairs: the counts, then :meth:`add_weighted`."""
@@ -64,8 +75,8 @@ class CfSums:
         self.dis += np.bincount(ev, s * dk, n)
         self.value += np.bincount(ev, sv, n)
         runs = run_starts(ev)
-        self.liked_max = np.maximum(self.liked_max, run_max(ev, runs, np.where(lk, s, 0.0), n))
-        self.dis_max = np.maximum(self.dis_max, run_max(ev, runs, np.where(dk, s, 0.0), n))
+        np.maximum(self.liked_max, run_max(ev, runs, np.where(lk, s, 0.0), n), out=self.liked_max)
+        np.maximum(self.dis_max, run_max(ev, runs, np.where(dk, s, 0.0), n), out=self.dis_max)
         self.sq += np.bincount(ev, s2 * rated, n)
         self.liked_sq += np.bincount(ev, s2 * lk, n)
         self.value_sq += np.bincount(ev, sv * s, n)
@@ -293,6 +304,29 @@ def _cf_windows(
 
     start = base[gid[fast]] + n_cand[gid[fast]] - t[fast]
     s_win = sim.pair_values(r_all[fast, None], sliding_window_view(e_rank, k)[start])
+    if kernels.ENABLED:
+        n_recent = np.minimum(t[fast], k)
+        kernels.cf_window_sums(fast, start, n_recent, s_win, e_value, sums.like_min, sums.weighted)
+    else:
+        _add_window_pairs(sums, fast, start, t, s_win, e_value, k)
+    liked = excl(e_value >= sums.like_min)
+    disliked = excl(e_value < sums.like_min)
+    sums.add_counts(fast, liked[start + k] - liked[start], disliked[start + k] - disliked[start])
+
+
+def _add_window_pairs(
+    sums: CfSums,
+    fast: np.ndarray,
+    start: np.ndarray,
+    t: np.ndarray,
+    s_win: np.ndarray,
+    e_value: np.ndarray,
+    k: int,
+) -> None:
+    """The numpy reference of :func:`~sketchstream.models.kernels.cf_window_sums`: the
+    weighted sums of the windows ``s_win (len(fast), K)`` of :func:`_cf_windows` (see there),
+    over their non-zero pairs listed in the order of a listing of every pair."""
+    cols = np.arange(k)
     nonzero = s_win != 0
     infinite = np.isinf(e_value)
     if infinite.any():  # s * inf is nan even for s == 0: keep those pairs as they are
@@ -305,6 +339,3 @@ def _cf_windows(
     # reversed as a whole: each event's candidates oldest first, its run still contiguous
     oldest_first = np.flatnonzero(recent)[::-1]
     sums.add_weighted(ev[oldest_first], s_val[oldest_first], v[oldest_first])
-    liked = excl(e_value >= sums.like_min)
-    disliked = excl(e_value < sums.like_min)
-    sums.add_counts(fast, liked[start + k] - liked[start], disliked[start + k] - disliked[start])
