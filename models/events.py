@@ -69,15 +69,19 @@ __all__ = [
     "HEAD_SYNTAX",
     "MAX_DEPTH",
     "MAX_ID_CHARS",
+    "RETURN_HEAD",
     "EventError",
     "EventTable",
     "Head",
     "Item",
     "check_event",
+    "engagement_heads",
     "first_out_of_order",
     "iter_event_lines",
     "labels",
+    "parse_duration",
     "parse_head",
+    "protocol_known",
     "protocol_order",
     "protocol_split",
     "read_events",
@@ -755,27 +759,43 @@ def stream_md5(events: EventTable) -> str:
 class Head:
     """One prediction target ("head"): which events it applies to and which are positive.
 
-    An event applies when its action is in ``applies_to`` (default: ``actions``). It is
-    positive when its action is in ``actions`` and, if ``threshold`` is set, its value is
-    >= ``threshold``. With a threshold, an applicable event without a value gets no label.
+    An *engagement* head reads the event itself. An event applies when its action is in
+    ``applies_to`` (default: ``actions``). It is positive when its action is in ``actions``
+    and, if ``threshold`` is set, its value is >= ``threshold``. With a threshold, an
+    applicable event without a value gets no label.
 
     ``Head("like", actions=("rate",), threshold=4)``: ratings of 4 and 5 are positive, other
     ratings negative, other actions unlabelled. ``Head("click", actions=("click",),
     applies_to=("impression", "click"))``: a click-through rate.
+
+    A *return* head (``horizon`` seconds, no ``actions``) reads the future: an event is
+    positive when the same user's next event (any action) comes at most ``horizon`` later.
+    Its label is known only ``horizon`` after the event, so :func:`labels` leaves it nan
+    where the stream known to that row ends sooner. It applies to every event, or to those
+    of ``applies_to``. ``Head("return", (), horizon=7 * 86400)``: return within 7 days.
     """
 
     name: str
     actions: tuple[str, ...]
     threshold: float | None = None
     applies_to: tuple[str, ...] | None = None
+    horizon: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ModelError("a head needs a name")
-        if isinstance(self.actions, str) or not self.actions:
+        if isinstance(self.actions, str) or (self.horizon is None and not self.actions):
             raise ModelError(
                 f"head {self.name!r}: 'actions' must be a non-empty tuple of action names, "
                 f"got {self.actions!r}"
+            )
+        if self.horizon is not None and (
+            self.actions or self.threshold is not None or not self.horizon > 0
+        ):
+            raise ModelError(
+                f"head {self.name!r}: a return head takes a positive horizon and no actions "
+                f"or threshold, got horizon={self.horizon!r} actions={self.actions!r} "
+                f"threshold={self.threshold!r}"
             )
         if self.applies_to is not None and isinstance(self.applies_to, str):
             raise ModelError(
@@ -784,11 +804,21 @@ class Head:
         object.__setattr__(self, "actions", tuple(self.actions))
         if self.applies_to is not None:
             object.__setattr__(self, "applies_to", tuple(self.applies_to))
+        if self.horizon is not None:
+            object.__setattr__(self, "horizon", float(self.horizon))
+
+    @property
+    def is_return(self) -> bool:
+        """A label from the user's future (:attr:`horizon`), not from the event itself."""
+        return self.horizon is not None
 
     @property
     def spec(self) -> str:
         """The head in :func:`parse_head`'s syntax: ``parse_head(h.spec) == h``."""
-        text = f"{self.name}:{','.join(self.actions)}"
+        if self.horizon is not None:
+            text = f"{self.name}:next<={_duration_text(self.horizon)}"
+        else:
+            text = f"{self.name}:{','.join(self.actions)}"
         if self.threshold is not None:
             text += f">={self.threshold:g}"
         if self.applies_to is not None:
@@ -796,17 +826,45 @@ class Head:
         return text
 
 
-HEAD_SYNTAX = "NAME:ACTION[,ACTION...][>=THRESHOLD][@ACTION,...]"
+HEAD_SYNTAX = (
+    "NAME:ACTION[,ACTION...][>=THRESHOLD][@ACTION,...] or NAME:next<=DURATION[@ACTION,...]"
+)
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration_text(seconds: float) -> str:
+    for unit in "dhm":
+        if seconds >= _UNITS[unit] and (seconds / _UNITS[unit]).is_integer():
+            return f"{seconds / _UNITS[unit]:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``7d``, ``36h``, ``90m``, ``600s`` or a plain number of seconds.
+    Raises :class:`ModelError` unless it is a positive, finite duration."""
+    text = text.strip()
+    scale = _UNITS.get(text[-1:].lower())
+    try:
+        seconds = float(text[:-1] if scale else text) * (scale or 1.0)
+    except ValueError:
+        why = "expected a number with s, m, h or d, e.g. 7d"
+        raise ModelError(f"duration {text!r}: {why}") from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ModelError(f"duration {text!r}: must be positive and finite")
+    return seconds
 
 
 def parse_head(spec: str) -> Head:
-    """A :class:`Head` from its command-line form, ``NAME:ACTIONS[>=THRESHOLD][@APPLIES_TO]``.
+    """A :class:`Head` from its command-line form, ``NAME:ACTIONS[>=THRESHOLD][@APPLIES_TO]``
+    or ``NAME:next<=DURATION[@APPLIES_TO]``.
 
     ``like:rate>=4``: events with action ``rate`` are labelled, positive when value >= 4.
     ``reorder:purchase>=1``: purchases, positive when value >= 1. ``click:click@view,click``:
     views and clicks are labelled, clicks positive. ``ACTIONS`` and ``APPLIES_TO`` are
     comma-separated action names; without ``@``, the head applies to its own actions.
-    Raises :class:`ModelError` naming the bad part and the syntax.
+    ``return:next<=7d``: every event, positive when the user's next event comes within 7 days
+    (durations in s, m, h or d). Raises :class:`ModelError` naming the bad part and the syntax.
     """
 
     def bad(why: str) -> ModelError:
@@ -819,6 +877,18 @@ def parse_head(spec: str) -> Head:
     rest, at, applies = rest.partition("@")
     if ">=" in applies:
         raise bad("the threshold goes before @")
+    applies_to = None
+    if at:
+        applies_to = tuple(a.strip() for a in applies.split(","))
+        if not all(applies_to):
+            raise bad("an empty action name after @")
+    if rest.strip().startswith("next<="):
+        try:
+            horizon = parse_duration(rest.strip().removeprefix("next<="))
+        except ModelError as exc:
+            raise bad(str(exc)) from None
+        _check_action_names(applies_to or (), bad)
+        return Head(name, (), None, applies_to, horizon=horizon)
     rest, ge, threshold = rest.partition(">=")
     actions = tuple(a.strip() for a in rest.split(","))
     if not all(actions):
@@ -831,29 +901,53 @@ def parse_head(spec: str) -> Head:
             raise bad(f"threshold {threshold!r} is not a number") from None
         if not math.isfinite(value):
             raise bad(f"threshold {threshold!r} is not finite")
-    applies_to = None
-    if at:
-        applies_to = tuple(a.strip() for a in applies.split(","))
-        if not all(applies_to):
-            raise bad("an empty action name after @")
-    for action in actions + (applies_to or ()):
+    _check_action_names(actions + (applies_to or ()), bad)
+    return Head(name, actions, value, applies_to)
+
+
+def _check_action_names(actions: Sequence[str], bad: Any) -> None:
+    for action in actions:
         odd = sorted(set(action) & set("<>=!:@ \t"))
         if odd:
             raise bad(f"action {action!r} has {''.join(odd)!r} in it (the only comparison is >=)")
-    return Head(name, actions, value, applies_to)
 
 
 DEFAULT_HEADS: tuple[Head, ...] = (Head("like", actions=("rate",), threshold=4.0),)
 
+#: The return-propensity head ``train`` adds to a data set's engagement heads by default:
+#: will the user have another event within 7 days.
+RETURN_HEAD = Head("return", (), horizon=7 * 86400.0)
 
-def labels(events: EventTable, heads: Sequence[Head] = DEFAULT_HEADS) -> np.ndarray:
-    """``(n, n_heads)`` float32 labels: 1 positive, 0 negative, nan where a head doesn't apply."""
+
+def labels(
+    events: EventTable, heads: Sequence[Head] = DEFAULT_HEADS, known: np.ndarray | None = None
+) -> np.ndarray:
+    """``(n, n_heads)`` float32 labels: 1 positive, 0 negative, nan where a head doesn't apply.
+
+    ``known (n,)`` (default: every row knows the whole stream): for each row, the number of
+    leading events of ``events`` its label may read. Only return heads read other rows: a
+    row's return label is nan unless its horizon ends within what it knows (its time +
+    horizon <= the time of its last known event), so a censored row is never labelled
+    whichever way it would go (:func:`protocol_known` gives the protocol's bounds).
+    """
     names = [h.name for h in heads]
     if len(set(names)) != len(names):
         raise ModelError(f"head names must be unique, got {names}")
     out = np.full((len(events), len(heads)), np.nan, dtype=np.float32)
     action = events.action.astype(str)
+    gap = None
     for column, head in enumerate(heads):
+        if head.horizon is not None:
+            if gap is None:
+                gap = _next_gap(events)
+            ts = np.asarray(events.ts, dtype=np.float64)
+            limit = np.full(len(events), len(events)) if known is None else np.asarray(known)
+            last_known = ts[np.clip(limit, 1, None) - 1] if len(ts) else ts
+            applies = ts + head.horizon <= last_known
+            if head.applies_to is not None:
+                applies &= np.isin(action, head.applies_to)
+            out[applies, column] = gap[applies] <= head.horizon
+            continue
         applies = np.isin(action, head.applies_to or head.actions)
         positive = np.isin(action, head.actions)
         if head.threshold is not None:
@@ -862,3 +956,31 @@ def labels(events: EventTable, heads: Sequence[Head] = DEFAULT_HEADS) -> np.ndar
             applies &= has_value | ~np.isin(action, head.actions)
         out[applies, column] = positive[applies]
     return out
+
+
+def _next_gap(events: EventTable) -> np.ndarray:
+    """``(n,)`` seconds from each event to its user's next event in stream order (inf for a
+    user's last)."""
+    ts = np.asarray(events.ts, dtype=np.float64)
+    _, user = np.unique(events.user.astype(str), return_inverse=True)
+    order = np.argsort(user, kind="stable")  # each user's rows in stream order
+    gap = np.full(len(ts), np.inf)
+    same = user[order[1:]] == user[order[:-1]]
+    gap[order[:-1][same]] = ts[order[1:][same]] - ts[order[:-1][same]]
+    return gap
+
+
+def protocol_known(split: tuple[slice, slice, slice]) -> np.ndarray:
+    """``(n,)`` how many events each row's label may read under the protocol: a training row
+    the training period, a validation row up to the end of validation, a test row the whole
+    stream (a test label may use events after it; no training label uses validation's)."""
+    known = np.empty(split[2].stop, dtype=np.int64)
+    for part in split:
+        known[part] = part.stop
+    return known
+
+
+def engagement_heads(heads: Sequence[Head]) -> tuple[Head, ...]:
+    """The heads that read the event itself (not the future): the ones item statistics,
+    channels and like thresholds are built from."""
+    return tuple(h for h in heads if h.horizon is None)

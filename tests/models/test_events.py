@@ -311,6 +311,10 @@ def test_a_value_beyond_float32_range_is_refused_not_read_as_infinity(tmp_path: 
         ("reorder:purchase>=1", Head("reorder", ("purchase",), 1.0)),
         ("click:click@view,click", Head("click", ("click",), None, ("view", "click"))),
         ("play:play,replay>=0.5", Head("play", ("play", "replay"), 0.5)),
+        ("return:next<=7d", Head("return", (), horizon=7 * 86400.0)),
+        ("back:next<=36h@rate,view", Head("back", (), None, ("rate", "view"), 36 * 3600.0)),
+        ("soon:next<=90m", Head("soon", (), horizon=5400.0)),
+        ("blink:next<=45s", Head("blink", (), horizon=45.0)),
     ],
 )
 def test_a_head_spec_parses_and_prints_back(spec: str, head: Head) -> None:
@@ -338,6 +342,11 @@ def test_the_default_head_is_like_rate_at_least_4() -> None:
         ("top:rate>>5", "action 'rate>>5' has '>' in it"),
         ("top:rate>5", "the only comparison is >="),
         ("top:rate<=2", "action 'rate<=2' has '<=' in it"),
+        ("return:next<=", "duration '': expected a number with s, m, h or d"),
+        ("return:next<=7w", "duration '7w'"),
+        ("return:next<=-1d", "must be positive"),
+        ("return:next<=7d>=1", "duration '7d>=1'"),
+        ("return:next<=7d@", "an empty action name after @"),
     ],
 )
 def test_a_bad_head_spec_names_the_part_and_the_syntax(spec: str, why: str) -> None:
@@ -346,6 +355,50 @@ def test_a_bad_head_spec_names_the_part_and_the_syntax(spec: str, why: str) -> N
     with pytest.raises(SketchstreamError, match=why) as info:
         parse_head(spec)
     assert "NAME:ACTION" in str(info.value) and repr(spec) in str(info.value)
+
+
+def test_the_default_return_head_is_return_within_7_days() -> None:
+    from sketchstream.models.events import RETURN_HEAD, parse_head
+
+    assert parse_head("return:next<=7d") == RETURN_HEAD and RETURN_HEAD.is_return
+    assert not DEFAULT_HEADS[0].is_return
+
+
+def test_a_return_head_refuses_actions_and_an_engagement_head_needs_them() -> None:
+    with pytest.raises(SketchstreamError, match="a return head takes a positive horizon"):
+        Head("return", ("rate",), horizon=60.0)
+    with pytest.raises(SketchstreamError, match="non-empty tuple"):
+        Head("like", ())
+
+
+def test_return_labels_look_ahead_and_leave_censored_rows_unlabelled() -> None:
+    from sketchstream.models.events import labels, protocol_known
+
+    # a: back after 100 s, then after 900 s; b: never back; c: back at 1500
+    rows = [(0, "a", "x"), (10, "b", "x"), (100, "a", "y"), (1000, "a", "y"), (1100, "c", "x")]
+    rows += [(1500, "c", "z"), (2000, "d", "z")]
+    events = _table(rows)
+    head = Head("return", (), horizon=500.0)
+    y = labels(events, (head,))[:, 0]
+    # a row is labelled when its horizon ends by the last event's time (2000): 1500 is
+    np.testing.assert_array_equal(y, [1, 0, 0, 0, 1, 0, np.nan])
+    # a row may know only part of the stream: row 0 up to row 2 (t = 100 < 0 + 500)
+    known = np.array([3, 3, 7, 7, 7, 7, 7])
+    partial = labels(events, (head,), known)[:, 0]
+    np.testing.assert_array_equal(partial, [np.nan, np.nan, *y[2:]])
+    # protocol bounds: training rows read the training period only
+    split = (slice(0, 4), slice(4, 6), slice(6, 7))
+    np.testing.assert_array_equal(protocol_known(split), [4, 4, 4, 4, 6, 6, 7])
+
+
+def test_return_labels_may_apply_to_some_actions_only() -> None:
+    from sketchstream.models.events import labels
+
+    events = _table([(0, "a", "x"), (10, "a", "y"), (20, "a", "z"), (1000, "b", "x")])
+    events.action[1] = "view"
+    y = labels(events, (Head("back", (), None, ("rate",), horizon=50.0),))[:, 0]
+    # the view is not labelled, but it counts as the next event of the first rate
+    np.testing.assert_array_equal(y, [1, np.nan, 0, np.nan])
 
 
 def _table(rows: list[tuple[float, str, str]]) -> EventTable:
