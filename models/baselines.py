@@ -22,6 +22,13 @@ Baselines (names are the keys of :func:`run_baselines`'s result):
     similarity between i and the items u liked (or rated negatively) earlier. Similarities come
     from a like co-occurrence matrix refreshed every ``cf_block`` events from the events before
     the block, so they too only see the past.
+``recency_gbdt``
+    For a return head (:attr:`~sketchstream.models.events.Head.horizon`) only, in place of
+    the three above: LightGBM on counts and recency — the user's and the item's event counts
+    and mean values, hours since the user's previous event, the gap before it, the user's
+    mean gap and age, the user's events in the last day and week, hour of day and weekday.
+    No target encodings: a return label is known only a horizon after its event, so the
+    rates of a user's earlier labels would read the future.
 
 Figures on MovieLens-1M (head ``like`` = rating >= 4) are in ``tests/models/test_baselines.py``.
 """
@@ -35,7 +42,15 @@ from typing import Any
 
 import numpy as np
 from sketchstream.models.errors import ModelError
-from sketchstream.models.events import DEFAULT_HEADS, EventTable, Head, Item, labels, protocol_split
+from sketchstream.models.events import (
+    DEFAULT_HEADS,
+    EventTable,
+    Head,
+    Item,
+    labels,
+    protocol_known,
+    protocol_split,
+)
 from sketchstream.models.metrics import binary_metrics
 
 __all__ = [
@@ -46,12 +61,16 @@ __all__ = [
     "count_features",
     "prior_sums",
     "rate_features",
+    "recency_features",
     "run_baselines",
 ]
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("constant", "rates_lr", "counts_gbdt", "counts_cf_gbdt")
+# an engagement head gets the first four, a return head (a label from the future) the last two
+_ENGAGEMENT_BASELINES = ("constant", "rates_lr", "counts_gbdt", "counts_cf_gbdt")
+_RETURN_BASELINES = ("constant", "recency_gbdt")
+BASELINES = (*_ENGAGEMENT_BASELINES, "recency_gbdt")
 
 FeatureSet = tuple[np.ndarray, list[str]]  # ((n, n_features) float32, names)
 
@@ -164,6 +183,47 @@ def count_features(
     f["global_rate"] = online.global_rate
     if items:
         f.update(_category_features(online, items, f["user_rate"], f["user_value"], a))
+    names = list(f)
+    return np.column_stack([f[k] for k in names]).astype(np.float32), names
+
+
+def recency_features(online: OnlineStats) -> FeatureSet:
+    """Online counts and recency of the user, ``(n, n_features)``, from the events alone (no
+    label): see ``recency_gbdt`` in the module docstring. nan where there is no earlier event."""
+    ts = np.asarray(online.events.ts, dtype=np.float64)
+    groups = online.by_user
+    order = groups.order  # each user's rows in stream (= time) order
+    t = ts[order]
+    position = np.arange(len(t))
+    first = position == groups.start
+    hours = 3600.0
+    previous = np.where(first, np.nan, np.r_[np.nan, t[:-1]])
+    before_previous = np.r_[np.nan, previous[:-1]]
+    before_previous[position - groups.start < 2] = np.nan
+    f: dict[str, np.ndarray] = {}
+    f["user_events"], _ = groups.prior(np.ones(len(t)))
+    f["item_events"], _ = online.by_item.prior(np.ones(len(t)))
+    f["user_value"] = online.mean_value(groups, 10.0)
+    f["item_value"] = online.mean_value(online.by_item, 10.0)
+    in_order = {
+        "hours_since_last": (t - previous) / hours,
+        "last_gap_hours": (previous - before_previous) / hours,
+        "user_age_hours": (t - t[groups.start]) / hours,
+    }
+    # the user's earlier events within a day and a week: (user, time) keys are sorted
+    key = groups.start * (np.ptp(t) + 1.0 if len(t) else 1.0) + (t - (t.min() if len(t) else 0))
+    for name, span in (("user_events_1d", 86_400.0), ("user_events_7d", 7 * 86_400.0)):
+        lo = np.maximum(np.searchsorted(key, key - span, side="left"), groups.start)
+        in_order[name] = (position - lo).astype(np.float64)
+    for name, column in in_order.items():
+        f[name] = np.empty(len(t))
+        f[name][order] = column
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f["mean_gap_hours"] = f["user_age_hours"] / np.where(
+            f["user_events"] > 1, f["user_events"] - 1, np.nan
+        )
+    f["hour_of_day"] = (ts % 86_400.0) / hours
+    f["weekday"] = (ts // 86_400.0 + 3) % 7  # 0 = Monday (1970-01-01 was a Thursday)
     names = list(f)
     return np.column_stack([f[k] for k in names]).astype(np.float32), names
 
@@ -336,6 +396,11 @@ def _fit_gbdt(
     return p, {"rounds": booster.best_iteration, "features": names}
 
 
+def _both_classes(y: np.ndarray) -> bool:
+    known = y[~np.isnan(y)]
+    return bool(len(known)) and 0 < known.mean() < 1
+
+
 def run_baselines(
     events: EventTable,
     heads: Sequence[Head] = DEFAULT_HEADS,
@@ -353,8 +418,10 @@ def run_baselines(
 
     Returns ``{name: {"val": metrics, "test": metrics, "seconds": s, "params": {...}}}`` with
     metrics from :func:`~sketchstream.models.metrics.binary_metrics` (auc, ap, logloss, rce);
-    with several heads, names are ``"<baseline>/<head>"``. ``seconds`` is the baseline's wall
-    time, its share of the feature computation included.
+    with several heads, names are ``"<baseline>/<head>"``. Each head gets those of
+    ``baselines`` that suit it (a return head ``constant`` and ``recency_gbdt``, an engagement
+    head the others). ``seconds`` is the baseline's wall time, its share of the feature
+    computation included.
 
     ``items`` (optional) adds user x category and year features to the boosted baselines;
     ``smoothing`` is the grid of prior strengths ``rates_lr`` picks from on validation;
@@ -367,19 +434,24 @@ def run_baselines(
         raise ModelError(f"unknown baselines {unknown}: expected some of {', '.join(BASELINES)}")
     split = split if split is not None else protocol_split(len(events))
     train, val, test = split
-    all_labels = labels(events, heads)
+    all_labels = labels(events, heads, protocol_known(split))
     results: dict[str, dict[str, Any]] = {}
     for column, head in enumerate(heads):
+        allowed = _RETURN_BASELINES if head.is_return else _ENGAGEMENT_BASELINES
         y = all_labels[:, column].astype(np.float64)
         if np.isnan(y[train]).all():
             raise ModelError(f"head {head.name!r} labels no event of the train period")
+        if head.is_return and not all(_both_classes(y[part]) for part in split):
+            # a horizon longer than what follows validation or test: nothing to fit or judge
+            log.warning("head %s: a period has no labels of both classes; no baseline", head.name)
+            continue
         suffix = "" if len(heads) == 1 else f"/{head.name}"
         start = time.perf_counter()
         online = OnlineStats(events, y)
         shared = time.perf_counter() - start
         counts: FeatureSet | None = None
         counts_seconds = 0.0
-        for name in baselines:
+        for name in (b for b in baselines if b in allowed):
             start = time.perf_counter()
             seconds = shared
             if name == "constant":
@@ -387,6 +459,9 @@ def run_baselines(
                 p, params = np.full(len(y), rate), {"rate": rate}
             elif name == "rates_lr":
                 p, params = _fit_rates_lr(online, y, split, smoothing)
+            elif name == "recency_gbdt":
+                x, names = recency_features(online)
+                p, params = _fit_gbdt(x, names, y, split, n_threads, seed)
             else:
                 if counts is None:
                     counts = count_features(online, items)

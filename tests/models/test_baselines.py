@@ -20,10 +20,11 @@ from sketchstream.models.baselines import (
     count_features,
     prior_sums,
     rate_features,
+    recency_features,
     run_baselines,
 )
 from sketchstream.models.errors import ModelError
-from sketchstream.models.events import EventTable, Item, labels
+from sketchstream.models.events import DEFAULT_HEADS, EventTable, Item, labels
 
 
 def _synthetic(n: int = 3000, seed: int = 0) -> tuple[EventTable, list[Item]]:
@@ -142,3 +143,56 @@ def test_gradient_boosted_baselines_reproduce_the_reference_on_movielens(moviele
     assert results["counts_gbdt"]["test"]["rce"] == pytest.approx(21.4, abs=0.5)
     assert results["counts_cf_gbdt"]["test"]["auc"] == pytest.approx(0.808, abs=0.003)
     assert results["counts_cf_gbdt"]["test"]["rce"] == pytest.approx(23.0, abs=0.5)
+
+
+def _visits(n_users: int = 200, seed: int = 0) -> EventTable:
+    """Users who come back every few hours and users who come back every few days, over a
+    month: whether the next event comes within a day shows in the user's past rhythm, not
+    in any label."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        t = rng.uniform(0, 5 * 86_400)
+        while t < 30 * 86_400:
+            rows.append((t, f"u{u}", f"i{rng.integers(0, 30)}"))
+            t += rng.exponential(8 * 3600 if u % 2 else 3 * 86_400)
+    rows.sort()
+    ts, user, item = (np.array(c) for c in zip(*rows, strict=True))
+    return EventTable(
+        user=user.astype(object),
+        item=item.astype(object),
+        action=np.full(len(rows), "rate", dtype=object),
+        ts=ts.astype(np.float64),
+        value=np.random.default_rng(seed).integers(1, 6, len(rows)).astype(np.float32),
+    )
+
+
+def test_recency_features_read_only_earlier_events_of_the_user() -> None:
+    events = _visits()
+    online = OnlineStats(events, np.zeros(len(events)))
+    before, names = recency_features(online)
+    assert {"hours_since_last", "user_events_1d", "user_age_hours", "hour_of_day"} <= set(names)
+    cut = len(events) // 2
+    ts = events.ts.copy()
+    ts[cut:] += 3600.0  # every later event an hour later
+    moved = EventTable(events.user, events.item, events.action, ts, events.value)
+    after, _ = recency_features(OnlineStats(moved, np.zeros(len(events))))
+    earlier = slice(0, cut)
+    np.testing.assert_array_equal(before[earlier], after[earlier])
+    first = np.unique(events.user, return_index=True)[1]
+    assert np.isnan(before[first, names.index("hours_since_last")]).all()
+    assert (before[first, names.index("user_events")] == 0).all()
+
+
+def test_a_return_head_gets_the_label_free_baselines() -> None:
+    from sketchstream.models.events import RETURN_HEAD, Head
+
+    events = _visits()
+    head = Head("back", (), horizon=86_400.0)
+    scores: dict = {}
+    results = run_baselines(events, (DEFAULT_HEADS[0], head), n_threads=1, scores=scores)
+    assert [n for n in results if n.endswith("/back")] == ["constant/back", "recency_gbdt/back"]
+    assert "recency_gbdt/like" not in results and "rates_lr/back" not in results
+    # the rhythm of the user's past visits predicts the return
+    assert results["recency_gbdt/back"]["test"]["auc"] > 0.7
+    assert RETURN_HEAD.horizon == 7 * 86_400.0
