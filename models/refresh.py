@@ -267,8 +267,8 @@ def build_candidate(
         sim = trained.similarity
         snapshot = ItemSnapshot.from_events(
             window,
-            result.y,
-            result.heads,
+            result.y[:, [result.heads.index(h) for h in trained.heads]],
+            trained.heads,
             prior=trained.prior,
             item_age=trained.item_age,
             global_rate=trained.global_rate,
@@ -335,6 +335,8 @@ def gate(
     finite AUC or log loss on a head, or when on any head its AUC is lower by more than
     ``tolerance`` or its log loss higher by more than ``logloss_tolerance``. Heads the serving
     model cannot be measured on (one class only in the holdout) are compared on log loss alone.
+    A head the holdout labels no event of (``"n": 0``: a return head whose horizon outruns the
+    window) cannot be judged: it is compared with nothing and named in the verdict.
     """
     config = config or GateConfig()
     comparisons: list[HeadComparison] = []
@@ -343,7 +345,8 @@ def gate(
         missing = sorted(set(serving) - set(candidate))
         if missing:
             problems.append(f"the candidate has no head {', '.join(missing)}")
-    for head in sorted(candidate):
+    unjudged = sorted(h for h in candidate if candidate[h].get("n") == 0)
+    for head in sorted(set(candidate) - set(unjudged)):
         c_auc = _finite(candidate[head].get("auc"))
         c_ll = _finite(candidate[head].get("logloss"))
         s = serving.get(head) if serving is not None else None
@@ -375,15 +378,18 @@ def gate(
                 f"({c_ll - s_ll:+.4f}, tolerance {config.logloss_tolerance})"
             )
     if not comparisons:
-        problems.append("the candidate has no heads")
+        problems.append("the candidate has no heads" + " judged" * bool(unjudged))
+    # said in every verdict, so a refusal or a publication names them too
+    note = f"; not judged (no labelled holdout event): {', '.join(unjudged)}" if unjudged else ""
     if problems:
-        return Verdict(False, "; ".join(problems), tuple(comparisons))
+        return Verdict(False, "; ".join(problems) + note, tuple(comparisons))
     if serving is None:
-        return Verdict(True, "no serving model to compare with", tuple(comparisons))
+        return Verdict(True, "no serving model to compare with" + note, tuple(comparisons))
     summary = ", ".join(
         f"{c.head} AUC {c.candidate_auc:.4f} vs {c.serving_auc:.4f}"
         if c.serving_auc is not None
         else f"{c.head} log loss {c.candidate_logloss:.4f}"
         for c in comparisons
     )
-    return Verdict(True, f"not worse than serving within tolerance: {summary}", tuple(comparisons))
+    verdict = f"not worse than serving within tolerance: {summary}{note}"
+    return Verdict(True, verdict, tuple(comparisons))

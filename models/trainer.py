@@ -310,12 +310,18 @@ def replay(
 
 def _split_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     """:func:`sketchstream.models.metrics.binary_metrics` plus ``n`` and ``positive_rate``
-    (rows with nan labels dropped): one head on one period of the protocol."""
-    from sketchstream.models.metrics import binary_metrics
+    (rows with nan labels dropped): one head on one period of the protocol. nan figures when
+    the period labels no event for the head (a return head whose horizon is longer than what
+    follows the period), all but the log loss when it labels one class only."""
+    from sketchstream.models.metrics import METRICS, binary_metrics, log_loss
 
     y = np.asarray(y, dtype=np.float64)
     keep = ~np.isnan(y)
-    out = {k: float(v) for k, v in binary_metrics(y, p).items()}
+    out = dict.fromkeys(METRICS, math.nan)
+    if keep.any() and 0 < y[keep].mean() < 1:
+        out = {k: float(v) for k, v in binary_metrics(y, p).items()}
+    elif keep.any():
+        out["logloss"] = float(log_loss(y[keep], np.asarray(p, dtype=np.float64)[keep]))
     out["n"] = int(keep.sum())
     out["positive_rate"] = float(y[keep].mean()) if keep.any() else float("nan")
     return out
@@ -537,11 +543,12 @@ def build_inputs(
 
 def snapshot_options(config: TrainConfig, heads: Sequence[Any] = ()) -> dict[str, Any]:
     """Keyword arguments of :func:`~sketchstream.models.snapshot.refresh_windows` that a
-    training configuration asks for; ``heads`` (label heads, the first counts) settle an
-    unset ``similarity_like_min``."""
+    training configuration asks for; ``heads`` (label heads, the first engagement head
+    counts) settle an unset ``similarity_like_min``."""
     like_min = config.similarity_like_min
     if like_min is None or math.isnan(like_min):  # None: a manifest (JSON has no nan)
-        threshold = getattr(heads[0], "threshold", None) if heads else None
+        engaged = [h for h in heads if getattr(h, "horizon", None) is None]
+        threshold = getattr(engaged[0], "threshold", None) if engaged else None
         like_min = 4.0 if threshold is None else float(threshold)
     return {
         "item_age": config.item_age,
@@ -568,14 +575,15 @@ def run_protocol(
 
     ``events``: an :class:`~sketchstream.models.events.EventTable` in stream order.
     """
-    from sketchstream.models.events import DEFAULT_HEADS, labels, protocol_split
+    from sketchstream.models.events import DEFAULT_HEADS, labels, protocol_known, protocol_split
 
     config = config or TrainConfig()
     heads = tuple(heads or DEFAULT_HEADS)
     head_names = tuple(h.name for h in heads)
     timings: dict[str, float] = {}
     split = protocol_split(len(events))
-    y = labels(events, heads)
+    y = labels(events, heads, protocol_known(split))
+    item_heads, item_y = item_statistics_heads(heads, y)
 
     t0 = time.perf_counter()
     if codebooks is None:
@@ -592,8 +600,8 @@ def run_protocol(
     inputs, valid, rep = build_inputs(
         events,
         aggregator,
-        y,
-        heads=head_names,
+        item_y,
+        heads=item_heads,
         item_snapshot=config.item_snapshot,
         prior=config.item_prior,
         refresh_s=config.item_refresh_s,
@@ -609,8 +617,8 @@ def run_protocol(
         # the artifact's snapshot: as of the end of the training window
         snapshot = ItemSnapshot.from_events(
             events[split[0]],
-            y[split[0]],
-            head_names,
+            item_y[split[0]],
+            item_heads,
             prior=config.item_prior,
             item_age=snap_opts["item_age"],
             global_rate=snap_opts["global_rate"],
@@ -711,14 +719,14 @@ def score_events(
     publish it; each window is scored through :class:`~sketchstream.models.scorer.Scorer`, the
     worker's scoring path.
     """
-    from sketchstream.models.events import labels, protocol_split
+    from sketchstream.models.events import labels, protocol_known, protocol_split
     from sketchstream.models.scorer import Scorer
     from sketchstream.models.snapshot import DEFAULT_REFRESH_S, refresh_windows
 
     heads = bundle_heads(bundle)
     timings: dict[str, float] = {}
     split = protocol_split(len(events))
-    y = labels(events, heads)
+    y = labels(events, heads, protocol_known(split))
     t0 = time.perf_counter()
     aggregator = Aggregator(aggregator_config_from_dict(bundle.aggregator_config), bundle.codebooks)
     scorer = Scorer.from_bundle(bundle)
@@ -738,7 +746,7 @@ def score_events(
         sim = scorer.item_similarity
         windows = refresh_windows(
             events,
-            y,
+            y[:, [bundle.heads.index(h) for h in snap.heads]],
             snap.heads,
             prior=snap.prior,
             refresh_s=refresh_s,
@@ -773,6 +781,16 @@ def score_events(
     )
 
 
+def item_statistics_heads(
+    heads: Sequence[Any], y: np.ndarray
+) -> tuple[tuple[str, ...], np.ndarray]:
+    """The heads an item snapshot keeps rates of, and their label columns of ``y``: the
+    engagement heads. A return head's label at an event is known only a horizon later, so a
+    snapshot refreshed at ``T`` would read labels that depend on events after ``T``."""
+    keep = [k for k, h in enumerate(heads) if getattr(h, "horizon", None) is None]
+    return tuple(heads[k].name for k in keep), y[:, keep]
+
+
 def bundle_heads(bundle: Any) -> list[Any]:
     """The label heads of a loaded model artifact (its ``head_defs``, else by name)."""
     from sketchstream.models.events import DEFAULT_HEADS, Head
@@ -785,6 +803,7 @@ def bundle_heads(bundle: Any) -> list[Any]:
                 tuple(h["actions"]),
                 h.get("threshold"),
                 tuple(h["applies_to"]) if h.get("applies_to") else None,
+                horizon=h.get("horizon"),
             )
             for h in head_defs
         ]
@@ -794,7 +813,7 @@ def bundle_heads(bundle: Any) -> list[Any]:
 
 def head_defs(heads: Sequence[Any]) -> list[dict[str, Any]]:
     """JSON form of label heads, for the artifact (so ``evaluate`` labels the same way)."""
-    return [
+    defs = [
         {
             "name": h.name,
             "actions": list(h.actions),
@@ -803,6 +822,10 @@ def head_defs(heads: Sequence[Any]) -> list[dict[str, Any]]:
         }
         for h in heads
     ]
+    for d, h in zip(defs, heads, strict=True):
+        if getattr(h, "horizon", None) is not None:
+            d["horizon"] = h.horizon  # a return head; engagement heads keep the older form
+    return defs
 
 
 def training_aggregator_config(
@@ -813,7 +836,8 @@ def training_aggregator_config(
     recent_half_life_days: float = 7.0,
     history_size: int = 128,
 ) -> AggregatorConfig:
-    """The aggregator channels ``train`` uses, derived from the data and the first head.
+    """The aggregator channels ``train`` uses, derived from the data and the first
+    engagement head (a return head's label is not known when an event is folded).
 
     Not tied to a data set: the actions are those of ``events``; for a head with a value
     threshold ``t`` (``like``: rating >= 4) the interactions modality gets positive (>= t) and
@@ -824,15 +848,15 @@ def training_aggregator_config(
     and negative channels. A head without a threshold: one channel per action it counts as
     positive and one for the rest of the actions it applies to.
     """
-    from sketchstream.models.events import DEFAULT_HEADS
+    from sketchstream.models.events import DEFAULT_HEADS, engagement_heads
 
-    heads = tuple(heads or DEFAULT_HEADS)
-    head = heads[0]
+    engaged = engagement_heads(tuple(heads or DEFAULT_HEADS))
     actions = tuple(sorted(set(np.unique(events.action.astype(str)).tolist())))
     recent = recent_half_life_days * DAY
     mods = ["interactions"] + (["metadata"] if metadata else [])
     channels: list[Channel] = []
-    if head.threshold is not None:
+    head = engaged[0] if engaged else None  # none: one channel of everything (below)
+    if head is not None and head.threshold is not None:
         acts = frozenset(a for a in head.actions if a in actions) or None
         t = float(head.threshold)
         on = np.isin(events.action.astype(str), list(head.actions))
@@ -854,7 +878,7 @@ def training_aggregator_config(
                 Channel("meta_pos", "metadata", acts, **pos),
                 Channel("meta_neg", "metadata", acts, **neg),
             ]
-    else:
+    elif head is not None:
         positive = frozenset(a for a in head.actions if a in actions)
         rest = frozenset(set(head.applies_to or actions) - positive) & set(actions)
         for mod in mods:
@@ -867,4 +891,6 @@ def training_aggregator_config(
                 channels.append(Channel("pos_recent", mod, positive, half_life_s=recent))
     if not channels:
         channels = [Channel("all", "interactions")]
+    if any(getattr(h, "horizon", None) is not None for h in heads or ()):
+        channels.append(Channel("activity_1d", "interactions", half_life_s=DAY))
     return AggregatorConfig(channels=tuple(channels), actions=actions, history_size=history_size)

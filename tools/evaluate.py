@@ -89,13 +89,14 @@ def read_data(data: Path) -> tuple[Any, list, float]:
 
 
 def data_heads(data: Path, specs: list[str] | None) -> tuple:
-    """The label heads of a run: ``specs`` parsed (``--head``), else the heads that
-    ``data/MANIFEST.json`` recommends, else ``DEFAULT_HEADS`` (like = rate >= 4).
+    """The label heads of a run: ``specs`` parsed (``--head``), else the engagement heads
+    that ``data/MANIFEST.json`` recommends (else ``DEFAULT_HEADS``, like = rate >= 4) and the
+    return-propensity head ``RETURN_HEAD`` (return:next<=7d): one user state, both tasks.
 
     Raises :class:`~sketchstream.models.errors.ModelError` naming a bad spec.
     """
     import orjson
-    from sketchstream.models.events import DEFAULT_HEADS, parse_head
+    from sketchstream.models.events import DEFAULT_HEADS, RETURN_HEAD, parse_head
 
     if specs:
         return tuple(parse_head(spec) for spec in specs)
@@ -103,9 +104,10 @@ def data_heads(data: Path, specs: list[str] | None) -> tuple:
         recommended = orjson.loads((data / "MANIFEST.json").read_bytes()).get("heads")
     except (OSError, orjson.JSONDecodeError, AttributeError):
         recommended = None
-    if recommended:
-        return tuple(parse_head(spec) for spec in recommended)
-    return DEFAULT_HEADS
+    heads = tuple(parse_head(spec) for spec in recommended) if recommended else DEFAULT_HEADS
+    if any(h.is_return or h.name == RETURN_HEAD.name for h in heads):
+        return heads
+    return (*heads, RETURN_HEAD)
 
 
 def summary(report: dict) -> str:

@@ -48,14 +48,16 @@ HEAD_HELP = (
     "A prediction target, NAME:ACTION[,ACTION...][>=THRESHOLD][@ACTION,...] "
     "(repeatable; the first is primary). like:rate>=4: rate events, positive when the "
     "value is >= 4; reorder:purchase>=1: purchases with value >= 1; click:click@view,click: "
-    "views and clicks labelled, clicks positive."
+    "views and clicks labelled, clicks positive. NAME:next<=DURATION is a return head: "
+    "return:next<=7d labels every event, positive when the user's next event comes within "
+    "7 days (durations in s, m, h, d)."
 )
 HeadOption = Annotated[
     list[str] | None,
     typer.Option(
         "--head",
         help=HEAD_HELP + " Default: the heads the data folder's MANIFEST.json recommends, "
-        "else like:rate>=4.",
+        "else like:rate>=4, and return:next<=7d.",
         show_default=False,
     ),
 ]

@@ -107,6 +107,28 @@ def test_a_candidate_without_a_finite_auc_is_refused():
     assert "no finite AUC" in verdict.reason
 
 
+def test_every_task_is_gated_and_a_refusal_names_the_worse_one():
+    serving = {"like": _figures(0.80, 0.50), "return": _figures(0.75, 0.10)}
+    verdict = gate({"like": _figures(0.80, 0.50), "return": _figures(0.70, 0.10)}, serving)
+    assert not verdict.publish
+    assert "head return: AUC 0.7000 vs serving 0.7500" in verdict.reason
+    assert "head like" not in verdict.reason
+
+
+def test_a_head_the_holdout_labels_no_event_of_is_named_not_judged():
+    unlabelled = {"auc": math.nan, "logloss": math.nan, "n": 0}
+    serving = {"like": _figures(0.80, 0.50), "return": unlabelled}
+    verdict = gate({"like": _figures(0.80, 0.50), "return": dict(unlabelled)}, serving)
+    assert verdict.publish, verdict.reason
+    assert verdict.reason.endswith("not judged (no labelled holdout event): return")
+    assert [h.head for h in verdict.heads] == ["like"]
+    verdict = gate({"like": _figures(0.70, 0.50), "return": dict(unlabelled)}, serving)
+    assert not verdict.publish and "head like: AUC" in verdict.reason
+    assert "not judged (no labelled holdout event): return" in verdict.reason
+    only = gate({"return": dict(unlabelled)}, None)
+    assert not only.publish and "the candidate has no heads judged" in only.reason
+
+
 @pytest.mark.parametrize("bad", [-0.1, math.inf, math.nan])
 def test_gate_tolerances_must_be_finite_and_non_negative(bad):
     with pytest.raises(ValueError, match="tolerance"):

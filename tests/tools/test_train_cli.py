@@ -137,6 +137,46 @@ def test_a_head_from_the_command_line_is_recorded_and_used_by_evaluate(tmp_path,
     assert report["test"]["n"] > 0 and "counts_gbdt" in report["baselines"]
 
 
+def test_a_return_head_is_trained_served_and_compared_with_its_own_baseline(tmp_path, data_dir):
+    out, runner = tmp_path / "model", CliRunner()
+    heads = ["--head", "like:rate>=4", "--head", "back:next<=1d"]
+    result = runner.invoke(
+        _app(), ["train", "--data", str(data_dir), "--out", str(out), *heads, *SMALL]
+    )
+    assert result.exit_code == 0, result.output
+    assert "heads like:rate>=4 back:next<=1d" in result.output
+    (version,) = [p for p in out.iterdir() if (p / "manifest.json").is_file()]
+    config = json.loads((version / "manifest.json").read_text())["config"]
+    assert config["head_defs"][1] == {
+        "name": "back", "actions": [], "threshold": None, "applies_to": None, "horizon": 86400.0
+    }  # fmt: skip
+    # a day's activity for the return head; item statistics of the engagement head only
+    channels = [c["name"] for c in config["aggregator"]["channels"]]
+    assert channels[-1] == "activity_1d"
+    assert "global_rate_back" not in json.dumps(config) and "rate_back" not in json.dumps(config)
+    with_baselines = [
+        a for a in _evaluate_args(data_dir, out, tmp_path / "e") if a != "--no-baselines"
+    ]
+    result = runner.invoke(_app(), with_baselines)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert list(report["heads"]) == ["like", "back"]
+    assert report["heads"]["back"]["test"]["n"] > 0
+    assert 0 < report["heads"]["back"]["test"]["auc"] < 1
+    assert {"recency_gbdt/back", "counts_cf_gbdt/like"} <= set(report["baselines"])
+    assert "counts_gbdt/back" not in report["baselines"]
+
+
+def test_the_default_heads_add_return_within_7_days_to_the_data_sets(tmp_path, data_dir):
+    from sketchstream.models.events import RETURN_HEAD, parse_head
+
+    like = parse_head("like:rate>=4")
+    assert evaluate.data_heads(data_dir, None) == (like, RETURN_HEAD)
+    (data_dir / "MANIFEST.json").write_text(json.dumps({"heads": ["buy:purchase>=1"]}))
+    assert evaluate.data_heads(data_dir, None)[1:] == (RETURN_HEAD,)
+    assert evaluate.data_heads(data_dir, ["like:rate>=4"]) == (like,)
+
+
 def test_train_takes_the_heads_the_data_manifest_recommends(tmp_path, data_dir):
     data = _as_purchases(data_dir)
     (data / "MANIFEST.json").write_text(json.dumps({"heads": ["buy:purchase>=1"]}))
