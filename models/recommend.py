@@ -48,6 +48,7 @@ __all__ = [
     "replay_inputs",
     "state_last_codes",
     "stream_last_codes",
+    "to_float16",
     "user_inputs",
 ]
 
@@ -160,7 +161,7 @@ def recent_sketches(last_codes: np.ndarray, decays: Sequence[float], width: int)
     cell = ((bb * m + mm) * d + dd) * width + c[bb, ll, mm, dd]
     out = []
     for g in decays:
-        acc = np.bincount(cell, weights=g ** age[ll], minlength=b * m * d * width)
+        acc = np.bincount(cell, weights=(g**age)[ll], minlength=b * m * d * width)
         out.append(normalize(acc.reshape(b, m, d, width).astype(np.float32)).reshape(b, -1))
     return np.concatenate(out, axis=1) if out else np.zeros((b, 0), np.float32)
 
@@ -219,7 +220,13 @@ def user_inputs(features: Any, spec: InputSpec, last_codes: np.ndarray | None = 
         if last_codes is None:
             raise ModelError("user_inputs: recent_decays need the users' last item codes")
         parts.append(recent_sketches(last_codes, spec.recent_decays, spec.width))
-    return np.concatenate(parts, axis=1).astype(np.float16)
+    return to_float16(np.concatenate(parts, axis=1))
+
+
+def to_float16(x: np.ndarray) -> np.ndarray:
+    """``x`` float32 cast to float16 exactly as ``x.astype(np.float16)`` rounds it (to
+    nearest, ties to even), by torch: ~50x faster, numpy casts one value at a time."""
+    return torch.from_numpy(np.ascontiguousarray(x, np.float32)).half().numpy()
 
 
 def replay_inputs(

@@ -166,6 +166,20 @@ def test_candidate_filter_without_categories_is_a_clear_error() -> None:
         cat.candidates(["even"])
 
 
+def test_the_float16_cast_of_the_inputs_rounds_as_numpy_does() -> None:
+    from sketchstream.models.recommend import to_float16
+
+    halves = np.arange(0x7C00, dtype=np.uint16).view(np.float16).astype(np.float64)
+    ties = ((halves[:-1] + halves[1:]) / 2).astype(np.float32)  # exactly between two halves
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [ties, -ties, rng.normal(size=1000).astype(np.float32) * 1e-6, [7e4, -7e4, np.inf]]
+    ).astype(np.float32)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16)
+    assert np.array_equal(to_float16(x).view(np.uint16), want.view(np.uint16))
+
+
 def test_inputs_are_the_normalized_sketches_read_before_each_event() -> None:
     events = _cycle_stream(n_users=3, length=5)
     agg = Aggregator(_config(), _codebooks())
