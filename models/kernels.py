@@ -29,7 +29,7 @@ from typing import Any
 import numba
 import numpy as np
 
-__all__ = ["ENABLED", "cf_window_sums", "fold_segments"]
+__all__ = ["ENABLED", "cf_window_sums", "encode_states", "fold_segments"]
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,17 @@ ENABLED: bool = os.environ.get("SKETCHSTREAM_NO_JIT", "") in ("", "0")
 FORGET = 2.0**-100
 
 
-def _compiled(fn: Callable[..., Any]) -> Any:
+def _compiled(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     """``fn`` compiled lazily, its machine code cached on disk; in memory only when no cache
-    directory is writable (numba raises RuntimeError when it finds none)."""
+    directory is writable (numba raises RuntimeError when it finds none). ``options``: more
+    ``numba.njit`` options (``inline="always"`` for the small helpers of the loops)."""
+    if fn is None:
+        return lambda f: _compiled(f, **options)
     try:
-        return numba.njit(cache=True, nogil=True)(fn)
+        return numba.njit(cache=True, nogil=True, **options)(fn)
     except RuntimeError as exc:
         log.warning("numba cannot cache %s (%s): compiling at every start", fn.__name__, exc)
-        return numba.njit(nogil=True)(fn)
+        return numba.njit(nogil=True, **options)(fn)
 
 
 @_compiled
@@ -211,3 +214,161 @@ def cf_window_sums(
                 out[e, q] = max(out[e, q], part[q])
             for q in range(5, 8):
                 out[e, q] += part[q]
+
+
+@_compiled(inline="always")
+def _put(buf: np.ndarray, p: int, x: int, n_bytes: int) -> int:
+    """Write the low ``n_bytes`` of ``x`` at ``buf[p]``, little-endian; the next position."""
+    for k in range(n_bytes):
+        buf[p + k] = (x >> (8 * k)) & 0xFF
+    return p + n_bytes
+
+
+@_compiled(inline="always")
+def _sketch_kind(x: np.ndarray, counts: bool, nibbles_ok: bool) -> int:
+    """How ``state_codec`` writes a channel's cells ``x (D*W,)`` (its ``_sketch_encodings``,
+    one channel): 0 empty, 1 nibbles, 2 bytes, 3 shorts, 4 sparse."""
+    top, low, whole, nan = -np.inf, np.inf, True, False
+    for v in x:
+        if np.isnan(v):
+            nan = True
+        top = max(top, v)
+        low = min(low, v)
+        whole = whole and v == np.floor(v)
+    if nan:
+        return 4
+    if top == 0 and low == 0:
+        return 0
+    if not (counts and whole and low >= 0 and top < 65536):
+        return 4
+    if top < 16 and nibbles_ok:
+        return 1
+    return 2 if top < 256 else 3
+
+
+@_compiled
+def encode_states(
+    head: np.ndarray,
+    clocks: np.ndarray,
+    n_events: np.ndarray,
+    partitions: np.ndarray,
+    offsets: np.ndarray,
+    hist_len: np.ndarray,
+    hist_item: np.ndarray,
+    hist_ts: np.ndarray,
+    hist_action: np.ndarray,
+    hist_value: np.ndarray,
+    hist_weight: np.ndarray,
+    id_len: np.ndarray,
+    id_hash: np.ndarray,
+    sketches: np.ndarray,
+    counts: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``state_codec.encode`` (the numpy reference; the format is documented there) in one
+    pass per user: ``(buf, bounds)``, user ``i``'s bytes ``buf[bounds[i] : bounds[i + 1]]``.
+
+    ``head (7,)`` int64: the magic, the formats with and without ids, the layout and the
+    codebooks digests, the sizes of the header and of a partition pair; ``hist_item``,
+    ``id_hash``: int64 views of the uint64 hashes; ``sketches (U, C, D*W)`` float32; the
+    rest as in :class:`~sketchstream.models.batches.StateBatch`.
+    """
+    n_users, n_ch, cells = sketches.shape
+    row_bytes = np.array([0, cells // 2, cells, 2 * cells, (cells + 7) // 8])
+    kinds = np.empty((n_users, n_ch), np.int64)
+    small = np.empty((n_users, 3), np.bool_)  # times as u4 deltas, values as u1, weights all 1
+    bounds = np.zeros(n_users + 1, np.int64)
+    for i in range(n_users):
+        n_hist, size = hist_len[i], head[5] + 8 * id_len[i] + n_ch
+        for s in range(partitions.shape[1]):
+            size += head[6] if partitions[i, s] >= 0 else 0
+        ts_ok, v_ok, w_ok = True, True, True
+        for k in range(n_hist):
+            delta = clocks[i] - hist_ts[i, k]
+            ts_ok = ts_ok and 0 <= delta < 2.0**32 and delta == np.floor(delta)
+            ts_ok = ts_ok and clocks[i] - delta == hist_ts[i, k]
+            v = hist_value[i, k]
+            v_ok = v_ok and (np.isnan(v) or (0 <= v <= 254 and v == np.floor(v)))
+            w_ok = w_ok and hist_weight[i, k] == 1.0
+        small[i, 0], small[i, 1], small[i, 2] = ts_ok, v_ok, w_ok
+        size += n_hist * (8 + (4 if ts_ok else 8) + 1 + (1 if v_ok else 4) + (0 if w_ok else 4))
+        for c in range(n_ch):
+            kind = _sketch_kind(sketches[i, c], counts[c], cells % 2 == 0)
+            kinds[i, c] = kind
+            size += row_bytes[kind]
+            if kind == 4:
+                for v in sketches[i, c]:
+                    size += 4 if v != 0 else 0
+        bounds[i + 1] = bounds[i] + size
+    buf = np.empty(bounds[n_users], np.uint8)
+    f8, f4 = np.empty(1, np.float64), np.empty(1, np.float32)
+    f8_bits, f4_bits = f8.view(np.int64), f4.view(np.int32)
+    for i in range(n_users):
+        n_hist, n_ids = hist_len[i], id_len[i]
+        n_parts = 0
+        for s in range(partitions.shape[1]):
+            n_parts += partitions[i, s] >= 0
+        f8[0] = clocks[i]
+        p = _put(buf, bounds[i], head[0], 2)
+        p = _put(buf, p, head[1] if n_ids > 0 else head[2], 1)
+        p = _put(buf, p, n_ids, 1)
+        p = _put(buf, p, head[3], 8)
+        p = _put(buf, p, head[4], 8)
+        p = _put(buf, p, f8_bits[0], 8)
+        p = _put(buf, p, n_events[i], 8)
+        p = _put(buf, p, n_parts, 2)
+        p = _put(buf, p, n_hist, 2)
+        for q in range(3):
+            p = _put(buf, p, 0 if small[i, q] else 1, 1)
+        for s in range(partitions.shape[1]):
+            if partitions[i, s] >= 0:
+                p = _put(buf, p, partitions[i, s], 4)
+                p = _put(buf, p, offsets[i, s], 8)
+        for k in range(n_hist):
+            p = _put(buf, p, hist_item[i, k], 8)
+        for k in range(n_hist):
+            if small[i, 0]:
+                p = _put(buf, p, np.int64(clocks[i] - hist_ts[i, k]), 4)
+            else:
+                f8[0] = hist_ts[i, k]
+                p = _put(buf, p, f8_bits[0], 8)
+        for k in range(n_hist):
+            p = _put(buf, p, hist_action[i, k], 1)
+        for k in range(n_hist):
+            if small[i, 1]:
+                v = hist_value[i, k]
+                p = _put(buf, p, 255 if np.isnan(v) else np.int64(v), 1)
+            else:
+                f4[0] = hist_value[i, k]
+                p = _put(buf, p, f4_bits[0], 4)
+        if not small[i, 2]:
+            for k in range(n_hist):
+                f4[0] = hist_weight[i, k]
+                p = _put(buf, p, f4_bits[0], 4)
+        for k in range(n_ids):
+            p = _put(buf, p, id_hash[i, k], 8)
+        for c in range(n_ch):
+            p = _put(buf, p, kinds[i, c], 1)
+        for kind in range(1, 5):  # the blocks: nibbles, bytes, shorts, then sparse bitmaps
+            for c in range(n_ch):
+                if kinds[i, c] != kind:
+                    continue
+                x = sketches[i, c]
+                if kind == 1:
+                    for j in range(0, cells, 2):
+                        p = _put(buf, p, (np.int64(x[j]) << 4) | np.int64(x[j + 1]), 1)
+                elif kind == 4:
+                    for j in range(0, cells, 8):
+                        bits = 0
+                        for b in range(8):
+                            bits = (bits << 1) | (1 if j + b < cells and x[j + b] != 0 else 0)
+                        p = _put(buf, p, bits, 1)
+                else:
+                    for j in range(cells):
+                        p = _put(buf, p, np.int64(x[j]), kind - 1)
+        for c in range(n_ch):  # the sparse channels' non-zero values
+            if kinds[i, c] == 4:
+                for v in sketches[i, c]:
+                    if v != 0:
+                        f4[0] = v
+                        p = _put(buf, p, f4_bits[0], 4)
+    return buf, bounds

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sketchstream.models import batches
+from sketchstream.models import batches, kernels
 from sketchstream.models.batches import StateBatch
 from sketchstream.models.channels import AggregatorConfig
 from sketchstream.models.errors import ArtifactError
@@ -141,6 +141,8 @@ def encode(batch: StateBatch, layout: StateLayout) -> list[bytes]:
     n_users = len(batch)
     if n_users == 0:
         return []
+    if kernels.ENABLED:
+        return _encode_compiled(batch, layout)
     out = _Sections(n_users)
     head = np.zeros(n_users, _HEAD)
     head["magic"] = _MAGIC_U2
@@ -215,6 +217,38 @@ def encode(batch: StateBatch, layout: StateLayout) -> list[bytes]:
         4 * np.bincount(user[rows], weights=nz.sum(axis=1), minlength=n_users).astype(np.int64),
     )
     return out.join()
+
+
+def _encode_compiled(batch: StateBatch, layout: StateLayout) -> list[bytes]:
+    """:func:`encode` in compiled code (:func:`~sketchstream.models.kernels.encode_states`),
+    the same bytes; the numpy code of :func:`encode` is its reference."""
+    n_users, n_ch = batch.sketches.shape[:2]
+    head = [_MAGIC_U2, _FORMAT_VERSION, _FORMAT_NO_IDS, layout.layout_id, layout.codebooks_id]
+    head += [_HEAD.itemsize, _PAIR.itemsize]
+
+    def flat(a: np.ndarray, dtype: type | None = None) -> np.ndarray:
+        a = np.ascontiguousarray(a)  # one compiled signature, whatever slicing made a
+        return a if dtype is None else a.view(dtype)
+
+    buf, bounds = kernels.encode_states(
+        np.array(head, np.uint64).view(np.int64),
+        flat(batch.clocks),
+        flat(batch.n_events),
+        flat(batch.partitions),
+        flat(batch.offsets),
+        flat(batch.hist_len),
+        flat(batch.hist_item, np.int64),
+        flat(batch.hist_ts),
+        flat(batch.hist_action),
+        flat(batch.hist_value),
+        flat(batch.hist_weight),
+        flat(batch.id_len),
+        flat(batch.id_hash, np.int64),
+        flat(batch.sketches).reshape(n_users, n_ch, -1),
+        layout.counts,
+    )
+    data, at = buf.tobytes(), bounds.tolist()
+    return [data[at[u] : at[u + 1]] for u in range(n_users)]
 
 
 def _sketch_encodings(

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sketchstream.models import kernels
-from test_aggregator import _aggregator, _batch, event_rows
+from test_aggregator import DEPTH, WIDTH, _aggregator, _batch, event_rows
 from test_similarity import _spread_similarity, _stream
 
 
@@ -70,6 +70,51 @@ def test_the_compiled_cf_sums_equal_the_numpy_ones(monkeypatch, seed: int) -> No
     rows = _stream(seed)
     cuts = [0, 37, 38, 90, len(rows)]
     _assert_same(monkeypatch, rows, cuts, sim=_spread_similarity(seed), history_size=6)
+
+
+def _dump_both_ways(monkeypatch, agg, state) -> tuple[list[bytes], list[bytes]]:
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    got = agg.dump(state)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    return got, agg.dump(state)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.booleans().flatmap(lambda ids: event_rows(max_events=30, ids=ids)))
+def test_the_compiled_encoder_writes_the_numpy_bytes(rows) -> None:
+    """States folded from streams with and without event ids (formats 3 and 2), a user left
+    empty, unknown actions (history action -1), nan values, weights other than 1."""
+    agg = _aggregator(history_size=5)
+    state = agg.new_batch(4)
+    with pytest.MonkeyPatch.context() as mp:
+        agg.score_then_fold(state, _batch(rows))
+        got, want = _dump_both_ways(mp, agg, state)
+    assert got == want
+
+
+def test_the_compiled_encoder_writes_every_field_encoding_as_numpy_does(monkeypatch) -> None:
+    """Each sketch encoding (nibbles, bytes, shorts, sparse fractions, nan), fractional
+    times (f8), fractional values (f4), large offsets and partitions, a state sliced out of
+    a batch (not contiguous)."""
+    agg = _aggregator()
+    state = agg.new_batch(6)
+    rows = [(0, "i1", 0, 5.0, 1e9 + 0.25 * k, 3, 2**40 + k, 1.0) for k in range(30)]
+    rows.append((0, "i2", 1, 7.25, 2e9, 70_000, 2**62, 3.5))
+    agg.score_then_fold(state, _batch(rows))
+    rng = np.random.default_rng(0)
+    cells = DEPTH * WIDTH
+    for r, top in enumerate((15, 255, 65_535, 70_000), start=1):
+        counts = rng.integers(0, top + 1, cells).astype(np.float32)
+        counts[rng.random(cells) < 0.5] = 0
+        state.sketches[r, 0] = counts.reshape(DEPTH, WIDTH)
+        state.clocks[r] = 1000.0
+    state.sketches[5, 2, 1, 3] = 2.5
+    state.sketches[5, 1] = rng.random((DEPTH, WIDTH), dtype=np.float32)
+    state.sketches[5, 4] = np.nan
+    got, want = _dump_both_ways(monkeypatch, agg, state)
+    assert got == want
+    got, want = _dump_both_ways(monkeypatch, agg, state.take(slice(1, None, 2)))
+    assert got == want
 
 
 def test_sketchstream_no_jit_turns_the_kernels_off() -> None:
