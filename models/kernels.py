@@ -29,7 +29,14 @@ from typing import Any
 import numba
 import numpy as np
 
-__all__ = ["ENABLED", "cf_window_sums", "encode_states", "fold_segments"]
+__all__ = [
+    "ENABLED",
+    "FORGET",
+    "cf_window_sums",
+    "encode_states",
+    "fold_segments",
+    "group_cummax",
+]
 
 log = logging.getLogger(__name__)
 
@@ -372,3 +379,19 @@ def encode_states(
                         f4[0] = v
                         p = _put(buf, p, f4_bits[0], 4)
     return buf, bounds
+
+
+@_compiled
+def group_cummax(x: np.ndarray, gid: np.ndarray) -> np.ndarray:
+    """``segments.group_cummax`` (its numpy reference: a sort of ``x`` and one accumulate):
+    the inclusive running max of ``x (n,)`` within the runs of ``gid (n,)``, nan the largest
+    value (it holds to the end of its group)."""
+    out = np.empty_like(x)
+    for j in range(x.shape[0]):
+        v = x[j]
+        if j and gid[j] == gid[j - 1]:
+            m = out[j - 1]
+            if np.isnan(m) or not (np.isnan(v) or v > m):
+                v = m
+        out[j] = v
+    return out

@@ -1,4 +1,4 @@
-"""Pure numpy scans over rows sorted by group (a batch's events sorted by user).
+"""Scans over rows sorted by group (a batch's events sorted by user).
 
 The aggregator works on a batch's events in user-sorted order: each user's events are one
 contiguous run of rows. These helpers compute per-group quantities over such runs without a
@@ -10,6 +10,7 @@ each row's group number (``cumsum(starts) - 1``); ``counts (g,)``, rows per grou
 from __future__ import annotations
 
 import numpy as np
+from sketchstream.models import kernels
 
 __all__ = [
     "excl",
@@ -95,7 +96,12 @@ def excl_scan(x: np.ndarray, pos: np.ndarray) -> np.ndarray:
 
 
 def group_cummax(x: np.ndarray, gid: np.ndarray) -> np.ndarray:
-    """Inclusive running max of float ``x (n,)`` within groups ``gid`` (non-decreasing)."""
+    """Inclusive running max of float ``x (n,)`` within groups ``gid`` (non-decreasing).
+
+    Compiled where :data:`~sketchstream.models.kernels.ENABLED` (one loop instead of a sort:
+    ~0.1 ms a call less); this numpy code is its reference."""
+    if kernels.ENABLED:
+        return kernels.group_cummax(x, gid)
     uniq, rank = np.unique(x, return_inverse=True)
     m = len(uniq)
     key = gid * m + rank

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sketchstream.models import kernels
+from sketchstream.models import kernels, segments
 from test_aggregator import DEPTH, WIDTH, _aggregator, _batch, event_rows
 from test_similarity import _spread_similarity, _stream
 
@@ -115,6 +115,22 @@ def test_the_compiled_encoder_writes_every_field_encoding_as_numpy_does(monkeypa
     assert got == want
     got, want = _dump_both_ways(monkeypatch, agg, state.take(slice(1, None, 2)))
     assert got == want
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    x=st.lists(st.sampled_from([-np.inf, -1.5, 0.0, 2.0, 2.0, 7.25, np.inf, np.nan]), max_size=30),
+    cuts=st.lists(st.booleans(), min_size=30, max_size=30),
+)
+def test_the_compiled_group_cummax_equals_the_numpy_one(x, cuts) -> None:
+    values = np.array(x, np.float64)
+    gid = np.cumsum(cuts[: len(x)]).astype(np.int64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "ENABLED", False)
+        want = segments.group_cummax(values, gid)
+        mp.setattr(kernels, "ENABLED", True)
+        got = segments.group_cummax(values, gid)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_sketchstream_no_jit_turns_the_kernels_off() -> None:
