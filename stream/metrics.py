@@ -14,8 +14,9 @@ True
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -25,9 +26,9 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-__all__ = ["STAGES", "StageTimes", "WorkerMetrics"]
+__all__ = ["STAGES", "BatchHistogram", "StageTimes", "WorkerMetrics"]
 
 _BATCH_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -100,6 +101,43 @@ class StageTimes:
         )
 
 
+class BatchHistogram:
+    """A Prometheus histogram observed a batch of values at a time: one ``searchsorted`` and
+    ``bincount`` a batch, where ``Histogram.observe`` takes a lock and walks the buckets per
+    value (~2 µs each: a worker's whole per-prediction latency bookkeeping, measured).
+
+    >>> h = BatchHistogram("x_seconds", "An example.", (0.1, 1.0))
+    >>> h.observe_many([0.05, 0.1, 0.5, 3.0])
+    >>> [(s.labels.get("le"), s.value) for s in next(h.collect()).samples]
+    [('0.1', 2), ('1.0', 3), ('+Inf', 4), (None, 4), (None, 3.65)]
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = np.asarray(buckets, dtype=np.float64)  # upper bounds, ascending
+        self.counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # the last: above them all
+        self.total = 0.0
+
+    def observe_many(self, values: Sequence[float] | np.ndarray) -> None:
+        """Observe every value of ``values``."""
+        x = np.asarray(values, dtype=np.float64)
+        if x.size:
+            where = np.searchsorted(self.bounds, x, side="left")  # first bound >= x: its "le"
+            self.counts += np.bincount(where, minlength=len(self.counts))
+            self.total += float(x.sum())
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        """The Prometheus view: cumulative ``le`` buckets, ``+Inf``, the sum."""
+        cumulative = np.cumsum(self.counts).tolist()
+        les = [*(repr(float(b)) for b in self.bounds), "+Inf"]
+        yield HistogramMetricFamily(
+            self.name,
+            self.documentation,
+            buckets=list(zip(les, cumulative, strict=True)),
+            sum_value=self.total,
+        )
+
+
 class WorkerMetrics:
     """Counters, gauges and histograms of one worker; :meth:`render` is the ``/metrics`` body.
 
@@ -144,12 +182,12 @@ class WorkerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.latency = Histogram(
+        self.latency = BatchHistogram(
             "sketchstream_processing_latency_seconds",
             "Per prediction: publish time minus the event's Kafka record time.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
         )
+        r.register(self.latency)
         self.states_rebuilt = Counter(
             "sketchstream_states_rebuilt",
             "User states rebuilt from history because they were built on an older codebook.",
@@ -184,11 +222,9 @@ class WorkerMetrics:
         """Record the model and codebook versions now serving."""
         self.model.info({"version": version, "codebook_version": codebook_version})
 
-    def observe_latencies(self, seconds: list[float]) -> None:
+    def observe_latencies(self, seconds: Sequence[float] | np.ndarray) -> None:
         """Observe a batch of per-prediction latencies."""
-        observe = self.latency.observe
-        for s in seconds:
-            observe(s)
+        self.latency.observe_many(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """``(body, content type)`` of the Prometheus text exposition."""

@@ -192,6 +192,39 @@ def test_prediction_record_carries_reference_scores_versions_and_times():
     assert (record["received_ts"], record["published_ts"]) == (1.0, 2.0)
 
 
+def test_prediction_records_are_whole_json_objects_whatever_the_ids_hold():
+    """Records are joined from a batch's shared bytes and each record's own: ids with quotes,
+    backslashes, braces and non-ASCII text still make one valid object each, every field once."""
+    odd = ['q"uote', "back\\slash", "}{,:", "ünï ☃", "tab\there"]
+    msgs = [
+        message(event(user=u, item=f"i{k}", event_id=f"e{u}"), offset=k, key=u.encode())
+        for k, u in enumerate(odd)
+    ]
+    decoded, rejects = decode_events(msgs, ACTIONS)
+    assert not rejects
+    records = prediction_records(
+        decoded,
+        np.arange(len(odd)),
+        np.full((len(odd), 1), 0.75, dtype=np.float32),
+        topic="events",
+        actions=ACTIONS,
+        heads=("like",),
+        model_version="m1",
+        codebook_version="c1",
+        kafka_ts=[None] * len(odd),
+        received=1.0,
+        published=2.0,
+    )
+    fields = ["event", "user", "item", "action", "scores", "event_ts", "kafka_ts"]
+    fields += ["model_version", "codebook_version", "received_ts", "published_ts"]
+    for k, (key, value) in enumerate(records):
+        record = orjson.loads(value)
+        assert list(record) == fields
+        assert key == odd[k].encode() and record["user"] == odd[k]
+        assert record["event"]["event_id"] == f"e{odd[k]}" and record["event"]["offset"] == k
+        assert record["scores"] == {"like": 0.75} and record["kafka_ts"] is None
+
+
 # --- limits: checked before anything recursive looks at a value ----------------------------
 
 DEEP = b"[" * 1000 + b"]" * 1000  # parses (orjson stops at 1024 levels); repr() would not
