@@ -6,21 +6,34 @@ context variable). Under ``Stream.take_events`` that is whichever event the stre
 not the one whose user is being written, so per-key ``table[k] = v`` inside a batch would write
 states into the wrong partition's RocksDB and changelog. :class:`UserStates` therefore names
 the partition explicitly: reads are one RocksDB multi-get per partition, writes one RocksDB
-write batch per partition plus one changelog record per key (sent through the table, so faust's
-recovery, standby replicas and persisted-offset bookkeeping work as for any table).
-Values are always reassigned, never mutated in place.
+write batch per partition plus one changelog record per key. Values are always reassigned,
+never mutated in place.
+
+The changelog records go out as one record batch per partition (:func:`publish_to`), not
+through the table's ``send_changelog``: that makes a faust ``FutureMessage`` per key, queues it
+for the producer's task, sends it alone and, once it is acknowledged, writes the partition's
+persisted offset into RocksDB, again per key. Here the persisted offset (where recovery resumes
+reading the changelog) is written once per partition and batch, when the batch is acknowledged:
+the same value faust writes last. The records are the table's own (raw key and value, on the
+table's partition of the changelog topic), so faust's recovery and standby replicas read them
+as ever, and a commit waits for them (faust flushes the producer before committing offsets).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 from sketchstream.stream.metrics import StageTimes
+from sketchstream.stream.publish import publish_to
 
 __all__ = ["UserStates"]
+
+log = logging.getLogger(__name__)
 
 
 class UserStates:
@@ -48,8 +61,9 @@ class UserStates:
                 out[i] = v
         return out
 
-    def write(self, writes: Sequence[tuple[int, bytes, bytes]]) -> None:
-        """Store ``(partition, key, value)`` triples locally and send them to the changelog."""
+    async def write(self, writes: Sequence[tuple[int, bytes, bytes]]) -> None:
+        """Store ``(partition, key, value)`` triples locally and send them to the changelog
+        (handed to the producer, not awaited: the next commit waits for them)."""
         from rocksdict import WriteBatch
 
         stages = self.stages
@@ -63,7 +77,28 @@ class UserStates:
         for p, batch in batches.items():
             self._db(p).write(batch)
         t = stages.lap("state_write", t)
-        send = self.table.send_changelog
-        for p, key, value in writes:
-            send(p, key, value)
+        topic = self.table.changelog_topic.get_topic_name()
+        for sent in await publish_to(self.table.app.producer, topic, writes):
+            sent.future.add_done_callback(self._persisted(topic, sent.partition, sent.records))
         stages.lap("changelog", t)
+
+    def _persisted(self, topic: str, partition: int, records: int) -> Any:
+        """The callback of a changelog batch of ``records`` on ``partition``: its last offset
+        becomes the partition's persisted offset (what faust's own callback does per record)."""
+        from faust.types import TP
+
+        def done(future: asyncio.Future) -> None:
+            if future.cancelled() or future.exception() is not None:
+                log.error(
+                    "changelog batch of %d states on %s[%d] not written (%r): the local states "
+                    "are ahead of their changelog until these users are written again",
+                    records,
+                    topic,
+                    partition,
+                    None if future.cancelled() else future.exception(),
+                )
+                return
+            last = future.result().offset + records - 1
+            self.table.data.set_persisted_offset(TP(topic, partition), last)
+
+        return done

@@ -346,7 +346,8 @@ async def _raw_passthrough(spec: dict[str, Any]) -> None:
 
 def _faust_passthrough(spec: dict[str, Any]) -> None:
     import faust
-    from sketchstream.stream.app import faust_app, publish
+    from sketchstream.stream.app import faust_app
+    from sketchstream.stream.publish import publish
     from sketchstream.stream.settings import Settings
 
     settings = Settings(

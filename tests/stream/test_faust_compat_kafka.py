@@ -63,7 +63,7 @@ class TinyApp:
 
         async def handle(messages: list[Any]) -> None:
             self.batches.append([(m.partition, m.offset) for m in messages])
-            states.write([(m.partition, m.key, m.value) for m in messages])
+            await states.write([(m.partition, m.key, m.value) for m in messages])
 
         app.bulk(events, handle, size=settings.batch_size)
 
