@@ -101,9 +101,9 @@ def batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
     timed = [(size, "in order") for size in spec["sizes"]]
     timed += [(size, "late") for size in spec["sizes"] if late]
     for size, order in timed:
-        before = snapshot(processor.stages, 0, 0.0)
+        before = snapshot(processor.stages, 0, 0, 0.0)
         done, secs = run(size, spec["events"]) if order == "in order" else run_late(size)
-        after = snapshot(processor.stages, done, secs)
+        after = snapshot(processor.stages, done, -(-done // size), secs)
         rows.append(
             {
                 "batch_size": size,

@@ -21,7 +21,8 @@ from sketchstream.tools.bench_harness import render
 
 __all__ = ["Counters", "profile_rows", "profile_table", "scrape", "scrape_idle", "snapshot"]
 
-#: ``{stage: seconds, "busy": seconds, "events": events in}``: the counters at one moment
+#: ``{stage: seconds, "busy": seconds, "events": events in, "batches": batches}``: the counters
+#: at one moment
 Counters = dict[str, float]
 
 _REST = "rest"  # busy time outside every stage
@@ -45,7 +46,9 @@ def scrape(url: str, timeout: float = 10.0) -> Counters:
                 out["busy"] = sample.value
             elif sample.name == "sketchstream_events_in_total":
                 out["events"] = sample.value
-    missing = [s for s in (*STAGES, "busy", "events") if s not in out]
+            elif sample.name == "sketchstream_batch_size_count":
+                out["batches"] = sample.value
+    missing = [s for s in (*STAGES, "busy", "events", "batches") if s not in out]
     if missing:
         raise ValueError(f"{url} has no stage counters for {missing}: an older worker?")
     return out
@@ -65,16 +68,19 @@ async def scrape_idle(url: str, pause: float = 0.3, tries: int = 20) -> Counters
     return last
 
 
-def snapshot(stages: StageTimes, events: int, busy: float) -> Counters:
-    """The counters of a :class:`StageTimes` in this process, with ``events`` processed and
-    ``busy`` seconds spent so far by the caller's clock (there is no fetch loop to keep it)."""
-    return {**{s: ns / 1e9 for s, ns in stages.ns.items()}, "busy": busy, "events": float(events)}
+def snapshot(stages: StageTimes, events: int, batches: int, busy: float) -> Counters:
+    """The counters of a :class:`StageTimes` in this process, with ``events`` processed in
+    ``batches`` and ``busy`` seconds spent so far by the caller's clock (there is no fetch
+    loop to keep it)."""
+    spent = {s: ns / 1e9 for s, ns in stages.ns.items()}
+    return {**spent, "busy": busy, "events": float(events), "batches": float(batches)}
 
 
 def profile_rows(before: Counters, after: Counters, phase: str) -> list[dict[str, Any]]:
     """One row per stage, then ``rest`` and the busy wall time, between two readings:
-    ``{"phase", "stage", "us_per_event", "pct_of_wall"}``."""
+    ``{"phase", "stage", "us_per_event", "pct_of_wall", "events_per_batch"}``."""
     events = after["events"] - before["events"]
+    batches = after["batches"] - before["batches"]
     busy = after["busy"] - before["busy"]
     spent = {s: after[s] - before[s] for s in STAGES}
     spent[_REST] = busy - sum(spent.values())
@@ -85,6 +91,7 @@ def profile_rows(before: Counters, after: Counters, phase: str) -> list[dict[str
             "stage": stage,
             "us_per_event": round(1e6 * secs / events, 2) if events else None,
             "pct_of_wall": round(100.0 * secs / busy, 1) if busy > 0 else None,
+            "events_per_batch": round(events / batches, 1) if batches else None,
         }
         for stage, secs in spent.items()
     ]
@@ -92,8 +99,8 @@ def profile_rows(before: Counters, after: Counters, phase: str) -> list[dict[str
 
 def profile_table(rows: Sequence[dict[str, Any]]) -> str:
     """Rows of :func:`profile_rows` (one or more phases) as one table: a line per stage, a
-    column pair (µs/event, % of wall) per phase."""
-    phases = list(dict.fromkeys(r["phase"] for r in rows))
+    column pair (µs/event, % of wall) per phase; the phases' events per batch below it."""
+    phases = {r["phase"]: r["events_per_batch"] for r in rows}
     by_stage: dict[str, dict[str, Any]] = {}
     for r in rows:
         line = by_stage.setdefault(r["stage"], {"stage": r["stage"]})
@@ -102,4 +109,6 @@ def profile_table(rows: Sequence[dict[str, Any]]) -> str:
     cols = [("stage", "stage")]
     for p in phases:
         cols += [(f"{p}:us", f"{p} µs/event"), (f"{p}:pct", "% of wall")]
-    return render(list(by_stage.values()), cols, lambda _k, v: str(v))
+    sizes = ", ".join(f"{p} {n:,.0f}" for p, n in phases.items() if n is not None)
+    table = render(list(by_stage.values()), cols, lambda _k, v: str(v))
+    return table + (f"\nevents per batch: {sizes}" if sizes else "")
