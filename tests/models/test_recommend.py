@@ -126,15 +126,22 @@ def _stable_top_k(
     return out
 
 
+@pytest.mark.parametrize("block", [1 << 14, 700])  # one block of items, or 8 (the last short)
 @pytest.mark.parametrize("k", [1, 10, 300])
+@pytest.mark.parametrize(
+    ("n_levels", "width"),
+    [(3, 4), (6, 16)],  # 64 distinct scores for 5,000 items, or all distinct but for copies
+)
 def test_fast_top_k_equals_a_stable_sort_of_every_score_ties_and_exclusions_included(
-    k: int,
+    k: int, block: int, n_levels: int, width: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import scipy.sparse as sp
 
+    monkeypatch.setattr("sketchstream.models.recommend._ITEM_BLOCK", block)
     rng = np.random.default_rng(k)
-    n, n_levels, width = 5000, 3, 4  # 64 distinct bucket rows for 5,000 items: ties galore
+    n = 5000
     levels = rng.integers(0, width, (n, n_levels)) + np.arange(n_levels) * width
+    levels[rng.choice(n, 500)] = levels[rng.choice(n, 500)]  # items that tie exactly
     cat = Catalogue([f"i{r}" for r in range(n)], levels, width)
     lp = rng.normal(size=(37, n_levels * width)).astype(np.float32)  # 37 rows: 3 decode chunks
     exclude = rng.random((37, n)) < 0.02
