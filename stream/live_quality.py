@@ -1,0 +1,355 @@
+"""Live quality per task: rolling AUC of every head and rolling HR@10 of the recommendations,
+as their labels arrive on the stream itself (issue 15, item 4).
+
+The offline report measures each head on a fixed test period; a worker serving for weeks
+needs the same figures about *now*, from the only labels it ever sees: the next events.
+:class:`LiveQuality` is what the worker (and ``sketchstream demo``) calls once per batch::
+
+    live = LiveQuality(bundle_heads(bundle))           # the artifact's heads, scores' order
+    live.observe(users, items, actions, values, ts, scores, partitions)   # after scoring
+    live.answered(users, ranked_items)                 # after answering recommendations
+    live.snapshot()  # {"heads": {name: {"auc", "n", ...}}, "recommend": {"hr@10", "n", ...}}
+
+Where each label comes from:
+
+- an *engagement* head labels the scored event itself (``like``: a rating >= 4), through
+  :func:`~sketchstream.models.events.labels`, the trainer's own labelling;
+- a *return* head (``return:next<=7d``) labels a prediction with the user's future: positive
+  when the same user's next event comes at most the horizon later, negative once the event
+  time seen on the user's partition (its watermark: the largest ``ts`` of that partition so
+  far) passes the prediction's ``ts`` + horizon with no event of that user; until then it is
+  *pending*. A watermark per partition, not one for the worker, because a user's events all
+  arrive on their partition in offset order while partitions drift apart (a replay at full
+  speed, a lagging partition): one partition running ahead must not close the predictions of
+  another;
+- a recommendation answer is resolved by the user's next event: a hit when that event's item
+  is among the answer's first :data:`HIT_AT` items. A user's newer answer replaces the older.
+
+Out-of-order event times (a user's next event stamped earlier than the prediction) follow the
+trainer's :func:`~sketchstream.models.events.labels`, which takes the next event in stream
+order: its gap is negative, within the horizon, so the label is positive. An event whose own
+horizon already ended behind its partition's watermark when it arrives (late by more than the
+horizon) gets no return label, since its window closed before it came, and is counted as
+``late``; it still resolves its user's earlier prediction. A prediction closed by the
+watermark stays closed: a late event of that user does not reopen it.
+
+Bounds and cost: each rolling figure covers the last ``window`` labels (a ring of numpy
+arrays); at most ``max_pending`` users wait for a return label per head and ``max_answers``
+for a hit, the least recently active dropped first and counted (``dropped``). Engagement labels
+are found by numpy a batch at a time; return and recommendation labels in one loop over the
+batch's events (a dict pop and a heap push each); AUC is computed only when read, and cached
+until new labels come. Everything is decided per event in arrival order, so how events are cut
+into batches changes nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sketchstream.models.events import EventTable, Head, labels
+from sketchstream.models.metrics import roc_auc
+from sketchstream.stream.errors import StreamError
+
+__all__ = ["HIT_AT", "LiveQuality", "LiveQualityError"]
+
+#: A recommendation answer is a hit when the next event's item is among its first HIT_AT items.
+HIT_AT = 10
+
+_COMPACT_SLACK = 1024  # stale heap entries tolerated beyond one per pending prediction
+
+
+class LiveQualityError(StreamError):
+    """Live quality tracking was given inputs it cannot use (a shape, a setting)."""
+
+
+class _Window:
+    """The last ``size`` labels (and their scores, when AUC is wanted): a ring of arrays.
+
+    ``count`` is how many were ever added; the ring's order does not matter to AUC or a rate.
+    """
+
+    def __init__(self, size: int, scored: bool = True) -> None:
+        self.size = size
+        self.labels = np.zeros(size, dtype=bool)
+        self.scores = np.zeros(size, dtype=np.float64) if scored else None
+        self.count = 0
+        self._auc: tuple[int, float] | None = None  # (count it was computed at, value)
+
+    def extend(self, labels: np.ndarray, scores: np.ndarray | None = None) -> None:
+        """Add ``labels (k,)`` bool and their ``scores (k,)``; a non-finite score (a model
+        fault, not a label) is left out so that reading the window never raises."""
+        if scores is not None:
+            finite = np.isfinite(scores)
+            if not finite.all():
+                labels, scores = labels[finite], scores[finite]
+        k = len(labels)
+        if k > self.size:  # only the newest fit; where they land keeps the ring consistent
+            labels, scores = labels[-self.size :], None if scores is None else scores[-self.size :]
+            self.count += k - self.size
+            k = self.size
+        start = self.count % self.size
+        split = min(k, self.size - start)
+        self.labels[start : start + split] = labels[:split]
+        self.labels[: k - split] = labels[split:]
+        if self.scores is not None and scores is not None:
+            self.scores[start : start + split] = scores[:split]
+            self.scores[: k - split] = scores[split:]
+        self.count += k
+
+    @property
+    def n(self) -> int:
+        """Labels in the window now."""
+        return min(self.count, self.size)
+
+    def positives(self) -> int:
+        return int(self.labels[: self.n].sum())
+
+    def auc(self) -> float:
+        """ROC AUC over the window (nan without both classes), recomputed only after new labels."""
+        if self._auc is None or self._auc[0] != self.count:
+            y = self.labels[: self.n]
+            both = 0 < int(y.sum()) < len(y)
+            value = (
+                roc_auc(y, self.scores[: self.n]) if both and self.scores is not None else math.nan
+            )
+            self._auc = (self.count, value)
+        return self._auc[1]
+
+    def rate(self) -> float:
+        """The share of positive labels in the window (nan when empty)."""
+        return self.positives() / self.n if self.n else math.nan
+
+
+class _ReturnHead:
+    """Predictions of one return head waiting for the user's next event or the watermark.
+
+    ``pending``: user -> ``(seq, ts, score, partition)``, least recently active first (the first
+    dropped when over ``max_pending``). ``deadlines``: per partition a heap of ``(ts + horizon,
+    seq, user)``; an entry whose ``seq`` is no longer its user's pending one is stale (resolved
+    or dropped) and skipped when popped; the heaps are rebuilt when stale entries outnumber the
+    live ones, so they stay within about twice ``max_pending``.
+    """
+
+    def __init__(self, horizon: float, max_pending: int, window: int) -> None:
+        self.horizon = horizon
+        self.max_pending = max_pending
+        self.window = _Window(window)
+        self.pending: OrderedDict[str, tuple[int, float, float, int]] = OrderedDict()
+        self.deadlines: dict[int, list[tuple[float, int, str]]] = {}
+        self.watermarks: dict[int, float] = {}
+        self.entries = 0  # heap entries over all partitions, stale ones included
+        self.seq = 0
+        self.dropped = 0
+        self.late = 0
+
+    def observe(
+        self, users: list[str], ts: list[float], scores: list[float], partitions: list[int]
+    ) -> None:
+        """One batch's events, in arrival order (see the module docstring for the rules)."""
+        horizon, pending, watermarks = self.horizon, self.pending, self.watermarks
+        heappush, heappop = heapq.heappush, heapq.heappop
+        out_scores: list[float] = []
+        out_labels: list[bool] = []
+        for user, t, score, part in zip(users, ts, scores, partitions, strict=True):
+            previous = pending.pop(user, None)
+            if previous is not None:
+                out_scores.append(previous[2])
+                out_labels.append(t - previous[1] <= horizon)
+            heap = self.deadlines.get(part)
+            if heap is None:
+                heap = self.deadlines[part] = []
+            mark = watermarks.get(part, -math.inf)
+            if t > mark:
+                watermarks[part] = mark = t
+                while heap and heap[0][0] < mark:  # closed in event time: no return
+                    _, seq, who = heappop(heap)
+                    self.entries -= 1
+                    entry = pending.get(who)
+                    if entry is not None and entry[0] == seq:
+                        del pending[who]
+                        out_scores.append(entry[2])
+                        out_labels.append(False)
+            if t + horizon < mark:
+                self.late += 1
+                continue
+            self.seq += 1
+            pending[user] = (self.seq, t, score, part)
+            heappush(heap, (t + horizon, self.seq, user))
+            self.entries += 1
+            if len(pending) > self.max_pending:
+                pending.popitem(last=False)
+                self.dropped += 1
+        if self.entries > 2 * len(pending) + _COMPACT_SLACK:
+            self._compact()
+        self.window.extend(np.asarray(out_labels, dtype=bool), np.asarray(out_scores))
+
+    def _compact(self) -> None:
+        """Rebuild the deadline heaps from the pending predictions alone."""
+        heaps: dict[int, list[tuple[float, int, str]]] = {part: [] for part in self.deadlines}
+        for user, (seq, t, _, part) in self.pending.items():
+            heaps[part].append((t + self.horizon, seq, user))
+        for heap in heaps.values():
+            heapq.heapify(heap)
+        self.deadlines = heaps
+        self.entries = len(self.pending)
+
+
+class LiveQuality:
+    """Rolling quality of a served model's heads and recommendations (module docstring).
+
+    ``heads``: the model's :class:`~sketchstream.models.events.Head` s, in the order of the
+    score columns (``bundle_heads(bundle)``); ``window``: labels per rolling figure;
+    ``max_pending``: users waiting for a return label, per return head; ``max_answers``:
+    users whose last recommendation answer waits for their next event. Not thread-safe: one
+    worker, one tracker.
+    """
+
+    def __init__(
+        self,
+        heads: Sequence[Head],
+        *,
+        window: int = 10_000,
+        max_pending: int = 100_000,
+        max_answers: int = 100_000,
+    ) -> None:
+        names = [h.name for h in heads]
+        if len(set(names)) != len(names):
+            raise LiveQualityError(f"head names must be unique, got {names}")
+        for name, value in (
+            ("window", window),
+            ("max_pending", max_pending),
+            ("max_answers", max_answers),
+        ):
+            if value < 1:
+                raise LiveQualityError(f"{name} must be at least 1, got {value}")
+        self.heads = tuple(heads)
+        self.window = window
+        self.max_answers = max_answers
+        self._engagement = {
+            col: _Window(window) for col, h in enumerate(self.heads) if h.horizon is None
+        }
+        self._returns = {
+            col: _ReturnHead(h.horizon, max_pending, window)
+            for col, h in enumerate(self.heads)
+            if h.horizon is not None
+        }
+        self._label_heads = tuple(self.heads[col] for col in self._engagement)
+        self._answers: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self._hits = _Window(window, scored=False)
+        self._answers_dropped = 0
+
+    def observe(
+        self,
+        users: Sequence[str],
+        items: Sequence[str],
+        actions: Sequence[str],
+        values: Sequence[float],
+        ts: Sequence[float],
+        scores: np.ndarray,
+        partitions: Sequence[int] | None = None,
+    ) -> None:
+        """One batch of scored events, in arrival order: ``users``, ``items``, ``actions``
+        (names), ``values`` (nan where absent), ``ts`` (event time, seconds), all ``(k,)``;
+        ``scores (k, n_heads)`` in the order of ``heads``; ``partitions (k,)`` the events'
+        source partitions (None: one partition)."""
+        scores = np.asarray(scores, dtype=np.float64)
+        k = len(users)
+        if scores.shape != (k, len(self.heads)):
+            raise LiveQualityError(
+                f"scores have shape {scores.shape}, expected ({k}, {len(self.heads)}): one "
+                f"row per event, one column per head ({', '.join(h.name for h in self.heads)})"
+            )
+        if k == 0:
+            return
+        if self._engagement:
+            self._observe_engagement(users, items, actions, values, ts, scores)
+        user_list = list(users)
+        if self._returns:
+            ts_list = np.asarray(ts, dtype=np.float64).tolist()
+            parts = [0] * k if partitions is None else np.asarray(partitions).tolist()
+            for col, head in self._returns.items():
+                head.observe(user_list, ts_list, scores[:, col].tolist(), parts)
+        if self._answers:
+            self._resolve_answers(user_list, list(items))
+
+    def answered(self, users: Sequence[str], items: Sequence[Sequence[str]]) -> None:
+        """Recommendation answers just sent: ``items[i]`` ranked best first for ``users[i]``.
+        Each replaces that user's unresolved answer, if any."""
+        if len(users) != len(items):
+            raise LiveQualityError(f"{len(users)} users but {len(items)} answers")
+        answers = self._answers
+        for user, ranked in zip(users, items, strict=True):
+            answers.pop(user, None)
+            answers[user] = tuple(ranked[:HIT_AT])
+            if len(answers) > self.max_answers:
+                answers.popitem(last=False)
+                self._answers_dropped += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """The figures now: ``{"heads": {name: {"auc", "n", "positives", "labelled"} (return
+        heads also "pending", "dropped", "late")}, "recommend": {"hr@10", "n", "resolved",
+        "pending", "dropped"}}``. ``n`` and ``positives`` are the window's, ``labelled`` and
+        ``resolved`` every label so far; ``auc`` is nan without both classes in the window,
+        ``hr@10`` nan without a resolved answer."""
+        heads: dict[str, dict[str, Any]] = {}
+        for col, head in enumerate(self.heads):
+            tracker = self._returns.get(col)
+            window = tracker.window if tracker is not None else self._engagement[col]
+            figures: dict[str, Any] = {
+                "auc": window.auc(),
+                "n": window.n,
+                "positives": window.positives(),
+                "labelled": window.count,
+            }
+            if tracker is not None:
+                figures.update(
+                    pending=len(tracker.pending), dropped=tracker.dropped, late=tracker.late
+                )
+            heads[head.name] = figures
+        hits = self._hits
+        recommend = {
+            f"hr@{HIT_AT}": hits.rate(),
+            "n": hits.n,
+            "resolved": hits.count,
+            "pending": len(self._answers),
+            "dropped": self._answers_dropped,
+        }
+        return {"heads": heads, "recommend": recommend}
+
+    def _observe_engagement(
+        self,
+        users: Sequence[str],
+        items: Sequence[str],
+        actions: Sequence[str],
+        values: Sequence[float],
+        ts: Sequence[float],
+        scores: np.ndarray,
+    ) -> None:
+        """The engagement heads' labels of the batch, by the trainer's labelling."""
+        table = EventTable(
+            user=np.asarray(users, dtype=object),
+            item=np.asarray(items, dtype=object),
+            action=np.asarray(actions, dtype=object),
+            ts=np.asarray(ts, dtype=np.float64),
+            value=np.asarray(values, dtype=np.float32),
+        )
+        y = labels(table, self._label_heads)  # (k, engagement heads), nan: not labelled
+        for j, (col, window) in enumerate(self._engagement.items()):
+            labelled = ~np.isnan(y[:, j])
+            window.extend(y[labelled, j] == 1, scores[labelled, col])
+
+    def _resolve_answers(self, users: list[str], items: list[str]) -> None:
+        """Hits and misses of the answers whose users have an event in the batch."""
+        answers = self._answers
+        hits = [
+            item in answer
+            for user, item in zip(users, items, strict=True)
+            if (answer := answers.pop(user, None)) is not None
+        ]
+        if hits:
+            self._hits.extend(np.asarray(hits, dtype=bool))
