@@ -32,7 +32,9 @@ import numpy as np
 __all__ = [
     "ENABLED",
     "FORGET",
+    "REFUSALS",
     "cf_window_sums",
+    "decode_states",
     "encode_states",
     "fold_segments",
     "group_cummax",
@@ -395,3 +397,223 @@ def group_cummax(x: np.ndarray, gid: np.ndarray) -> np.ndarray:
                 v = m
         out[j] = v
     return out
+
+
+@_compiled(inline="always")
+def _get(data: np.ndarray, p: int, n_bytes: int) -> int:
+    """The little-endian integer of ``n_bytes`` at ``data[p]`` (8 bytes: its int64 bits)."""
+    x = 0
+    for k in range(n_bytes):
+        x |= np.int64(data[p + k]) << (8 * k)
+    return x
+
+
+#: Why :func:`decode_states` refuses a blob (``refused``), in the order ``state_codec.decode``
+#: checks: 0 readable, then the keys of ``state_codec``'s messages.
+REFUSALS = (
+    "",
+    "short",
+    "format",
+    "v2 flags",
+    "history encoding",
+    "truncated",
+    "sketch encoding",
+    "nibbles",
+    "bytes",
+    "shorts",
+    "bitmaps",
+    "values",
+)
+
+
+@_compiled(inline="always")
+def _sketches_refused(data: np.ndarray, p: int, end: int, n_ch: int, cells: int) -> int:
+    """Why a blob's sketch section at ``data[p:end]`` is refused (:data:`REFUSALS`; 0: it
+    is not): an unknown encoding, a block (nibbles, bytes, shorts, bitmaps, in block order)
+    cut short, or values that are not 4 bytes for each bit of the bitmaps."""
+    row_bytes = (0, cells // 2, cells, 2 * cells, (cells + 7) // 8)
+    block_end = p + n_ch
+    for kind in range(1, 5):
+        rows = 0
+        for c in range(n_ch):
+            if data[p + c] > 4:
+                return 6
+            rows += data[p + c] == kind
+        block_end += rows * row_bytes[kind]
+        if rows and end < block_end:
+            return 6 + kind
+    n_sparse = 0
+    for c in range(n_ch):
+        n_sparse += data[p + c] == 4
+    nnz, bits = 0, block_end - n_sparse * row_bytes[4]
+    for _ in range(n_sparse):
+        for j in range(cells):
+            nnz += (data[bits + j // 8] >> (7 - j % 8)) & 1
+        bits += row_bytes[4]
+    return 11 if end - block_end != 4 * nnz else 0
+
+
+@_compiled(inline="always")
+def _read_sketches(data: np.ndarray, p: int, cells: int, out: np.ndarray) -> None:
+    """A blob's sketch section at ``data[p]`` into ``out (C, D*W)`` float32."""
+    n_ch = out.shape[0]
+    row_bytes = (0, cells // 2, cells, 2 * cells, (cells + 7) // 8)
+    at = p + n_ch  # the start of the block being read
+    bitmaps = at
+    for kind in range(1, 5):
+        for c in range(n_ch):
+            if data[p + c] != kind:
+                continue
+            x = out[c]
+            if kind == 1:
+                for j in range(0, cells, 2):
+                    x[j], x[j + 1] = data[at + j // 2] >> 4, data[at + j // 2] & 15
+            elif kind == 2:
+                for j in range(cells):
+                    x[j] = data[at + j]
+            elif kind == 3:
+                for j in range(cells):
+                    x[j] = _get(data, at + 2 * j, 2)
+            at += row_bytes[kind]
+        if kind == 3:
+            bitmaps = at
+    f4 = np.empty(1, np.float32)
+    f4_bits = f4.view(np.int32)
+    for c in range(n_ch):  # the values follow the bitmaps, in channel order
+        if data[p + c] != 4:
+            continue
+        x = out[c]
+        for j in range(cells):
+            if (data[bitmaps + j // 8] >> (7 - j % 8)) & 1:
+                f4_bits[0] = _get(data, at, 4)
+                x[j] = f4[0]
+                at += 4
+            else:
+                x[j] = 0.0
+        bitmaps += row_bytes[4]
+
+
+@_compiled
+def decode_states(
+    data: np.ndarray,
+    bounds: np.ndarray,
+    rows: np.ndarray,
+    head: np.ndarray,
+    fill: bool,
+    refused: np.ndarray,
+    n_parts: np.ndarray,
+    n_ids: np.ndarray,
+    fresh: np.ndarray,
+    clocks: np.ndarray,
+    n_events: np.ndarray,
+    partitions: np.ndarray,
+    offsets: np.ndarray,
+    hist_len: np.ndarray,
+    hist_item: np.ndarray,
+    hist_ts: np.ndarray,
+    hist_action: np.ndarray,
+    hist_value: np.ndarray,
+    hist_weight: np.ndarray,
+    id_len: np.ndarray,
+    id_hash: np.ndarray,
+    sketches: np.ndarray,
+) -> None:
+    """``state_codec.decode`` (the numpy reference; the format is documented there) in one
+    pass per blob ``data[bounds[k] : bounds[k + 1]]``, run twice.
+
+    With ``fill`` False it checks every blob and writes why each is refused (``refused
+    (k,)``, an index into :data:`REFUSALS`, the first check it fails in the reference's
+    order), its partition and id counts and whether its sketches are read (``fresh``), so
+    the caller raises as the reference does and sizes the partition and id arrays. With
+    ``fill`` True it reads blob ``k`` into row ``rows[k]`` of the batch arrays (``hist_item``,
+    ``id_hash``: int64 views of the uint64 hashes; ``sketches (U, C, D*W)`` float32).
+
+    ``head (9,)`` int64: the magic, the two formats, the layout and codebooks digests, the
+    header and pair sizes, the history size K and the id window. The header's fields are
+    read at the offsets ``state_codec._HEAD`` gives them (tests/models/test_kernels.py reads
+    every encoding both ways).
+    """
+    n_ch, cells = sketches.shape[1], sketches.shape[2]
+    layout, books, hs, ps, k_max, window = head[3], head[4], head[5], head[6], head[7], head[8]
+    f8, f4 = np.empty(1, np.float64), np.empty(1, np.float32)
+    f8_bits, f4_bits = f8.view(np.int64), f4.view(np.int32)
+    for r in range(rows.shape[0]):
+        b0, end = bounds[r], bounds[r + 1]
+        if not fill:
+            refused[r] = _blob_refused(data, b0, end, head, n_ch, cells)
+            if refused[r] > 4 or refused[r] == 0:
+                n_parts[r], n_ids[r] = _get(data, b0 + 36, 2), data[b0 + 3]
+                fresh[r] = _get(data, b0 + 4, 8) == layout and _get(data, b0 + 12, 8) == books
+            continue
+        u = rows[r]
+        parts, ids, n_hist = n_parts[r], n_ids[r], _get(data, b0 + 38, 2)
+        ts_kind, v_kind, w_kind = data[b0 + 40], data[b0 + 41], data[b0 + 42]
+        f8_bits[0] = _get(data, b0 + 20, 8)
+        clock = f8[0]
+        clocks[u] = clock
+        n_events[u] = _get(data, b0 + 28, 8)
+        p = b0 + hs
+        for s in range(parts):
+            partitions[u, s] = _get(data, p, 4)
+            offsets[u, s] = _get(data, p + 4, 8)
+            p += ps
+        keep = min(n_hist, k_max)  # stored in rank order: keep the top K
+        hist_len[u] = keep
+        for k in range(keep):
+            hist_item[u, k] = _get(data, p + 8 * k, 8)
+        p += 8 * n_hist
+        for k in range(keep):
+            if ts_kind:
+                f8_bits[0] = _get(data, p + 8 * k, 8)
+                hist_ts[u, k] = f8[0]
+            else:
+                hist_ts[u, k] = clock - _get(data, p + 4 * k, 4)
+        p += (8 if ts_kind else 4) * n_hist
+        for k in range(keep):
+            hist_action[u, k] = data[p + k]
+        p += n_hist
+        for k in range(keep):
+            if v_kind:
+                f4_bits[0] = _get(data, p + 4 * k, 4)
+                hist_value[u, k] = f4[0]
+            else:
+                hist_value[u, k] = np.nan if data[p + k] == 255 else data[p + k]
+        p += (4 if v_kind else 1) * n_hist
+        for k in range(keep):
+            if w_kind:
+                f4_bits[0] = _get(data, p + 4 * k, 4)
+                hist_weight[u, k] = f4[0]
+            else:
+                hist_weight[u, k] = 1.0
+        p += (4 if w_kind else 0) * n_hist
+        drop = max(ids - window, 0)  # keep each window's newest ids
+        for k in range(drop, ids):
+            id_hash[u, k - drop] = _get(data, p + 8 * k, 8)
+        id_len[u] = min(ids, window)
+        if fresh[r]:
+            _read_sketches(data, p + 8 * ids, cells, sketches[u])
+
+
+@_compiled(inline="always")
+def _blob_refused(
+    data: np.ndarray, b0: int, end: int, head: np.ndarray, n_ch: int, cells: int
+) -> int:
+    """Why :func:`decode_states` refuses the blob ``data[b0:end]`` (:data:`REFUSALS`)."""
+    hs, ps = head[5], head[6]
+    if end - b0 < hs:
+        return 1
+    fmt, ids = data[b0 + 2], data[b0 + 3]
+    if _get(data, b0, 2) != head[0] or (fmt != head[1] and fmt != head[2]):
+        return 2
+    if fmt == head[2] and ids != 0:
+        return 3
+    ts_kind, v_kind, w_kind = data[b0 + 40], data[b0 + 41], data[b0 + 42]
+    if ts_kind > 1 or v_kind > 1 or w_kind > 1:
+        return 4
+    parts, n_hist = _get(data, b0 + 36, 2), _get(data, b0 + 38, 2)
+    entry = 8 + (8 if ts_kind else 4) + 1 + (4 if v_kind else 1) + (4 if w_kind else 0)
+    p_sk = b0 + hs + ps * parts + n_hist * entry + 8 * ids
+    fresh = _get(data, b0 + 4, 8) == head[3] and _get(data, b0 + 12, 8) == head[4]
+    if end < p_sk + (n_ch if fresh else 0):
+        return 5
+    return _sketches_refused(data, p_sk, end, n_ch, cells) if fresh else 0

@@ -74,6 +74,20 @@ _SHORTS = 3  # whole numbers 0..65535: D*W little-endian u2
 _SPARSE = 4  # anything else: a bitmap of the non-zero cells (block "bitmaps"), f4 values
 
 
+# Why bytes are refused (ArtifactError "user state <row>: unreadable bytes: <why>"), in the
+# order decode checks them; the keys are kernels.REFUSALS.
+_REFUSED = {
+    "short": f"shorter than the {_HEAD.itemsize}-byte header",
+    "format": f"not a sketchstream user state of format v{_FORMAT_NO_IDS} or v{_FORMAT_VERSION}",
+    "v2 flags": "format v2 with flags set",
+    "history encoding": "unknown history encoding",
+    "truncated": "truncated",
+    "sketch encoding": "unknown sketch encoding",
+    **{b: f"sketch block {b!r} truncated" for b in ("nibbles", "bytes", "shorts", "bitmaps")},
+    "values": "sketch values truncated or followed by other bytes",
+}
+
+
 @dataclass(frozen=True, eq=False)
 class StateLayout:
     """What a state's bytes depend on besides the state.
@@ -302,18 +316,20 @@ def decode(blobs: Sequence[bytes | None], batch: StateBatch, layout: StateLayout
     given = [blobs[r] for r in rows.tolist()]
     if not given:
         return np.zeros(0, np.int64)
+    if kernels.ENABLED:
+        return _decode_compiled(rows, given, batch, layout)
     size = np.fromiter(map(len, given), np.int64, len(given))
     hs = _HEAD.itemsize
-    _refuse(rows, size < hs, f"shorter than the {hs}-byte header")
+    _refuse(rows, size < hs, _REFUSED["short"])
     head = np.frombuffer(b"".join([b[:hs] for b in given]), _HEAD)
     fmt = head["format"]
     _refuse(
         rows,
         (head["magic"] != _MAGIC_U2) | ((fmt != _FORMAT_VERSION) & (fmt != _FORMAT_NO_IDS)),
-        f"not a sketchstream user state of format v{_FORMAT_NO_IDS} or v{_FORMAT_VERSION}",
+        _REFUSED["format"],
     )
     n_ids = head["n_ids"].astype(np.int64)
-    _refuse(rows, (fmt == _FORMAT_NO_IDS) & (n_ids != 0), "format v2 with flags set")
+    _refuse(rows, (fmt == _FORMAT_NO_IDS) & (n_ids != 0), _REFUSED["v2 flags"])
     n_parts = head["n_parts"].astype(np.int64)
     n_hist = head["n_hist"].astype(np.int64)
     ts_w = np.where(head["ts_kind"] == 0, 4, 8)
@@ -322,7 +338,7 @@ def decode(blobs: Sequence[bytes | None], batch: StateBatch, layout: StateLayout
     _refuse(
         rows,
         (head["ts_kind"] > 1) | (head["value_kind"] > 1) | (head["weight_kind"] > 1),
-        "unknown history encoding",
+        _REFUSED["history encoding"],
     )
     # where each section starts in each blob
     p_hist = hs + _PAIR.itemsize * n_parts
@@ -334,7 +350,7 @@ def decode(blobs: Sequence[bytes | None], batch: StateBatch, layout: StateLayout
     p_sk = p_ids + 8 * n_ids
     fresh = (head["layout"] == layout.layout_id) & (head["codebooks"] == layout.codebooks_id)
     n_ch, cells = layout.n_channels, layout.depth * layout.width
-    _refuse(rows, size < p_sk + np.where(fresh, n_ch, 0), "truncated")
+    _refuse(rows, size < p_sk + np.where(fresh, n_ch, 0), _REFUSED["truncated"])
 
     # one pass over the byte strings: slice every section out, then decode each at once
     pairs_b: list[bytes] = []
@@ -440,7 +456,7 @@ def _load_sketches(
     encodings and the bytes of each encoding's block), all rows at once."""
     n_ch, cells = layout.n_channels, layout.depth * layout.width
     kinds = np.frombuffer(b"".join(blocks["kinds"]), np.uint8).reshape(-1, n_ch)
-    _refuse(rows, (kinds > _SPARSE).any(axis=1), "unknown sketch encoding")
+    _refuse(rows, (kinds > _SPARSE).any(axis=1), _REFUSED["sketch encoding"])
     sk = batch.sketches.reshape(-1, cells)
     target = (rows[:, None] * n_ch + np.arange(n_ch)).reshape(-1)  # rows of sk, in order
     flat_kinds = kinds.reshape(-1)
@@ -455,7 +471,7 @@ def _load_sketches(
     for code, (name, row_bytes, dtype) in sizes.items():
         got = np.fromiter(map(len, blocks[name]), np.int64, len(rows))
         want = (kinds == code).sum(axis=1) * row_bytes
-        _refuse(rows, got != want, f"sketch block {name!r} truncated")
+        _refuse(rows, got != want, _REFUSED[name])
         data[code] = np.frombuffer(b"".join(blocks[name]), dtype).reshape(
             -1, row_bytes // np.dtype(dtype).itemsize
         )
@@ -470,11 +486,65 @@ def _load_sketches(
     owner = np.repeat(np.arange(len(rows)), (kinds == _SPARSE).sum(axis=1))
     want = 4 * np.bincount(owner, weights=nz.sum(axis=1), minlength=len(rows))
     got = np.fromiter(map(len, blocks["values"]), np.int64, len(rows))
-    _refuse(rows, got != want, "sketch values truncated or followed by other bytes")
+    _refuse(rows, got != want, _REFUSED["values"])
     x = np.zeros(nz.shape, np.float32)
     values = np.frombuffer(b"".join(blocks["values"]), "<f4")
     x.reshape(-1)[np.flatnonzero(nz)] = values  # x[nz] = values, several times faster
     sk[target[flat_kinds == _SPARSE]] = x
+
+
+def _decode_compiled(
+    rows: np.ndarray, given: list[bytes], batch: StateBatch, layout: StateLayout
+) -> np.ndarray:
+    """:func:`decode` of the blobs ``given`` into ``rows`` in compiled code
+    (:func:`~sketchstream.models.kernels.decode_states`): the same states, the same refusals;
+    the numpy code of :func:`decode` is its reference."""
+    n_users, n_ch = batch.sketches.shape[:2]
+    k, window = len(given), batches.DEDUP_WINDOW
+    data = np.frombuffer(b"".join(given), np.uint8)
+    bounds = excl(np.fromiter(map(len, given), np.int64, k))
+    head = [_MAGIC_U2, _FORMAT_VERSION, _FORMAT_NO_IDS, layout.layout_id, layout.codebooks_id]
+    head += [_HEAD.itemsize, _PAIR.itemsize, layout.history_size, window]
+    refused, fresh = np.zeros(k, np.int8), np.zeros(k, bool)
+    n_parts, n_ids = np.zeros(k, np.int64), np.zeros(k, np.int64)
+
+    def run(fill: bool) -> None:
+        kernels.decode_states(
+            data,
+            bounds,
+            rows,
+            np.array(head, np.uint64).view(np.int64),
+            fill,
+            refused,
+            n_parts,
+            n_ids,
+            fresh,
+            batch.clocks,
+            batch.n_events,
+            batch.partitions,
+            batch.offsets,
+            batch.hist_len,
+            batch.hist_item.view(np.int64),
+            batch.hist_ts,
+            batch.hist_action,
+            batch.hist_value,
+            batch.hist_weight,
+            batch.id_len,
+            batch.id_hash.view(np.int64),
+            batch.sketches.reshape(n_users, n_ch, -1),
+        )
+
+    run(fill=False)
+    if refused.any():  # the first check any blob fails, as the numpy code raises it
+        first = int(refused[refused > 0].min())
+        _refuse(rows, refused == first, _REFUSED[kernels.REFUSALS[first]])
+    slots = max(int(n_parts.max()), 1)
+    batch.partitions = np.full((n_users, slots), -1, np.int32)
+    batch.offsets = np.full((n_users, slots), -1, np.int64)
+    if n_ids.any():
+        batch.id_hash = np.zeros((n_users, window), np.uint64)
+    run(fill=True)
+    return rows[~fresh]
 
 
 def _refuse(rows: np.ndarray, bad: np.ndarray, what: str) -> None:

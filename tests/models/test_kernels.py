@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sketchstream.models import kernels, segments
+from sketchstream.models import batches, kernels, segments, state_codec
+from sketchstream.models.errors import ArtifactError
 from test_aggregator import DEPTH, WIDTH, _aggregator, _batch, event_rows
 from test_similarity import _spread_similarity, _stream
 
@@ -79,23 +80,56 @@ def _dump_both_ways(monkeypatch, agg, state) -> tuple[list[bytes], list[bytes]]:
     return got, agg.dump(state)
 
 
+def _load_both_ways(monkeypatch, agg, blobs) -> tuple[object, object]:
+    """``agg.load(blobs)`` compiled and numpy: each a StateBatch, or the ArtifactError's
+    message."""
+
+    def load() -> object:
+        try:
+            return agg.load(blobs)
+        except ArtifactError as exc:
+            return str(exc)
+
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    got = load()
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    return got, load()
+
+
+def _assert_same_load(got, want) -> None:
+    if isinstance(want, str):
+        assert got == want
+    else:
+        assert got.same_as(want) and got.rebuilt == want.rebuilt
+        assert got.partitions.shape == want.partitions.shape
+        assert got.id_hash.shape == want.id_hash.shape
+
+
 @settings(max_examples=30, deadline=None)
-@given(rows=st.booleans().flatmap(lambda ids: event_rows(max_events=30, ids=ids)))
-def test_the_compiled_encoder_writes_the_numpy_bytes(rows) -> None:
+@given(
+    rows=st.booleans().flatmap(lambda ids: event_rows(max_events=30, ids=ids)),
+    window=st.sampled_from([64, 2]),
+)
+def test_the_compiled_codec_writes_and_reads_the_numpy_bytes(rows, window) -> None:
     """States folded from streams with and without event ids (formats 3 and 2), a user left
-    empty, unknown actions (history action -1), nan values, weights other than 1."""
+    empty, nan values, weights other than 1; read back with a window of 64 ids or 2 (the
+    newest kept), under the same codebooks and under others (rebuilt from the history)."""
     agg = _aggregator(history_size=5)
     state = agg.new_batch(4)
     with pytest.MonkeyPatch.context() as mp:
         agg.score_then_fold(state, _batch(rows))
         got, want = _dump_both_ways(mp, agg, state)
-    assert got == want
+        assert got == want
+        mp.setattr(batches, "DEDUP_WINDOW", window)
+        blobs = [*want, None]
+        _assert_same_load(*_load_both_ways(mp, _aggregator(history_size=3), blobs))
+        _assert_same_load(*_load_both_ways(mp, _aggregator(history_size=5, seed=7), blobs))
 
 
-def test_the_compiled_encoder_writes_every_field_encoding_as_numpy_does(monkeypatch) -> None:
-    """Each sketch encoding (nibbles, bytes, shorts, sparse fractions, nan), fractional
-    times (f8), fractional values (f4), large offsets and partitions, a state sliced out of
-    a batch (not contiguous)."""
+def _varied_state():
+    """An aggregator and a state of six users with each sketch encoding (nibbles, bytes,
+    shorts, sparse fractions, nan), fractional times (f8), fractional values (f4), large
+    offsets and partitions."""
     agg = _aggregator()
     state = agg.new_batch(6)
     rows = [(0, "i1", 0, 5.0, 1e9 + 0.25 * k, 3, 2**40 + k, 1.0) for k in range(30)]
@@ -111,10 +145,37 @@ def test_the_compiled_encoder_writes_every_field_encoding_as_numpy_does(monkeypa
     state.sketches[5, 2, 1, 3] = 2.5
     state.sketches[5, 1] = rng.random((DEPTH, WIDTH), dtype=np.float32)
     state.sketches[5, 4] = np.nan
+    return agg, state
+
+
+def test_the_compiled_codec_handles_every_field_encoding_as_numpy_does(monkeypatch) -> None:
+    """Also for a batch sliced out of another (not contiguous)."""
+    agg, state = _varied_state()
     got, want = _dump_both_ways(monkeypatch, agg, state)
     assert got == want
+    _assert_same_load(*_load_both_ways(monkeypatch, agg, want))
     got, want = _dump_both_ways(monkeypatch, agg, state.take(slice(1, None, 2)))
     assert got == want
+
+
+def test_the_compiled_decoder_refuses_the_bytes_the_numpy_one_refuses(monkeypatch) -> None:
+    """Every blob cut short and padded, every byte replaced by 0, 5 or 255: the same states
+    or the same ArtifactError (reason, first row named, count), every reason met; beside a
+    good blob, so the row named is not always the first."""
+    agg, state = _varied_state()
+    blobs = agg.dump(state)
+    bad: list[bytes] = []
+    for blob in blobs:
+        bad += [blob[:cut] for cut in range(0, len(blob), 7)] + [blob + b"\x00"]
+        for at in range(len(blob)):
+            bad += [blob[:at] + bytes([x]) + blob[at + 1 :] for x in (0, 5, 255)]
+    reasons = set()
+    for b in bad:
+        got, want = _load_both_ways(monkeypatch, agg, [blobs[0], b, b[:-1]])
+        _assert_same_load(got, want)
+        if isinstance(want, str):
+            reasons.add(want.split("unreadable bytes: ")[1].split(" (")[0])
+    assert reasons == set(state_codec._REFUSED.values())
 
 
 @settings(max_examples=50, deadline=None)
