@@ -142,7 +142,6 @@ class _ReturnHead:
         self.pending: OrderedDict[str, tuple[int, float, float, int]] = OrderedDict()
         self.deadlines: dict[int, list[tuple[float, int, str]]] = {}
         self.watermarks: dict[int, float] = {}
-        self.entries = 0  # heap entries over all partitions, stale ones included
         self.seq = 0
         self.dropped = 0
         self.late = 0
@@ -152,7 +151,9 @@ class _ReturnHead:
     ) -> None:
         """One batch's events, in arrival order (see the module docstring for the rules)."""
         horizon, pending, watermarks = self.horizon, self.pending, self.watermarks
+        deadlines, max_pending = self.deadlines, self.max_pending
         heappush, heappop = heapq.heappush, heapq.heappop
+        seq, late, dropped = self.seq, self.late, self.dropped  # locals: this loop is per event
         out_scores: list[float] = []
         out_labels: list[bool] = []
         for user, t, score, part in zip(users, ts, scores, partitions, strict=True):
@@ -160,33 +161,36 @@ class _ReturnHead:
             if previous is not None:
                 out_scores.append(previous[2])
                 out_labels.append(t - previous[1] <= horizon)
-            heap = self.deadlines.get(part)
+            heap = deadlines.get(part)
             if heap is None:
-                heap = self.deadlines[part] = []
+                heap = deadlines[part] = []
             mark = watermarks.get(part, -math.inf)
             if t > mark:
                 watermarks[part] = mark = t
                 while heap and heap[0][0] < mark:  # closed in event time: no return
-                    _, seq, who = heappop(heap)
-                    self.entries -= 1
+                    _, closed, who = heappop(heap)
                     entry = pending.get(who)
-                    if entry is not None and entry[0] == seq:
+                    if entry is not None and entry[0] == closed:
                         del pending[who]
                         out_scores.append(entry[2])
                         out_labels.append(False)
             if t + horizon < mark:
-                self.late += 1
+                late += 1
                 continue
-            self.seq += 1
-            pending[user] = (self.seq, t, score, part)
-            heappush(heap, (t + horizon, self.seq, user))
-            self.entries += 1
-            if len(pending) > self.max_pending:
+            seq += 1
+            pending[user] = (seq, t, score, part)
+            heappush(heap, (t + horizon, seq, user))
+            if len(pending) > max_pending:
                 pending.popitem(last=False)
-                self.dropped += 1
-        if self.entries > 2 * len(pending) + _COMPACT_SLACK:
+                dropped += 1
+        self.seq, self.late, self.dropped = seq, late, dropped
+        if self.entries() > 2 * len(pending) + _COMPACT_SLACK:
             self._compact()
         self.window.extend(np.asarray(out_labels, dtype=bool), np.asarray(out_scores))
+
+    def entries(self) -> int:
+        """Heap entries over all partitions, stale ones included."""
+        return sum(map(len, self.deadlines.values()))
 
     def _compact(self) -> None:
         """Rebuild the deadline heaps from the pending predictions alone."""
@@ -196,7 +200,6 @@ class _ReturnHead:
         for heap in heaps.values():
             heapq.heapify(heap)
         self.deadlines = heaps
-        self.entries = len(self.pending)
 
 
 class LiveQuality:
