@@ -16,8 +16,10 @@ set through the ``SKETCHSTREAM_TOPIC_*`` variables) so it never mixes with other
                 test period (``--history``: 200,000 by default, or all), so the states of the
                 users who come back are warm; at full speed, so it shows the worker's throughput
     7 live      `sketchstream replay --from T --rate R`: the test period, while the demo
-                consumes the predictions and prints events/s, latency p50/p99 and a rolling AUC
-                against the ratings (like = rating >= 4)
+                consumes the predictions and prints events/s, latency p50/p99 and the rolling
+                AUC of every head of the model as its labels arrive (the worker's LiveQuality:
+                like = rating >= 4 from the event; return within 7 days from the user's next
+                event, or from event time passing the horizon)
     8 shutdown  SIGTERM to the worker, demo topics deleted, broker stopped if started here
 
 T is the time of the first event of the protocol's test period (the last 10 %,

@@ -1,7 +1,9 @@
 """The demo's console: the live figures of the predictions and how they are printed.
 
-- :class:`LiveStats`: counts, throughput, latency percentiles and AUC of the predictions seen
-  so far, overall and over a rolling window;
+- :class:`LiveStats`: counts, throughput and latency percentiles of the predictions seen so
+  far, overall and over a rolling window, and the AUC of every head of the model through
+  :class:`~sketchstream.stream.live_quality.LiveQuality`, the worker's own live quality (so the
+  demo and the worker's ``/metrics`` agree on what a label is and when it arrives);
 - :func:`status_line` (the refreshing line during the live replay), :func:`final_table` (the
   summary), :func:`fmt_ms` / :func:`fmt_num`;
 - :class:`Console`: steps and the status line, rewritten in place on a terminal, plain lines
@@ -13,46 +15,94 @@ The demo's stages are :mod:`sketchstream.tools.demo_stages`; the command is
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-__all__ = ["ROLLING", "Console", "LiveStats", "final_table", "fmt_ms", "fmt_num", "status_line"]
+if TYPE_CHECKING:
+    from sketchstream.models.events import Head
 
-ROLLING = 10_000  # predictions in the rolling AUC and latency window
+__all__ = [
+    "ROLLING",
+    "Console",
+    "LiveStats",
+    "final_table",
+    "fmt_ms",
+    "fmt_num",
+    "head_figures",
+    "status_line",
+]
+
+ROLLING = 10_000  # predictions in the rolling latency window, labels in the rolling AUC
 
 
 class LiveStats:
-    """Figures of the predictions seen so far: counts, throughput, latency, AUC.
+    """Figures of the predictions seen so far: counts, throughput, latency, AUC per head.
 
-    Fed one prediction at a time (:meth:`add`) with its event's Kafka time (None when unknown)
-    and its own Kafka time, in seconds; the latency is their difference. :meth:`rolling` covers
-    the last ``window`` predictions, :meth:`overall` all of them. ``label`` is nan when the
-    event has none: it counts as a prediction, not in the AUC.
+    Fed a batch of decoded prediction records at a time (:meth:`add`), in arrival order, with
+    their events' values (nan where absent: the record does not carry it) and the records' own
+    Kafka times in seconds; a record's latency is its Kafka time minus its event's
+    (``kafka_ts``, when known). :meth:`rolling` covers the last ``window`` predictions (and
+    labels, per head), :meth:`overall` all of them, up to ``total`` labels a head. Labels
+    follow :class:`~sketchstream.stream.live_quality.LiveQuality`: engagement heads from the
+    event itself, return heads from the user's next prediction or the partition's event time.
     """
 
-    def __init__(self, window: int = ROLLING, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self,
+        heads: Sequence[Head],
+        window: int = ROLLING,
+        total: int = 1_000_000,
+        clock: Any = time.monotonic,
+    ) -> None:
+        from sketchstream.stream.live_quality import LiveQuality
+
+        self.heads = tuple(heads)
         self.window = window
         self.clock = clock  # wall clock of the live rate
         self.count = 0
         self.model_versions: dict[str, int] = {}
+        self._recent_quality = LiveQuality(self.heads, window=window)
+        self._quality = LiveQuality(self.heads, window=max(total, 1))
         self._latency: list[float] = []
-        self._scores: list[float] = []
-        self._labels: list[float] = []
         self._recent_latency: deque[float] = deque(maxlen=window)
-        self._recent: deque[tuple[float, float]] = deque(maxlen=window)
         self._arrivals: deque[tuple[float, int]] = deque()
         self._first_in: float | None = None
         self._last_out: float | None = None
 
     def add(
-        self, score: float, label: float, event_time: float | None, out_time: float, model: str = ""
+        self,
+        predictions: Sequence[Mapping[str, Any]],
+        values: Sequence[float],
+        out_times: Sequence[float],
     ) -> None:
-        """Record one prediction."""
+        """Record a batch of prediction records (as the worker writes them)."""
+        import numpy as np
+
+        if not predictions:
+            return
+        for p, out_time in zip(predictions, out_times, strict=True):
+            self._timing(p.get("kafka_ts") or None, out_time, p.get("model_version", ""))
+        names = [h.name for h in self.heads]
+        scores = np.array([[p["scores"].get(n, math.nan) for n in names] for p in predictions])
+        columns = (
+            [p["user"] for p in predictions],
+            [p["item"] for p in predictions],
+            [p["action"] for p in predictions],
+            values,
+            [p["event_ts"] for p in predictions],
+            scores,
+            [p["event"]["partition"] for p in predictions],
+        )
+        self._recent_quality.observe(*columns)
+        self._quality.observe(*columns)
+
+    def _timing(self, event_time: float | None, out_time: float, model: str) -> None:
         self.count += 1
         if model:
             self.model_versions[model] = self.model_versions.get(model, 0) + 1
@@ -65,10 +115,6 @@ class LiveStats:
             latency = out_time - event_time
             self._latency.append(latency)
             self._recent_latency.append(latency)
-        if label == label:  # not nan
-            self._scores.append(score)
-            self._labels.append(label)
-            self._recent.append((score, label))
 
     def rate(self, over: float = 5.0) -> float:
         """Predictions per second arriving here over the last ``over`` seconds of wall time."""
@@ -87,19 +133,15 @@ class LiveStats:
             return 0.0
         return self.count / (self._last_out - self._first_in)
 
-    def rolling(self) -> dict[str, float | None]:
-        """``{"p50", "p99", "auc"}`` over the last ``window`` predictions (None: too few)."""
-        scores = [s for s, _ in self._recent]
-        labels = [y for _, y in self._recent]
-        return {**_percentiles(list(self._recent_latency)), "auc": _auc(labels, scores)}
+    def rolling(self) -> dict[str, Any]:
+        """``{"p50", "p99"}`` over the last ``window`` predictions (None: too few), and
+        ``"heads"``: :meth:`LiveQuality.snapshot`'s per head over the last ``window`` labels."""
+        quality = self._recent_quality.snapshot()["heads"]
+        return {**_percentiles(list(self._recent_latency)), "heads": quality}
 
-    def overall(self) -> dict[str, float | None]:
-        """``{"p50", "p99", "auc"}`` over every prediction."""
-        return {**_percentiles(self._latency), "auc": _auc(self._labels, self._scores)}
-
-    @property
-    def labelled(self) -> int:
-        return len(self._labels)
+    def overall(self) -> dict[str, Any]:
+        """``{"p50", "p99", "heads"}`` over every prediction (see :meth:`rolling`)."""
+        return {**_percentiles(self._latency), "heads": self._quality.snapshot()["heads"]}
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
@@ -111,14 +153,17 @@ def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
     return {"p50": float(p50), "p99": float(p99)}
 
 
-def _auc(labels: Sequence[float], scores: Sequence[float]) -> float | None:
-    import numpy as np
-    from sketchstream.models.metrics import roc_auc
+def head_figures(figures: Mapping[str, Any]) -> str:
+    """One head's live AUC and what it rests on, from a snapshot's per-head figures:
+    ``0.7812 over 9,876 labels`` (return heads: ``, 1,234 awaiting their horizon``)."""
+    text = f"{fmt_num(_finite(figures['auc']))} over {figures['labelled']:,} labels"
+    if "pending" in figures:
+        text += f", {figures['pending']:,} awaiting their horizon"
+    return text
 
-    y = np.asarray(labels, dtype=np.float64)
-    if y.size < 2 or y.min() == y.max():
-        return None
-    return roc_auc(y, np.asarray(scores, dtype=np.float64))
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 def fmt_ms(seconds: float | None) -> str:
@@ -130,12 +175,16 @@ def fmt_num(value: float | None, digits: int = 4) -> str:
 
 
 def status_line(stats: LiveStats, due: int, dlq: int, elapsed: float) -> str:
-    """One line of the live summary."""
+    """One line of the live summary: the AUC of each head over its last labels (up to the
+    window; the count in brackets)."""
     r = stats.rolling()
+    aucs = " ".join(
+        f"{name} {fmt_num(_finite(h['auc']), 3)} ({h['n']:,})" for name, h in r["heads"].items()
+    )
     return (
         f"[{elapsed:5.0f}s] live {stats.count:,}/{due:,} predictions | {stats.rate():,.0f} ev/s"
         f" | latency p50 {fmt_ms(r['p50'])} p99 {fmt_ms(r['p99'])}"
-        f" | AUC last {min(stats.labelled, stats.window):,} {fmt_num(r['auc'], 3)} | DLQ {dlq:,}"
+        f" | AUC {aucs} | DLQ {dlq:,}"
     )
 
 

@@ -2,9 +2,12 @@
 
 :func:`watch` starts ``sketchstream replay`` twice (the history at full speed, counted from the
 predictions topic's end offsets; then the live part at ``--rate``) and reads every prediction of
-the live part into :class:`~sketchstream.tools.demo_console.LiveStats`, printing the status
-line as they arrive. It gives up (:class:`~sketchstream.tools.demo_plan.DemoError`) when the
-worker or a replay exits, or no new prediction arrives for ``_STALL_S`` seconds.
+the live part into :class:`~sketchstream.tools.demo_console.LiveStats`, with the value of its
+event from the replayed file (engagement labels) and in arrival order (return labels: the
+user's next prediction; predictions are keyed by user like the events, so a user's arrive in
+order), printing the status line as they arrive. It gives up
+(:class:`~sketchstream.tools.demo_plan.DemoError`) when the worker or a replay exits, or no new
+prediction arrives for ``_STALL_S`` seconds.
 """
 
 from __future__ import annotations
@@ -12,15 +15,18 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sketchstream.tools.demo_console import Console, LiveStats, status_line
 from sketchstream.tools.demo_plan import DemoError, ReplayPlan, replay_ts
 from sketchstream.tools.demo_processes import Processes, tail
 from sketchstream.tools.kafka_io import end_offsets
+
+if TYPE_CHECKING:
+    from sketchstream.models.events import Head
 
 __all__ = ["Outcome", "watch"]
 
@@ -46,12 +52,14 @@ async def watch(
     worker_log: Path,
     data: Path,
     *,
+    heads: Sequence[Head],
     workdir: Path,
     rate: str,
     console: Console,
     timeout: float,
 ) -> Outcome:
-    """Replay the history (if any) and the live part, and follow the predictions."""
+    """Replay the history (if any) and the live part, and follow the predictions of the
+    model's ``heads``."""
     import orjson
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -59,7 +67,7 @@ async def watch(
     dlq_topic = topics["SKETCHSTREAM_TOPIC_DLQ"]
     consumer = AIOKafkaConsumer(**client_kwargs, group_id=None, enable_auto_commit=False)
     await consumer.start()
-    outcome = Outcome(LiveStats())
+    outcome = Outcome(LiveStats(heads, total=plan.n_live))
     try:
         await consumer._client.force_metadata_update()  # the topics are new: fresh metadata
 
@@ -129,7 +137,7 @@ async def watch(
         log = workdir / "replay-live.log"
         stats = outcome.stats
         seen: set[tuple[int, int]] = set()
-        labels = plan.labels
+        values = plan.values
         loads = orjson.loads
         t0 = time.monotonic()
         proc = procs.start(argv, log, "replay-live")
@@ -140,19 +148,19 @@ async def watch(
                 raise DemoError(f"the live replay failed:\n{tail(log)}")
             batches = await consumer.getmany(timeout_ms=250, max_records=20_000)
             for records in batches.values():
+                new, new_values, out_times = [], [], []
                 for record in records:
                     p = loads(record.value)
                     ev = p["event"]
                     ref = (ev["partition"], ev["offset"])
                     key = (p["user"], p["item"], p["event_ts"])
-                    if ref in seen or key not in labels:
+                    if ref in seen or key not in values:
                         continue  # a redelivered duplicate, or not an event of this run
                     seen.add(ref)
-                    scores = p["scores"]
-                    score = scores.get("like", next(iter(scores.values()), 0.0))
-                    out_time = record.timestamp / 1000.0
-                    event_time = p.get("kafka_ts") or None
-                    stats.add(score, labels[key], event_time, out_time, p.get("model_version", ""))
+                    new.append(p)
+                    new_values.append(values[key])
+                    out_times.append(record.timestamp / 1000.0)
+                stats.add(new, new_values, out_times)
             now = time.monotonic()
             if batches:
                 last_change = now

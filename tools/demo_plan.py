@@ -1,8 +1,8 @@
 """What the demo replays: the history and the live part of an events file, and the demo's error.
 
 - :func:`plan_replay`: the :class:`ReplayPlan` of an events table (the test period live, the
-  events before it, or the latest ``--history`` of them, as history), with the labels of the
-  live events;
+  events before it, or the latest ``--history`` of them, as history), with the values of the
+  live events (what their engagement labels are read from);
 - :func:`parse_history`: the ``--history`` option; :func:`replay_ts`: a time as the replay
   tool's ``--from``/``--to`` takes it;
 - :class:`DemoError`: a step of the demo failed (every demo module raises it).
@@ -30,7 +30,9 @@ class ReplayPlan:
 
     The bounds are the replay tool's ``--from``/``--to`` (None: from the start, to the end);
     the history is ``[history_from, live_from)``, the live part ``[live_from, live_to)``.
-    ``labels``: ``{(user, item, ts): label}`` of the live events, nan where unlabelled.
+    ``values``: ``{(user, item, ts): value}`` of the live events (nan where absent): a
+    prediction names its event's user, item, action and time but not its value, which the
+    engagement heads' labels need (``like``: a rating >= 4).
     """
 
     history_from: float | None
@@ -38,7 +40,7 @@ class ReplayPlan:
     live_from: float
     live_to: float | None
     n_live: int
-    labels: dict[tuple[str, str, float], float] = field(repr=False)
+    values: dict[tuple[str, str, float], float] = field(repr=False)
 
 
 def plan_replay(events: Any, limit: int | None = None, history: int | None = None) -> ReplayPlan:
@@ -50,7 +52,7 @@ def plan_replay(events: Any, limit: int | None = None, history: int | None = Non
     replay tool's, so events sharing a cut-off second fall on the later side.
     """
     import numpy as np
-    from sketchstream.models.events import DEFAULT_HEADS, labels, protocol_split
+    from sketchstream.models.events import protocol_split
 
     n = len(events)
     ts = np.asarray(events.ts, dtype=np.float64)
@@ -73,7 +75,6 @@ def plan_replay(events: Any, limit: int | None = None, history: int | None = Non
         history_from = float(ts[before[-history]]) if history > 0 else live_from
     n_history = len(before) if history_from is None else int((ts[before] >= history_from).sum())
     rows = np.flatnonzero(live)
-    y = labels(events[rows], DEFAULT_HEADS[:1])[:, 0]
     keys = zip(
         events.user[rows].tolist(), events.item[rows].tolist(), ts[rows].tolist(), strict=True
     )
@@ -83,7 +84,7 @@ def plan_replay(events: Any, limit: int | None = None, history: int | None = Non
         live_from=live_from,
         live_to=live_to,
         n_live=len(rows),
-        labels=dict(zip(keys, y.tolist(), strict=True)),
+        values=dict(zip(keys, events.value[rows].tolist(), strict=True)),
     )
 
 

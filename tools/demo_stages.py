@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sketchstream.tools.demo_console import Console, final_table, fmt_ms, fmt_num
+from sketchstream.tools.demo_console import Console, final_table, fmt_ms, fmt_num, head_figures
 from sketchstream.tools.demo_follow import Outcome, watch
 from sketchstream.tools.demo_plan import DemoError, ReplayPlan, plan_replay, replay_ts
 from sketchstream.tools.demo_processes import Processes, tail, wait_healthy
@@ -36,6 +36,7 @@ from sketchstream.tools.model_choice import refusal
 if TYPE_CHECKING:
     import subprocess
 
+    from sketchstream.models.events import Head
     from sketchstream.stream.settings import Settings
 
 __all__ = [
@@ -80,7 +81,7 @@ def run(
         procs = Processes(console, env)
         open_topics(client_kwargs, topics, app_id, procs, stack, keep_topics=keep_topics)
         data, plan, n_events, md5 = load_data(settings, data, limit, history, procs)
-        version, offline = choose_model(
+        version, heads, offline = choose_model(
             settings, data, n_events, md5, procs, retrain=retrain, profile=profile
         )
         models_topic = topics["SKETCHSTREAM_TOPIC_MODELS"]
@@ -103,6 +104,7 @@ def run(
                 worker,
                 worker_log,
                 data,
+                heads=heads,
                 workdir=workdir,
                 rate=rate,
                 console=console,
@@ -265,9 +267,9 @@ def choose_model(
     *,
     retrain: bool,
     profile: Profile,
-) -> tuple[str, float | None]:
+) -> tuple[str, list[Head], dict[str, float]]:
     """Stage 4: the newest artifact in the artifact dir trained on this data that the worker
-    serves, else one trained now. Returns ``(version, its offline test AUC)``."""
+    serves, else one trained now. Returns ``(version, its heads, their offline test AUC)``."""
     console = procs.console
     console.step("4/8 model")
     artifacts = settings.artifact_dir
@@ -302,7 +304,7 @@ def choose_model(
         reason = refusal(artifacts / version)
         if reason is not None:
             raise DemoError(f"the worker would refuse the new model {version}: {reason}")
-    return version, _offline_auc(artifacts / version)
+    return version, _model_heads(artifacts / version), _offline_auc(artifacts / version)
 
 
 def find_artifact(root: Path, n_events: int, md5: str) -> list[str]:
@@ -327,16 +329,31 @@ def find_artifact(root: Path, n_events: int, md5: str) -> list[str]:
     return found
 
 
-def _offline_auc(path: Path) -> float | None:
+def _model_heads(path: Path) -> list[Head]:
+    """The label heads of the artifact at ``path``, in its score columns' order."""
+    from sketchstream.models.artifacts import load_model_artifact
+    from sketchstream.models.trainer import bundle_heads
+
+    return bundle_heads(load_model_artifact(path))
+
+
+def _offline_auc(path: Path) -> dict[str, float]:
+    """Each head's test AUC as the artifact's report has it (heads without one left out)."""
     import json
 
     from sketchstream.models.artifacts import MANIFEST
 
     try:
         metrics = json.loads((path / MANIFEST).read_text()).get("metrics", {})
-        return float(metrics["like"]["test"]["auc"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except (OSError, ValueError):
+        return {}
+    found = {}
+    for head, figures in metrics.items():
+        try:
+            found[head] = float(figures["test"]["auc"])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return found
 
 
 async def _announce(client_kwargs: Mapping[str, Any], topic: str, root: Path, version: str) -> None:
@@ -396,7 +413,7 @@ def shut_down(
     *,
     data: Path,
     n_events: int,
-    offline: float | None,
+    offline: Mapping[str, float],
     rate: str,
 ) -> None:
     """Stage 8: SIGTERM to the worker, then the summary table; :class:`DemoError` when the
@@ -413,7 +430,7 @@ def shut_down(
     models = ", ".join(sorted(stats.model_versions)) or "-"
     rows = [
         ("data", f"{data} ({n_events:,} events)"),
-        ("model", f"{models} (offline test AUC {fmt_num(offline)})"),
+        ("model", models),
     ]
     if outcome.history_seconds is not None:
         rows.append(
@@ -430,8 +447,10 @@ def shut_down(
         ("events/s", f"{stats.mean_rate():,.0f}"),
         ("latency p50", fmt_ms(overall["p50"])),
         ("latency p99", fmt_ms(overall["p99"])),
-        ("AUC (like)", f"{fmt_num(overall['auc'])} over {stats.labelled:,} rated events"),
     ]
+    for name, figures in overall["heads"].items():
+        test = f"; offline test {fmt_num(offline.get(name))}"
+        rows.append((f"AUC ({name})", f"{head_figures(figures)}{test}"))
     console.say("\nsketchstream demo: summary\n" + final_table(rows))
     if code not in (0, None):
         raise DemoError(f"the worker exited {code} on SIGTERM:\n{tail(worker_log)}")

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
-from sketchstream.models.events import EventTable
-from sketchstream.tools.demo_console import Console, LiveStats
+from sketchstream.models.events import EventTable, Head
+from sketchstream.tools.demo_console import Console, LiveStats, status_line
 from sketchstream.tools.demo_plan import parse_history, plan_replay
 from sketchstream.tools.demo_stages import app_topics, demo_topics, find_artifact
 
@@ -28,6 +28,33 @@ def _table(ts, values=None, users=None) -> EventTable:
         action=np.array(["rate"] * n, dtype=object),
         ts=np.asarray(ts, dtype=np.float64),
         value=np.asarray(values if values is not None else [5.0] * n, dtype=np.float32),
+    )
+
+
+LIKE = Head("like", ("rate",), threshold=4.0)
+RETURN = Head("return", (), horizon=100.0)
+
+
+def prediction(user="u", ts=1.0, scores=None, event_time=None, model=""):
+    """A prediction record as the worker writes it (the fields the demo reads)."""
+    return {
+        "event": {"topic": "events", "partition": 0, "offset": 0, "event_id": None},
+        "user": user,
+        "item": "i",
+        "action": "rate",
+        "scores": scores or {"like": 0.5},
+        "event_ts": ts,
+        "kafka_ts": event_time,
+        "model_version": model,
+    }
+
+
+def add_one(stats, score, value, event_time, out_time, model=""):
+    """One rated event's prediction of the ``like`` head."""
+    stats.add(
+        [prediction(scores={"like": score}, event_time=event_time, model=model)],
+        [value],
+        [out_time],
     )
 
 
@@ -74,10 +101,11 @@ def test_history_keeps_the_latest_events_before_the_test_period():
     assert plan_replay(events, history=10_000).history_from is None
 
 
-def test_live_labels_are_the_like_head_of_each_event():
-    events = _table(np.arange(20) * 1.0, values=[5] * 18 + [3, 4])
-    plan = plan_replay(events)
-    assert plan.labels == {("u4", "i18", 18.0): 0.0, ("u5", "i19", 19.0): 1.0}
+def test_the_plan_keeps_the_value_of_each_live_event():
+    events = _table(np.arange(20) * 1.0, values=[5] * 18 + [3, np.nan])
+    values = plan_replay(events).values
+    assert list(values) == [("u4", "i18", 18.0), ("u5", "i19", 19.0)]
+    assert values[("u4", "i18", 18.0)] == 3.0 and math.isnan(values[("u5", "i19", 19.0)])
 
 
 def test_history_option_reads_all_none_or_a_count():
@@ -92,27 +120,44 @@ def test_history_option_reads_all_none_or_a_count():
 
 
 def test_rolling_auc_covers_only_the_last_window():
-    stats = LiveStats(window=4, clock=FakeClock())
-    for score, label in [(0.9, 0.0), (0.1, 1.0), (0.8, 0.0), (0.2, 1.0)]:
-        stats.add(score, label, 1.0, 1.01)  # perfectly wrong
-    for score, label in [(0.9, 1.0), (0.1, 0.0), (0.8, 1.0), (0.2, 0.0)]:
-        stats.add(score, label, 1.0, 1.01)  # perfectly right
-    assert stats.rolling()["auc"] == 1.0
-    assert stats.overall()["auc"] == pytest.approx(0.5)
+    stats = LiveStats([LIKE], window=4, clock=FakeClock())
+    for score, value in [(0.9, 1.0), (0.1, 5.0), (0.8, 2.0), (0.2, 4.0)]:
+        add_one(stats, score, value, 1.0, 1.01)  # perfectly wrong
+    for score, value in [(0.9, 5.0), (0.1, 1.0), (0.8, 4.0), (0.2, 3.0)]:
+        add_one(stats, score, value, 1.0, 1.01)  # perfectly right
+    assert stats.rolling()["heads"]["like"]["auc"] == 1.0
+    assert stats.overall()["heads"]["like"]["auc"] == pytest.approx(0.5)
 
 
 def test_unlabelled_predictions_count_but_stay_out_of_the_auc():
-    stats = LiveStats(clock=FakeClock())
-    stats.add(0.7, math.nan, None, 5.0, model="m1")
-    assert stats.count == 1 and stats.labelled == 0
-    assert stats.overall() == {"p50": None, "p99": None, "auc": None}
+    stats = LiveStats([LIKE], clock=FakeClock())
+    add_one(stats, 0.7, math.nan, None, 5.0, model="m1")
+    overall = stats.overall()
+    assert stats.count == 1 and overall["heads"]["like"]["labelled"] == 0
+    assert (overall["p50"], overall["p99"]) == (None, None)
+    assert math.isnan(overall["heads"]["like"]["auc"])
     assert stats.model_versions == {"m1": 1}
 
 
+def test_a_return_head_is_labelled_by_the_users_next_prediction():
+    stats = LiveStats([LIKE, RETURN], clock=FakeClock())
+    batch = [
+        prediction("a", 0.0, {"like": 0.5, "return": 0.9}),
+        prediction("b", 1.0, {"like": 0.5, "return": 0.2}),
+        prediction("a", 50.0, {"like": 0.5, "return": 0.5}),  # a came back: a's first is 1
+        prediction("c", 200.0, {"like": 0.5, "return": 0.5}),  # closes b and a at 50: 0s
+    ]
+    stats.add(batch, [5.0] * 4, [1.0] * 4)
+    ret = stats.overall()["heads"]["return"]
+    assert (ret["auc"], ret["labelled"], ret["positives"], ret["pending"]) == (1.0, 3, 1, 1)
+    line = status_line(stats, 4, 0, 1.0)
+    assert "AUC like - (4) return 1.000 (3)" in line  # like: all positive, no AUC yet
+
+
 def test_latency_percentiles_are_over_the_predictions():
-    stats = LiveStats(clock=FakeClock())
+    stats = LiveStats([LIKE], clock=FakeClock())
     for ms in range(1, 101):
-        stats.add(0.5, 1.0, 10.0, 10.0 + ms / 1000)
+        add_one(stats, 0.5, 5.0, 10.0, 10.0 + ms / 1000)
     overall = stats.overall()
     assert overall["p50"] == pytest.approx(0.0505)
     assert overall["p99"] == pytest.approx(0.09901)
@@ -120,19 +165,19 @@ def test_latency_percentiles_are_over_the_predictions():
 
 def test_the_live_rate_counts_arrivals_on_the_wall_clock():
     clock = FakeClock()
-    stats = LiveStats(clock=clock)
+    stats = LiveStats([LIKE], clock=clock)
     assert stats.rate() == 0.0
     for _ in range(50):
-        stats.add(0.5, 1.0, 1.0, 1.1)
+        add_one(stats, 0.5, 5.0, 1.0, 1.1)
         clock.now += 0.01
     clock.now += 0.01
     assert stats.rate(over=5.0) == pytest.approx(50 / 0.51)
 
 
 def test_the_mean_rate_spans_first_event_in_to_last_prediction_out():
-    stats = LiveStats(clock=FakeClock())
+    stats = LiveStats([LIKE], clock=FakeClock())
     for k in range(100):  # one event every 10 ms, each answered 50 ms later
-        stats.add(0.5, 1.0, 1000.0 + k / 100, 1000.05 + k / 100)
+        add_one(stats, 0.5, 5.0, 1000.0 + k / 100, 1000.05 + k / 100)
     assert stats.mean_rate() == pytest.approx(100 / 1.04)
 
 
@@ -224,6 +269,9 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path, tiny_data, kafka_settings)
     assert "sketchstream demo: summary" in out
     assert "predictions   300" in out  # the test period: the last 10 % of 3,000
     assert "history       2,700 events" in out
+    assert "AUC (like)    " in out and " over 300 labels; offline test " in out
+    # every live event but each user's last comes back within the horizon (one a minute)
+    assert "AUC (return)  - over 240 labels, 60 awaiting their horizon" in out
     assert "\x1b" not in done.stdout and "\r" not in done.stdout
     assert (tmp_path / "work" / "worker.log").is_file()
 
