@@ -457,16 +457,18 @@ def _best(s: np.ndarray, k: int, floor: np.ndarray) -> tuple[np.ndarray, ...]:
     column, score)`` arrays, every row of the top k and every row tied with the k-th among
     them, none below ``floor (b,)`` (a score k rows reach elsewhere).
 
-    Only rows at or above a per-column threshold are taken: the k-th best of a strided
-    sample of rows (or ``floor`` when higher). The k sampled rows at or above it make the
-    column's k-th best score reach it too, so the answer is exact, ties included. The
+    Only rows at or above a per-column threshold are taken: ``floor``, or while a column has
+    none, the k-th best of a strided sample of rows. The k sampled rows at or above it make
+    the column's k-th best score reach it too, so the answer is exact, ties included. The
     sample's step balances its partition (n / step cells) against the rows sorted later
     (about k * step)."""
     n, b = s.shape
     kk = min(k, n)
-    step = max(1, round(math.sqrt(n / (_SORT_COST * kk))))
-    sample = s[::step]
-    threshold = np.maximum(np.partition(sample, len(sample) - kk, axis=0)[len(sample) - kk], floor)
+    threshold = floor
+    if not np.isfinite(floor).all():  # the blocks before set no floor, as a rule higher
+        step = max(1, round(math.sqrt(n / (_SORT_COST * kk))))
+        sample = s[::step]
+        threshold = np.maximum(np.partition(sample, len(sample) - kk, axis=0)[-kk], floor)
     # the rows above some column's threshold, 8 columns a 64-bit word: ~30x faster than
     # .any(axis=1) or np.nonzero over all (n, b) cells
     above = np.zeros((n, -(-b // 8) * 8), bool)
