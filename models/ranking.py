@@ -53,6 +53,7 @@ __all__ = [
     "UserHistory",
     "ValidationStopper",
     "evaluate_scorer",
+    "holdout_recommend",
     "item_rows",
     "protocol_rows",
     "rank_metrics",
@@ -610,6 +611,31 @@ def recommend_report(
         "val_events": len(va),
     }
     return RecommendResult(report, model, catalogue, spec, chosen, histories, timings, counts)
+
+
+def holdout_recommend(parts: Any, bundle: Any, events: Any) -> dict[str, float]:
+    """``{"hr@10", "ndcg@10", "mrr", "n"}`` (seen items excluded) of an artifact's recommender
+    ``parts`` on the protocol's test period of ``events``: the stream replayed from empty
+    states through ``bundle``'s aggregator and codebooks, every test event ranked from the
+    state before it. The refresh gate measures the serving recommender with it, on the events
+    :func:`train_recommender`'s own figures come from; a target outside the recommender's
+    catalogue is a miss."""
+    from sketchstream.models.aggregator import Aggregator
+    from sketchstream.models.channels import aggregator_config_from_dict
+    from sketchstream.models.events import protocol_split
+    from sketchstream.models.recommend import replay_inputs
+
+    aggregator = Aggregator(aggregator_config_from_dict(bundle.aggregator_config), bundle.codebooks)
+    test = np.arange(len(events))[protocol_split(len(events))[2]]
+    keep = np.zeros(len(events), bool)
+    keep[test] = True
+    x, _ = replay_inputs(events, aggregator, keep, parts.spec)
+    rows = item_rows(events.item, parts.catalogue.ids)
+    ev = EvalEvents(test, rows[test], UserHistory(events.user, rows), len(parts.catalogue))
+    scored = evaluate_scorer(
+        lambda p: parts.catalogue.scores(parts.model.log_probs(x[p])), ev, seen_modes=(True,)
+    )
+    return scored[True]
 
 
 def train_recommender(

@@ -52,9 +52,10 @@ class GateConfig:
 
     tolerance: float = 0.002  # AUC the candidate may lose against the serving model
     logloss_tolerance: float = 0.01  # log loss it may gain against the serving model
+    hr_tolerance: float = 0.005  # recommendations' HR@10 it may lose (when both have them)
 
     def __post_init__(self) -> None:
-        for name in ("tolerance", "logloss_tolerance"):
+        for name in ("tolerance", "logloss_tolerance", "hr_tolerance"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and value >= 0 and math.isfinite(value)):
                 raise ModelError(f"gate {name} must be a finite number >= 0, got {value!r}")
@@ -111,13 +112,17 @@ class Verdict:
     publish: bool
     reason: str
     heads: tuple[HeadComparison, ...] = field(default=())
+    recommend: dict[str, Any] | None = None  # {"candidate", "serving"} HR@10, when judged
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "publish": self.publish,
             "reason": self.reason,
             "heads": {h.head: h.to_dict() for h in self.heads},
         }
+        if self.recommend is not None:
+            out["recommend"] = self.recommend
+        return out
 
 
 # --- the window ------------------------------------------------------------------------------
@@ -326,6 +331,8 @@ def gate(
     candidate: Mapping[str, Mapping[str, Any]],
     serving: Mapping[str, Mapping[str, Any]] | None,
     config: GateConfig | None = None,
+    *,
+    recommend: tuple[Mapping[str, Any], Mapping[str, Any] | None] | None = None,
 ) -> Verdict:
     """Publish the candidate unless it is worse than the serving model beyond the tolerances.
 
@@ -337,6 +344,9 @@ def gate(
     model cannot be measured on (one class only in the holdout) are compared on log loss alone.
     A head the holdout labels no event of (``"n": 0``: a return head whose horizon outruns the
     window) cannot be judged: it is compared with nothing and named in the verdict.
+    ``recommend``: ``(candidate, serving)`` ``{"hr@10", ...}`` of the top-k recommenders on
+    the same holdout (serving None: it has none); refused when the candidate's HR@10 is not
+    finite or lower than the serving one's by more than ``hr_tolerance``.
     """
     config = config or GateConfig()
     comparisons: list[HeadComparison] = []
@@ -379,17 +389,31 @@ def gate(
             )
     if not comparisons:
         problems.append("the candidate has no heads" + " judged" * bool(unjudged))
+    judged = None
+    if recommend is not None:
+        c_hr = _finite(recommend[0].get("hr@10"))
+        s_hr = _finite(recommend[1].get("hr@10")) if recommend[1] is not None else None
+        judged = {"candidate": c_hr, "serving": s_hr, "tolerance": config.hr_tolerance}
+        if c_hr is None:
+            problems.append("recommend: the candidate has no finite HR@10 on the holdout")
+        elif s_hr is not None and c_hr < s_hr - config.hr_tolerance:
+            problems.append(
+                f"recommend: HR@10 {c_hr:.4f} vs serving {s_hr:.4f} "
+                f"({c_hr - s_hr:+.4f}, tolerance {config.hr_tolerance})"
+            )
     # said in every verdict, so a refusal or a publication names them too
     note = f"; not judged (no labelled holdout event): {', '.join(unjudged)}" if unjudged else ""
     if problems:
-        return Verdict(False, "; ".join(problems) + note, tuple(comparisons))
+        return Verdict(False, "; ".join(problems) + note, tuple(comparisons), judged)
     if serving is None:
-        return Verdict(True, "no serving model to compare with" + note, tuple(comparisons))
+        return Verdict(True, "no serving model to compare with" + note, tuple(comparisons), judged)
     summary = ", ".join(
         f"{c.head} AUC {c.candidate_auc:.4f} vs {c.serving_auc:.4f}"
         if c.serving_auc is not None
         else f"{c.head} log loss {c.candidate_logloss:.4f}"
         for c in comparisons
     )
+    if judged is not None and judged["serving"] is not None:
+        summary += f", recommend HR@10 {judged['candidate']:.4f} vs {judged['serving']:.4f}"
     verdict = f"not worse than serving within tolerance: {summary}{note}"
-    return Verdict(True, verdict, tuple(comparisons))
+    return Verdict(True, verdict, tuple(comparisons), judged)

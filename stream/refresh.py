@@ -79,6 +79,7 @@ class RefreshOptions:
     max_events: int | None = None  # memory bound of a Kafka window: the newest are kept
     tolerance: float = 0.002  # AUC the candidate may lose per head
     logloss_tolerance: float = 0.01  # log loss it may gain per head
+    hr_tolerance: float = 0.005  # recommendations' HR@10 it may lose (served model has them)
     train: Any = None  # TrainConfig; None: the serving model's, else the trainer's defaults
     overrides: Mapping[str, Any] = field(default_factory=dict)  # TrainConfig fields to change
     keep: int = 5  # versions the store keeps (never deleting the serving one)
@@ -260,6 +261,22 @@ class RefreshJob:
             timings.get("train", 0.0),
         )
 
+        # the recommender, when the served model has one: trained now so the gate judges it
+        # too (and requests stay answered after the swap)
+        recommender = recommend = None
+        if getattr(bundle, "recommender", None) is not None:
+            from sketchstream.models.ranking import holdout_recommend, train_recommender
+
+            t0 = time.perf_counter()
+            recommender, figures = train_recommender(
+                events, items, candidate.result, seed=config.seed, progress=opts.progress
+            )
+            timings["recommender"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            served = holdout_recommend(bundle.recommender, bundle, events)
+            recommend = (figures["test"]["sketchstream"], served)
+            timings["evaluate_recommender"] = time.perf_counter() - t0
+
         # evaluate
         t0 = time.perf_counter()
         serving_metrics = None
@@ -268,28 +285,26 @@ class RefreshJob:
         verdict = gate(
             candidate.holdout,
             serving_metrics,
-            GateConfig(tolerance=opts.tolerance, logloss_tolerance=opts.logloss_tolerance),
+            GateConfig(
+                tolerance=opts.tolerance,
+                logloss_tolerance=opts.logloss_tolerance,
+                hr_tolerance=opts.hr_tolerance,
+            ),
+            recommend=recommend,
         )
         timings["evaluate"] = time.perf_counter() - t0 + candidate.timings.get("predict", 0.0)
         summary.gate = {
             **verdict.to_dict(),
             "tolerance": opts.tolerance,
             "logloss_tolerance": opts.logloss_tolerance,
+            "hr_tolerance": opts.hr_tolerance,
         }
         log.info(
             "refresh: gate %s (%s)", "passed" if verdict.publish else "refused", verdict.reason
         )
 
-        # publish (with a recommender when the served model has one, so requests stay answered)
+        # publish
         t0 = time.perf_counter()
-        recommender = None
-        if (verdict.publish or opts.force) and getattr(bundle, "recommender", None) is not None:
-            from sketchstream.models.ranking import train_recommender
-
-            recommender, _ = train_recommender(
-                events, items, candidate.result, seed=config.seed, progress=opts.progress
-            )
-            timings["recommender"] = time.perf_counter() - t0
         version = self._save(
             candidate, config, heads, serving, verdict, summary.window, recommender
         )

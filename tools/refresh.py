@@ -76,6 +76,14 @@ def refresh(
     logloss_tolerance: Annotated[
         float, typer.Option(min=0.0, help="Log loss the candidate may gain per head.")
     ] = 0.01,
+    hr_tolerance: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="HR@10 the candidate's top-k recommendations may lose on the holdout (judged "
+            "when the serving model has a recommender: the candidate gets one too).",
+        ),
+    ] = 0.005,
     force: Annotated[
         bool, typer.Option("--force", help="Publish even when the gate refuses.")
     ] = False,
@@ -152,6 +160,7 @@ def refresh(
             max_events=max_events,
             tolerance=tolerance,
             logloss_tolerance=logloss_tolerance,
+            hr_tolerance=hr_tolerance,
             overrides=_train_overrides(set_options or [], epochs),
             keep=keep,
             announce=announce,

@@ -129,6 +129,19 @@ def test_a_head_the_holdout_labels_no_event_of_is_named_not_judged():
     assert not only.publish and "the candidate has no heads judged" in only.reason
 
 
+def test_the_recommendations_are_gated_with_the_heads():
+    heads = {"like": _figures(0.80, 0.50)}
+    worse = gate(heads, heads, recommend=({"hr@10": 0.10}, {"hr@10": 0.12}))
+    assert not worse.publish
+    assert "recommend: HR@10 0.1000 vs serving 0.1200 (-0.0200, tolerance 0.005)" in worse.reason
+    assert worse.to_dict()["recommend"] == {"candidate": 0.10, "serving": 0.12, "tolerance": 0.005}
+    level = gate(heads, heads, recommend=({"hr@10": 0.118}, {"hr@10": 0.12}))
+    assert level.publish and "recommend HR@10 0.1180 vs 0.1200" in level.reason
+    broken = gate(heads, heads, recommend=({"hr@10": math.nan}, None))
+    assert not broken.publish and "no finite HR@10" in broken.reason
+    assert "recommend" not in gate(heads, heads).to_dict()
+
+
 @pytest.mark.parametrize("bad", [-0.1, math.inf, math.nan])
 def test_gate_tolerances_must_be_finite_and_non_negative(bad):
     with pytest.raises(ValueError, match="tolerance"):

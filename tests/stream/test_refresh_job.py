@@ -356,7 +356,11 @@ def test_a_refresh_over_a_model_with_a_recommender_publishes_one_with_a_recommen
     )
     assert code == 0, result.output
     assert run["status"] == "published" and run["version"] != served
-    assert "recommender" in run["timings"]
+    assert "recommender" in run["timings"] and "evaluate_recommender" in run["timings"]
+    # the gate judged the recommendations too: both HR@10 on the same holdout
+    judged = run["gate"]["recommend"]
+    assert 0 <= judged["candidate"] <= 1 and 0 <= judged["serving"] <= 1, judged
+    assert judged["tolerance"] == 0.005
     refreshed = load_model_artifact(ArtifactStore(store).path(run["version"]))
     assert refreshed.recommender is not None
     assert len(refreshed.recommender.catalogue) > 0
