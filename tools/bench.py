@@ -603,3 +603,87 @@ def quality(
             for d in ids
         ]
     _report(bq.quality_table(rows), rows, json_path)
+
+
+@app.command("recommend")
+def recommend(
+    model: Annotated[
+        Path,
+        typer.Option(
+            exists=True,
+            help="A model artifact with a recommender (`train --recommender`), or a folder of "
+            "them (its latest version).",
+        ),
+    ],
+    path: Annotated[
+        Path,
+        typer.Option(
+            "--events-file",
+            exists=True,
+            dir_okay=False,
+            help="Canonical events: the first --warm of them become the users' states.",
+        ),
+    ] = Path("data/ml-1m/events.jsonl"),
+    items: Annotated[
+        list[int],
+        typer.Option(
+            "--items",
+            min=1,
+            help="Synthetic catalogue sizes, besides the model's own (repeatable).",
+        ),
+    ] = [100_000, 1_000_000],  # noqa: B006 (typer needs a list default)
+    batches: Annotated[
+        list[int], typer.Option("--batch", min=1, help="Requests per answer batch (repeatable).")
+    ] = [64, 512],  # noqa: B006
+    requests: Annotated[
+        int, typer.Option(min=1, help="Requests timed per row (rounded up to whole batches).")
+    ] = 2048,
+    k: Annotated[int, typer.Option("-k", min=1, help="Items per answer.")] = 10,
+    warm: Annotated[int, typer.Option(min=1, help="Events folded into states first.")] = 200_000,
+    threads: Annotated[
+        int, typer.Option(min=1, help="torch, OpenMP and BLAS threads (1: one core's figure).")
+    ] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic items and the users drawn.")] = 0,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Append one JSON line per row to this file.")
+    ] = None,
+) -> None:
+    """The worker's answer to top-k recommendation requests, without Kafka: requests/s and
+    p50/p99 latency per catalogue, batch size and exclude_seen.
+
+    Times BatchProcessor.answer in-process, one batch of encoded request messages at a time
+    (what `sketchstream worker` does with what one fetch of the recommend topic brought):
+    decode and validate, read the users' stored states (real state blobs, folded from the
+    events file by the worker's own path, kept in a dict), the recommender's MLP, the catalogue
+    top-k, encode the answers. A request's latency is its batch's time; Kafka and the network
+    are not in it (`bench stream` has them for events). Catalogues: the model's own, then
+    synthetic ones of --items items (the model's items plus made-up ones with random buckets).
+    Runs in a fresh process with its thread pools pinned to --threads (torch.set_num_threads
+    and OMP/MKL/OPENBLAS_NUM_THREADS): --threads 1 is the one-core figure.
+    """
+    from sketchstream.tools import recommend_bench
+
+    spec = {
+        "model": str(model),
+        "events_path": str(path),
+        "catalogues": [["own", 0]] + [["synthetic", n] for n in items],
+        "batches": list(batches),
+        "requests": requests,
+        "k": k,
+        "warm": warm,
+        "threads": threads,
+        "seed": seed,
+    }
+    _say(
+        f"recommend bench: states from the first {warm:,} events of {path}, {requests:,} "
+        f"requests per row, top-{k}, {threads} thread(s), {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.2f}"
+    )
+    with exit_on_error():
+        got = recommend_bench.run_bench(spec)
+    rows = got["rows"]
+    _say(
+        f"model {rows[0]['model'] if rows else '?'} (recommender: {got['recommender']}), "
+        f"peak RSS {got['peak_rss_mb']:.0f} MB"
+    )
+    _report(recommend_bench.recommend_table(rows), rows, json_path)

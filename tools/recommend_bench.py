@@ -38,8 +38,8 @@ def recommend_worker(spec: dict[str, Any]) -> dict[str, Any]:
     own), per batch size and with and without ``exclude_seen``, time ``spec["requests"]``
     requests (users drawn from the states, ``spec["k"]`` items each) in batches through
     ``BatchProcessor.answer``. Returns ``{"rows": [...], "answers": [the answer records of
-    each row's first timed batch], "peak_rss_mb": ...}``; raises when a request is not
-    answered."""
+    each row's first timed batch], "recommender": its shape in words, "peak_rss_mb": ...}``;
+    raises when a request is not answered."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -68,7 +68,12 @@ def recommend_worker(spec: dict[str, Any]) -> dict[str, Any]:
                         "load_avg": round(os.getloadavg()[0], 2),
                     }
                 )
-    return {"rows": rows, "answers": answers, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    return {
+        "rows": rows,
+        "answers": answers,
+        "recommender": _describe(model.recommender),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
 
 
 def run_bench(spec: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +126,15 @@ def _load_model(path: str) -> Any:
             "`sketchstream train --recommender`"
         )
     return model
+
+
+def _describe(rec: Any) -> str:
+    """The recommender's shape, what its cost per request depends on besides the catalogue."""
+    config, catalogue = rec.parts.config, rec.catalogue
+    return (
+        f"{rec.spec.n_features:,} inputs, hidden {config.hidden} x {config.blocks} blocks, "
+        f"{catalogue.levels.shape[1]} levels x {catalogue.width} buckets"
+    )
 
 
 def _warm_states(
