@@ -375,7 +375,7 @@ class Catalogue:
         the only items allowed. Ties go to the lower catalogue row.
 
         The items and scores of a stable sort of each row of :meth:`scores`, found without
-        sorting or copying ``(B, n_items)`` scores (:func:`_best`)."""
+        sorting, copying or even holding ``(B, n_items)`` scores (:meth:`_top_columns`)."""
         if k < 1:
             raise ModelError(f"top_k: k must be >= 1, got {k}")
         lp = self._checked(log_probs, "top_k")
