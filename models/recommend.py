@@ -161,11 +161,15 @@ def recent_sketches(last_codes: np.ndarray, decays: Sequence[float], width: int)
     c = np.asarray(last_codes, np.int64)
     b, length, m, d = c.shape
     age = np.arange(length - 1, -1, -1, dtype=np.float64)
-    bb, ll, mm, dd = np.nonzero(c >= 0)
-    cell = ((bb * m + mm) * d + dd) * width + c[bb, ll, mm, dd]
+    known = c >= 0
+    # each code's output cell, by broadcasting and one mask (in C order, as np.nonzero goes,
+    # so the sums add up in the same order): 4-D fancy indexing was most of the time
+    row = (np.arange(b)[:, None, None, None] * m + np.arange(m)[:, None]) * d + np.arange(d)
+    cell = (row * width + c)[known]
     out = []
     for g in decays:
-        acc = np.bincount(cell, weights=(g**age)[ll], minlength=b * m * d * width)
+        weights = np.broadcast_to((g**age)[:, None, None], c.shape)[known]
+        acc = np.bincount(cell, weights=weights, minlength=b * m * d * width)
         out.append(normalize(acc.reshape(b, m, d, width).astype(np.float32)).reshape(b, -1))
     return np.concatenate(out, axis=1) if out else np.zeros((b, 0), np.float32)
 
