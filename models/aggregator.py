@@ -40,7 +40,10 @@ Semantics (DESIGN.md, "Semantics that must hold"):
 
 Batches are columnar and folds vectorize across users: within a batch, each user's events are
 folded in closed form (exponential decay makes a user's sketch a weighted prefix sum), so the
-cost is a few sorts and scatters per batch, not a Python loop per event.
+cost is a few sorts and scatters per batch, not a Python loop per event. The same closed form
+runs compiled, one loop per user (:func:`~sketchstream.models.kernels.fold_segments`, where
+:data:`~sketchstream.models.kernels.ENABLED`): the numpy passes stay as its reference and serve
+``with_sketches``.
 
 Why ~800 lines: score-then-fold, deduplication, the bounded history and rebuild all read and
 write the same per-batch arrays (user-sorted rows, partition slots, the item cache) inside one

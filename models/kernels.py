@@ -1,22 +1,34 @@
-"""Compiled (numba) kernels of the aggregator's per-event loops, and the switch to the numpy
+"""Compiled (numba) kernels of the worker's per-event loops, and the switch back to the numpy
 reference.
 
-The numpy code of :mod:`~sketchstream.models.aggregator` and
-:mod:`~sketchstream.models.history_cf` folds a batch in closed form: sorts, segmented scans and
-scatters, a few dozen whole-batch calls. Measured on the worker's batches (ML-1M, batch 2048
-and 200), those calls cost ~15 µs an event in the fold alone, most of it call overhead and
-intermediate arrays; the same arithmetic as one loop over a user's events costs about 1 µs.
-So the loops that dominate run here, compiled, and the numpy code stays as the reference
-they are tested against (equal within 1e-6; the sketches written back to the bit).
+The numpy code of the aggregator works on whole batches: sorts, segmented scans and scatters,
+a few dozen array calls per step. On the worker's batches (ML-1M, hidden-256 model) most of
+that time is call overhead and temporaries, paid per batch, so small batches pay it most.
+What runs here instead, each the same arithmetic as one loop per user or per state:
+
+- :func:`fold_segments`: features then fold of a batch (``Aggregator._fold_pass``), ~20 ->
+  ~1 µs an event;
+- :func:`cf_window_sums`: the CF columns' weighted sums (``history_cf._cf_windows``);
+- :func:`group_cummax`: a running max per group (``segments.group_cummax``);
+- :func:`encode_states`, :func:`decode_states`: the state bytes (``state_codec``), ~8 and
+  ~6 -> ~2 µs an event at batch 200.
+
+Each numpy version stays as the reference the kernel is tested against
+(tests/models/test_kernels.py): states, CF columns and bytes to the bit, density and mass
+within 1e-6 (sums in another order).
 
 :data:`ENABLED` is the switch, read at every call: ``SKETCHSTREAM_NO_JIT=1`` in the
-environment turns the kernels off at import (the numpy path then runs everywhere), and tests
+environment turns the kernels off at import (the numpy code then runs everywhere), and tests
 flip it to run both paths.
 
-Compilation is cached on disk (``cache=True``): beside this file in ``__pycache__``, or, where
-that is read-only, in numba's user-wide cache (``~/.cache/numba``, or ``NUMBA_CACHE_DIR``), so
-a worker pays it on its first start only. Where no cache directory is writable at all, the
-kernels compile in memory at every start (logged).
+Compilation (tens of seconds, once) is cached on disk (``cache=True``): in
+``NUMBA_CACHE_DIR`` when set, else beside this file in ``__pycache__``, else, where that is
+read-only, in numba's user-wide cache (``~/.cache/numba``); a start with the cache warm loads
+the kernels in about a second. Where no cache directory is writable at all, the kernels
+compile in memory at every start (logged).
+
+Why over 600 lines: each kernel restates a numpy reference step for step (the codec pair is
+half of it); they live together so that the switch and the caching are in one place.
 """
 
 from __future__ import annotations
@@ -52,17 +64,14 @@ ENABLED: bool = os.environ.get("SKETCHSTREAM_NO_JIT", "") in ("", "0")
 FORGET = 2.0**-100
 
 
-def _compiled(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
+def _compiled(fn: Callable[..., Any]) -> Any:
     """``fn`` compiled lazily, its machine code cached on disk; in memory only when no cache
-    directory is writable (numba raises RuntimeError when it finds none). ``options``: more
-    ``numba.njit`` options (``inline="always"`` for the small helpers of the loops)."""
-    if fn is None:
-        return lambda f: _compiled(f, **options)
+    directory is writable (numba raises RuntimeError when it finds none)."""
     try:
-        return numba.njit(cache=True, nogil=True, **options)(fn)
+        return numba.njit(cache=True, nogil=True)(fn)
     except RuntimeError as exc:
         log.warning("numba cannot cache %s (%s): compiling at every start", fn.__name__, exc)
-        return numba.njit(nogil=True, **options)(fn)
+        return numba.njit(nogil=True)(fn)
 
 
 @_compiled
@@ -225,7 +234,7 @@ def cf_window_sums(
                 out[e, q] += part[q]
 
 
-@_compiled(inline="always")
+@_compiled
 def _put(buf: np.ndarray, p: int, x: int, n_bytes: int) -> int:
     """Write the low ``n_bytes`` of ``x`` at ``buf[p]``, little-endian; the next position."""
     for k in range(n_bytes):
@@ -233,7 +242,7 @@ def _put(buf: np.ndarray, p: int, x: int, n_bytes: int) -> int:
     return p + n_bytes
 
 
-@_compiled(inline="always")
+@_compiled
 def _sketch_kind(x: np.ndarray, counts: bool, nibbles_ok: bool) -> int:
     """How ``state_codec`` writes a channel's cells ``x (D*W,)`` (its ``_sketch_encodings``,
     one channel): 0 empty, 1 nibbles, 2 bytes, 3 shorts, 4 sparse."""
@@ -399,7 +408,7 @@ def group_cummax(x: np.ndarray, gid: np.ndarray) -> np.ndarray:
     return out
 
 
-@_compiled(inline="always")
+@_compiled
 def _get(data: np.ndarray, p: int, n_bytes: int) -> int:
     """The little-endian integer of ``n_bytes`` at ``data[p]`` (8 bytes: its int64 bits)."""
     x = 0
@@ -426,7 +435,7 @@ REFUSALS = (
 )
 
 
-@_compiled(inline="always")
+@_compiled
 def _sketches_refused(data: np.ndarray, p: int, end: int, n_ch: int, cells: int) -> int:
     """Why a blob's sketch section at ``data[p:end]`` is refused (:data:`REFUSALS`; 0: it
     is not): an unknown encoding, a block (nibbles, bytes, shorts, bitmaps, in block order)
@@ -453,7 +462,7 @@ def _sketches_refused(data: np.ndarray, p: int, end: int, n_ch: int, cells: int)
     return 11 if end - block_end != 4 * nnz else 0
 
 
-@_compiled(inline="always")
+@_compiled
 def _read_sketches(data: np.ndarray, p: int, cells: int, out: np.ndarray) -> None:
     """A blob's sketch section at ``data[p]`` into ``out (C, D*W)`` float32."""
     n_ch = out.shape[0]
@@ -594,7 +603,7 @@ def decode_states(
             _read_sketches(data, p + 8 * ids, cells, sketches[u])
 
 
-@_compiled(inline="always")
+@_compiled
 def _blob_refused(
     data: np.ndarray, b0: int, end: int, head: np.ndarray, n_ch: int, cells: int
 ) -> int:
