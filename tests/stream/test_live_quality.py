@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sketchstream.models.events import EventTable, Head, labels
 from sketchstream.models.metrics import roc_auc
+from sketchstream.stream import live_quality
 from sketchstream.stream.live_quality import LiveQuality, LiveQualityError
 
 LIKE = Head("like", ("rate",), threshold=4.0)
@@ -41,7 +42,9 @@ def random_ratings(rng, n, users=20):
 # --- engagement heads ----------------------------------------------------------------------------
 
 
-def test_rolling_auc_is_roc_auc_over_the_last_window_as_it_slides():
+@pytest.mark.parametrize("flush_every", [4096, 50])  # labelled at each read; also between
+def test_rolling_auc_is_roc_auc_over_the_last_window_as_it_slides(monkeypatch, flush_every):
+    monkeypatch.setattr(live_quality, "FLUSH_EVENTS", flush_every)
     rng = np.random.default_rng(0)
     user, value, ts, score = random_ratings(rng, 700)
     live = LiveQuality([LIKE], window=150)
