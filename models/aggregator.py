@@ -76,6 +76,7 @@ from sketchstream.models.emde import Codebook, item_hash
 from sketchstream.models.errors import ModelError
 from sketchstream.models.history_cf import cf_features
 from sketchstream.models.segments import (
+    excl,
     excl_cumsum,
     excl_scan,
     group_cummax,
@@ -677,6 +678,11 @@ class Aggregator:
         ci = np.flatnonzero(cand)
         if ci.size == 0 or k_max == 0:
             return
+        if kernels.ENABLED:
+            self._merge_history_compiled(
+                batch, u[ci], ts[ci], action[ci], value[ci], weight[ci], hashes[ci]
+            )
+            return
         nu = u[ci]
         users = np.unique(nu)
         n_old = batch.hist_len[users].astype(np.int64)
@@ -711,6 +717,43 @@ class Aggregator:
         batch.hist_value[su, rank] = c_val[o]
         batch.hist_weight[su, rank] = c_w[o]
         batch.hist_len[users] = np.minimum(k_max, n_old + np.bincount(nl, minlength=users.size))
+
+    def _merge_history_compiled(
+        self,
+        batch: StateBatch,
+        nu: np.ndarray,
+        ts: np.ndarray,
+        action: np.ndarray,
+        value: np.ndarray,
+        weight: np.ndarray,
+        hashes: np.ndarray,
+    ) -> None:
+        """:meth:`_merge_history` of the candidate events (their columns, ``nu`` their users,
+        sorted) in compiled code (:func:`~sketchstream.models.kernels.merge_history`)."""
+        users, n_new = np.unique(nu, return_counts=True)
+        weight = weight.astype(np.float32)
+        hl = self.config.history_half_life_s
+        with np.errstate(divide="ignore", invalid="ignore"):
+            new_score = np.log2(weight.astype(np.float64)) + ts / hl
+            old_score = np.log2(batch.hist_weight[users].astype(np.float64))
+            old_score += batch.hist_ts[users] / hl
+        kernels.merge_history(
+            users,
+            excl(n_new),
+            hashes.view(np.int64),
+            ts,
+            action.astype(np.int16),
+            value.astype(np.float32),
+            weight,
+            new_score,
+            old_score,
+            batch.hist_len,
+            batch.hist_item.view(np.int64),
+            batch.hist_ts,
+            batch.hist_action,
+            batch.hist_value,
+            batch.hist_weight,
+        )
 
     # -- scalar path, rebuild -------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ What runs here instead, each the same arithmetic as one loop per user or per sta
   ~1 µs an event;
 - :func:`cf_window_sums`: the CF columns' weighted sums (``history_cf._cf_windows``);
 - :func:`group_cummax`: a running max per group (``segments.group_cummax``);
+- :func:`merge_history`: each user's bounded history (``Aggregator._merge_history``);
 - :func:`encode_states`, :func:`decode_states`: the state bytes (``state_codec``), ~8 and
   ~6 -> ~2 µs an event at batch 200.
 
@@ -50,6 +51,7 @@ __all__ = [
     "encode_states",
     "fold_segments",
     "group_cummax",
+    "merge_history",
 ]
 
 log = logging.getLogger(__name__)
@@ -626,3 +628,110 @@ def _blob_refused(
     if end < p_sk + (n_ch if fresh else 0):
         return 5
     return _sketches_refused(data, p_sk, end, n_ch, cells) if fresh else 0
+
+
+@_compiled
+def _order_desc(x: float, y: float) -> int:
+    """1 when ``x`` ranks before ``y`` in a descending order with nan last (``np.lexsort`` of
+    ``-x``), -1 when after, 0 when tied."""
+    if x == y or (np.isnan(x) and np.isnan(y)):
+        return 0
+    if np.isnan(y) or (not np.isnan(x) and x > y):
+        return 1
+    return -1
+
+
+@_compiled
+def _sorted_entries(n: int, score: np.ndarray, ts: np.ndarray, recency: np.ndarray) -> np.ndarray:
+    """Entries ``0 .. n - 1`` by history rank: score, time and recency descending, nan last
+    (``Aggregator._merge_history``'s lexsort); a bottom-up merge sort."""
+    src, dst = np.arange(n), np.empty(n, np.int64)
+    width = 1
+    while width < n:
+        for lo in range(0, n, 2 * width):
+            mid, hi = min(lo + width, n), min(lo + 2 * width, n)
+            i, j = lo, mid
+            for k in range(lo, hi):
+                take_right = i == mid
+                if j < hi and i < mid:
+                    a, b = src[i], src[j]
+                    order = _order_desc(score[b], score[a])
+                    if order == 0:
+                        order = _order_desc(ts[b], ts[a])
+                    if order == 0:
+                        order = 1 if recency[b] > recency[a] else -1
+                    take_right = order > 0
+                if take_right:
+                    dst[k] = src[j]
+                    j += 1
+                else:
+                    dst[k] = src[i]
+                    i += 1
+        src, dst = dst, src
+        width *= 2
+    return src
+
+
+@_compiled
+def merge_history(
+    users: np.ndarray,
+    bounds: np.ndarray,
+    new_item: np.ndarray,
+    new_ts: np.ndarray,
+    new_action: np.ndarray,
+    new_value: np.ndarray,
+    new_weight: np.ndarray,
+    new_score: np.ndarray,
+    old_score: np.ndarray,
+    hist_len: np.ndarray,
+    hist_item: np.ndarray,
+    hist_ts: np.ndarray,
+    hist_action: np.ndarray,
+    hist_value: np.ndarray,
+    hist_weight: np.ndarray,
+) -> None:
+    """``Aggregator._merge_history`` (the numpy reference: one lexsort of every entry): each
+    user's stored history and new events ranked together, the top K kept, in rank order.
+
+    ``users (G,)`` the state rows, the new events of ``users[g]`` at ``bounds[g] ..
+    bounds[g + 1]`` (in fold order) of the ``new_*`` columns (``new_item``: int64 view of
+    the hashes); ``new_score (m,)``, ``old_score (G, K)``: each entry's rank score
+    (``log2 weight + ts / half-life``, computed by the caller with numpy's log2, so that
+    ties break as in the reference); the ``hist_*`` arrays ``(U, K)`` are updated in place.
+    """
+    k_max = hist_item.shape[1]
+    for g in range(users.shape[0]):
+        user, lo, hi = users[g], bounds[g], bounds[g + 1]
+        n_old = min(hist_len[user], k_max)
+        n = n_old + hi - lo
+        score, ts, recency = np.empty(n), np.empty(n), np.empty(n, np.int64)
+        for e in range(n):
+            if e < n_old:
+                score[e], ts[e], recency[e] = old_score[g, e], hist_ts[user, e], n_old - 1 - e
+            else:
+                score[e], ts[e], recency[e] = new_score[lo + e - n_old], new_ts[lo + e - n_old], e
+        keep = _sorted_entries(n, score, ts, recency)[:k_max]
+        item, action = np.empty(keep.size, np.int64), np.empty(keep.size, np.int16)
+        value, weight = np.empty(keep.size, np.float32), np.empty(keep.size, np.float32)
+        for s in range(keep.size):
+            e = keep[s]
+            if e < n_old:
+                item[s], action[s] = hist_item[user, e], hist_action[user, e]
+                value[s], weight[s] = hist_value[user, e], hist_weight[user, e]
+            else:
+                f = lo + e - n_old
+                item[s], action[s] = new_item[f], new_action[f]
+                value[s], weight[s] = new_value[f], new_weight[f]
+        for s in range(k_max):
+            if s < keep.size:
+                e = keep[s]
+                hist_item[user, s], hist_ts[user, s], hist_action[user, s] = (
+                    item[s],
+                    ts[e],
+                    action[s],
+                )
+                hist_value[user, s], hist_weight[user, s] = value[s], weight[s]
+            else:
+                hist_item[user, s], hist_ts[user, s], hist_action[user, s] = 0, 0.0, -1
+                hist_value[user, s], hist_weight[user, s] = 0.0, 0.0
+        hist_len[user] = keep.size

@@ -55,12 +55,15 @@ def _assert_same(monkeypatch, rows, cuts, sim=None, history_size: int = 64) -> N
 @given(
     rows=event_rows(max_events=30, span=20_000.0, ids=True),
     cuts=st.lists(st.integers(0, 30), max_size=3),
+    history_size=st.sampled_from([3, 64]),
 )
-def test_the_compiled_fold_equals_the_numpy_fold(rows, cuts) -> None:
+def test_the_compiled_fold_equals_the_numpy_fold(rows, cuts, history_size) -> None:
     """Decayed and undecayed channels, late events, unknown items, redeliveries, duplicate
-    ids, several passes a user (events ~20,000 s apart span hundreds of half-lives)."""
+    ids, several passes a user (events ~20,000 s apart span hundreds of half-lives), weights
+    that rank older events first, histories cut to their top 3."""
     with pytest.MonkeyPatch.context() as mp:
-        _assert_same(mp, rows, sorted({0, len(rows), *(c for c in cuts if c < len(rows))}))
+        cuts = sorted({0, len(rows), *(c for c in cuts if c < len(rows))})
+        _assert_same(mp, rows, cuts, history_size=history_size)
 
 
 @pytest.mark.parametrize("seed", range(3))
