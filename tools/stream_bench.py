@@ -15,7 +15,11 @@ of outputs over the span of their Kafka timestamps. Then events are produced at 
 for ``latency_seconds`` and each output's latency is its Kafka record time minus its event's
 Kafka record time (both set by the producers when the record is created). RSS is the peak
 resident set of the system's process (``VmHWM``); bytes per user come from the worker's
-changelog (the latest state of every user). With ``profile``, the worker's row also gets where
+changelog (the latest state of every user). CPU µs per event is the process's CPU time
+(``/proc/<pid>/stat``) from its first output to its last of the drain, over those outputs: on
+a machine shared with other work, the events/s move with the load while this barely does, so
+the ratio of two systems' CPU per event says what their events/s would be, each on a core of
+its own. With ``profile``, the worker's row also gets where
 its time went in each phase, stage by stage (:mod:`~sketchstream.tools.bench_profile`, read
 off its ``/metrics``).
 
@@ -112,7 +116,8 @@ def run_bench(
     """``bench stream``: each of ``systems`` (some of :data:`SYSTEMS`) on the broker of
     ``settings``, one after the other, on the events of ``data`` (default ``<data dir>/ml-1m``;
     synthetic when it has no events.jsonl). Returns one row per system (:meth:`BenchRun.row`,
-    plus ``ratio_vs_raw`` beside a raw run and ``model`` for the worker; with ``profile``, the
+    plus ``ratio_vs_raw`` and ``cpu_ratio_vs_raw`` (raw's CPU µs per event over the system's)
+    beside a raw run and ``model`` for the worker; with ``profile``, the
     worker's ``profile``: :func:`~sketchstream.tools.bench_profile.profile_rows` of the drain
     and of the latency run).
 
@@ -209,6 +214,8 @@ def run_bench(
     for r in runs:
         if raw is not None and r["system"] != "raw" and raw["events_per_s"] > 0:
             r["ratio_vs_raw"] = round(r["events_per_s"] / raw["events_per_s"], 3)
+            if raw["cpu_us_per_event"] and r["cpu_us_per_event"]:
+                r["cpu_ratio_vs_raw"] = round(raw["cpu_us_per_event"] / r["cpu_us_per_event"], 3)
         if r["system"] == "worker":
             r["model"] = version
     return runs
@@ -220,6 +227,8 @@ def stream_table(rows: list[dict[str, Any]]) -> str:
         ("system", "system"),
         ("events_per_s", "events/s"),
         ("ratio_vs_raw", "x raw"),
+        ("cpu_us_per_event", "CPU µs/event"),
+        ("cpu_ratio_vs_raw", "x raw CPU"),
         ("p50_ms", "p50 ms"),
         ("p99_ms", "p99 ms"),
         ("latency_rate", "at events/s"),
@@ -387,6 +396,14 @@ class _Process:
         self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.peak_rss_mb = 0.0
 
+    def cpu_seconds(self) -> float:
+        """CPU time the process has used so far, user + system (0.0 when unreadable)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
     def sample(self) -> None:
         """Record the process's peak RSS so far (VmHWM); fails if the process died."""
         if self.proc.poll() is not None:
@@ -478,6 +495,7 @@ class BenchRun:
     latency_events: int = 0
     latency_rate: float = 0.0
     rss_mb: float = 0.0
+    cpu_us_per_event: float | None = None
     state_bytes_per_user: float | None = None
     users: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -492,6 +510,9 @@ class BenchRun:
             "latency_events": self.latency_events,
             "latency_rate": round(self.latency_rate, 1),
             "rss_mb": round(self.rss_mb, 1),
+            "cpu_us_per_event": None
+            if self.cpu_us_per_event is None
+            else round(self.cpu_us_per_event, 1),
         }
         if self.system == "worker":
             out["state_bytes_per_user"] = self.state_bytes_per_user
@@ -593,13 +614,24 @@ async def run_one(
                 batch_within=batch_within,
             )
             n = len(lines)
-            await _wait_outputs(client_kwargs, topics, proc, n, timeout + _READY_TIMEOUT)
+            first: list[tuple[int, float]] = []  # (outputs, CPU seconds) at the first output
+
+            def started(got: int) -> None:
+                if got and not first:
+                    first.append((got, proc.cpu_seconds()))
+
+            await _wait_outputs(
+                client_kwargs, topics, proc, n, timeout + _READY_TIMEOUT, progress=started
+            )
+            cpu = proc.cpu_seconds()
             outs = await read_topic(client_kwargs, topics.outputs)
             stamps = np.array([r.timestamp for r in outs], np.float64) / 1000.0
             span = float(stamps.max() - stamps.min()) if len(outs) > 1 else 0.0
             rate = (len(outs) - 1) / span if span > 0 else float("nan")
             say(f"  {system}: {len(outs):,} outputs in {span:.2f}s: {rate:,.0f} events/s")
             run = BenchRun(system, n, rate)
+            if first and first[0][0] < n:
+                run.cpu_us_per_event = 1e6 * (cpu - first[0][1]) / (n - first[0][0])
             url = proc.metrics_url if profile else None
             drained = await scrape_idle(url) if url else None
             if drained is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,11 +48,17 @@ def test_bench_stream_writes_one_json_line_per_system(kafka_bootstrap: str, tmp_
     for r in rows:
         assert r["events_per_s"] > 0 and r["rss_mb"] > 0
         assert 0 <= r["p50_ms"] <= r["p99_ms"]
+        # None when the drain ended before the bench's first look (0.2 s): 2,000 events may
+        assert r["cpu_us_per_event"] is None or r["cpu_us_per_event"] > 0
     worker = rows[-1]
     assert worker["state_bytes_per_user"] > 0 and worker["users"] > 0
     assert worker["ratio_vs_raw"] == pytest.approx(
         worker["events_per_s"] / rows[0]["events_per_s"], rel=1e-2
     )
+    if "cpu_ratio_vs_raw" in worker:
+        assert worker["cpu_ratio_vs_raw"] == pytest.approx(
+            rows[0]["cpu_us_per_event"] / worker["cpu_us_per_event"], rel=1e-2
+        )
     assert "system" in result.output  # the table
 
 
@@ -86,6 +93,23 @@ def test_bench_stream_profile_splits_the_workers_wall_time_by_stage(
         assert sum(spent[s]["pct_of_wall"] for s in STAGES) <= 100.0 + 0.1 * len(STAGES)
         assert spent["busy (wall)"]["pct_of_wall"] == 100.0
     assert "drain µs/event" in result.output and "paced µs/event" in result.output
+
+
+def test_a_systems_cpu_time_is_read_off_its_process(tmp_path: Path):
+    """CPU µs per event comes from the system's own CPU time: a child that spins for 0.3 s
+    of CPU and then sleeps reads as about 0.3 s, however long it has lived."""
+    from sketchstream.tools.stream_bench import _Process
+
+    spin = "import time; t = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    child = _Process([sys.executable, "-c", spin + "time.sleep(30)"], {}, tmp_path / "child.log")
+    try:
+        deadline = time.monotonic() + 20
+        while child.cpu_seconds() < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # asleep now: its CPU time stays put
+        assert 0.3 <= child.cpu_seconds() < 0.3 + 0.25  # interpreter start-up: a few tenths
+    finally:
+        child.stop()
 
 
 def test_later_copies_keep_every_users_events_in_time_order():
