@@ -19,7 +19,11 @@ Each data set's artifact and reports go under ``<out>/<id>/`` (``model/``, ``mod
 
     {"dataset", "events", "heads", "auc", "rce", "val_auc", "best_baseline", "best_baseline_auc",
      "best_baseline_rce", "auc_diff", "auc_diff_ci95": [low, high], "draws", "held_out",
-     "baselines": {name: {"auc", "rce"}}, "model", "stream_md5", "seconds": {...}, "config"}
+     "baselines": {name: {"auc", "rce"}}, "model", "stream_md5", "seconds": {...}, "config",
+     "return": {"head", "auc", "rce", "recency_gbdt_auc", "recency_gbdt_rce"}}
+
+The model's return head (when the heads have one) is compared with its own baseline,
+``recency_gbdt``, in the row's ``return`` block and the table's last column.
 """
 
 from __future__ import annotations
@@ -137,7 +141,7 @@ def run_dataset(
     diff, low, high = paired_user_bootstrap(
         y[test], done.p[test, 0], p_base[test], done.events.user[test], draws=draws
     )
-    return {
+    row = {
         "dataset": dataset,
         "events": int(report["data"]["events"]),
         "heads": [h.spec for h in heads],
@@ -164,6 +168,26 @@ def run_dataset(
         },
         "config": config.to_dict(),
     }
+    for head in heads[1:]:
+        if head.is_return:  # the second task of the same state, against its own baseline
+            base = report["baselines"].get(f"recency_gbdt/{head.name}", {}).get("test", {})
+            mine = report["heads"][head.name]["test"]
+            row["return"] = {
+                "head": head.spec,
+                "auc": mine["auc"],
+                "rce": mine["rce"],
+                "recency_gbdt_auc": base.get("auc"),
+                "recency_gbdt_rce": base.get("rce"),
+            }
+    return row
+
+
+def _return_cell(row: dict[str, Any]) -> str:
+    ret = row.get("return")
+    if not ret:
+        return "-"
+    base = ret["recency_gbdt_auc"]
+    return f"{ret['auc']:.4f} / " + (f"{base:.4f}" if base is not None else "-")
 
 
 def quality_table(rows: list[dict[str, Any]]) -> str:
@@ -178,6 +202,7 @@ def quality_table(rows: list[dict[str, Any]]) -> str:
                 **row,
                 "dataset": row["dataset"] + (" (held out)" if row["held_out"] else ""),
                 "diff": f"{row['auc_diff']:+.4f} [{low:+.4f}, {high:+.4f}]",
+                "return": _return_cell(row),
             }
         )
     cols = [
@@ -189,6 +214,7 @@ def quality_table(rows: list[dict[str, Any]]) -> str:
         ("best_baseline_auc", "its AUC"),
         ("best_baseline_rce", "its RCE"),
         ("diff", "AUC diff [95 % CI]"),
+        ("return", "return AUC / recency GBDT"),
     ]
 
     def cell(key: str, value: Any) -> str:

@@ -56,7 +56,11 @@ def test_a_row_has_the_figures_the_issue_asks_for(row) -> None:
     assert set(row) >= KEYS
     assert row["dataset"] == "tiny" and row["events"] == 1500 and not row["held_out"]
     assert row["best_baseline"] in row["baselines"]
-    assert row["best_baseline_auc"] == max(b["auc"] for b in row["baselines"].values())
+    # the best baseline of the primary head (like); the return head is compared apart
+    like = [b["auc"] for name, b in row["baselines"].items() if name.endswith("/like")]
+    assert row["best_baseline_auc"] == max(like)
+    assert row["heads"] == ["like:rate>=4", "return:next<=7d"]
+    assert set(row["return"]) == {"head", "auc", "rce", "recency_gbdt_auc", "recency_gbdt_rce"}
     json.dumps(row)  # one JSON line
 
 
@@ -74,8 +78,10 @@ def test_the_table_marks_the_held_out_set() -> None:
         {**base, "dataset": "ml-100k", "held_out": False, "auc_diff_ci95": [0.001, 0.02]},
         {**base, "dataset": HELD_OUT, "held_out": True, "auc_diff_ci95": [-0.01, 0.03]},
     ]
+    rows[1]["return"] = {"auc": 0.81, "recency_gbdt_auc": 0.8}
     lines = quality_table(rows).splitlines()
     assert lines[-1].split()[:3] == [HELD_OUT, "(held", "out)"]
+    assert lines[-1].endswith("0.8100 / 0.8000") and lines[2].endswith("-")
     assert "+0.0100 [+0.0010, +0.0200]" in lines[2]
     assert HELD_OUT in CATALOGUE
 
