@@ -178,7 +178,7 @@ def _with_catalogue(model: Any, size: int, seed: int) -> Any:
     import dataclasses
 
     import numpy as np
-    from sketchstream.models.recommend import Catalogue
+    from sketchstream.models.catalogue import Catalogue
     from sketchstream.models.scorer import Recommender
 
     rec = model.recommender

@@ -137,7 +137,7 @@ def test_fast_top_k_equals_a_stable_sort_of_every_score_ties_and_exclusions_incl
 ) -> None:
     import scipy.sparse as sp
 
-    monkeypatch.setattr("sketchstream.models.recommend._ITEM_BLOCK", block)
+    monkeypatch.setattr("sketchstream.models.catalogue._ITEM_BLOCK", block)
     rng = np.random.default_rng(k)
     n = 5000
     levels = rng.integers(0, width, (n, n_levels)) + np.arange(n_levels) * width
