@@ -6,6 +6,7 @@ bit) and the same features within 1e-6. The other aggregator tests run the compi
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -195,6 +196,38 @@ def test_the_compiled_group_cummax_equals_the_numpy_one(x, cuts) -> None:
         mp.setattr(kernels, "ENABLED", True)
         got = segments.group_cummax(values, gid)
     np.testing.assert_array_equal(got, want)
+
+
+_WARM_UP_THEN_A_BATCH = """
+import json
+import sys
+sys.path.insert(0, {tests!r})
+from sketchstream.models import kernels
+from test_aggregator import _aggregator, _batch
+from test_similarity import _spread_similarity, _stream
+
+names = [n for n in kernels.__all__ if hasattr(getattr(kernels, n), "signatures")]
+agg, sim = _aggregator(history_size=6), _spread_similarity(0)
+before = dict(agg.counters)
+agg.warm_up(sim)
+assert agg.counters == before, agg.counters
+warm = {{n: len(getattr(kernels, n).signatures) for n in names}}
+state = agg.new_batch(5)
+agg.score_then_fold(state, _batch(_stream(0)), item_similarity=sim)
+agg.load(agg.dump(state))
+print(json.dumps([warm, {{n: len(getattr(kernels, n).signatures) for n in names}}]))
+"""
+
+
+def test_warm_up_compiles_every_kernel_a_batch_calls() -> None:
+    """In a fresh process (here every kernel is long compiled): after ``warm_up`` each
+    kernel has its signature and a batch of every kind of event adds none."""
+    code = _WARM_UP_THEN_A_BATCH.format(tests=os.path.dirname(__file__))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    warm, after = json.loads(out.stdout)
+    assert len(warm) == 6 and all(warm.values()), warm  # every kernel compiled
+    assert after == warm
 
 
 def test_sketchstream_no_jit_turns_the_kernels_off() -> None:
