@@ -39,9 +39,11 @@ for a hit, the least recently active dropped first and counted (``dropped``). Re
 recommendation labels are found in one loop over a batch's events (a dict pop and a heap push
 each); engagement labels, and every label's trip into its window, wait until
 :data:`FLUSH_EVENTS` events have come or a snapshot is read, so their numpy calls cost the
-same whether the worker's batches hold 16 events or 2,000 (a call per batch of 16 was ~30 µs an
-event, measured). AUC is computed only when read, and cached until new labels come. Everything
-is decided per event in arrival order, so how events are cut into batches changes nothing.
+same whether the worker's batches hold 16 events or 2,000 (measured on MovieLens-1M with a
+like and a return head, same run, two loaded cores: batches of 16 cost ~6 µs an event against
+~25 when labelling each batch; batches of 512 ~3.5 µs either way). AUC is computed only when
+read, and cached until new labels come. Everything is decided per event in arrival order, so
+how events are cut into batches changes nothing.
 """
 
 from __future__ import annotations
