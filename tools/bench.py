@@ -659,8 +659,9 @@ def recommend(
     are not in it (`bench stream` has them for events). Besides requests/s of wall time, per
     CPU-s: requests per second of the process's CPU time, what a core of its own would do on
     a loaded machine. Catalogues: the model's own, then synthetic ones of --items items (the
-    model's items plus made-up ones with random buckets). Runs in a fresh process with its thread pools pinned to --threads (torch.set_num_threads
-    and OMP/MKL/OPENBLAS_NUM_THREADS): --threads 1 is the one-core figure.
+    model's items plus made-up ones with random buckets). Runs in a fresh process with its
+    thread pools pinned to --threads (torch.set_num_threads and OMP/MKL/OPENBLAS_NUM_THREADS):
+    --threads 1 is the one-core figure.
     """
     from sketchstream.tools import recommend_bench
 
