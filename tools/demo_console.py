@@ -2,7 +2,7 @@
 
 - :class:`LiveStats`: counts, throughput and latency percentiles of the predictions seen so
   far, overall and over a rolling window, and the AUC of every head of the model through
-  :class:`~sketchstream.stream.live_quality.LiveQuality`, the worker's own live quality (so the
+  :class:`~sketchstream.models.live_quality.LiveQuality`, the worker's own live quality (so the
   demo and the worker's ``/metrics`` agree on what a label is and when it arrives);
 - :func:`status_line` (the refreshing line during the live replay), :func:`final_table` (the
   summary), :func:`fmt_ms` / :func:`fmt_num`;
@@ -49,7 +49,7 @@ class LiveStats:
     Kafka times in seconds; a record's latency is its Kafka time minus its event's
     (``kafka_ts``, when known). :meth:`rolling` covers the last ``window`` predictions (and
     labels, per head), :meth:`overall` all of them, up to ``total`` labels a head. Labels
-    follow :class:`~sketchstream.stream.live_quality.LiveQuality`: engagement heads from the
+    follow :class:`~sketchstream.models.live_quality.LiveQuality`: engagement heads from the
     event itself, return heads from the user's next prediction or the partition's event time.
     """
 
@@ -60,7 +60,7 @@ class LiveStats:
         total: int = 1_000_000,
         clock: Any = time.monotonic,
     ) -> None:
-        from sketchstream.stream.live_quality import LiveQuality
+        from sketchstream.models.live_quality import LiveQuality
 
         self.heads = tuple(heads)
         self.window = window

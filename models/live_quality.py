@@ -55,9 +55,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sketchstream.models.errors import ModelError
 from sketchstream.models.events import EventTable, Head, labels
 from sketchstream.models.metrics import roc_auc
-from sketchstream.stream.errors import StreamError
 
 __all__ = ["FLUSH_EVENTS", "HIT_AT", "LiveQuality", "LiveQualityError"]
 
@@ -70,7 +70,7 @@ FLUSH_EVENTS = 4096
 _COMPACT_SLACK = 1024  # stale heap entries tolerated beyond one per pending prediction
 
 
-class LiveQualityError(StreamError):
+class LiveQualityError(ModelError):
     """Live quality tracking was given inputs it cannot use (a shape, a setting)."""
 
 

@@ -7,10 +7,10 @@ import math
 
 import numpy as np
 import pytest
+from sketchstream.models import live_quality
 from sketchstream.models.events import EventTable, Head, labels
+from sketchstream.models.live_quality import LiveQuality, LiveQualityError
 from sketchstream.models.metrics import roc_auc
-from sketchstream.stream import live_quality
-from sketchstream.stream.live_quality import LiveQuality, LiveQualityError
 
 LIKE = Head("like", ("rate",), threshold=4.0)
 RETURN = Head("return", (), horizon=100.0)
