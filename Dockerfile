@@ -26,6 +26,9 @@ ENV SKETCHSTREAM_HOME=/var/lib/sketchstream \
     SKETCHSTREAM_STATE_DIR=/var/lib/sketchstream/state \
     SKETCHSTREAM_ARTIFACT_DIR=/var/lib/sketchstream/artifacts \
     SKETCHSTREAM_DATA_DIR=/var/lib/sketchstream/data
+# numba's compiled kernels on the state volume: compiled once (tens of seconds), then loaded
+# in about a second by every later start (the installed package's folder is not writable)
+ENV NUMBA_CACHE_DIR=/var/lib/sketchstream/state/numba-cache
 WORKDIR /var/lib/sketchstream
 ENTRYPOINT ["sketchstream"]
 CMD ["--help"]

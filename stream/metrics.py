@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from prometheus_client import (
@@ -26,9 +27,9 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-__all__ = ["STAGES", "BatchHistogram", "StageTimes", "WorkerMetrics"]
+__all__ = ["STAGES", "BatchHistogram", "LiveQualityMetrics", "StageTimes", "WorkerMetrics"]
 
 _BATCH_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -48,6 +49,7 @@ STAGES: tuple[str, ...] = (
     "mlp",  # the MLP's forward pass
     "state_encode",  # Aggregator.dump: one byte string per user
     "predictions_encode",  # prediction records and dead letters as JSON
+    "live_quality",  # LiveQuality.observe: the labels the batch brings, per head
     "send",  # records into per-partition producer batches, handed to aiokafka
     "send_wait",  # waiting for the predictions' acknowledgement
     "state_write",  # RocksDB write batches
@@ -138,6 +140,58 @@ class BatchHistogram:
         )
 
 
+class LiveQualityMetrics:
+    """The worker's live quality (:mod:`sketchstream.models.live_quality`) on ``/metrics``:
+    ``source`` (a ``LiveQuality.snapshot``, set by the batch processor) is read at scrape time,
+    so a rolling AUC is computed once a scrape, never per batch."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Mapping[str, Any]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        if self.source is None:
+            return
+        now = self.source()
+        auc = GaugeMetricFamily(
+            "sketchstream_live_auc",
+            "Rolling ROC AUC per head over its last labelled predictions (NaN: one class).",
+            labels=["head"],
+        )
+        labelled = CounterMetricFamily(
+            "sketchstream_live_labelled",
+            "Predictions whose label arrived, per head.",
+            labels=["head"],
+        )
+        pending = GaugeMetricFamily(
+            "sketchstream_live_pending",
+            "Return-head predictions awaiting the user's next event or the horizon.",
+            labels=["head"],
+        )
+        dropped = CounterMetricFamily(
+            "sketchstream_live_dropped",
+            "Return-head predictions dropped unlabelled (over the pending bound).",
+            labels=["head"],
+        )
+        for head, f in now["heads"].items():
+            auc.add_metric([head], f["auc"])
+            labelled.add_metric([head], f["labelled"])
+            if "pending" in f:
+                pending.add_metric([head], f["pending"])
+                dropped.add_metric([head], f["dropped"])
+        rec = now["recommend"]
+        yield from (auc, labelled, pending, dropped)
+        yield GaugeMetricFamily(
+            "sketchstream_live_hr10",
+            "Rolling HR@10 of recommendation answers, by each user's next event (NaN: none).",
+            value=rec["hr@10"],
+        )
+        yield CounterMetricFamily(
+            "sketchstream_live_answers_resolved",
+            "Recommendation answers judged by their user's next event.",
+            value=rec["resolved"],
+        )
+
+
 class WorkerMetrics:
     """Counters, gauges and histograms of one worker; :meth:`render` is the ``/metrics`` body.
 
@@ -216,6 +270,8 @@ class WorkerMetrics:
         )
         self.stages = stages if stages is not None else StageTimes()
         r.register(self.stages)
+        self.live = LiveQualityMetrics()
+        r.register(self.live)
         self._lag_source = lag_source
 
     def set_model(self, version: str, codebook_version: str) -> None:

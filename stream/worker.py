@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
+from sketchstream.models.live_quality import LiveQuality
 from sketchstream.stream.metrics import StageTimes, WorkerMetrics
 from sketchstream.stream.records import (
     DecodedEvents,
@@ -44,6 +45,7 @@ from sketchstream.stream.records import (
 if TYPE_CHECKING:  # the models (numpy, torch) load when a model does: serving_model
     from sketchstream.models.aggregator import Aggregator
     from sketchstream.models.batches import Features
+    from sketchstream.models.events import Head
     from sketchstream.models.scorer import Recommender, Scorer
 
 __all__ = [
@@ -91,6 +93,7 @@ class ServingModel:
     scorer: Scorer
     path: str = ""
     recommender: Recommender | None = None
+    head_defs: tuple[Head, ...] = ()  # the heads' definitions, in the scores' column order
 
     @property
     def mlp(self) -> Any:
@@ -121,10 +124,13 @@ class ServingModel:
 
 def serving_model(bundle: Any) -> ServingModel:
     """A :class:`ServingModel` from a verified :class:`~sketchstream.models.artifacts.ModelBundle`:
-    the trainer's scoring path (aggregator features + item snapshot → ``Scorer``)."""
+    the trainer's scoring path (aggregator features + item snapshot → ``Scorer``). Its
+    compiled kernels are loaded (or compiled, the first time on a machine) here, where a model
+    is loaded — at start or in the background before a swap — not inside its first batch."""
     from sketchstream.models.aggregator import Aggregator
     from sketchstream.models.channels import aggregator_config_from_dict
     from sketchstream.models.scorer import Recommender, Scorer
+    from sketchstream.models.trainer import bundle_heads
 
     config = aggregator_config_from_dict(bundle.aggregator_config)
     aggregator = Aggregator(config, bundle.codebooks)
@@ -133,15 +139,18 @@ def serving_model(bundle: Any) -> ServingModel:
     recommender = (
         None if parts is None else Recommender(parts, Aggregator(config, bundle.codebooks))
     )
+    scorer = Scorer.from_bundle(bundle)
+    aggregator.warm_up(scorer.item_similarity)
     return ServingModel(
         version=bundle.version,
         codebook_version=str(aggregator.codebook_version),
         actions=tuple(config.actions),
         heads=tuple(bundle.heads),
         aggregator=aggregator,
-        scorer=Scorer.from_bundle(bundle),
+        scorer=scorer,
         path=str(bundle.path),
         recommender=recommender,
+        head_defs=tuple(bundle_heads(bundle)),
     )
 
 
@@ -181,9 +190,17 @@ class BatchProcessor:
     request_topic: str = "recommend"
     request_limits: RequestLimits = field(default_factory=RequestLimits)
     stages: StageTimes = field(init=False)
+    live: LiveQuality = field(init=False)
 
     def __post_init__(self) -> None:
         self.stages = self.metrics.stages if self.metrics is not None else StageTimes()
+        self._track_quality(self.model)
+
+    def _track_quality(self, model: ServingModel) -> None:
+        """Live quality of ``model``'s heads from now on (/metrics reads it at scrape time)."""
+        self.live = LiveQuality(model.head_defs)
+        if self.metrics is not None:
+            self.metrics.live.source = self.live.snapshot
 
     def swap(self, model: ServingModel) -> None:
         """Serve ``model`` from the next batch on."""
@@ -193,6 +210,8 @@ class BatchProcessor:
             model.codebook_version,
             self.model.version,
         )
+        if model.head_defs != self.model.head_defs:  # other heads: other figures
+            self._track_quality(model)
         self.model = model
         if self.metrics is not None:
             self.metrics.model_swaps.inc()
@@ -347,6 +366,8 @@ class BatchProcessor:
                     text = _processing_error(msg, one).replace("processing event", "answering")
                     dead.append((requests[i].source, "processing_error", text))
                     got.append(None)
+        answered = [(q.user, r.items) for q, r in zip(requests, got, strict=True) if r is not None]
+        self.live.answered([u for u, _ in answered], [items for _, items in answered])
         published = self.clock()
         return [
             recommendation_record(
@@ -467,7 +488,18 @@ class BatchProcessor:
             if scores is not None
             else []
         )
-        stages.lap("predictions_encode", t)
+        t = stages.lap("predictions_encode", t)
+        if scores is not None:  # last: a part that raised before it is counted once, re-run
+            self.live.observe(
+                events.user[selected],
+                events.item[selected],
+                np.asarray(model.actions, dtype=object)[events.action[selected]],
+                events.value[selected],
+                events.ts[selected],
+                scores,
+                events.partition[selected],
+            )
+            stages.lap("live_quality", t)
         duplicates = int(state.duplicates)
         return predictions, kafka_ts, blobs, len(batch.item) - len(valid) - duplicates, duplicates
 

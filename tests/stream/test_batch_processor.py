@@ -103,6 +103,27 @@ def test_each_step_of_a_batch_is_timed_in_the_metrics_stages(model):
     assert spent["fetch"] == spent["send"] == 0  # the Kafka side's: the app times those
 
 
+def test_the_live_auc_of_each_head_is_on_the_metrics_as_labels_arrive(model):
+    from sketchstream.models.metrics import roc_auc
+
+    proc = processor(model, {})
+    events = synthetic_events(300, users=8)
+    result = proc.process(messages(events))
+    now = proc.live.snapshot()["heads"]
+    assert list(now) == list(model.heads)
+    # the like head labels each rating itself: the rolling AUC is the AUC of these predictions
+    scores = [orjson.loads(v)["scores"]["like"] for _, v in result.predictions]
+    rated = [
+        (s, e["value"] >= 4) for s, e in zip(scores, events, strict=True) if e["action"] == "rate"
+    ]
+    p, y = (np.array(c) for c in zip(*rated, strict=True))
+    assert now["like"]["labelled"] == len(rated) > 0
+    assert now["like"]["auc"] == pytest.approx(roc_auc(y, p))
+    body = proc.metrics.render()[0].decode()
+    assert 'sketchstream_live_auc{head="like"}' in body
+    assert "sketchstream_live_hr10" in body and 'stage="live_quality"' in body
+
+
 def test_a_swapped_model_serves_from_the_next_batch(model, tmp_path):
     other = load_serving_model(tmp_path / build_tiny_artifact(tmp_path, seed=5))
     store = {}
