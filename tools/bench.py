@@ -7,6 +7,10 @@ owns its bench and prints the table.
     bench replay   replay_bench    the trainer's replay engine, four variants
     bench chaos    chaos           one worker clean and under faults, compared
     bench quality  bench_quality   train + evaluate on every data set, against the baselines
+    bench recommend  recommend_bench  the worker's answer to top-k requests, per catalogue
+
+``bench stream --profile`` and ``bench batch --profile`` add the worker's per-stage split
+(:mod:`~sketchstream.tools.bench_profile`).
 
 Measured runs happen in fresh spawned processes (:mod:`~sketchstream.tools.bench_harness`), so
 each peak RSS is its own. Results come as a table, and with ``--json FILE`` as JSON lines
