@@ -244,7 +244,7 @@ def build_candidate(
     ``sketchstream train`` trains one.
     """
     from sketchstream.models.events import DEFAULT_HEADS, protocol_split
-    from sketchstream.models.trainer import TrainConfig, run_protocol
+    from sketchstream.models.trainer import TrainConfig, label_columns, run_protocol
 
     config = config or TrainConfig()
     heads = tuple(heads or DEFAULT_HEADS)
@@ -272,7 +272,7 @@ def build_candidate(
         sim = trained.similarity
         snapshot = ItemSnapshot.from_events(
             window,
-            result.y[:, [result.heads.index(h) for h in trained.heads]],
+            label_columns(result.y, result.heads, trained.heads),
             trained.heads,
             prior=trained.prior,
             item_age=trained.item_age,

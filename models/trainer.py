@@ -547,8 +547,10 @@ def snapshot_options(config: TrainConfig, heads: Sequence[Any] = ()) -> dict[str
     counts) settle an unset ``similarity_like_min``."""
     like_min = config.similarity_like_min
     if like_min is None or math.isnan(like_min):  # None: a manifest (JSON has no nan)
-        engaged = [h for h in heads if getattr(h, "horizon", None) is None]
-        threshold = getattr(engaged[0], "threshold", None) if engaged else None
+        from sketchstream.models.events import engagement_heads
+
+        engaged = engagement_heads(heads)
+        threshold = engaged[0].threshold if engaged else None
         like_min = 4.0 if threshold is None else float(threshold)
     return {
         "item_age": config.item_age,
@@ -746,7 +748,7 @@ def score_events(
         sim = scorer.item_similarity
         windows = refresh_windows(
             events,
-            y[:, [bundle.heads.index(h) for h in snap.heads]],
+            label_columns(y, bundle.heads, snap.heads),
             snap.heads,
             prior=snap.prior,
             refresh_s=refresh_s,
@@ -787,8 +789,16 @@ def item_statistics_heads(
     """The heads an item snapshot keeps rates of, and their label columns of ``y``: the
     engagement heads. A return head's label at an event is known only a horizon later, so a
     snapshot refreshed at ``T`` would read labels that depend on events after ``T``."""
-    keep = [k for k, h in enumerate(heads) if getattr(h, "horizon", None) is None]
-    return tuple(heads[k].name for k in keep), y[:, keep]
+    from sketchstream.models.events import engagement_heads
+
+    names = tuple(h.name for h in engagement_heads(heads))
+    return names, label_columns(y, [h.name for h in heads], names)
+
+
+def label_columns(y: np.ndarray, heads: Sequence[str], wanted: Sequence[str]) -> np.ndarray:
+    """The columns of labels ``y (n, len(heads))`` of the heads named ``wanted``, in that order
+    (an item snapshot's heads out of a model's)."""
+    return y[:, [list(heads).index(h) for h in wanted]]
 
 
 def bundle_heads(bundle: Any) -> list[Any]:
@@ -891,6 +901,6 @@ def training_aggregator_config(
                 channels.append(Channel("pos_recent", mod, positive, half_life_s=recent))
     if not channels:
         channels = [Channel("all", "interactions")]
-    if any(getattr(h, "horizon", None) is not None for h in heads or ()):
+    if any(h.is_return for h in heads or ()):  # the user's activity of the day
         channels.append(Channel("activity_1d", "interactions", half_life_s=DAY))
     return AggregatorConfig(channels=tuple(channels), actions=actions, history_size=history_size)
