@@ -17,18 +17,10 @@ its user reaches the worker that holds that user's state. A fetch's events are h
 its requests, so a request sees the events fetched with it.
 
 Delivery is at-least-once and the user state remembers the last offset folded, so a crash
-replays without double counting. Order of a batch: predictions and dead letters are sent
-and acknowledged *before* the new states are written (RocksDB + changelog), and its offsets
-are acknowledged (for the next commit) only after both. A crash in between re-folds the
-batch from the old states and re-publishes the same predictions (same event reference, same
-scores); a state is never stored ahead of its predictions.
-
-The wait for that acknowledgement is not the worker's idle time: a batch's handler sends its
-predictions, stages its new states (:meth:`UserStates.stage`) and returns; the next batch
-is scored from those staged states while the broker acknowledges, and its handler, before
-returning, waits for the batch before it to be acknowledged and written (``finish``). So one
-batch at most is under way when a handler returns, and it holds faust's acknowledgement of
-its offsets (``ack_when``): a rebalance or a stop waits for it, as for a batch being handled.
+replays without double counting. Order inside a batch: predictions and dead letters are sent
+and acknowledged *before* the new states are written (RocksDB + changelog). A crash in
+between re-folds the batch from the old states and re-publishes the same predictions (same
+event reference, same scores); a state is never stored ahead of its predictions.
 """
 
 from __future__ import annotations
@@ -45,7 +37,7 @@ from sketchstream.stream.publish import publish
 from sketchstream.stream.records import EventLimits, RequestLimits
 from sketchstream.stream.settings import Settings
 from sketchstream.stream.tables import UserStates
-from sketchstream.stream.worker import BatchProcessor, BatchResult
+from sketchstream.stream.worker import BatchProcessor
 
 if TYPE_CHECKING:  # pragma: no cover
     import faust
@@ -253,13 +245,8 @@ def create_app(settings: Settings) -> faust.App:
             )
         return processors[0]
 
-    in_flight: list[asyncio.Future] = []  # the last batch's acknowledgement and writes
-
     async def score(messages: list[Any]) -> None:
-        """One micro-batch: validate → score → fold, predictions out; the wait for their
-        acknowledgement, the new states' writes and the acknowledgement of the batch's offsets
-        are left to :func:`finish`, which runs while the next batch is scored (module
-        docstring)."""
+        """One micro-batch: validate → score → fold, predictions out, then the new states."""
         started = time.perf_counter()
         batch = await processor()
         new = feed.take_pending()
@@ -267,50 +254,22 @@ def create_app(settings: Settings) -> faust.App:
             batch.swap(new)
             _settle_heap()
         result = batch.process(messages)
-        states.stage(result.table_writes)  # what the next batch reads, written by finish
         t = time.perf_counter_ns()
         sends = await publish(app.producer, predictions_topic, result.predictions)
         sends += await publish(app.producer, dlq_topic, result.dlq)
-        published = time.time()
         t = stages.lap("send", t)
-        if in_flight:  # one batch under way at most: the one before must be written first
-            # shielded: this handler cancelled (a stop) leaves the batch before to finish
-            await asyncio.shield(in_flight.pop())  # its failure is this one's: the worker stops
-        stages.lap("send_wait", t)  # what scoring this batch left of the wait for the one before
-        done = asyncio.ensure_future(finish(messages, result, sends, published, started))
-        in_flight.append(done)
-        app.consumer.ack_when(done)
-
-    async def finish(
-        messages: list[Any],
-        result: BatchResult,
-        sends: list[asyncio.Future],
-        published: float,
-        started: float,
-    ) -> None:
-        """A scored batch, once its predictions and dead letters are acknowledged: its states
-        written, its metrics; then (``ack_when``) its offsets acknowledged. A failure stops
-        the worker with nothing of the batch written or acknowledged.
-
-        Its work runs in whatever the fetch loop awaits meanwhile (the next handler's
-        ``send_wait``, a fetch), or between fetch rounds; its stages are timed, and its time
-        also counts as busy time, so the profile's stages stay parts of the busy time."""
-        try:
-            if sends:
-                await asyncio.gather(*sends)
-            begun = time.perf_counter_ns()
-            # only now: a state never gets ahead of the predictions made on the way to it
-            await states.write(result.table_writes)
-        except Exception as exc:
-            log.exception("a batch's predictions or states were not written: stopping")
-            await app.fail(exc)
-            raise
+        if sends:
+            await asyncio.gather(*sends)
+        published = time.time()
+        t = stages.lap("send_wait", t)
+        # only now: a state never gets ahead of the predictions made on the way to it
+        await states.write(result.table_writes)
         t = time.perf_counter_ns()
         health.processed(messages)
         metrics.predictions_out.inc(len(result.predictions))
         metrics.observe_latencies([published - ts for ts in result.kafka_ts if ts])
         metrics.batch_seconds.observe(time.perf_counter() - started)
-        stages.busy_ns += stages.lap("metrics", t) - begun
+        stages.lap("metrics", t)
 
     checked: list[str] = []  # the partitioning check's verdict, once: "" when right
 

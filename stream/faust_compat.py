@@ -11,8 +11,7 @@ name themselves:
 * :class:`FetchLoopConsumer` and :class:`FetchLoopApp`: faust's aiokafka consumer with a fetch
   loop of the subclass's own (:mod:`sketchstream.stream.bulk` delivers the events topic in
   batches with it), and faust's read offsets, gaps and acknowledgements under public names,
-  acknowledgements a batch at a time too, when the handler says its batch is done
-  (:meth:`~FetchLoopConsumer.ack_when`); its :meth:`~FetchLoopConsumer._getmany` fixes a
+  acknowledgements a batch at a time too; its :meth:`~FetchLoopConsumer._getmany` fixes a
   fetch that took records of paused partitions;
 * :func:`stop_worker_as_a_signal`: mode's ``Worker`` stopped as SIGTERM stops it (``BulkApp.fail``);
 * :class:`HandoverRecovery` and :class:`HandoverTableManager`: faust's table recovery with the
@@ -204,8 +203,6 @@ class FetchLoopConsumer(faust_aiokafka.Consumer):
     """faust's aiokafka consumer whose fetch loop is :meth:`fetch_loop` (faust's own unless a
     subclass overrides it), with faust's per-partition bookkeeping under public names."""
 
-    _ack_when: asyncio.Future | None = None  # set by ack_when, taken by the next ack_batch
-
     async def _drain_messages(self, fetcher: Any) -> None:
         await self.fetch_loop(fetcher)
 
@@ -280,37 +277,11 @@ class FetchLoopConsumer(faust_aiokafka.Consumer):
         self._unacked_messages.add(token)
         return token
 
-    def ack_when(self, done: asyncio.Future) -> None:
-        """Have the batch being handled acknowledged when ``done`` succeeds, not as soon as
-        its handler returns: the handler's last call, so that the next :meth:`ack_batch`
-        (the fetch loop's, right after the handler) is that batch's.
-
-        Until then the batch stays under way, so a rebalance or a stop waits for it
-        (``wait_empty``) and no commit passes it; if ``done`` fails or is cancelled it is
-        never acknowledged, only untracked (a stop does not wait for it forever), and is read
-        again after the restart. Lets a handler return while its batch's records are still
-        being acknowledged by the broker, and the next batch be handled meanwhile."""
-        self._ack_when = done
-
     def ack_batch(self, token: Any, offsets: Mapping[Any, Sequence[int]]) -> None:
         """Acknowledge a batch: every offset of ``offsets`` (``{tp: offsets}``) as faust's
         ``ack`` acknowledges a message's (an offset below the committed one, or already
         acknowledged, is left out; topics without acks are skipped), in one step under
-        faust's ack lock, then the batch's ``token`` is done and the waiters notified.
-        With :meth:`ack_when` called by its handler: all that once the awaited one is done."""
-        done, self._ack_when = self._ack_when, None
-        if done is None:
-            self._ack_now(token, offsets)
-        else:
-            done.add_done_callback(functools.partial(self._ack_if_done, token, offsets))
-
-    def _ack_if_done(self, token: Any, offsets: Mapping[Any, Sequence[int]], done: Any) -> None:
-        if done.cancelled() or done.exception() is not None:
-            self.untrack([token])
-        else:
-            self._ack_now(token, offsets)
-
-    def _ack_now(self, token: Any, offsets: Mapping[Any, Sequence[int]]) -> None:
+        faust's ack lock, then the batch's ``token`` is done and the waiters notified."""
         with ack_lock:
             for tp, offs in offsets.items():
                 if not self.app.topics.acks_enabled_for(tp.topic):

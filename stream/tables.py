@@ -17,12 +17,6 @@ reading the changelog) is written once per partition and batch, when the batch i
 the same value faust writes last. The records are the table's own (raw key and value, on the
 table's partition of the changelog topic), so faust's recovery and standby replicas read them
 as ever, and a commit waits for them (faust flushes the producer before committing offsets).
-
-A batch's new states are *staged* (:meth:`UserStates.stage`) as soon as it is scored and
-*written* only once its predictions are acknowledged (the worker's order, see
-:mod:`sketchstream.stream.app`). Meanwhile the next batch is already being scored: its reads
-see the staged states first, so it continues from the states the batch before it produced,
-exactly as if they were stored. A write drops the staged states it stored.
 """
 
 from __future__ import annotations
@@ -49,8 +43,6 @@ class UserStates:
     def __init__(self, table: Any, stages: StageTimes | None = None) -> None:
         self.table = table
         self.stages = stages if stages is not None else StageTimes()
-        #: ``{(partition, key): state}`` scored but not written yet: what reads see first
-        self.staged: dict[tuple[int, bytes], bytes] = {}
 
     def _db(self, partition: int) -> Any:
         from sketchstream.stream.faust_compat import rocksdb_of  # imports faust: not at import
@@ -58,33 +50,20 @@ class UserStates:
         return rocksdb_of(self.table, partition)
 
     def read(self, partitions: Sequence[int], keys: Sequence[bytes]) -> list[bytes | None]:
-        """The state of each key (None when absent): the staged one, else the stored one;
-        ``partitions`` aligned with ``keys``."""
+        """The stored state of each key (None when absent); ``partitions`` aligned with ``keys``."""
         out: list[bytes | None] = [None] * len(keys)
         groups: dict[int, list[int]] = defaultdict(list)
-        staged = self.staged
-        for i, (p, key) in enumerate(zip(partitions, keys, strict=True)):
-            value = staged.get((p, key)) if staged else None
-            if value is None:
-                groups[p].append(i)
-            else:
-                out[i] = value
+        for i, p in enumerate(partitions):
+            groups[p].append(i)
         for p, rows in groups.items():
             values = self._db(p).get([keys[i] for i in rows])
             for i, v in zip(rows, values, strict=True):
                 out[i] = v
         return out
 
-    def stage(self, writes: Sequence[tuple[int, bytes, bytes]]) -> None:
-        """Make ``(partition, key, value)`` triples what :meth:`read` returns, before they are
-        written (:meth:`write`): a later batch reads them while this one's predictions are
-        still on their way."""
-        self.staged.update(((p, key), value) for p, key, value in writes)
-
     async def write(self, writes: Sequence[tuple[int, bytes, bytes]]) -> None:
         """Store ``(partition, key, value)`` triples locally and send them to the changelog
-        (handed to the producer, not awaited: the next commit waits for them); staged ones
-        are unstaged, unless a later batch has staged a newer state of the key since."""
+        (handed to the producer, not awaited: the next commit waits for them)."""
         from rocksdict import WriteBatch
 
         stages = self.stages
@@ -97,10 +76,6 @@ class UserStates:
             batch.put(key, value)
         for p, batch in batches.items():
             self._db(p).write(batch)
-        staged = self.staged
-        for p, key, value in writes:
-            if staged.get((p, key)) is value:
-                del staged[(p, key)]
         t = stages.lap("state_write", t)
         topic = self.table.changelog_topic.get_topic_name()
         for sent in await publish_to(self.table.app.producer, topic, writes):

@@ -87,9 +87,7 @@ def test_bench_stream_profile_splits_the_workers_wall_time_by_stage(
     for phase in ("drain", "paced"):
         spent = {p["stage"]: p for p in worker["profile"] if p["phase"] == phase}
         assert list(spent) == [*STAGES, "rest", "busy (wall)"]
-        # not send_wait: a batch's acknowledgement is awaited while the next one is scored,
-        # and a drain of one batch (2000 events) has no batch before it to wait for
-        for stage in ("fetch", "decode", "state_read", "fold", "mlp", "send", "changelog"):
+        for stage in ("fetch", "decode", "state_read", "fold", "mlp", "send_wait", "changelog"):
             assert spent[stage]["us_per_event"] > 0, (phase, stage)
         assert all(p["us_per_event"] >= 0 for p in spent.values()), phase
         assert sum(spent[s]["pct_of_wall"] for s in STAGES) <= 100.0 + 0.1 * len(STAGES)
