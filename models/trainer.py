@@ -27,7 +27,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+ITEM_CODES = ("auto", "on", "off")  # TrainConfig.item_codes
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -101,6 +103,11 @@ class TrainConfig:
     quantiles: int = 64  # dense columns also enter as their training CDF (MLPConfig.quantiles)
     members: int = 1  # networks averaged (MLPConfig.members)
     user_rates: bool = True  # the user's like rates off the channel masses (MLPConfig.user_rates)
+    # the event item's sketch codes as an MLP input (MLPConfig.modalities): "on", "off", or
+    # "auto": train both and keep the one with the better validation AUC. The codes are an
+    # item-identity input: on small data sets they overfit (validation picks "off"), on
+    # large ones they add what the density and CF columns miss
+    item_codes: str = "auto"
     # --- optimization --------------------------------------------------------------------
     epochs: int = 6  # upper bound; early stopping usually ends sooner
     patience: int = 1  # epochs without validation AUC gain before stopping
@@ -113,6 +120,12 @@ class TrainConfig:
     # step; the average is what early stopping judges and what is saved
     ema_epochs: float = 0.25
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.item_codes not in ITEM_CODES:
+            raise ModelError(
+                f"item_codes={self.item_codes!r}: expected one of {', '.join(ITEM_CODES)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -451,6 +464,34 @@ def train_mlp(
     return model, history
 
 
+def _train_choosing_codes(
+    train: MLPInputs,
+    y_train: np.ndarray,
+    val: MLPInputs,
+    y_val: np.ndarray,
+    config: MLPConfig,
+    item_codes: str,
+    fit: Mapping[str, Any],
+) -> tuple[EngagementMLP, list[dict[str, float]]]:
+    """:func:`train_mlp` with the item's sketch codes as an input or without, as
+    ``item_codes`` says (:attr:`TrainConfig.item_codes`); ``"auto"`` trains both and keeps the
+    one with the higher best validation AUC (ties: with the codes). The history's rows carry
+    ``item_codes`` ("on"/"off"), and the kept model's rows come last."""
+    choices = ("on", "off") if item_codes == "auto" else (item_codes,)
+    if config.modalities == 0:
+        choices = ("off",)  # no codebook feeds the sparse layer: nothing to choose
+    fitted = []
+    for choice in choices:
+        shape = config if choice == "on" else replace(config, modalities=0)
+        model, history = train_mlp(train, y_train, val, y_val, shape, **fit)
+        best = max((h["val_auc"] for h in history if math.isfinite(h["val_auc"])), default=-1.0)
+        fitted.append((best, choice, model, [{**h, "item_codes": choice} for h in history]))
+        log.info("item codes %s: best validation AUC %.4f", choice, best)
+    kept = max(fitted, key=lambda f: (f[0], f[1] == "on"))
+    others = [row for f in fitted if f is not kept for row in f[3]]
+    return kept[2], others + kept[3]
+
+
 # --- the protocol end to end -----------------------------------------------------------------
 
 
@@ -661,21 +702,20 @@ def run_protocol(
             f"nothing to train on: {len(train_rows)} labelled training events, "
             f"{len(val_rows)} validation events"
         )
-    model, history = train_mlp(
-        inputs.take(train_rows),
-        y[train_rows],
-        inputs.take(val_rows),
-        y[val_rows],
-        mlp_config,
-        epochs=config.epochs,
-        patience=config.patience,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        batch_size=config.batch_size,
-        evals_per_epoch=config.evals_per_epoch,
-        seed=config.seed,
-        progress=progress,
-        ema_epochs=config.ema_epochs,
+    fit = {
+        "epochs": config.epochs,
+        "patience": config.patience,
+        "lr": config.lr,
+        "weight_decay": config.weight_decay,
+        "batch_size": config.batch_size,
+        "evals_per_epoch": config.evals_per_epoch,
+        "seed": config.seed,
+        "progress": progress,
+        "ema_epochs": config.ema_epochs,
+    }
+    train_in, val_in = inputs.take(train_rows), inputs.take(val_rows)
+    model, history = _train_choosing_codes(
+        train_in, y[train_rows], val_in, y[val_rows], mlp_config, config.item_codes, fit
     )
     timings["train"] = time.perf_counter() - t0
 

@@ -13,6 +13,7 @@ version. Heavy imports (torch, numpy) happen inside the command body.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,7 +27,15 @@ from sketchstream.tools.options import (
     exit_on_error,
 )
 
-__all__ = ["load_codebooks", "train", "train_model"]
+__all__ = ["ItemCodes", "load_codebooks", "train", "train_model"]
+
+
+class ItemCodes(StrEnum):
+    """``--item-codes``: the values of ``TrainConfig.item_codes``."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
 
 
 def load_codebooks(path: Path) -> dict:
@@ -60,6 +69,14 @@ def train(
     depth: Annotated[int, typer.Option(min=1, help="EMDE codebook depth.")] = 12,
     width: Annotated[int, typer.Option(min=2, help="EMDE codebook width.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of codebooks, init and shuffling.")] = 0,
+    item_codes: Annotated[
+        ItemCodes,
+        typer.Option(
+            help="The event item's sketch codes as an MLP input: on, off, or auto (train "
+            "both, keep the one with the better validation AUC; twice the MLP's training "
+            "time). Small data sets usually pick off: the codes are an item-identity input.",
+        ),
+    ] = ItemCodes.AUTO,
     head: HeadOption = None,
     baselines: BaselinesOption = True,
     threads: ThreadsOption = 0,
@@ -87,7 +104,13 @@ def train(
     except SketchstreamError as exc:
         raise typer.BadParameter(str(exc), param_hint="--head") from None
     config = TrainConfig(
-        epochs=epochs, hidden=hidden, blocks=blocks, depth=depth, width=width, seed=seed
+        epochs=epochs,
+        hidden=hidden,
+        blocks=blocks,
+        depth=depth,
+        width=width,
+        seed=seed,
+        item_codes=item_codes.value,
     )
     with exit_on_error():
         given = load_codebooks(codebooks) if codebooks is not None else None
@@ -147,6 +170,7 @@ def train_model(
         "data": {"events": len(events), "stream_md5": stream_md5(events)},
         "codebooks_given": codebooks is not None,
         "history": result.history,
+        "item_codes": "on" if result.model.config.modalities else "off",
     }
     timings = {"load": t_load, **result.timings}
     parts, more = None, {}

@@ -9,7 +9,7 @@ from sketchstream.models.aggregator import Aggregator
 from sketchstream.models.channels import default_config
 from sketchstream.models.emde import Codebook
 from sketchstream.models.events import DEFAULT_HEADS, EventTable, Item, labels
-from sketchstream.models.mlp import MLPConfig, assemble
+from sketchstream.models.mlp import MLPConfig, MLPInputs, assemble
 from sketchstream.models.snapshot import refreshed_item_features
 from sketchstream.models.trainer import build_inputs, metadata_hyperedges, replay, train_mlp
 
@@ -168,3 +168,45 @@ def test_the_cf_like_threshold_follows_the_first_head_unless_set():
     assert snapshot_options(TrainConfig(), [reorder])["like_min"] == 1.0
     assert snapshot_options(TrainConfig(), [])["like_min"] == 4.0
     assert snapshot_options(TrainConfig(similarity_like_min=3.0), [reorder])["like_min"] == 3.0
+
+
+def _item_signal(rng: np.random.Generator) -> tuple:
+    """Rows whose label is carried by the item's codes alone (the dense columns are noise):
+    ``((inputs, y), (inputs, y))``."""
+    from sketchstream.models.mlp import MLPInputs
+
+    def data(n):
+        codes = rng.integers(0, 8, (n, 1, 2)).astype(np.int16)
+        y = ((codes[:, 0, :1] >= 4) ^ (rng.random((n, 1)) < 0.1)).astype(np.float32)
+        return MLPInputs(rng.normal(size=(n, 3)).astype(np.float32), codes), y
+
+    return data(2000), data(500)
+
+
+@pytest.mark.parametrize("signal", ["dense", "codes"])
+def test_auto_item_codes_keeps_the_model_with_the_better_validation_auc(signal):
+    from sketchstream.models.trainer import _train_choosing_codes
+
+    rng = np.random.default_rng(5)
+    (tr, y_tr), (va, y_va) = _separable(rng) if signal == "dense" else _item_signal(rng)
+    cfg = MLPConfig(n_dense=3, modalities=1, depth=2, width=8, hidden=16, blocks=1)
+    fit = dict(epochs=2, batch_size=128, lr=1e-2, progress=False, seed=3)
+    model, hist = _train_choosing_codes(tr, y_tr, va, y_va, cfg, "auto", fit)
+    best = {c: max(h["val_auc"] for h in hist if h["item_codes"] == c) for c in ("on", "off")}
+    kept = "on" if model.config.modalities else "off"
+    assert best[kept] >= best["off" if kept == "on" else "on"]
+    assert hist[-1]["item_codes"] == kept  # the kept model's rows come last
+    if signal == "codes":  # without the codes the label is noise to the model
+        assert kept == "on" and best["off"] < 0.6 < 0.8 < best["on"]
+    off, hist_off = _train_choosing_codes(tr, y_tr, va, y_va, cfg, "off", fit)
+    assert off.config.modalities == 0 and {h["item_codes"] for h in hist_off} == {"off"}
+    other_items = MLPInputs(va.dense, (va.codes + 1) % 8)
+    np.testing.assert_array_equal(off.predict(va), off.predict(other_items))  # codes unread
+
+
+def test_item_codes_must_be_auto_on_or_off():
+    from sketchstream.models.errors import ModelError
+    from sketchstream.models.trainer import TrainConfig
+
+    with pytest.raises(ModelError, match="item_codes='sometimes': expected one of auto, on, off"):
+        TrainConfig(item_codes="sometimes")
