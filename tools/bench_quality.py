@@ -20,7 +20,10 @@ Each data set's artifact and reports go under ``<out>/<id>/`` (``model/``, ``mod
     {"dataset", "events", "heads", "auc", "rce", "val_auc", "best_baseline", "best_baseline_auc",
      "best_baseline_rce", "auc_diff", "auc_diff_ci95": [low, high], "draws", "held_out",
      "baselines": {name: {"auc", "rce"}}, "model", "stream_md5", "seconds": {...}, "config",
-     "return": {"head", "auc", "rce", "recency_gbdt_auc", "recency_gbdt_rce"}}
+     "item_codes", "return": {"head", "auc", "rce", "recency_gbdt_auc", "recency_gbdt_rce"}}
+
+``item_codes`` is what ``train`` chose for the MLP's item-code input (``--item-codes auto``:
+"on" or "off", by validation AUC).
 
 The model's return head (when the heads have one) is compared with its own baseline,
 ``recency_gbdt``, in the row's ``return`` block and the table's last column.
@@ -124,7 +127,7 @@ def run_dataset(
     heads = data_heads(data, None)
     t0 = time.perf_counter()
     say(f"[{dataset}] train ({' '.join(h.spec for h in heads)}) ...")
-    version, _ = train_model(
+    version, trained = train_model(
         data, out / "model", config, heads=heads, baselines=False, progress=False
     )
     t_train = time.perf_counter() - t0
@@ -167,6 +170,7 @@ def run_dataset(
             "total": round(time.perf_counter() - t0, 1),
         },
         "config": config.to_dict(),
+        "item_codes": trained["item_codes"],
     }
     for head in heads[1:]:
         if head.is_return:  # the second task of the same state, against its own baseline

@@ -170,10 +170,11 @@ def train_model(
         "data": {"events": len(events), "stream_md5": stream_md5(events)},
         "codebooks_given": codebooks is not None,
         "history": result.history,
-        "item_codes": "on" if result.model.config.modalities else "off",
     }
     timings = {"load": t_load, **result.timings}
-    parts, more = None, {}
+    # what --item-codes auto chose (or what was asked), in the manifest and the report
+    extra["item_codes"] = "on" if result.model.config.modalities else "off"
+    parts, more = None, {"item_codes": extra["item_codes"]}
     if recommender:
         t0 = time.perf_counter()
         parts, more["recommend"] = train_recommender(

@@ -60,6 +60,7 @@ def test_a_row_has_the_figures_the_issue_asks_for(row) -> None:
     like = [b["auc"] for name, b in row["baselines"].items() if name.endswith("/like")]
     assert row["best_baseline_auc"] == max(like)
     assert row["heads"] == ["like:rate>=4", "return:next<=7d"]
+    assert row["config"]["item_codes"] == "auto" and row["item_codes"] in ("on", "off")
     assert set(row["return"]) == {"head", "auc", "rce", "recency_gbdt_auc", "recency_gbdt_rce"}
     json.dumps(row)  # one JSON line
 
