@@ -1,11 +1,12 @@
 """The demo's console: the live figures of the predictions and how they are printed.
 
 - :class:`LiveStats`: counts, throughput and latency percentiles of the predictions seen so
-  far, overall and over a rolling window, and the AUC of every head of the model through
+  far, overall and over a rolling window, the AUC of every head of the model and the HR@10 of
+  the recommendation answers through
   :class:`~sketchstream.models.live_quality.LiveQuality`, the worker's own live quality (so the
   demo and the worker's ``/metrics`` agree on what a label is and when it arrives);
 - :func:`status_line` (the refreshing line during the live replay), :func:`final_table` (the
-  summary), :func:`fmt_ms` / :func:`fmt_num`;
+  summary), :func:`head_figures` / :func:`hit_figures`, :func:`fmt_ms` / :func:`fmt_num`;
 - :class:`Console`: steps and the status line, rewritten in place on a terminal, plain lines
   every few seconds in CI logs.
 
@@ -35,6 +36,7 @@ __all__ = [
     "fmt_ms",
     "fmt_num",
     "head_figures",
+    "hit_figures",
     "status_line",
 ]
 
@@ -42,7 +44,8 @@ ROLLING = 10_000  # predictions in the rolling latency window, labels in the rol
 
 
 class LiveStats:
-    """Figures of the predictions seen so far: counts, throughput, latency, AUC per head.
+    """Figures of the predictions seen so far: counts, throughput, latency, AUC per head, and
+    of the recommendation answers: their count and HR@10.
 
     Fed a batch of decoded prediction records at a time (:meth:`add`), in arrival order, with
     their events' values (nan where absent: the record does not carry it) and the records' own
@@ -50,7 +53,9 @@ class LiveStats:
     (``kafka_ts``, when known). :meth:`rolling` covers the last ``window`` predictions (and
     labels, per head), :meth:`overall` all of them, up to ``total`` labels a head. Labels
     follow :class:`~sketchstream.models.live_quality.LiveQuality`: engagement heads from the
-    event itself, return heads from the user's next prediction or the partition's event time.
+    event itself, return heads from the user's next prediction or the partition's event time;
+    an answer (:meth:`answered`) is a hit when the user's next prediction's item is among its
+    first ten, so answers and predictions are to be fed in the order the worker made them.
     """
 
     def __init__(
@@ -66,6 +71,7 @@ class LiveStats:
         self.window = window
         self.clock = clock  # wall clock of the live rate
         self.count = 0
+        self.answers = 0
         self.model_versions: dict[str, int] = {}
         self._recent_quality = LiveQuality(self.heads, window=window)
         self._quality = LiveQuality(self.heads, window=max(total, 1))
@@ -102,6 +108,14 @@ class LiveStats:
         self._recent_quality.observe(*columns)
         self._quality.observe(*columns)
 
+    def answered(self, answers: Sequence[Mapping[str, Any]]) -> None:
+        """Record a batch of recommendation answers (as the worker writes them)."""
+        users = [a["user"] for a in answers]
+        ranked = [a["items"] for a in answers]
+        self.answers += len(answers)
+        self._recent_quality.answered(users, ranked)
+        self._quality.answered(users, ranked)
+
     def _timing(self, event_time: float | None, out_time: float, model: str) -> None:
         self.count += 1
         if model:
@@ -135,13 +149,14 @@ class LiveStats:
 
     def rolling(self) -> dict[str, Any]:
         """``{"p50", "p99"}`` over the last ``window`` predictions (None: too few), and
-        ``"heads"``: :meth:`LiveQuality.snapshot`'s per head over the last ``window`` labels."""
-        quality = self._recent_quality.snapshot()["heads"]
-        return {**_percentiles(list(self._recent_latency)), "heads": quality}
+        :meth:`LiveQuality.snapshot`'s ``"heads"`` (per head) and ``"recommend"`` over the last
+        ``window`` labels."""
+        return {**_percentiles(list(self._recent_latency)), **self._recent_quality.snapshot()}
 
     def overall(self) -> dict[str, Any]:
-        """``{"p50", "p99", "heads"}`` over every prediction (see :meth:`rolling`)."""
-        return {**_percentiles(self._latency), "heads": self._quality.snapshot()["heads"]}
+        """``{"p50", "p99", "heads", "recommend"}`` over every prediction and answer (see
+        :meth:`rolling`)."""
+        return {**_percentiles(self._latency), **self._quality.snapshot()}
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
@@ -162,6 +177,19 @@ def head_figures(figures: Mapping[str, Any]) -> str:
     return text
 
 
+def hit_figures(figures: Mapping[str, Any]) -> str:
+    """The answers' live HR@10 and what it rests on, from a snapshot's ``"recommend"``:
+    ``0.0812 over 1,234 answers judged, 56 awaiting the user's next event``."""
+    from sketchstream.models.live_quality import HIT_AT
+
+    text = (
+        f"{fmt_num(_finite(figures[f'hr@{HIT_AT}']))} over {figures['resolved']:,} answers judged"
+    )
+    if figures["pending"]:
+        text += f", {figures['pending']:,} awaiting the user's next event"
+    return text
+
+
 def _finite(value: float) -> float | None:
     return None if math.isnan(value) else value
 
@@ -174,17 +202,29 @@ def fmt_num(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def status_line(stats: LiveStats, due: int, dlq: int, elapsed: float) -> str:
-    """One line of the live summary: the AUC of each head over its last labels (up to the
-    window; the count in brackets)."""
+def status_line(
+    stats: LiveStats, due: int, dlq: int, elapsed: float, requests: int | None = None
+) -> str:
+    """One line of the live summary: the AUC of each head over its last labels and, when
+    ``requests`` were sent (None: recommendations off), the answers' HR@10 over the last
+    answers judged (up to the window; the count in brackets) and answers / requests."""
     r = stats.rolling()
     aucs = " ".join(
         f"{name} {fmt_num(_finite(h['auc']), 3)} ({h['n']:,})" for name, h in r["heads"].items()
     )
+    hits = ""
+    if requests is not None:
+        from sketchstream.models.live_quality import HIT_AT
+
+        rec = r["recommend"]
+        hits = (
+            f" | HR@{HIT_AT} {fmt_num(_finite(rec[f'hr@{HIT_AT}']), 3)} ({rec['n']:,}),"
+            f" answers {stats.answers:,}/{requests:,}"
+        )
     return (
         f"[{elapsed:5.0f}s] live {stats.count:,}/{due:,} predictions | {stats.rate():,.0f} ev/s"
         f" | latency p50 {fmt_ms(r['p50'])} p99 {fmt_ms(r['p99'])}"
-        f" | AUC {aucs} | DLQ {dlq:,}"
+        f" | AUC {aucs}{hits} | DLQ {dlq:,}"
     )
 
 
