@@ -191,6 +191,8 @@ def demo_topics(settings: Settings) -> dict[str, str]:
         "SKETCHSTREAM_TOPIC_EVENTS": TOPIC_PREFIX + settings.topic_events,
         "SKETCHSTREAM_TOPIC_PREDICTIONS": TOPIC_PREFIX + settings.topic_predictions,
         "SKETCHSTREAM_TOPIC_DLQ": TOPIC_PREFIX + settings.topic_dlq,
+        "SKETCHSTREAM_TOPIC_RECOMMEND": TOPIC_PREFIX + settings.topic_recommend,
+        "SKETCHSTREAM_TOPIC_RECOMMENDATIONS": TOPIC_PREFIX + settings.topic_recommendations,
         "SKETCHSTREAM_TOPIC_MODELS": TOPIC_PREFIX + settings.topic_models,
     }
 
