@@ -78,6 +78,19 @@ def test_round_trip_gives_the_same_predictions_and_config(tmp_path, parts):
     )
 
 
+def test_a_model_without_the_item_codes_round_trips(tmp_path, parts):
+    """What ``train --item-codes off`` (or ``auto`` choosing off) saves: no sparse layer."""
+    _, codebooks = parts
+    torch.manual_seed(0)
+    model = EngagementMLP(MLPConfig(n_dense=4, modalities=0, depth=3, width=8, hidden=8))
+    model.set_normalization(np.random.default_rng(0).normal(size=(10, 4)))
+    bundle = load_model_artifact(tmp_path / _save(tmp_path, (model, codebooks)))
+    assert bundle.mlp_config.modalities == 0 and bundle.model.codes_in is None
+    rng = np.random.default_rng(1)
+    x = MLPInputs(rng.normal(size=(5, 4)).astype("f4"), rng.integers(-1, 8, (5, 1, 3)))
+    np.testing.assert_array_equal(bundle.model.predict(x), model.predict(x))
+
+
 def test_directory_is_named_by_content_and_identical_content_saves_once(tmp_path, parts):
     v1 = _save(tmp_path, parts)
     v2 = _save(tmp_path, parts)
