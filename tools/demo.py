@@ -1,16 +1,18 @@
 """`sketchstream demo`: the whole system end to end, from nothing, with a live summary.
 
 Each step runs the real command a user would run, as a subprocess, on the demo's own topics
-(``demo.events``, ``demo.predictions``, ``demo.events.dlq``, ``demo.sketchstream.models``,
-set through the ``SKETCHSTREAM_TOPIC_*`` variables) so it never mixes with other work::
+(``demo.events``, ``demo.predictions``, ``demo.events.dlq``, ``demo.recommend``,
+``demo.recommendations``, ``demo.sketchstream.models``, set through the
+``SKETCHSTREAM_TOPIC_*`` variables) so it never mixes with other work::
 
     1 broker    SKETCHSTREAM_KAFKA's, or the local one (started here, and stopped at the end,
                 only when it was not running)
     2 topics    the demo topics of an earlier run are deleted; `sketchstream topics create`
     3 data      `sketchstream data movielens-1m` (a no-op when the files are intact)
     4 model     an artifact trained on this very data that the worker accepts is reused from
-                the artifact dir, else `sketchstream train` with the demo profile; it is
-                announced on the models topic
+                the artifact dir (one with a recommender first; with one without, the demo
+                says recommendations are off and why), else `sketchstream train --recommender`
+                with the demo profile; it is announced on the models topic
     5 worker    `sketchstream worker` with its own state dir and web port, until /health is ok
     6 history   `sketchstream replay --from H --to T --rate max`: the latest events before the
                 test period (``--history``: 200,000 by default, or all), so the states of the
@@ -19,7 +21,11 @@ set through the ``SKETCHSTREAM_TOPIC_*`` variables) so it never mixes with other
                 consumes the predictions and prints events/s, latency p50/p99 and the rolling
                 AUC of every head of the model as its labels arrive (the worker's LiveQuality:
                 like = rating >= 4 from the event; return within 7 days from the user's next
-                event, or from event time passing the horizon)
+                event, or from event time passing the horizon); when the model has a
+                recommender, it also asks for the top 10 of the user of every 10th prediction
+                on the recommend topic and shows the answers' rolling HR@10 (a hit: the user's
+                next event's item is among them), beside the offline HR@10 of the training
+                report
     8 shutdown  SIGTERM to the worker, demo topics deleted, broker stopped if started here
 
 T is the time of the first event of the protocol's test period (the last 10 %,
@@ -108,8 +114,9 @@ def demo(
         str,
         typer.Option(
             "--profile",
-            help="Training profile when a model is needed: 'demo' (1 epoch, hidden 256, no "
-            "baselines: about a minute) or 'full' (sketchstream train's defaults).",
+            help="Training profile when a model is needed: 'demo' (1 epoch, hidden 256, item "
+            "codes off, no baselines) or 'full' (sketchstream train's defaults); both with a "
+            "recommender.",
         ),
     ] = "demo",
     workdir: Annotated[

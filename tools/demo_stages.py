@@ -5,7 +5,8 @@
     2 topics    :func:`open_topics`     an earlier run's demo topics deleted, `topics create`
     3 data      :func:`load_data`       `data movielens-1m` unless --data; the replay plan
     4 model     :func:`choose_model`    an artifact trained on this data that the worker
-                                        accepts, else `train`; announced on the models topic
+                                        accepts (one with a recommender first), else `train
+                                        --recommender`; announced on the models topic
     5 worker    :func:`start_worker`    `worker` with its own state dir and web port, healthy
     6-7 replay  :func:`~sketchstream.tools.demo_follow.watch`
     8 shutdown  :func:`shut_down`       SIGTERM to the worker; the summary table
@@ -23,11 +24,19 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sketchstream.tools.demo_console import Console, final_table, fmt_ms, fmt_num, head_figures
-from sketchstream.tools.demo_follow import Outcome, watch
+from sketchstream.tools.demo_console import (
+    Console,
+    final_table,
+    fmt_ms,
+    fmt_num,
+    head_figures,
+    hit_figures,
+)
+from sketchstream.tools.demo_follow import REQUEST_EVERY, Outcome, watch
 from sketchstream.tools.demo_plan import DemoError, ReplayPlan, plan_replay, replay_ts
 from sketchstream.tools.demo_processes import Processes, tail, wait_healthy
 from sketchstream.tools.kafka_io import TopicsNotDeleted, delete_topics, free_port
@@ -41,19 +50,41 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEMO_TRAIN_ARGS",
+    "DemoModel",
     "Profile",
     "app_topics",
     "demo_topics",
     "find_artifact",
+    "has_recommender",
+    "recommend_summary",
+    "reusable",
     "run",
 ]
 
 Profile = Literal["demo", "full"]
 
 TOPIC_PREFIX = "demo."
-DEMO_TRAIN_ARGS = ("--epochs", "1", "--hidden", "256", "--no-baselines")
-"""The demo profile: one epoch (two validation checks), hidden 256, no baselines: about a
-minute on two cores for MovieLens-1M, test AUC within 0.01 of the full profile."""
+DEMO_TRAIN_ARGS = ("--epochs", "1", "--hidden", "256", "--item-codes", "off", "--no-baselines")
+"""The demo profile: one epoch (two validation checks), hidden 256, no baselines, test AUC
+within 0.01 of the full profile. Item codes off: ``auto`` trains the MLP twice to choose, and on
+MovieLens-1M it chooses off (validation AUC 0.7825 against 0.7763 on, ~2.6 min each on two
+loaded cores); what that saves pays for most of the recommender. Both profiles add
+``--recommender``, so the demo can ask the worker for recommendations."""
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """The model the demo serves (stage 4): its ``version``, its label ``heads`` in its score
+    columns' order, each head's offline test AUC (``offline_auc``), its recommender's offline
+    test HR@10 (seen items excluded) when the training report beside the artifacts is this
+    model's (``offline_hr10``), and why recommendations are off (``no_recommender``; None: the
+    model has a recommender and the demo asks it)."""
+
+    version: str
+    heads: list[Head]
+    offline_auc: dict[str, float]
+    offline_hr10: float | None
+    no_recommender: str | None
 
 
 def run(
@@ -81,12 +112,10 @@ def run(
         procs = Processes(console, env)
         open_topics(client_kwargs, topics, app_id, procs, stack, keep_topics=keep_topics)
         data, plan, n_events, md5 = load_data(settings, data, limit, history, procs)
-        version, heads, offline = choose_model(
-            settings, data, n_events, md5, procs, retrain=retrain, profile=profile
-        )
+        model = choose_model(settings, data, n_events, md5, procs, retrain=retrain, profile=profile)
         models_topic = topics["SKETCHSTREAM_TOPIC_MODELS"]
-        asyncio.run(_announce(client_kwargs, models_topic, settings.artifact_dir, version))
-        console.say(f"announced model {version} on {models_topic}")
+        asyncio.run(_announce(client_kwargs, models_topic, settings.artifact_dir, model.version))
+        console.say(f"announced model {model.version} on {models_topic}")
         worker, worker_log = start_worker(settings, workdir, app_id, procs)
 
         # 6-7 replay and follow -----------------------------------------------------------
@@ -104,7 +133,8 @@ def run(
                 worker,
                 worker_log,
                 data,
-                heads=heads,
+                heads=model.heads,
+                recommend=model.no_recommender is None,
                 workdir=workdir,
                 rate=rate,
                 console=console,
@@ -119,7 +149,7 @@ def run(
             plan,
             data=data,
             n_events=n_events,
-            offline=offline,
+            model=model,
             rate=rate,
         )
 
@@ -269,44 +299,81 @@ def choose_model(
     *,
     retrain: bool,
     profile: Profile,
-) -> tuple[str, list[Head], dict[str, float]]:
+) -> DemoModel:
     """Stage 4: the newest artifact in the artifact dir trained on this data that the worker
-    serves, else one trained now. Returns ``(version, its heads, their offline test AUC)``."""
+    serves (one with a recommender before one without), else one trained now."""
     console = procs.console
     console.step("4/8 model")
     artifacts = settings.artifact_dir
-    version = None
-    for candidate in [] if retrain else find_artifact(artifacts, n_events, md5):
-        reason = refusal(artifacts / candidate)
-        if reason is None:
-            version = candidate
-            break
-        console.say(f"not reusing model {candidate}: {reason}")
+    version = (
+        None if retrain else reusable(artifacts, find_artifact(artifacts, n_events, md5), console)
+    )
     if version is not None:
         console.say(
             f"reusing model {version} from {artifacts}, trained on this data "
             "(--retrain trains a new one)"
         )
     else:
-        argv = ["train", "--data", str(data), "--out", str(artifacts)]
-        if profile == "demo":
-            argv += list(DEMO_TRAIN_ARGS)
-            console.say(
-                "training with the demo profile (1 epoch, hidden 256, no baselines). The full "
-                f"profile: `sketchstream train --data {data} --out {artifacts}` "
-                "(or `sketchstream demo --retrain --profile full`)"
-            )
-        if not console.tty:
-            argv.append("--no-progress")
-        procs.run(argv, "training")
-        found = find_artifact(artifacts, n_events, md5)
-        if not found:
-            raise DemoError(f"training wrote no artifact for this data into {artifacts}")
-        version = found[0]
-        reason = refusal(artifacts / version)
+        version = _train(data, artifacts, n_events, md5, procs, profile)
+    no_recommender = None
+    if not has_recommender(artifacts / version):
+        no_recommender = (
+            f"model {version} has no recommender (trained without --recommender); "
+            "`sketchstream demo --retrain` trains one with it"
+        )
+        console.say(f"recommendations off: {no_recommender}")
+    return DemoModel(
+        version=version,
+        heads=_model_heads(artifacts / version),
+        offline_auc=_offline_auc(artifacts / version),
+        offline_hr10=_offline_hr10(artifacts, version),
+        no_recommender=no_recommender,
+    )
+
+
+def reusable(root: Path, candidates: Sequence[str], console: Console) -> str | None:
+    """The first of ``candidates`` (versions under ``root``, newest first) that the worker
+    serves, one with a recommender before one without (a model cached before the demo asked
+    for recommendations is still served, with them off); None when it serves none."""
+    fallback = None
+    for candidate in candidates:
+        with_recommender = has_recommender(root / candidate)
+        if fallback is not None and not with_recommender:
+            continue  # it could only be the fallback, and there is one
+        reason = refusal(root / candidate)
         if reason is not None:
-            raise DemoError(f"the worker would refuse the new model {version}: {reason}")
-    return version, _model_heads(artifacts / version), _offline_auc(artifacts / version)
+            console.say(f"not reusing model {candidate}: {reason}")
+        elif with_recommender:
+            return candidate
+        else:
+            fallback = candidate
+    return fallback
+
+
+def _train(
+    data: Path, artifacts: Path, n_events: int, md5: str, procs: Processes, profile: Profile
+) -> str:
+    """``sketchstream train --recommender`` with ``profile``; the new artifact's version."""
+    console = procs.console
+    argv = ["train", "--data", str(data), "--out", str(artifacts), "--recommender"]
+    if profile == "demo":
+        argv += list(DEMO_TRAIN_ARGS)
+        console.say(
+            "training with the demo profile (1 epoch, hidden 256, item codes off, no "
+            "baselines) and a recommender. The full profile: "
+            f"`sketchstream train --data {data} --out {artifacts} --recommender` "
+            "(or `sketchstream demo --retrain --profile full`)"
+        )
+    if not console.tty:
+        argv.append("--no-progress")
+    procs.run(argv, "training")
+    found = find_artifact(artifacts, n_events, md5)
+    if not found:
+        raise DemoError(f"training wrote no artifact for this data into {artifacts}")
+    reason = refusal(artifacts / found[0])
+    if reason is not None:
+        raise DemoError(f"the worker would refuse the new model {found[0]}: {reason}")
+    return found[0]
 
 
 def find_artifact(root: Path, n_events: int, md5: str) -> list[str]:
@@ -329,6 +396,20 @@ def find_artifact(root: Path, n_events: int, md5: str) -> list[str]:
         if data.get("events") == n_events and data.get("stream_md5") == md5:
             found.append(version)
     return found
+
+
+def has_recommender(path: Path) -> bool:
+    """Whether the model artifact at ``path`` carries a top-k recommender (its manifest
+    names one; loading it checks the rest)."""
+    import json
+
+    from sketchstream.models.artifacts import MANIFEST
+
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("config", {}).get("recommend") is not None
 
 
 def _model_heads(path: Path) -> list[Head]:
@@ -356,6 +437,23 @@ def _offline_auc(path: Path) -> dict[str, float]:
         except (KeyError, TypeError, ValueError):
             continue
     return found
+
+
+def _offline_hr10(root: Path, version: str) -> float | None:
+    """The recommender's test HR@10 (seen items excluded) from the training report under
+    ``root`` (``report/report.json``, which each ``train --out root`` rewrites), when that
+    report is ``version``'s; None otherwise."""
+    import json
+
+    from sketchstream.models.live_quality import HIT_AT
+
+    try:
+        report = json.loads((root / "report" / "report.json").read_text())
+        if report["model"]["version"] != version:
+            return None
+        return float(report["recommend"]["test"]["sketchstream"][f"hr@{HIT_AT}"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 async def _announce(client_kwargs: Mapping[str, Any], topic: str, root: Path, version: str) -> None:
@@ -415,11 +513,11 @@ def shut_down(
     *,
     data: Path,
     n_events: int,
-    offline: Mapping[str, float],
+    model: DemoModel,
     rate: str,
 ) -> None:
     """Stage 8: SIGTERM to the worker, then the summary table; :class:`DemoError` when the
-    worker's stop failed or an event got no prediction."""
+    worker's stop failed, an event got no prediction or a request no answer."""
     import time
 
     console = procs.console
@@ -451,10 +549,30 @@ def shut_down(
         ("latency p99", fmt_ms(overall["p99"])),
     ]
     for name, figures in overall["heads"].items():
-        test = f"; offline test {fmt_num(offline.get(name))}"
+        test = f"; offline test {fmt_num(model.offline_auc.get(name))}"
         rows.append((f"AUC ({name})", f"{head_figures(figures)}{test}"))
+    rows += recommend_summary(outcome, overall["recommend"], model)
     console.say("\nsketchstream demo: summary\n" + final_table(rows))
     if code not in (0, None):
         raise DemoError(f"the worker exited {code} on SIGTERM:\n{tail(worker_log)}")
     if stats.count < plan.n_live:
         raise DemoError(f"only {stats.count:,} of {plan.n_live:,} events got a prediction")
+    if outcome.requests is not None and stats.answers < outcome.requests:
+        raise DemoError(f"only {stats.answers:,} of {outcome.requests:,} requests got an answer")
+
+
+def recommend_summary(
+    outcome: Outcome, figures: Mapping[str, Any], model: DemoModel
+) -> list[tuple[str, str]]:
+    """The summary's rows on recommendations: answers / requests and live HR@10 beside the
+    offline one, or why they were off."""
+    from sketchstream.models.live_quality import HIT_AT
+
+    if model.no_recommender is not None:
+        return [("recommendations", f"off: {model.no_recommender}")]
+    asked = (
+        f"{outcome.stats.answers:,} answers to {outcome.requests or 0:,} requests (the user of "
+        f"every {REQUEST_EVERY}th prediction, k {HIT_AT}, seen items excluded)"
+    )
+    offline = f"; offline test {fmt_num(model.offline_hr10)}"
+    return [("recommendations", asked), (f"HR@{HIT_AT}", f"{hit_figures(figures)}{offline}")]

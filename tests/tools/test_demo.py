@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -16,8 +18,17 @@ import pytest
 import typer
 from sketchstream.models.events import EventTable, Head
 from sketchstream.tools.demo_console import Console, LiveStats, status_line
+from sketchstream.tools.demo_follow import Outcome
 from sketchstream.tools.demo_plan import parse_history, plan_replay
-from sketchstream.tools.demo_stages import app_topics, demo_topics, find_artifact
+from sketchstream.tools.demo_stages import (
+    DemoModel,
+    app_topics,
+    demo_topics,
+    find_artifact,
+    has_recommender,
+    recommend_summary,
+    reusable,
+)
 
 
 def _table(ts, values=None, users=None) -> EventTable:
@@ -35,12 +46,12 @@ LIKE = Head("like", ("rate",), threshold=4.0)
 RETURN = Head("return", (), horizon=100.0)
 
 
-def prediction(user="u", ts=1.0, scores=None, event_time=None, model=""):
+def prediction(user="u", ts=1.0, scores=None, event_time=None, model="", item="i"):
     """A prediction record as the worker writes it (the fields the demo reads)."""
     return {
         "event": {"topic": "events", "partition": 0, "offset": 0, "event_id": None},
         "user": user,
-        "item": "i",
+        "item": item,
         "action": "rate",
         "scores": scores or {"like": 0.5},
         "event_ts": ts,
@@ -154,6 +165,20 @@ def test_a_return_head_is_labelled_by_the_users_next_prediction():
     assert "AUC like - (4) return 1.000 (3)" in line  # like: all positive, no AUC yet
 
 
+def test_an_answer_is_a_hit_when_the_users_next_event_is_among_its_first_ten():
+    stats = LiveStats([LIKE], clock=FakeClock())
+    top = [f"i{k}" for k in range(12)]
+    stats.answered([{"user": "a", "items": top}, {"user": "b", "items": top}])
+    stats.answered([{"user": "c", "items": top}])
+    events = [("a", "i3"), ("b", "i11"), ("a", "i4")]  # a: hit; b: 11th, a miss; a's 2nd: none
+    stats.add([prediction(u, item=i) for u, i in events], [5.0] * 3, [1.0] * 3)
+    rec = stats.overall()["recommend"]
+    assert (stats.answers, rec["hr@10"], rec["resolved"], rec["pending"]) == (3, 0.5, 2, 1)
+    line = status_line(stats, 3, 0, 1.0, requests=4)
+    assert "HR@10 0.500 (2), answers 3/4" in line
+    assert "HR@10" not in status_line(stats, 3, 0, 1.0)  # recommendations off
+
+
 def test_latency_percentiles_are_over_the_predictions():
     stats = LiveStats([LIKE], clock=FakeClock())
     for ms in range(1, 101):
@@ -208,25 +233,74 @@ def test_demo_topics_are_prefixed_settings_topics():
     env = demo_topics(Settings(topic_events="ev"))
     assert env["SKETCHSTREAM_TOPIC_EVENTS"] == "demo.ev"
     assert env["SKETCHSTREAM_TOPIC_MODELS"] == "demo.sketchstream.models"
+    assert env["SKETCHSTREAM_TOPIC_RECOMMEND"] == "demo.recommend"
+    assert env["SKETCHSTREAM_TOPIC_RECOMMENDATIONS"] == "demo.recommendations"
     assert app_topics("a") == ["a-users-changelog", "a-__assignor-__leader"]
 
 
-def test_find_artifact_picks_the_newest_trained_on_the_same_events(tmp_path):
-    def manifest(version, created, events, md5):
-        (tmp_path / version).mkdir()
-        data = {"events": events, "stream_md5": md5}
-        text = json.dumps({"created": created, "config": {"data": data}})
-        (tmp_path / version / "manifest.json").write_text(text)
+def manifest(root, version, created="2026-01-01", events=10, md5="abc", recommend=None):
+    """A model artifact's manifest.json (the fields the demo reads) under ``root/version``."""
+    (root / version).mkdir()
+    config = {"data": {"events": events, "stream_md5": md5}}
+    if recommend is not None:
+        config["recommend"] = recommend
+    text = json.dumps({"created": created, "config": config})
+    (root / version / "manifest.json").write_text(text)
 
-    manifest("old", "2026-01-01", 10, "abc")
-    manifest("new", "2026-02-01", 10, "abc")
-    manifest("other", "2026-03-01", 10, "def")
+
+def test_find_artifact_picks_the_newest_trained_on_the_same_events(tmp_path):
+    manifest(tmp_path, "old", "2026-01-01", 10, "abc")
+    manifest(tmp_path, "new", "2026-02-01", 10, "abc")
+    manifest(tmp_path, "other", "2026-03-01", 10, "def")
     assert find_artifact(tmp_path, 10, "abc") == ["new", "old"]
     assert find_artifact(tmp_path, 11, "abc") == []
     assert find_artifact(tmp_path / "missing", 10, "abc") == []
 
 
+def test_a_cached_model_with_a_recommender_is_reused_before_a_newer_one_without(
+    tmp_path, monkeypatch
+):
+    refused = {"broken"}
+    monkeypatch.setattr(
+        "sketchstream.tools.demo_stages.refusal",
+        lambda path: "unreadable" if path.name in refused else None,
+    )
+    manifest(tmp_path, "plain")
+    manifest(tmp_path, "broken", recommend={"items": 80})
+    manifest(tmp_path, "with", recommend={"items": 80})
+    assert [has_recommender(tmp_path / v) for v in ("plain", "with")] == [False, True]
+    console = Console(tty=False)
+    assert reusable(tmp_path, ["plain", "broken", "with"], console) == "with"
+    # only models without one: the newest served one, recommendations off
+    assert reusable(tmp_path, ["broken", "plain"], console) == "plain"
+    assert reusable(tmp_path, ["broken"], console) is None
+
+
+def test_the_summary_says_why_recommendations_are_off():
+    off = DemoModel("v1", [LIKE], {}, None, "model v1 has no recommender")
+    stats = LiveStats([LIKE], clock=FakeClock())
+    figures = stats.overall()["recommend"]
+    rows = recommend_summary(Outcome(stats), figures, off)
+    assert rows == [("recommendations", "off: model v1 has no recommender")]
+    on = DemoModel("v2", [LIKE], {}, 0.25, None)
+    stats.answered([{"user": "a", "items": ["i"]}])
+    rows = recommend_summary(Outcome(stats, requests=2), stats.overall()["recommend"], on)
+    assert rows[0][1].startswith("1 answers to 2 requests")
+    assert rows[1] == (
+        "HR@10",
+        "- over 0 answers judged, 1 awaiting the user's next event; offline test 0.2500",
+    )
+
+
 # --- a real run --------------------------------------------------------------------------------
+
+
+def summary_rows(out: str) -> dict[str, str]:
+    """The rows of the demo's summary table in its output: ``{name: value}``."""
+    assert "sketchstream demo: summary\n" in out, out
+    table = out.split("sketchstream demo: summary\n")[1]
+    rows = itertools.takewhile(lambda line: line.startswith("  "), table.splitlines())
+    return dict(re.split(r" {2,}", line.strip(), maxsplit=1) for line in rows)
 
 
 @pytest.fixture
@@ -252,6 +326,8 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path, tiny_data, kafka_settings)
                 ("EVENTS", "events"),
                 ("PREDICTIONS", "predictions"),
                 ("DLQ", "events.dlq"),
+                ("RECOMMEND", "recommend"),
+                ("RECOMMENDATIONS", "recommendations"),
                 ("MODELS", "models"),
             ]
         },
@@ -260,18 +336,27 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path, tiny_data, kafka_settings)
     app_id = f"demo-test-{suffix}"
     argv = [
         *[sys.executable, "-c", "from sketchstream.tools.cli import main; main()"],
-        *["demo", "--data", str(tiny_data), "--history", "all", "--rate", "max"],
+        # paced (a user's live events come 1.2 s apart): at full speed every event is in
+        # before the first answer, and no answer has a next event to be judged by
+        *["demo", "--data", str(tiny_data), "--history", "all", "--rate", "50"],
         *["--workdir", str(tmp_path / "work"), "--app-id", app_id, "--timeout", "120"],
     ]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
-    assert "sketchstream demo: summary" in out
-    assert "predictions   300" in out  # the test period: the last 10 % of 3,000
-    assert "history       2,700 events" in out
-    assert "AUC (like)    " in out and " over 300 labels; offline test " in out
+    summary = summary_rows(out)
+    assert summary["predictions"] == "300"  # the test period: the last 10 % of 3,000
+    assert summary["history"].startswith("2,700 events")
+    assert " over 300 labels; offline test " in summary["AUC (like)"]
     # every live event but each user's last comes back within the horizon (one a minute)
-    assert "AUC (return)  - over 240 labels, 60 awaiting their horizon" in out
+    assert summary["AUC (return)"].startswith("- over 240 labels, 60 awaiting their horizon;")
+    # the user of every 10th prediction asked for a top 10, each request answered, and the
+    # answers judged by those users' next events (a hit rate, not "-")
+    assert summary["recommendations"].startswith("30 answers to 30 requests"), out
+    hits = re.fullmatch(
+        r"(\d\.\d{4}) over (\d+) answers judged.*; offline test \d\.\d{4}", summary["HR@10"]
+    )
+    assert hits is not None and 0 < int(hits[2]) <= 30, summary["HR@10"]
     assert "\x1b" not in done.stdout and "\r" not in done.stdout
     assert (tmp_path / "work" / "worker.log").is_file()
 
