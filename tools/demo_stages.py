@@ -5,8 +5,9 @@
     2 topics    :func:`open_topics`     an earlier run's demo topics deleted, `topics create`
     3 data      :func:`load_data`       `data movielens-1m` unless --data; the replay plan
     4 model     :func:`choose_model`    an artifact trained on this data that the worker
-                                        accepts (one with a recommender first), else `train
-                                        --recommender`; announced on the models topic
+                                        accepts (one with a recommender first), else `train`
+                                        (--recommender: with one); announced on the models
+                                        topic
     5 worker    :func:`start_worker`    `worker` with its own state dir and web port, healthy
     6-7 replay  :func:`~sketchstream.tools.demo_follow.watch`
     8 shutdown  :func:`shut_down`       SIGTERM to the worker; the summary table
@@ -68,8 +69,9 @@ DEMO_TRAIN_ARGS = ("--epochs", "1", "--hidden", "256", "--item-codes", "off", "-
 """The demo profile: one epoch (two validation checks), hidden 256, no baselines, test AUC
 within 0.01 of the full profile. Item codes off: ``auto`` trains the MLP twice to choose, and on
 MovieLens-1M it chooses off (validation AUC 0.7825 against 0.7763 on, ~2.6 min each on two
-loaded cores); what that saves pays for most of the recommender. Both profiles add
-``--recommender``, so the demo can ask the worker for recommendations."""
+loaded cores). ``demo --recommender`` adds ``--recommender`` to either profile; the
+recommender's training is not sized by them (``train`` has no option for it): on MovieLens-1M
+its first epoch took 814 s on two loaded cores, of up to 8."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ def run(
     rate: str,
     history: int | None,
     retrain: bool,
+    recommender: bool,
     profile: Profile,
     workdir: Path,
     timeout: float,
@@ -112,7 +115,10 @@ def run(
         procs = Processes(console, env)
         open_topics(client_kwargs, topics, app_id, procs, stack, keep_topics=keep_topics)
         data, plan, n_events, md5 = load_data(settings, data, limit, history, procs)
-        model = choose_model(settings, data, n_events, md5, procs, retrain=retrain, profile=profile)
+        model = choose_model(
+            settings, data, n_events, md5, procs, retrain=retrain, recommender=recommender,
+            profile=profile,
+        )  # fmt: skip
         models_topic = topics["SKETCHSTREAM_TOPIC_MODELS"]
         asyncio.run(_announce(client_kwargs, models_topic, settings.artifact_dir, model.version))
         console.say(f"announced model {model.version} on {models_topic}")
@@ -298,28 +304,29 @@ def choose_model(
     procs: Processes,
     *,
     retrain: bool,
+    recommender: bool,
     profile: Profile,
 ) -> DemoModel:
     """Stage 4: the newest artifact in the artifact dir trained on this data that the worker
-    serves (one with a recommender before one without), else one trained now."""
+    serves (one with a recommender before one without), else one trained now (with
+    ``recommender``, with a recommender)."""
     console = procs.console
     console.step("4/8 model")
     artifacts = settings.artifact_dir
-    version = (
-        None if retrain else reusable(artifacts, find_artifact(artifacts, n_events, md5), console)
-    )
+    found = [] if retrain else find_artifact(artifacts, n_events, md5)
+    version = reusable(artifacts, found, console)
     if version is not None:
         console.say(
             f"reusing model {version} from {artifacts}, trained on this data "
             "(--retrain trains a new one)"
         )
     else:
-        version = _train(data, artifacts, n_events, md5, procs, profile)
+        version = _train(data, artifacts, n_events, md5, procs, profile, recommender=recommender)
     no_recommender = None
     if not has_recommender(artifacts / version):
         no_recommender = (
             f"model {version} has no recommender (trained without --recommender); "
-            "`sketchstream demo --retrain` trains one with it"
+            "`sketchstream demo --retrain --recommender` trains one with it"
         )
         console.say(f"recommendations off: {no_recommender}")
     return DemoModel(
@@ -333,8 +340,8 @@ def choose_model(
 
 def reusable(root: Path, candidates: Sequence[str], console: Console) -> str | None:
     """The first of ``candidates`` (versions under ``root``, newest first) that the worker
-    serves, one with a recommender before one without (a model cached before the demo asked
-    for recommendations is still served, with them off); None when it serves none."""
+    serves, one with a recommender before one without (a model without one is still served,
+    with recommendations off); None when it serves none."""
     fallback = None
     for candidate in candidates:
         with_recommender = has_recommender(root / candidate)
@@ -351,17 +358,27 @@ def reusable(root: Path, candidates: Sequence[str], console: Console) -> str | N
 
 
 def _train(
-    data: Path, artifacts: Path, n_events: int, md5: str, procs: Processes, profile: Profile
+    data: Path,
+    artifacts: Path,
+    n_events: int,
+    md5: str,
+    procs: Processes,
+    profile: Profile,
+    *,
+    recommender: bool,
 ) -> str:
-    """``sketchstream train --recommender`` with ``profile``; the new artifact's version."""
+    """``sketchstream train`` with ``profile`` (and ``--recommender``); the new artifact's
+    version."""
     console = procs.console
-    argv = ["train", "--data", str(data), "--out", str(artifacts), "--recommender"]
+    argv = ["train", "--data", str(data), "--out", str(artifacts)]
+    argv += ["--recommender"] if recommender else []
     if profile == "demo":
         argv += list(DEMO_TRAIN_ARGS)
         console.say(
             "training with the demo profile (1 epoch, hidden 256, item codes off, no "
-            "baselines) and a recommender. The full profile: "
-            f"`sketchstream train --data {data} --out {artifacts} --recommender` "
+            f"baselines){' and a recommender' if recommender else ''}. The full profile: "
+            f"`sketchstream train --data {data} --out {artifacts}"
+            f"{' --recommender' if recommender else ''}` "
             "(or `sketchstream demo --retrain --profile full`)"
         )
     if not console.tty:

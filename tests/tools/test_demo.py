@@ -338,7 +338,7 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path, tiny_data, kafka_settings)
         *[sys.executable, "-c", "from sketchstream.tools.cli import main; main()"],
         # paced (a user's live events come 1.2 s apart): at full speed every event is in
         # before the first answer, and no answer has a next event to be judged by
-        *["demo", "--data", str(tiny_data), "--history", "all", "--rate", "50"],
+        *["demo", "--data", str(tiny_data), "--history", "all", "--rate", "50", "--recommender"],
         *["--workdir", str(tmp_path / "work"), "--app-id", app_id, "--timeout", "120"],
     ]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
