@@ -225,6 +225,9 @@ def cli(*args: str):
 
 TINY_FLAGS = ("--no-announce", "--json", "--epochs", "3", "--set", "hidden=64", "--set", "blocks=1")
 TINY_FLAGS += ("--set", "depth=8", "--set", "width=16", "--set", "batch_size=128")
+# One MLP fit, with the item codes: the worse-candidate test shuffles the labels the item
+# snapshot is built from, so a serving model must know its items by their codes to stay good
+TINY_FLAGS += ("--set", "item_codes=on")
 
 
 def test_a_file_refresh_publishes_then_refuses_a_worse_candidate_and_says_why(
