@@ -210,3 +210,11 @@ def test_item_codes_must_be_auto_on_or_off():
 
     with pytest.raises(ModelError, match="item_codes='sometimes': expected one of auto, on, off"):
         TrainConfig(item_codes="sometimes")
+
+
+def test_train_offers_exactly_the_item_code_choices_the_trainer_takes():
+    """``train``'s option lists them again (importing the trainer would load torch for --help)."""
+    from sketchstream.models.trainer import ITEM_CODES
+    from sketchstream.tools.train import ItemCodes
+
+    assert tuple(c.value for c in ItemCodes) == ITEM_CODES
