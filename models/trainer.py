@@ -11,8 +11,9 @@ Pure: no CLI, no printing (progress bars aside). The pieces, in the order ``trai
   is scored on the state built from the events before it, then folded in. Item-side
   features come from an :class:`~sketchstream.models.snapshot.ItemSnapshot` refreshed every
   ``item_refresh_s`` (:func:`~sketchstream.models.snapshot.refreshed_item_features`).
-* :func:`train_mlp` — Adam on masked binary cross-entropy, one head per engagement type,
-  early stopping on the validation period's mean AUC, fixed seeds.
+* :func:`~sketchstream.models.fit.train_choosing_codes` — the MLP fitted with early stopping
+  on the validation period (:mod:`~sketchstream.models.fit`), with the item's sketch codes as
+  an input or without, chosen on validation.
 * :func:`run_protocol` — the evaluation protocol of DESIGN.md end to end; :func:`score_events`
   — replay + predict with a loaded model artifact.
 
@@ -27,11 +28,10 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
-import torch
 from sketchstream.models.aggregator import Aggregator
 from sketchstream.models.batches import EventBatch, Features
 from sketchstream.models.channels import (
@@ -42,12 +42,12 @@ from sketchstream.models.channels import (
     aggregator_config_to_dict,
 )
 from sketchstream.models.errors import ModelError
+from sketchstream.models.fit import ITEM_CODES, train_choosing_codes, train_mlp
 from sketchstream.models.mlp import (
     EngagementMLP,
     MLPConfig,
     MLPInputs,
     assemble,
-    to_tensors,
     user_rate_columns,
 )
 
@@ -65,8 +65,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-ITEM_CODES = ("auto", "on", "off")  # TrainConfig.item_codes
 
 
 @dataclass(frozen=True)
@@ -340,158 +338,6 @@ def _split_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     return out
 
 
-def _mean_auc(y: np.ndarray, p: np.ndarray) -> float:
-    from sketchstream.models.metrics import roc_auc as roc_auc_score
-
-    aucs = []
-    for h in range(y.shape[1]):
-        keep = ~np.isnan(y[:, h])
-        if keep.any() and 0 < y[keep, h].mean() < 1:
-            aucs.append(roc_auc_score(y[keep, h], p[keep, h]))
-    return float(np.mean(aucs)) if aucs else float("nan")
-
-
-# --- training --------------------------------------------------------------------------------
-
-
-def train_mlp(
-    train: MLPInputs,
-    y_train: np.ndarray,
-    val: MLPInputs,
-    y_val: np.ndarray,
-    config: MLPConfig,
-    *,
-    epochs: int = 6,
-    patience: int = 1,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-5,
-    batch_size: int = 1024,
-    evals_per_epoch: int = 2,
-    seed: int = 0,
-    progress: bool = True,
-    ema_epochs: float = 0.0,
-) -> tuple[EngagementMLP, list[dict[str, float]]]:
-    """Train an :class:`EngagementMLP`; return the best model (by validation AUC) and history.
-
-    ``y_* (n, heads)`` float labels, nan where a head does not apply (masked out of the loss).
-    Validation runs ``evals_per_epoch`` times per epoch; training stops after ``patience``
-    epochs' worth of checks without improvement. ``ema_epochs`` > 0: what is validated and
-    returned is the moving average of the weights over about that many epochs of steps.
-    Every member of an ensemble (``config.members``) is fitted to the labels on its own; the
-    validation AUC is the ensemble's. Seeds torch and the shuffling generator.
-    """
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    model = EngagementMLP(config)
-    model.set_normalization(train.dense)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    n = len(train)
-    steps_per_epoch = max(1, -(-n // batch_size))
-    total_steps = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=total_steps, pct_start=0.05, anneal_strategy="cos"
-    )
-    check_every = max(1, steps_per_epoch // max(1, evals_per_epoch))
-    y_t = torch.from_numpy(np.nan_to_num(y_train, nan=0.0).astype(np.float32))
-    m_t = torch.from_numpy((~np.isnan(y_train)).astype(np.float32))
-    dense_all, codes_all = to_tensors(train)
-    ema = None
-    if ema_epochs > 0:
-        ema_decay = 1.0 - 1.0 / max(1.0, ema_epochs * steps_per_epoch)
-        ema = EngagementMLP(config)
-        ema.load_state_dict(model.state_dict())
-        ema_params = [(e, p) for e, p in zip(ema.parameters(), model.parameters(), strict=True)]
-    best_auc, best_state, bad, history = -np.inf, None, 0, []
-    step = 0
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, mininterval=1.0)
-    stop = False
-    for epoch in range(epochs):
-        model.train()
-        perm = torch.from_numpy(rng.permutation(n))
-        for b in range(steps_per_epoch):
-            idx = perm[b * batch_size : (b + 1) * batch_size]
-            # each member fits the labels on its own (an ensemble, not one wide network)
-            logits = model.member_logits(dense_all[idx], codes_all[idx])  # (members, b, heads)
-            mask = m_t[idx].expand_as(logits)
-            loss = (
-                torch.nn.functional.binary_cross_entropy_with_logits(
-                    logits, y_t[idx].expand_as(logits), weight=mask, reduction="sum"
-                )
-                / mask.sum().clamp(min=1.0)
-                * logits.shape[0]
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if ema is not None:
-                with torch.no_grad():
-                    for e, p in ema_params:
-                        e.lerp_(p, 1.0 - ema_decay)
-            bar.update(1)
-            if step % check_every == 0 or b == steps_per_epoch - 1:
-                judged = model if ema is None else ema
-                p_val = judged.predict(val)
-                auc = _mean_auc(y_val, p_val)
-                history.append(
-                    {
-                        "epoch": step / steps_per_epoch,  # epochs done, 1.0 at the end of the first
-                        "step": step,
-                        "loss": loss.item(),
-                        "val_auc": auc,
-                    }
-                )
-                bar.set_postfix(val_auc=f"{auc:.4f}")
-                log.info("step %d epoch %d: val AUC %.4f", step, epoch, auc)
-                if auc > best_auc + 1e-5:
-                    best_auc, bad = auc, 0
-                    best_state = {k: v.detach().clone() for k, v in judged.state_dict().items()}
-                else:
-                    bad += 1
-                    if bad >= patience * max(1, evals_per_epoch):
-                        stop = True
-                        break
-        if stop:
-            log.info("early stop at epoch %d (best val AUC %.4f)", epoch, best_auc)
-            break
-    bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return model, history
-
-
-def _train_choosing_codes(
-    train: MLPInputs,
-    y_train: np.ndarray,
-    val: MLPInputs,
-    y_val: np.ndarray,
-    config: MLPConfig,
-    item_codes: str,
-    fit: Mapping[str, Any],
-) -> tuple[EngagementMLP, list[dict[str, float]]]:
-    """:func:`train_mlp` with the item's sketch codes as an input or without, as
-    ``item_codes`` says (:attr:`TrainConfig.item_codes`); ``"auto"`` trains both and keeps the
-    one with the higher best validation AUC (ties: with the codes). The history's rows carry
-    ``item_codes`` ("on"/"off"), and the kept model's rows come last."""
-    choices = ("on", "off") if item_codes == "auto" else (item_codes,)
-    if config.modalities == 0:
-        choices = ("off",)  # no codebook feeds the sparse layer: nothing to choose
-    fitted = []
-    for choice in choices:
-        shape = config if choice == "on" else replace(config, modalities=0)
-        model, history = train_mlp(train, y_train, val, y_val, shape, **fit)
-        best = max((h["val_auc"] for h in history if math.isfinite(h["val_auc"])), default=-1.0)
-        fitted.append((best, choice, model, [{**h, "item_codes": choice} for h in history]))
-        log.info("item codes %s: best validation AUC %.4f", choice, best)
-    kept = max(fitted, key=lambda f: (f[0], f[1] == "on"))
-    others = [row for f in fitted if f is not kept for row in f[3]]
-    return kept[2], others + kept[3]
-
-
 # --- the protocol end to end -----------------------------------------------------------------
 
 
@@ -714,7 +560,7 @@ def run_protocol(
         "ema_epochs": config.ema_epochs,
     }
     train_in, val_in = inputs.take(train_rows), inputs.take(val_rows)
-    model, history = _train_choosing_codes(
+    model, history = train_choosing_codes(
         train_in, y[train_rows], val_in, y[val_rows], mlp_config, config.item_codes, fit
     )
     timings["train"] = time.perf_counter() - t0

@@ -184,21 +184,32 @@ def _item_signal(rng: np.random.Generator) -> tuple:
 
 
 @pytest.mark.parametrize("signal", ["dense", "codes"])
-def test_auto_item_codes_keeps_the_model_with_the_better_validation_auc(signal):
-    from sketchstream.models.trainer import _train_choosing_codes
+def test_auto_item_codes_keeps_the_model_ahead_on_validation_after_the_race(signal):
+    from sketchstream.models.fit import RACE_EPOCHS, train_choosing_codes
 
     rng = np.random.default_rng(5)
     (tr, y_tr), (va, y_va) = _separable(rng) if signal == "dense" else _item_signal(rng)
     cfg = MLPConfig(n_dense=3, modalities=1, depth=2, width=8, hidden=16, blocks=1)
-    fit = dict(epochs=2, batch_size=128, lr=1e-2, progress=False, seed=3)
-    model, hist = _train_choosing_codes(tr, y_tr, va, y_va, cfg, "auto", fit)
-    best = {c: max(h["val_auc"] for h in hist if h["item_codes"] == c) for c in ("on", "off")}
+    fit = dict(epochs=3, batch_size=128, lr=1e-2, progress=False, seed=3, ema_epochs=0.25)
+    model, hist = train_choosing_codes(tr, y_tr, va, y_va, cfg, "auto", fit)
     kept = "on" if model.config.modalities else "off"
-    assert best[kept] >= best["off" if kept == "on" else "on"]
+    dropped = "off" if kept == "on" else "on"
     assert hist[-1]["item_codes"] == kept  # the kept model's rows come last
+
+    def raced(c):  # best validation AUC within the race's epochs
+        return max(h["val_auc"] for h in hist if h["item_codes"] == c and h["epoch"] <= RACE_EPOCHS)
+
+    assert raced(kept) >= raced(dropped)
+    # the dropped one ran the race only; the kept one ran on (3 epochs, no early stop here)
+    assert max(h["epoch"] for h in hist if h["item_codes"] == dropped) == RACE_EPOCHS
+    assert max(h["epoch"] for h in hist if h["item_codes"] == kept) > RACE_EPOCHS
     if signal == "codes":  # without the codes the label is noise to the model
-        assert kept == "on" and best["off"] < 0.6 < 0.8 < best["on"]
-    off, hist_off = _train_choosing_codes(tr, y_tr, va, y_va, cfg, "off", fit)
+        assert kept == "on" and raced("off") < 0.6 < 0.8 < raced("on")
+    # paused for the other's epoch and resumed, the kept model is what its choice gives alone
+    alone, hist_alone = train_choosing_codes(tr, y_tr, va, y_va, cfg, kept, fit)
+    assert hist_alone == [h for h in hist if h["item_codes"] == kept]
+    np.testing.assert_array_equal(alone.predict(va), model.predict(va))
+    off, hist_off = train_choosing_codes(tr, y_tr, va, y_va, cfg, "off", fit)
     assert off.config.modalities == 0 and {h["item_codes"] for h in hist_off} == {"off"}
     other_items = MLPInputs(va.dense, (va.codes + 1) % 8)
     np.testing.assert_array_equal(off.predict(va), off.predict(other_items))  # codes unread
@@ -214,7 +225,7 @@ def test_item_codes_must_be_auto_on_or_off():
 
 def test_train_offers_exactly_the_item_code_choices_the_trainer_takes():
     """``train``'s option lists them again (importing the trainer would load torch for --help)."""
-    from sketchstream.models.trainer import ITEM_CODES
+    from sketchstream.models.fit import ITEM_CODES
     from sketchstream.tools.train import ItemCodes
 
     assert tuple(c.value for c in ItemCodes) == ITEM_CODES
