@@ -37,7 +37,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -639,18 +639,26 @@ def holdout_recommend(parts: Any, bundle: Any, events: Any) -> dict[str, float]:
 
 
 def train_recommender(
-    events: Any, items: Sequence[Any] | None, result: Any, *, seed: int = 0, progress: bool = False
+    events: Any,
+    items: Sequence[Any] | None,
+    result: Any,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    config: Any = None,
 ) -> tuple[Any, dict]:
     """The EMDE recommender for an artifact, trained on the codebooks and aggregator of a
     trainer result (``ProtocolResult``) over the same events, seeded like its MLP: returns the
     artifact's ``RecommenderParts`` and the ``recommend`` block of its own figures. Used by
-    ``sketchstream train --recommender`` and by the refresh job when the served model has one."""
+    ``sketchstream train --recommender`` and by the refresh job when the served model has one
+    (with the served recommender's ``config``, a ``RecommendConfig``; None: the defaults; its
+    seed is ``seed``)."""
     from sketchstream.models.artifacts import RecommenderParts
     from sketchstream.models.channels import aggregator_config_from_dict
     from sketchstream.models.recommend import RecommendConfig
 
     aggregator = aggregator_config_from_dict(result.aggregator_config)
-    config = RecommendConfig(seed=seed)
+    config = replace(config or RecommendConfig(), seed=seed)
     ranked = recommend_report(
         events,
         result.codebooks,

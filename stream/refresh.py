@@ -269,7 +269,12 @@ class RefreshJob:
 
             t0 = time.perf_counter()
             recommender, figures = train_recommender(
-                events, items, candidate.result, seed=config.seed, progress=opts.progress
+                events,
+                items,
+                candidate.result,
+                seed=config.seed,
+                progress=opts.progress,
+                config=bundle.recommender.config,  # the served one's shape and training
             )
             timings["recommender"] = time.perf_counter() - t0
             t0 = time.perf_counter()

@@ -337,7 +337,7 @@ def test_a_refresh_over_a_model_with_a_recommender_publishes_one_with_a_recommen
     from sketchstream.models.artifacts import load_model_artifact
     from sketchstream.models.events import DEFAULT_HEADS
     from sketchstream.models.trainer import TrainConfig
-    from sketchstream.tools.train import train_model
+    from sketchstream.tools.train import recommend_config, train_model
 
     monkeypatch.setenv("SKETCHSTREAM_DATA_DIR", str(tmp_path / "nodata"))
     store = tmp_path / "store"
@@ -351,8 +351,9 @@ def test_a_refresh_over_a_model_with_a_recommender_publishes_one_with_a_recommen
         baselines=False,
         progress=False,
         recommender=True,
+        recommender_config=recommend_config(epochs=2, hidden=48),
     )
-    assert load_model_artifact(store / served).recommender is not None
+    assert load_model_artifact(store / served).recommender.config.hidden == 48
 
     code, run, result = cli(
         "--data", str(tmp_path / "data"), "--artifact-dir", str(store), *TINY_FLAGS, "--force"
@@ -367,3 +368,5 @@ def test_a_refresh_over_a_model_with_a_recommender_publishes_one_with_a_recommen
     refreshed = load_model_artifact(ArtifactStore(store).path(run["version"]))
     assert refreshed.recommender is not None
     assert len(refreshed.recommender.catalogue) > 0
+    # retrained in the served recommender's shape, not the defaults
+    assert (refreshed.recommender.config.epochs, refreshed.recommender.config.hidden) == (2, 48)

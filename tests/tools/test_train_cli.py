@@ -246,16 +246,30 @@ def test_evaluate_recommend_adds_the_ranking_block_and_refuses_unknown_methods(
 
 
 def test_train_recommender_puts_the_recommender_in_the_artifact(tmp_path, data_dir) -> None:
+    import torch
     from sketchstream.models.artifacts import load_model_artifact
 
     out = tmp_path / "model"
     args = ["train", "--data", str(data_dir), "--out", str(out), *SMALL, "--recommender"]
-    result = CliRunner().invoke(_app(), args)
+    sizing = ["--recommender-epochs", "1", "--recommender-hidden", "24"]
+    result = CliRunner().invoke(_app(), [*args, *sizing])
     assert result.exit_code == 0, result.output
     (version,) = [p for p in out.iterdir() if (p / "manifest.json").is_file()]
     bundle = load_model_artifact(version)
     assert bundle.recommender is not None
     assert len(bundle.recommender.catalogue) > 0
+    assert (bundle.recommender.config.epochs, bundle.recommender.config.hidden) == (1, 24)
+    linear = [m for m in bundle.recommender.model.modules() if isinstance(m, torch.nn.Linear)]
+    widths = {m.out_features for m in linear}
+    assert 24 in widths and 1024 not in widths  # the sized model is what was saved
     report = json.loads((out / "report" / "report.json").read_text())
     assert set(report["recommend"]["test"]) == {"sketchstream"}
     assert 0.0 <= report["recommend"]["test"]["sketchstream"]["hr@10"] <= 1.0
+
+
+def test_recommender_sizing_without_the_recommender_is_refused(tmp_path, data_dir) -> None:
+    args = ["train", "--data", str(data_dir), "--out", str(tmp_path / "m"), *SMALL]
+    result = CliRunner().invoke(_app(), [*args, "--recommender-hidden", "64"])
+    assert result.exit_code == 2
+    assert "--recommender-hidden sizes the recommender: add --recommender" in result.output
+    assert not (tmp_path / "m").exists()  # refused before any work
