@@ -463,18 +463,26 @@ def _offline_auc(path: Path) -> dict[str, float]:
 
 
 def _offline_hr10(root: Path, version: str) -> float | None:
-    """The recommender's test HR@10 (seen items excluded) from the training report under
-    ``root`` (``report/report.json``, which each ``train --out root`` rewrites), when that
-    report is ``version``'s; None otherwise."""
+    """The recommender's test HR@10 (seen items excluded): from the artifact's manifest
+    (``recommend_figures``, which ``train --recommender`` records), else from the training
+    report under ``root`` (``report/report.json``, which each ``train --out root`` rewrites)
+    when that report is ``version``'s; None otherwise."""
     import json
 
+    from sketchstream.models.artifacts import MANIFEST
     from sketchstream.models.live_quality import HIT_AT
 
+    def hr10(block: dict) -> float:
+        return float(block["recommend"]["test"]["sketchstream"][f"hr@{HIT_AT}"])
+
+    try:
+        config = json.loads((root / version / MANIFEST).read_text())["config"]
+        return hr10({"recommend": config["recommend_figures"]})
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     try:
         report = json.loads((root / "report" / "report.json").read_text())
-        if report["model"]["version"] != version:
-            return None
-        return float(report["recommend"]["test"]["sketchstream"][f"hr@{HIT_AT}"])
+        return hr10(report) if report["model"]["version"] == version else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -218,6 +218,7 @@ def train_model(
             config=recommender_config,
         )
         timings["recommender"] = time.perf_counter() - t0
+        extra["recommend_figures"] = more["recommend"]  # the model's own, kept with it
     version = save_trained_artifact(out, result, extra=extra, recommender=parts)
     report = report_for(
         out / "report",

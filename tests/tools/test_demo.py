@@ -371,3 +371,22 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path, tiny_data, kafka_settings)
             await admin.close()
 
     assert asyncio.run(topics_left()) == []
+
+
+def test_the_offline_hr10_comes_from_the_model_itself_else_from_its_report(tmp_path):
+    from sketchstream.tools.demo_stages import _offline_hr10
+
+    def block(hr):
+        return {"test": {"sketchstream": {"hr@10": hr, "ndcg@10": 0.0, "mrr": 0.0}}}
+
+    for version, config in (("own", {"recommend_figures": block(0.25)}), ("old", {})):
+        (tmp_path / version).mkdir()
+        (tmp_path / version / "manifest.json").write_text(json.dumps({"config": config}))
+    (tmp_path / "report").mkdir()
+    report = {"model": {"version": "old"}, "recommend": block(0.125)}
+    (tmp_path / "report" / "report.json").write_text(json.dumps(report))
+    assert _offline_hr10(tmp_path, "own") == 0.25  # its manifest, not the report of another
+    assert _offline_hr10(tmp_path, "old") == 0.125  # an older artifact: its report
+    report["model"]["version"] = "newer"
+    (tmp_path / "report" / "report.json").write_text(json.dumps(report))
+    assert _offline_hr10(tmp_path, "old") is None  # the report is another model's

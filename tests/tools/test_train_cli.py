@@ -264,6 +264,9 @@ def test_train_recommender_puts_the_recommender_in_the_artifact(tmp_path, data_d
     assert 24 in widths and 1024 not in widths  # the sized model is what was saved
     report = json.loads((out / "report" / "report.json").read_text())
     assert set(report["recommend"]["test"]) == {"sketchstream"}
+    # the model keeps its own figures: a later train --out rewrites the report
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["config"]["recommend_figures"] == report["recommend"]
     assert 0.0 <= report["recommend"]["test"]["sketchstream"]["hr@10"] <= 1.0
 
 
