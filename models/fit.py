@@ -6,8 +6,8 @@
   random state, so two fits interleaved give what each gives alone.
 * :func:`train_mlp` — one :class:`Fit` run to its end.
 * :func:`train_choosing_codes` — the item's sketch codes as an input or not
-  (``TrainConfig.item_codes``): ``"auto"`` races both for the first epoch and runs only the
-  one ahead on validation to its end.
+  (``TrainConfig.item_codes``): ``"auto"`` races both for the first two epochs and runs only
+  the one ahead on validation to its end.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = ["ITEM_CODES", "Fit", "train_choosing_codes", "train_mlp"]
 log = logging.getLogger(__name__)
 
 ITEM_CODES = ("auto", "on", "off")  # TrainConfig.item_codes
-RACE_EPOCHS = 1  # "auto": epochs both item-code choices run before one is dropped
+RACE_EPOCHS = 2  # "auto": epochs both item-code choices run before one is dropped
 
 
 def mean_auc(y: np.ndarray, p: np.ndarray) -> float:

@@ -73,8 +73,8 @@ def train(
         ItemCodes,
         typer.Option(
             help="The event item's sketch codes as an MLP input: on, off, or auto (train "
-            "both for one epoch, go on with the one ahead on validation AUC: one epoch more "
-            "than on or off). Small data sets usually pick off: the codes are an "
+            "both for two epochs, go on with the one ahead on validation AUC: two epochs "
+            "more than on or off). Small data sets usually pick off: the codes are an "
             "item-identity input.",
         ),
     ] = ItemCodes.AUTO,
