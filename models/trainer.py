@@ -102,7 +102,8 @@ class TrainConfig:
     members: int = 1  # networks averaged (MLPConfig.members)
     user_rates: bool = True  # the user's like rates off the channel masses (MLPConfig.user_rates)
     # the event item's sketch codes as an MLP input (MLPConfig.modalities): "on", "off", or
-    # "auto": train both and keep the one with the better validation AUC. The codes are an
+    # "auto": race both for fit.RACE_EPOCHS epochs, go on with the one ahead on validation
+    # AUC (fit.train_choosing_codes). The codes are an
     # item-identity input: on small data sets they overfit (validation picks "off"), on
     # large ones they add what the density and CF columns miss
     item_codes: str = "auto"
