@@ -29,7 +29,7 @@ ITEM_CODES = ("auto", "on", "off")  # TrainConfig.item_codes
 RACE_EPOCHS = 2  # "auto": epochs both item-code choices run before one is dropped
 
 
-def mean_auc(y: np.ndarray, p: np.ndarray) -> float:
+def _mean_auc(y: np.ndarray, p: np.ndarray) -> float:
     """Mean AUC over the heads that have both classes among their labelled rows (nan: none)."""
     from sketchstream.models.metrics import roc_auc
 
@@ -168,7 +168,7 @@ class Fit:
     def _validate(self, loss: float, epoch: int) -> bool:
         """Judge the weights on validation, keep the best; True: stop early."""
         judged = self.model if self._ema is None else self._ema
-        auc = mean_auc(self._y_val, judged.predict(self._val))
+        auc = _mean_auc(self._y_val, judged.predict(self._val))
         self.history.append(
             {
                 "epoch": self._step / self.steps_per_epoch,  # epochs done, 1.0 after the first

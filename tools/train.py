@@ -112,6 +112,7 @@ def train(
 
     The heads (--head) are recorded in the artifact; `evaluate` labels with them."""
     from sketchstream.models.errors import SketchstreamError
+    from sketchstream.models.recommend import RecommendConfig
     from sketchstream.models.trainer import TrainConfig
     from sketchstream.tools.evaluate import data_heads, start, summary
 
@@ -146,19 +147,12 @@ def train(
             progress=progress,
             t_start=t_all,
             recommender=recommender,
-            recommender_config=recommend_config(**sizing) if sizing else None,
+            recommender_config=RecommendConfig(**sizing) if sizing else None,
         )
     specs = " ".join(h.spec for h in heads)
     typer.echo(f"model {version} written to {out / version} (heads {specs})")
     typer.echo(summary(report))
     typer.echo(f"report: {out / 'report' / 'report.md'}")
-
-
-def recommend_config(**sizing: int) -> Any:
-    """The recommender's ``RecommendConfig`` with ``sizing`` (``epochs``, ``hidden``) set."""
-    from sketchstream.models.recommend import RecommendConfig
-
-    return RecommendConfig(**sizing)
 
 
 def train_model(

@@ -336,8 +336,9 @@ def test_a_refresh_over_a_model_with_a_recommender_publishes_one_with_a_recommen
 ):
     from sketchstream.models.artifacts import load_model_artifact
     from sketchstream.models.events import DEFAULT_HEADS
+    from sketchstream.models.recommend import RecommendConfig
     from sketchstream.models.trainer import TrainConfig
-    from sketchstream.tools.train import recommend_config, train_model
+    from sketchstream.tools.train import train_model
 
     monkeypatch.setenv("SKETCHSTREAM_DATA_DIR", str(tmp_path / "nodata"))
     store = tmp_path / "store"
@@ -351,7 +352,7 @@ def test_a_refresh_over_a_model_with_a_recommender_publishes_one_with_a_recommen
         baselines=False,
         progress=False,
         recommender=True,
-        recommender_config=recommend_config(epochs=2, hidden=48),
+        recommender_config=RecommendConfig(epochs=2, hidden=48),
     )
     assert load_model_artifact(store / served).recommender.config.hidden == 48
 
