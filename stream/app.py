@@ -4,7 +4,8 @@ Declared top-down, like faust's examples, but inside a factory (no import-time a
 
     events (raw bytes, keyed by user) ─► "score": one batch per fetch ─► BatchProcessor
         ├─► predictions (keyed by user)        └─► table "users" (RocksDB + changelog)
-        └─► events.dlq (refused events, with the reason)
+        ├─► events.dlq (refused events, with the reason)
+        └─► recommendations (with recommend_on_event: top-k after the users' events)
     recommend (requests, keyed by user) ─► "answer": reads table "users", never writes it
         ├─► recommendations (keyed by user)
         └─► events.dlq (refused requests, with the reason)
@@ -241,6 +242,8 @@ def create_app(settings: Settings) -> faust.App:
                     on_error=settings.on_error,
                     request_topic=settings.topic_recommend,
                     request_limits=RequestLimits(max_bytes=settings.max_event_bytes),
+                    recommend_on_event=settings.recommend_on_event,
+                    recommend_exclude_seen=not settings.recommend_keep_seen,
                 )
             )
         return processors[0]
@@ -257,6 +260,7 @@ def create_app(settings: Settings) -> faust.App:
         t = time.perf_counter_ns()
         sends = await publish(app.producer, predictions_topic, result.predictions)
         sends += await publish(app.producer, dlq_topic, result.dlq)
+        sends += await publish(app.producer, recommendations_topic, result.recommendations)
         t = stages.lap("send", t)
         if sends:
             await asyncio.gather(*sends)

@@ -50,6 +50,7 @@ STAGES: tuple[str, ...] = (
     "state_encode",  # Aggregator.dump: one byte string per user
     "predictions_encode",  # prediction records and dead letters as JSON
     "live_quality",  # LiveQuality.observe: the labels the batch brings, per head
+    "recommend",  # top-k after events (recommend_on_event): read, model, records
     "send",  # records into per-partition producer batches, handed to aiokafka
     "send_wait",  # waiting for the predictions' acknowledgement
     "state_write",  # RocksDB write batches

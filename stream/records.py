@@ -16,8 +16,10 @@ one-line message and the source ``topic[partition]@offset``::
 Recommendation requests (:func:`decode_requests`) are small JSON objects keyed by their user,
 ``{"user", "request_id", "k", "exclude_seen", "categories", "ts"}`` (the last four optional);
 each valid one gets one answer (:func:`recommendation_record`), each refused one a dead letter.
+A worker with ``recommend_on_event`` also publishes answers nobody asked for, after events
+(:func:`event_recommendation_record`): the same fields, ``"event"`` in place of ``"request"``.
 
-Just over 600 lines, on purpose: every byte from outside (events and recommendation requests)
+About 700 lines, on purpose: every byte from outside (events and recommendation requests)
 is decoded and judged here, so the limits and the dead-letter reasons live in one place.
 """
 
@@ -45,6 +47,7 @@ __all__ = [
     "decode_events",
     "decode_requests",
     "dlq_record",
+    "event_recommendation_record",
     "prediction_records",
     "recommendation_record",
     "where",
@@ -485,28 +488,87 @@ def recommendation_record(
 ) -> tuple[bytes, bytes]:
     """The ``(key, value)`` answer to ``request`` for the recommendations topic, keyed by user:
     ``items`` best first with their ``scores``, ``as_of`` the time the state was read at."""
+    return _answer(
+        request.user,
+        {
+            "request_id": request.request_id,
+            "k": request.k,
+            "exclude_seen": request.exclude_seen,
+            "categories": None if request.categories is None else list(request.categories),
+        },
+        items,
+        scores,
+        cold_start=cold_start,
+        as_of=as_of,
+        source=("request", topic, request.partition, request.offset),
+        versions=(model_version, codebook_version),
+        times=(received, published),
+    )
+
+
+def event_recommendation_record(
+    user: str,
+    *,
+    items: Sequence[str],
+    scores: Sequence[float],
+    k: int,
+    exclude_seen: bool,
+    as_of: float,
+    topic: str,
+    partition: int,
+    offset: int,
+    model_version: str,
+    codebook_version: str,
+    received: float,
+    published: float,
+) -> tuple[bytes, bytes]:
+    """The ``(key, value)`` top-k published unasked after ``user``'s event at
+    ``topic[partition]@offset`` was folded (the worker's ``recommend_on_event``): the answer's
+    fields, ``request_id`` null and ``"event"`` in place of ``"request"``."""
+    return _answer(
+        user,
+        {"request_id": None, "k": k, "exclude_seen": exclude_seen, "categories": None},
+        items,
+        scores,
+        cold_start=False,
+        as_of=as_of,
+        source=("event", topic, partition, offset),
+        versions=(model_version, codebook_version),
+        times=(received, published),
+    )
+
+
+def _answer(
+    user: str,
+    asked: dict[str, Any],
+    items: Sequence[str],
+    scores: Sequence[float],
+    *,
+    cold_start: bool,
+    as_of: float,
+    source: tuple[str, str, int, int],
+    versions: tuple[str, str],
+    times: tuple[float, float],
+) -> tuple[bytes, bytes]:
+    kind, topic, partition, offset = source
     return (
-        request.user.encode(),
+        user.encode(),
         orjson.dumps(
             {
-                "request_id": request.request_id,
-                "user": request.user,
+                "request_id": asked["request_id"],
+                "user": user,
                 "items": list(items),
                 "scores": [float(s) for s in scores],
-                "k": request.k,
-                "exclude_seen": request.exclude_seen,
-                "categories": None if request.categories is None else list(request.categories),
+                "k": asked["k"],
+                "exclude_seen": asked["exclude_seen"],
+                "categories": asked["categories"],
                 "cold_start": cold_start,
                 "as_of": as_of,
-                "model_version": model_version,
-                "codebook_version": codebook_version,
-                "request": {
-                    "topic": topic,
-                    "partition": request.partition,
-                    "offset": request.offset,
-                },
-                "received_ts": received,
-                "published_ts": published,
+                "model_version": versions[0],
+                "codebook_version": versions[1],
+                kind: {"topic": topic, "partition": partition, "offset": offset},
+                "received_ts": times[0],
+                "published_ts": times[1],
             }
         ),
     )

@@ -99,6 +99,19 @@ class Settings(BaseSettings):
         "batch goes on) or fail (the worker stops, committing the batches before it, not that one; "
         "the batch is read again).",
     )
+    recommend_on_event: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="Publish this many recommendations (top-k, 0: none) on the recommendations "
+        "topic after events, unasked: per batch, one answer for each user with a scored event, "
+        "from the state after the user's last one (the model must have a recommender).",
+    )
+    recommend_keep_seen: bool = Field(
+        default=False,
+        description="Recommendations published after events may include items the user has "
+        "already interacted with (default: excluded, as a request's exclude_seen).",
+    )
     standby_replicas: int = Field(
         default=1, ge=0, description="Standby copies of each state partition on other workers."
     )

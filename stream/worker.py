@@ -37,6 +37,7 @@ from sketchstream.stream.records import (
     decode_events,
     decode_requests,
     dlq_record,
+    event_recommendation_record,
     prediction_records,
     recommendation_record,
     where,
@@ -161,6 +162,8 @@ class BatchResult(NamedTuple):
     dlq: list[tuple[bytes | None, bytes]]  # (source key, dead letter JSON) for the DLQ topic
     table_writes: list[tuple[int, bytes, bytes]]  # (partition, user, state) for the table
     kafka_ts: list[float | None]  # Kafka time of each prediction's event (latency metric)
+    # (user, answer JSON) for the recommendations topic: with recommend_on_event only
+    recommendations: list[tuple[bytes, bytes]]
 
 
 class AnswerResult(NamedTuple):
@@ -177,7 +180,8 @@ class BatchProcessor:
     ``read_states`` fetches stored states (see :data:`StateReader`); ``topic`` names the events
     topic in prediction records. Not thread-safe: one batch handler, one processor.
     ``stages`` times each step of a batch: the ``metrics``' (a :class:`StageTimes` of its own
-    without them).
+    without them). ``recommend_on_event``: publish top-k (this ``k``; 0: none) after events
+    (see :meth:`process`), less seen items when ``recommend_exclude_seen``.
     """
 
     model: ServingModel
@@ -189,8 +193,11 @@ class BatchProcessor:
     on_error: OnError = "dead_letter"
     request_topic: str = "recommend"
     request_limits: RequestLimits = field(default_factory=RequestLimits)
+    recommend_on_event: int = 0
+    recommend_exclude_seen: bool = True
     stages: StageTimes = field(init=False)
     live: LiveQuality = field(init=False)
+    _unrecommended: str = field(init=False, default="")  # a model told to have no recommender
 
     def __post_init__(self) -> None:
         self.stages = self.metrics.stages if self.metrics is not None else StageTimes()
@@ -230,6 +237,12 @@ class BatchProcessor:
         :func:`is_fault`: an unreadable stored state, a failing state store, no memory, a full
         disk) is not bad input: it leaves ``process`` whatever ``on_error`` says, and so does
         every exception with ``"fail"``; the worker then stops without committing.
+
+        With ``recommend_on_event``, every user with a scored event in the batch also gets
+        one top-k answer (:func:`event_recommendation_record`) from the state the batch leaves,
+        read at the time of the user's last scored event, which it names: after each event
+        whose user has no later one in the batch (their answers would be stale before sent).
+        A model without a recommender publishes none (logged once per model).
         """
         received = self.clock()
         stages = self.stages
@@ -258,9 +271,84 @@ class BatchProcessor:
         ]
         stages.lap("predictions_encode", t)
         if out is None:
-            return BatchResult([], dlq, [], [])
-        predictions, kafka_ts, writes = out
-        return BatchResult(predictions, dlq, writes, kafka_ts)
+            return BatchResult([], dlq, [], [], [])
+        predictions, kafka_ts, writes, scored = out
+        recommendations = (
+            self._recommend_after(model, events, scored, writes, received)
+            if self.recommend_on_event and len(scored)
+            else []
+        )
+        return BatchResult(predictions, dlq, writes, kafka_ts, recommendations)
+
+    def _recommend_after(
+        self,
+        model: ServingModel,
+        events: DecodedEvents,
+        scored: np.ndarray,
+        writes: list[tuple[int, bytes, bytes]],
+        received: float,
+    ) -> list[tuple[bytes, bytes]]:
+        """Top-k of each user with a row in ``scored`` (rows of ``events`` that got a
+        prediction) from the state ``writes`` holds for them, at their last such row's time.
+        Answers are derived data: a recommender that raises (not a fault) costs this batch its
+        answers, logged, never its predictions or states."""
+        rec = model.recommender
+        if rec is None:
+            if self._unrecommended != model.version:
+                self._unrecommended = model.version
+                log.warning(
+                    "recommend_on_event: model %s has no recommender, so no recommendations "
+                    "are published after events; serve a model trained with --recommender",
+                    model.version,
+                )
+            return []
+        t = time.perf_counter_ns()
+        rows = np.sort(scored)
+        users = events.user[rows]
+        _, from_end = np.unique(users[::-1], return_index=True)
+        last = np.sort(rows[len(rows) - 1 - from_end])  # each user's last scored row
+        state_of = {key: blob for _, key, blob in writes}
+        names = events.user[last].tolist()
+        n, k, exclude = len(last), self.recommend_on_event, self.recommend_exclude_seen
+        try:
+            got = rec.recommend(
+                [state_of[u.encode()] for u in names],
+                events.ts[last].tolist(),
+                k=[k] * n,
+                exclude_seen=[exclude] * n,
+            )
+        except Exception as exc:
+            if self.on_error == "fail" or is_fault(exc):
+                raise
+            log.warning(
+                "recommendations after a batch of %d users raised %s: none published for it",
+                n,
+                _describe(exc),
+                exc_info=exc,
+            )
+            return []
+        self.live.answered(names, [r.items for r in got])
+        published = self.clock()
+        out = [
+            event_recommendation_record(
+                user,
+                items=r.items,
+                scores=r.scores,
+                k=k,
+                exclude_seen=exclude,
+                as_of=float(events.ts[row]),
+                topic=self.topic,
+                partition=int(events.partition[row]),
+                offset=int(events.offset[row]),
+                model_version=model.version,
+                codebook_version=model.codebook_version,
+                received=received,
+                published=published,
+            )
+            for user, r, row in zip(names, got, last.tolist(), strict=True)
+        ]
+        self.stages.lap("recommend", t)
+        return out
 
     def answer(self, messages: Sequence[Any]) -> AnswerResult:
         """One micro-batch of recommendation requests (:class:`RawMessage`-like, keyed by
@@ -393,10 +481,13 @@ class BatchProcessor:
         events: DecodedEvents,
         received: float,
         dead: list[tuple[int, str, str]],
-    ) -> tuple[list[tuple[bytes, bytes]], list[float | None], list[tuple[int, bytes, bytes]]]:
+    ) -> tuple[
+        list[tuple[bytes, bytes]], list[float | None], list[tuple[int, bytes, bytes]], np.ndarray
+    ]:
         """Read the batch's states, score and fold ``events``; ``(predictions, kafka_ts,
-        table writes)``. Events isolated by the processing-error policy are appended to
-        ``dead`` as ``(message index, reason, message)``."""
+        table writes, the rows of events that got a prediction)``. Events isolated by the
+        processing-error policy are appended to ``dead`` as ``(message index, reason,
+        message)``."""
         t = time.perf_counter_ns()
         users, user_index = _index_users(events.user)
         keys = [u.encode() for u in users]
@@ -420,12 +511,12 @@ class BatchProcessor:
                 _describe(exc),
             )
             return self._isolate(model, messages, events, user_index, stored, received, dead)
-        predictions, kafka_ts, blobs, redelivered, duplicates = part
+        predictions, kafka_ts, blobs, redelivered, duplicates, scored = part
         if metrics is not None:
             metrics.redelivered.inc(redelivered)
             metrics.duplicates.inc(duplicates)
         writes = list(zip(partitions, keys, blobs, strict=True))
-        return predictions, kafka_ts, writes
+        return predictions, kafka_ts, writes, scored
 
     def _score_part(
         self,
@@ -436,11 +527,12 @@ class BatchProcessor:
         user_index: np.ndarray,
         state: Any,
         received: float,
-    ) -> tuple[list[tuple[bytes, bytes]], list[float | None], list[bytes], int, int]:
+    ) -> tuple[list[tuple[bytes, bytes]], list[float | None], list[bytes], int, int, np.ndarray]:
         """Score and fold ``rows (k,)`` of ``events`` (None: all of them) into ``state``, whose
         users ``user_index (k,)`` points into; ``(predictions, kafka_ts, state blobs,
-        redelivered count, duplicate count)``: neither a redelivered event (an offset already
-        folded) nor a duplicate (an ``event_id`` in its user's window) gets a prediction."""
+        redelivered count, duplicate count, the rows of events scored)``: neither a
+        redelivered event (an offset already folded) nor a duplicate (an ``event_id`` in its
+        user's window) gets a prediction."""
         from sketchstream.models.batches import EventBatch
 
         stages = self.stages
@@ -501,7 +593,8 @@ class BatchProcessor:
             )
             stages.lap("live_quality", t)
         duplicates = int(state.duplicates)
-        return predictions, kafka_ts, blobs, len(batch.item) - len(valid) - duplicates, duplicates
+        redelivered = len(batch.item) - len(valid) - duplicates
+        return predictions, kafka_ts, blobs, redelivered, duplicates, selected
 
     def _isolate(
         self,
@@ -512,7 +605,9 @@ class BatchProcessor:
         stored: list[bytes | None],
         received: float,
         dead: list[tuple[int, str, str]],
-    ) -> tuple[list[tuple[bytes, bytes]], list[float | None], list[tuple[int, bytes, bytes]]]:
+    ) -> tuple[
+        list[tuple[bytes, bytes]], list[float | None], list[tuple[int, bytes, bytes]], np.ndarray
+    ]:
         """The batch again, in halves, in order, down to the single events that raise.
 
         Users' states travel between parts as the bytes :meth:`Aggregator.dump` wrote, so a
@@ -524,6 +619,7 @@ class BatchProcessor:
         predictions: list[tuple[bytes, bytes]] = []
         kafka_ts: list[float | None] = []
         redelivered = duplicates = 0
+        scored: list[np.ndarray] = []
         todo = [np.arange(len(events) // 2, len(events)), np.arange(len(events) // 2)]
         while todo:  # a stack of parts, the earliest on top
             rows = todo.pop()
@@ -548,7 +644,8 @@ class BatchProcessor:
                 )
                 dead.append((index, "processing_error", _processing_error(msg, exc)))
                 continue
-            part_predictions, part_ts, part_blobs, part_redelivered, part_duplicates = part
+            part_predictions, part_ts, part_blobs, part_redelivered, part_duplicates, rows = part
+            scored.append(rows)
             predictions += part_predictions
             kafka_ts += part_ts
             redelivered += part_redelivered
@@ -566,7 +663,7 @@ class BatchProcessor:
             for u in np.flatnonzero(done).tolist()
         ]
         dead.sort()
-        return predictions, kafka_ts, writes
+        return predictions, kafka_ts, writes, np.concatenate([np.zeros(0, np.int64), *scored])
 
     def _decode_one_by_one(
         self, messages: Sequence[Any], model: ServingModel

@@ -28,6 +28,7 @@ def batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
     With ``spec["profile"]`` each row has ``"profile"``: its :func:`profile_rows`."""
     import orjson
     import torch
+    from sketchstream.models.errors import ModelError
     from sketchstream.stream.metrics import WorkerMetrics
     from sketchstream.stream.models_feed import load_serving_model
     from sketchstream.stream.records import RawMessage
@@ -66,7 +67,13 @@ def batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
     def read(partitions: Any, keys: Any) -> list[bytes | None]:
         return [store.get((p, k)) for p, k in zip(partitions, keys, strict=True)]
 
-    processor = BatchProcessor(model, read, metrics=WorkerMetrics())
+    k = spec.get("recommend_on_event", 0)
+    if k and model.recommender is None:
+        raise ModelError(
+            f"--recommend-on-event {k}: model {model.version} has no recommender; "
+            "give one trained with `sketchstream train --recommender`"
+        )
+    processor = BatchProcessor(model, read, metrics=WorkerMetrics(), recommend_on_event=k)
     at = 0
 
     def process(batch: list[Any]) -> None:
@@ -113,6 +120,7 @@ def batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 "events_per_s": round(done / secs, 1) if secs > 0 else None,
                 "us_per_event": round(1e6 * secs / done, 1) if done else None,
                 "model": model.version,
+                "recommend_on_event": k,
                 "load_avg": round(os.getloadavg()[0], 2),
             }
         )

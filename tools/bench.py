@@ -133,6 +133,16 @@ def batch(
             "--profile", help="Also a table of µs/event per stage of a batch, per batch size."
         ),
     ] = False,
+    recommend_on_event: Annotated[
+        int,
+        typer.Option(
+            "--recommend-on-event",
+            min=0,
+            metavar="K",
+            help="Also a top-K after each user's events of a batch, as `worker "
+            "--recommend-on-event K` (0: none; the model must have a recommender).",
+        ),
+    ] = 0,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Append one JSON line per batch size.")
     ] = None,
@@ -154,6 +164,7 @@ def batch(
         "torch_threads": torch_threads,
         "late": late,
         "profile": profile,
+        "recommend_on_event": recommend_on_event,
     }
     typer.echo(
         f"batch bench: {path}, {warm:,} warm-up events, then {events:,} per batch size"
@@ -162,7 +173,8 @@ def batch(
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
         err=True,
     )
-    got = batch_bench.run_bench(spec)
+    with exit_on_error(2):  # a model without a recommender for --recommend-on-event
+        got = batch_bench.run_bench(spec)
     rows = got["rows"]
     _say(f"model {rows[0]['model'] if rows else '?'}, peak RSS {got['peak_rss_mb']:.0f} MB")
     table = batch_bench.batch_table(rows)

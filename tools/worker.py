@@ -106,6 +106,12 @@ def worker(
         str | None, setting_option("group_instance_id", "--group-instance-id")
     ] = None,
     torch_threads: Annotated[int | None, setting_option("torch_threads", "--torch-threads")] = None,
+    recommend_on_event: Annotated[
+        int | None, setting_option("recommend_on_event", "--recommend-on-event", metavar="K")
+    ] = None,
+    recommend_keep_seen: Annotated[
+        bool, setting_option("recommend_keep_seen", "--recommend-keep-seen", is_flag=True)
+    ] = False,
     loglevel: Annotated[
         str, typer.Option("--loglevel", "-l", help="debug, info, warning, error.")
     ] = "info",
@@ -127,6 +133,8 @@ def worker(
         standby_replicas=standby_replicas,
         group_instance_id=group_instance_id,
         torch_threads=torch_threads,
+        recommend_on_event=recommend_on_event,
+        recommend_keep_seen=recommend_keep_seen or None,  # absent: the environment's
     )
     torch.set_num_threads(settings.torch_threads)
     if not kafka_answers(settings.client_kwargs(), timeout=3.0):

@@ -51,8 +51,9 @@ def wait_for(predicate, timeout: float, what: str, worker) -> None:
 
 def offline_answers(artifact_dir, event_records, answers):
     """Each answer recomputed offline: the artifact's recommender on the replay inputs of a
-    probe event of the answer's user at its ``as_of`` (appended after the user's events), seen
-    items from the stream, the same top-k options. ``[(items, scores)]``."""
+    probe event of the answer's user at its ``as_of`` (appended after the user's events, up to
+    the event an answer names in ``"event"``, if any), seen items from the stream, the same
+    top-k options. ``[(items, scores)]``."""
     from sketchstream.models.aggregator import Aggregator
     from sketchstream.models.artifacts import ArtifactStore
     from sketchstream.models.channels import aggregator_config_from_dict
@@ -65,6 +66,7 @@ def offline_answers(artifact_dir, event_records, answers):
     config = aggregator_config_from_dict(bundle.aggregator_config)
     ordered = sorted(event_records, key=lambda r: (r.partition, r.offset))  # per user in order
     events = [orjson.loads(r.value) for r in ordered]
+    refs = np.array([(r.partition, r.offset) for r in ordered], np.int64).reshape(-1, 2)
     probes = [
         {"user": a["user"], "item": parts.catalogue.ids[0], "action": "view", "ts": a["as_of"]}
         for a in answers
@@ -80,13 +82,20 @@ def offline_answers(artifact_dir, event_records, answers):
     out = []
     n = len(events)
     for j, a in enumerate(answers):  # one probe at a time: probes must not see each other
-        keep = np.zeros(n + 1, bool)
-        keep[n] = True
-        sub = EventTable(**{f: getattr(table, f)[np.r_[np.arange(n), n + j]] for f in _COLUMNS})
+        before = np.ones(n, bool)  # the events the answer's state holds
+        if "event" in a:  # not the user's events after the one it was published after
+            after = (refs[:, 0] == a["event"]["partition"]) & (refs[:, 1] > a["event"]["offset"])
+            before &= ~(after & (table.user[:n] == a["user"]))
+        rows = np.r_[np.flatnonzero(before), n + j]
+        keep = np.zeros(len(rows), bool)
+        keep[-1] = True
+        sub = EventTable(**{f: getattr(table, f)[rows] for f in _COLUMNS})
         x, _ = replay_inputs(sub, Aggregator(config, bundle.codebooks), keep, parts.spec)
         seen = None
         if a["exclude_seen"]:  # every item of the user's events
-            mine = item_rows(table.item[:n][table.user[:n] == a["user"]], parts.catalogue.ids)
+            mine = item_rows(
+                table.item[:n][before & (table.user[:n] == a["user"])], parts.catalogue.ids
+            )
             seen = np.zeros((1, len(parts.catalogue)), bool)
             seen[0, mine[mine >= 0]] = True
         cats = a["categories"]
@@ -191,6 +200,55 @@ def test_requests_are_answered_once_from_the_state_unchanged_and_as_offline(
         assert a["items"] == items, a["request_id"]
         np.testing.assert_allclose(a["scores"], scores, rtol=1e-5, atol=1e-5)
     assert worker.stop() == 0
+
+
+def test_recommendations_after_events_are_the_offline_answers_on_the_state_after_them(
+    stream_env, start_worker
+):
+    env = stream_env
+    events = synthetic_events(240, users=20, seed=7)
+    first, second = events[:120], events[120:]
+    run(produce(env.bootstrap, env.topics["events"], keyed(first)))
+    worker = start_worker("w1", "--batch-size", "32", "--recommend-on-event", "3")
+    worker.wait_healthy()
+    wait_for(
+        lambda: worker.metric("sketchstream_predictions_out_total") >= len(first),
+        60,
+        "the first predictions",
+        worker,
+    )
+    run(produce(env.bootstrap, env.topics["events"], keyed(second)))
+    wait_for(
+        lambda: worker.metric("sketchstream_predictions_out_total") >= len(events),
+        60,
+        "every prediction",
+        worker,
+    )
+    wait_for(lambda: len(env.final_states()) == 20, 30, "the changelog", worker)
+    assert worker.stop() == 0
+    records = run(consume(env.bootstrap, env.topics["events"]))
+    answers = [
+        orjson.loads(r.value) for r in run(consume(env.bootstrap, env.topics["recommendations"]))
+    ]
+    by_ref = {(r.partition, r.offset): orjson.loads(r.value) for r in records}
+    named = [(a["event"]["partition"], a["event"]["offset"]) for a in answers]
+    assert len(set(named)) == len(named), "at most one answer per event"
+    # every user's last event is followed by an answer (it is its user's last in its batch)
+    last = {}
+    for ref in sorted(by_ref):
+        last[by_ref[ref]["user"]] = ref
+    assert set(last.values()) <= set(named)
+    assert len(answers) < len(events), "one answer per user per batch, not per event"
+    assert len(answers) > len(last), "answers mid-stream too, judged on their own states"
+    version = _only_version(env.artifact_dir)
+    for a, ref in zip(answers, named, strict=True):
+        assert a["user"] == by_ref[ref]["user"] and a["as_of"] == by_ref[ref]["ts"]
+        assert a["request_id"] is None and a["model_version"] == version
+        assert len(a["items"]) == 3 and a["exclude_seen"] is True
+    offline = offline_answers(env.artifact_dir, records, answers)
+    for a, (items, scores) in zip(answers, offline, strict=True):
+        assert a["items"] == items, a["event"]
+        np.testing.assert_allclose(a["scores"], scores, rtol=1e-5, atol=1e-5)
 
 
 def test_a_model_without_a_recommender_dead_letters_requests_and_keeps_scoring(
