@@ -35,6 +35,7 @@ __all__ = [
     "MLPInputs",
     "assemble",
     "code_indices",
+    "counts_columns",
     "to_tensors",
     "user_rate_columns",
 ]
@@ -55,6 +56,11 @@ class MLPConfig:
     # > 0: the dense block also enters as its per-column empirical CDF over the training rows,
     # piecewise linear between this many quantiles (0: standardized values only, as before)
     quantiles: int = 0
+    # > 0: the dense columns listed in ``binned`` also enter piecewise-linearly encoded over
+    # this many bins between their training quantiles (a subset of the ``quantiles`` knots):
+    # one input per bin, 0 below it, 1 above, linear inside (0: none, as before)
+    bins: int = 0
+    binned: tuple[int, ...] = ()
     # > 1: that many networks of this shape, trained side by side from their own initial
     # weights, the logits averaged (1: one network, as before)
     members: int = 1
@@ -78,6 +84,18 @@ class MLPConfig:
             raise ModelError(f"MLPConfig: members={self.members}: expected >= 1")
         if self.quantiles < 0 or self.quantiles == 1:
             raise ModelError(f"MLPConfig: quantiles={self.quantiles}: expected 0 (off) or >= 2")
+        if self.bins < 0 or (self.bins and not 2 <= self.bins <= self.quantiles):
+            raise ModelError(
+                f"MLPConfig: bins={self.bins}: expected 0 (off) or 2..quantiles "
+                f"({self.quantiles}): the bins' edges are quantiles' knots"
+            )
+        if any(not 0 <= c < self.n_dense for c in self.binned) or len(set(self.binned)) != len(
+            self.binned
+        ):
+            raise ModelError(
+                f"MLPConfig: binned={self.binned}: expected distinct dense columns "
+                f"0..{self.n_dense - 1}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ModelError(f"MLPConfig: dropout={self.dropout} not in [0, 1)")
         if not self.heads:
@@ -97,6 +115,7 @@ class MLPConfig:
         d = asdict(self)
         d["heads"] = list(self.heads)
         d["dense_names"] = list(self.dense_names)
+        d["binned"] = list(self.binned)
         return d
 
     @classmethod
@@ -109,6 +128,7 @@ class MLPConfig:
         d = dict(d)
         d["heads"] = tuple(d.get("heads", ("like",)))
         d["dense_names"] = tuple(d.get("dense_names", ()))
+        d["binned"] = tuple(d.get("binned", ()))
         return cls(**d)
 
 
@@ -231,6 +251,17 @@ def assemble(
     return MLPInputs(dense=np.ascontiguousarray(dense), codes=codes)
 
 
+def counts_columns(features: Any) -> tuple[int, ...]:
+    """The dense columns :func:`assemble` fills from ``features.counts`` (right after the
+    density block): what :attr:`MLPConfig.binned` lists in a trained model."""
+    density = np.asarray(features.density)
+    start = int(np.prod(density.shape[1:]))
+    counts = getattr(features, "counts", None)
+    if counts is None or not np.size(counts):
+        return ()
+    return tuple(range(start, start + int(np.prod(np.shape(counts)[1:]))))
+
+
 def code_indices(codes: torch.Tensor, width: int) -> torch.Tensor:
     """Flatten ``(n, M, D)`` bucket codes to rows of the sparse layer: ``(n, M*D)`` int64.
 
@@ -281,6 +312,19 @@ class EngagementMLP(nn.Module):
             # (n_dense, q + 1) knots: the training rows' quantiles 0, 1/q, ..., 1 per column
             self.register_buffer("dense_knots", torch.zeros(config.n_dense, q + 1))
         n_in = config.n_dense * (2 if q else 1)
+        b = config.bins if config.binned else 0
+        if b:
+            cols = config.binned
+            contiguous = list(cols) == list(range(cols[0], cols[0] + len(cols)))
+            self._binned_slice = slice(cols[0], cols[0] + len(cols)) if contiguous else None
+            self.register_buffer("binned_index", torch.tensor(cols), persistent=False)
+            # each bin [lo, hi) reads (x - lo) * scale clipped to [0, 1] (scale 1 / (hi - lo)),
+            # plus step (1 for a bin of no width) where x >= hi: derived from the knots, so
+            # not saved, rebuilt when the knots are set or loaded
+            for name in ("bin_lo", "bin_hi", "bin_scale", "bin_step"):
+                self.register_buffer(name, torch.zeros(len(cols), b), persistent=False)
+            self.register_load_state_dict_post_hook(lambda module, _keys: module._set_bins())
+            n_in += len(cols) * b
         self.dense_in = nn.Linear(n_in, h) if config.n_dense else None
         if config.modalities:
             self.codes_in = nn.EmbeddingBag(
@@ -322,10 +366,26 @@ class EngagementMLP(nn.Module):
         if q and len(x):
             knots = np.quantile(x, np.linspace(0.0, 1.0, q + 1), axis=0).T  # (n_dense, q + 1)
             self.dense_knots.copy_(torch.from_numpy(np.ascontiguousarray(knots, np.float32)))
+            self._set_bins()
+
+    def _set_bins(self) -> None:
+        """The bins' tables from the knots: knots 0, q/b, ..., q of each binned column."""
+        cfg = self.config
+        if self.members is not None or not (cfg.bins and cfg.binned):
+            return
+        at = torch.from_numpy(np.rint(np.linspace(0, cfg.quantiles, cfg.bins + 1)).astype(int))
+        edges = self.dense_knots[self.binned_index][:, at]  # (F, bins + 1)
+        lo, hi = edges[:, :-1], edges[:, 1:]
+        gap = hi - lo
+        self.bin_lo.copy_(lo)
+        self.bin_hi.copy_(hi)
+        self.bin_scale.copy_(torch.where(gap > 0, 1.0 / torch.where(gap > 0, gap, 1.0), 0.0))
+        self.bin_step.copy_((gap <= 0).to(self.bin_step.dtype))
 
     def _dense_block(self, dense: torch.Tensor) -> torch.Tensor:
         """``(n, n_dense)`` → the first layer's dense input: standardized values, then (with
-        ``quantiles``) each column's training CDF, ``(n, 2 * n_dense)`` scaled to unit variance.
+        ``quantiles``) each column's training CDF, ``(n, 2 * n_dense)`` scaled to unit variance,
+        then (with ``bins``) the binned columns' encodings (:meth:`_binned_block`).
 
         The CDF is linear between knots; a value tied with several knots reads the highest
         (the CDF at that value), so a column's mass at 0 maps to one point, not a range."""
@@ -342,7 +402,21 @@ class EngagementMLP(nn.Module):
         frac = torch.where(gap > 0, (xt - lo) / torch.where(gap > 0, gap, 1.0), 0.0)
         cdf = (idx - 1 + frac.clamp(0.0, 1.0)) / q
         # a uniform variable has variance 1/12: centre and scale it like the standardized block
-        return torch.cat([z, (cdf.t() - 0.5) * math.sqrt(12.0)], dim=1)
+        parts = [z, (cdf.t() - 0.5) * math.sqrt(12.0)]
+        if self.config.bins and self.config.binned:
+            parts.append(self._binned_block(dense))
+        return torch.cat(parts, dim=1)
+
+    def _binned_block(self, dense: torch.Tensor) -> torch.Tensor:
+        """The binned columns' piecewise-linear encodings ``(n, len(binned) * bins)``: per bin
+        ``[lo, hi)`` of a column, ``(x - lo) / (hi - lo)`` clipped to [0, 1]; a bin of no
+        width (tied quantiles) reads 1 from its edge on, a step. Left in [0, 1]: standardized
+        (each encoding by its training deviation) they overfit the small data sets (seed 0,
+        ml-100k like AUC 0.7815 -> 0.7773, instacart RCE 38.54 -> 30.85)."""
+        cols = self._binned_slice
+        x = (dense[:, cols] if cols is not None else dense[:, self.binned_index]).unsqueeze(2)
+        frac = ((x - self.bin_lo) * self.bin_scale).clamp_(0.0, 1.0)  # (n, F, bins)
+        return frac.add_((x >= self.bin_hi) * self.bin_step).flatten(1)
 
     def forward(self, dense: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """``dense (n, n_dense)`` float32, ``codes (n, M, D)`` int → logits ``(n, n_heads)``."""

@@ -48,6 +48,7 @@ from sketchstream.models.mlp import (
     MLPConfig,
     MLPInputs,
     assemble,
+    counts_columns,
     user_rate_columns,
 )
 
@@ -99,6 +100,9 @@ class TrainConfig:
     dropout: float = 0.1
     leaky_slope: float = 0.01
     quantiles: int = 64  # dense columns also enter as their training CDF (MLPConfig.quantiles)
+    # the counts columns (channel masses, hours since the last event, events) also enter
+    # piecewise-linearly over this many quantile bins (MLPConfig.bins; 0: not)
+    bins: int = 12
     members: int = 1  # networks averaged (MLPConfig.members)
     user_rates: bool = True  # the user's like rates off the channel masses (MLPConfig.user_rates)
     # the event item's sketch codes as an MLP input (MLPConfig.modalities): "on", "off", or
@@ -535,6 +539,8 @@ def run_protocol(
         dropout=config.dropout,
         leaky_slope=config.leaky_slope,
         quantiles=config.quantiles,
+        bins=config.bins if config.quantiles else 0,
+        binned=counts_columns(rep.features) if config.bins and config.quantiles else (),
         members=config.members,
         user_rates=config.user_rates,
         heads=head_names,

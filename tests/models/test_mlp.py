@@ -129,6 +129,37 @@ def test_quantile_block_reads_each_column_as_its_training_cdf():
     assert block.shape == (4, 4)
 
 
+def test_binned_columns_enter_piecewise_linearly_between_their_training_quantiles():
+    model = EngagementMLP(_config(n_dense=3, quantiles=4, bins=2, binned=(0, 2)))
+    train = np.column_stack([np.arange(9.0), np.full(9, 7.0), np.r_[np.zeros(6), 1, 2, 3]])
+    model.set_normalization(train.astype(np.float32))
+    x = torch.tensor([[-5.0, 7.0, 0.0], [2.0, 7.0, 0.5], [4.0, 7.0, 1.0], [7.0, 7.0, 9.0]])
+    block = model._dense_block(x)
+    assert block.shape == (4, 3 * 2 + 2 * 2)
+    binned = block[:, 6:]
+    # column 0: knots 0, 2, 4, 6, 8, bins [0, 4) and [4, 8): 0 below, linear inside, 1 above
+    torch.testing.assert_close(binned[:, :2], torch.tensor([[0, 0], [0.5, 0], [1, 0], [1, 0.75]]))
+    # column 2: knots 0, 0, 0, 1, 3: its first bin has no width (a step at 0), then [0, 3)
+    torch.testing.assert_close(
+        binned[:, 2:], torch.tensor([[1, 0], [1, 1 / 6], [1, 1 / 3], [1, 1]])
+    )
+    assert "binned_index" not in model.state_dict()  # the config says which: not saved twice
+    again = EngagementMLP(MLPConfig.from_dict(model.config.to_dict()))
+    again.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(again._dense_block(x), block)
+
+
+def test_config_refuses_bins_it_cannot_place():
+    with pytest.raises(ModelError, match="bins=8"):
+        _config(quantiles=4, bins=8, binned=(0,))
+    with pytest.raises(ModelError, match="bins=2"):
+        _config(quantiles=0, bins=2, binned=(0,))
+    with pytest.raises(ModelError, match="binned"):
+        _config(quantiles=4, bins=2, binned=(5,))
+    with pytest.raises(ModelError, match="binned"):
+        _config(quantiles=4, bins=2, binned=(1, 1))
+
+
 def test_config_refuses_one_quantile_and_no_members():
     with pytest.raises(ModelError, match="quantiles=1"):
         _config(quantiles=1)
@@ -149,7 +180,7 @@ def test_an_ensemble_averages_its_members_logits():
 
 
 def test_an_ensemble_round_trips_through_its_state_dict():
-    cfg = _config(members=2, quantiles=8)
+    cfg = _config(members=2, quantiles=8, bins=4, binned=(0, 2))
     model = EngagementMLP(cfg)
     x = _inputs()
     model.set_normalization(x.dense)
