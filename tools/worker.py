@@ -110,8 +110,9 @@ def worker(
         int | None, setting_option("recommend_on_event", "--recommend-on-event", metavar="K")
     ] = None,
     recommend_keep_seen: Annotated[
-        bool, setting_option("recommend_keep_seen", "--recommend-keep-seen", is_flag=True)
-    ] = False,
+        bool | None,
+        setting_option("recommend_keep_seen", "--recommend-keep-seen/--recommend-exclude-seen"),
+    ] = None,
     loglevel: Annotated[
         str, typer.Option("--loglevel", "-l", help="debug, info, warning, error.")
     ] = "info",
@@ -134,7 +135,7 @@ def worker(
         group_instance_id=group_instance_id,
         torch_threads=torch_threads,
         recommend_on_event=recommend_on_event,
-        recommend_keep_seen=recommend_keep_seen or None,  # absent: the environment's
+        recommend_keep_seen=recommend_keep_seen,
     )
     torch.set_num_threads(settings.torch_threads)
     if not kafka_answers(settings.client_kwargs(), timeout=3.0):
