@@ -47,6 +47,7 @@ __all__ = [
     "FORGET",
     "REFUSALS",
     "cf_window_sums",
+    "compiled",
     "decode_states",
     "encode_states",
     "fold_segments",
@@ -66,17 +67,21 @@ ENABLED: bool = os.environ.get("SKETCHSTREAM_NO_JIT", "") in ("", "0")
 FORGET = 2.0**-100
 
 
-def _compiled(fn: Callable[..., Any]) -> Any:
+def compiled(fn: Callable[..., Any] | None = None, *, fastmath: bool = False) -> Any:
     """``fn`` compiled lazily, its machine code cached on disk; in memory only when no cache
-    directory is writable (numba raises RuntimeError when it finds none)."""
+    directory is writable (numba raises RuntimeError when it finds none). ``fastmath``: let
+    the compiler reorder float sums (vectorized reductions; the result moves in the last
+    bits), for the MLP's kernels, never for the states' (:mod:`.mlp_kernels`)."""
+    if fn is None:
+        return lambda f: compiled(f, fastmath=fastmath)
     try:
-        return numba.njit(cache=True, nogil=True)(fn)
+        return numba.njit(cache=True, nogil=True, fastmath=fastmath)(fn)
     except RuntimeError as exc:
         log.warning("numba cannot cache %s (%s): compiling at every start", fn.__name__, exc)
-        return numba.njit(nogil=True)(fn)
+        return numba.njit(nogil=True, fastmath=fastmath)(fn)
 
 
-@_compiled
+@compiled
 def fold_segments(
     u: np.ndarray,
     seg_start: np.ndarray,
@@ -185,7 +190,7 @@ def fold_segments(
         a = b
 
 
-@_compiled
+@compiled
 def cf_window_sums(
     ev: np.ndarray,
     start: np.ndarray,
@@ -236,7 +241,7 @@ def cf_window_sums(
                 out[e, q] += part[q]
 
 
-@_compiled
+@compiled
 def _put(buf: np.ndarray, p: int, x: int, n_bytes: int) -> int:
     """Write the low ``n_bytes`` of ``x`` at ``buf[p]``, little-endian; the next position."""
     for k in range(n_bytes):
@@ -244,7 +249,7 @@ def _put(buf: np.ndarray, p: int, x: int, n_bytes: int) -> int:
     return p + n_bytes
 
 
-@_compiled
+@compiled
 def _sketch_kind(x: np.ndarray, counts: bool, nibbles_ok: bool) -> int:
     """How ``state_codec`` writes a channel's cells ``x (D*W,)`` (its ``_sketch_encodings``,
     one channel): 0 empty, 1 nibbles, 2 bytes, 3 shorts, 4 sparse."""
@@ -266,7 +271,7 @@ def _sketch_kind(x: np.ndarray, counts: bool, nibbles_ok: bool) -> int:
     return 2 if top < 256 else 3
 
 
-@_compiled
+@compiled
 def encode_states(
     head: np.ndarray,
     clocks: np.ndarray,
@@ -394,7 +399,7 @@ def encode_states(
     return buf, bounds
 
 
-@_compiled
+@compiled
 def group_cummax(x: np.ndarray, gid: np.ndarray) -> np.ndarray:
     """``segments.group_cummax`` (its numpy reference: a sort of ``x`` and one accumulate):
     the inclusive running max of ``x (n,)`` within the runs of ``gid (n,)``, nan the largest
@@ -410,7 +415,7 @@ def group_cummax(x: np.ndarray, gid: np.ndarray) -> np.ndarray:
     return out
 
 
-@_compiled
+@compiled
 def _get(data: np.ndarray, p: int, n_bytes: int) -> int:
     """The little-endian integer of ``n_bytes`` at ``data[p]`` (8 bytes: its int64 bits)."""
     x = 0
@@ -437,7 +442,7 @@ REFUSALS = (
 )
 
 
-@_compiled
+@compiled
 def _sketches_refused(data: np.ndarray, p: int, end: int, n_ch: int, cells: int) -> int:
     """Why a blob's sketch section at ``data[p:end]`` is refused (:data:`REFUSALS`; 0: it
     is not): an unknown encoding, a block (nibbles, bytes, shorts, bitmaps, in block order)
@@ -464,7 +469,7 @@ def _sketches_refused(data: np.ndarray, p: int, end: int, n_ch: int, cells: int)
     return 11 if end - block_end != 4 * nnz else 0
 
 
-@_compiled
+@compiled
 def _read_sketches(data: np.ndarray, p: int, cells: int, out: np.ndarray) -> None:
     """A blob's sketch section at ``data[p]`` into ``out (C, D*W)`` float32."""
     n_ch = out.shape[0]
@@ -504,7 +509,7 @@ def _read_sketches(data: np.ndarray, p: int, cells: int, out: np.ndarray) -> Non
         bitmaps += row_bytes[4]
 
 
-@_compiled
+@compiled
 def decode_states(
     data: np.ndarray,
     bounds: np.ndarray,
@@ -605,7 +610,7 @@ def decode_states(
             _read_sketches(data, p + 8 * ids, cells, sketches[u])
 
 
-@_compiled
+@compiled
 def _blob_refused(
     data: np.ndarray, b0: int, end: int, head: np.ndarray, n_ch: int, cells: int
 ) -> int:
@@ -630,7 +635,7 @@ def _blob_refused(
     return _sketches_refused(data, p_sk, end, n_ch, cells) if fresh else 0
 
 
-@_compiled
+@compiled
 def _order_desc(x: float, y: float) -> int:
     """1 when ``x`` ranks before ``y`` in a descending order with nan last (``np.lexsort`` of
     ``-x``), -1 when after, 0 when tied."""
@@ -641,7 +646,7 @@ def _order_desc(x: float, y: float) -> int:
     return -1
 
 
-@_compiled
+@compiled
 def _sorted_entries(n: int, score: np.ndarray, ts: np.ndarray, recency: np.ndarray) -> np.ndarray:
     """Entries ``0 .. n - 1`` by history rank: score, time and recency descending, nan last
     (``Aggregator._merge_history``'s lexsort); a bottom-up merge sort."""
@@ -672,7 +677,7 @@ def _sorted_entries(n: int, score: np.ndarray, ts: np.ndarray, recency: np.ndarr
     return src
 
 
-@_compiled
+@compiled
 def merge_history(
     users: np.ndarray,
     bounds: np.ndarray,

@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default=1,
         ge=1,
-        description="Threads of the worker's MLP. One: scale out with more workers instead.",
+        description="Threads of the worker's MLP (torch and BLAS); scale out with more workers.",
     )
     max_event_bytes: int = Field(
         default=16384, ge=64, description="Larger events go to the dead-letter topic unparsed."

@@ -142,6 +142,7 @@ def serving_model(bundle: Any) -> ServingModel:
     )
     scorer = Scorer.from_bundle(bundle)
     aggregator.warm_up(scorer.item_similarity)
+    scorer.mlp.warm_up()
     return ServingModel(
         version=bundle.version,
         codebook_version=str(aggregator.codebook_version),

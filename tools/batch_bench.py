@@ -27,8 +27,8 @@ def batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
     ``spec["late"]``) per batch size for the file's first events sent again as late ones.
     With ``spec["profile"]`` each row has ``"profile"``: its :func:`profile_rows`."""
     import orjson
-    import torch
     from sketchstream.models.errors import ModelError
+    from sketchstream.models.mlp import set_threads
     from sketchstream.stream.metrics import WorkerMetrics
     from sketchstream.stream.models_feed import load_serving_model
     from sketchstream.stream.records import RawMessage
@@ -36,7 +36,7 @@ def batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from sketchstream.tools.bench_profile import profile_rows, snapshot
     from sketchstream.tools.model_choice import resolve_model
 
-    torch.set_num_threads(spec["torch_threads"])
+    set_threads(spec["torch_threads"])
     model = load_serving_model(resolve_model(Path(spec["model"])))
     warm_size = max(1, min(2048, spec["warm"]))
     need = _ceil_to(spec["warm"], warm_size)

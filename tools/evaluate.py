@@ -36,14 +36,14 @@ __all__ = [
 
 
 def start(threads: int) -> float:
-    """The start of a model command: torch's threads set (0: its default); returns the
-    ``time.perf_counter()`` the report's total time counts from."""
+    """The start of a model command: the MLP's threads set (torch and BLAS; 0: their
+    defaults); returns the ``time.perf_counter()`` the report's total time counts from."""
     import time
 
-    import torch
+    from sketchstream.models.mlp import set_threads
 
     if threads:
-        torch.set_num_threads(threads)
+        set_threads(threads)
     return time.perf_counter()
 
 

@@ -176,9 +176,9 @@ def refresh(
             raise typer.BadParameter(f"--every must be > 0, got {every!r}")
 
     if threads:
-        import torch
+        from sketchstream.models.mlp import set_threads
 
-        torch.set_num_threads(threads)
+        set_threads(threads)
     if options.uses_kafka:
         from sketchstream.tools.broker import BrokerError, ensure_broker
 

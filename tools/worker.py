@@ -118,7 +118,7 @@ def worker(
     ] = "info",
 ) -> None:
     """Run the streaming worker until SIGTERM or Ctrl-C."""
-    import torch
+    from sketchstream.models.mlp import set_threads
     from sketchstream.stream.app import create_app
     from sketchstream.tools.options import load_settings_or_exit
 
@@ -137,7 +137,7 @@ def worker(
         recommend_on_event=recommend_on_event,
         recommend_keep_seen=recommend_keep_seen,
     )
-    torch.set_num_threads(settings.torch_threads)
+    set_threads(settings.torch_threads)
     if not kafka_answers(settings.client_kwargs(), timeout=3.0):
         hint = (
             "start the local one with `sketchstream kafka start`"

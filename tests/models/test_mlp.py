@@ -210,3 +210,58 @@ def test_user_rate_columns_read_like_rates_off_the_channel_masses():
     np.testing.assert_array_equal(cols[1], [0, 0, 0])  # a new user: zeros, not nan
     x = assemble(features, user_rates=True)
     assert x.dense.shape == (2, 3 + 5 + 3)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"quantiles": 0},  # standardized dense and codes
+        {"quantiles": 8, "bins": 4, "binned": (1, 3, 4)},  # CDF and bins, codes
+        {"n_dense": 0},  # codes only
+        {"modalities": 0, "quantiles": 16, "bins": 16, "binned": (0,)},  # dense only
+        {"quantiles": 8, "members": 3, "blocks": 0},  # an ensemble without blocks
+    ],
+)
+def test_predict_outside_torch_equals_the_torch_forward(monkeypatch, kw):
+    """``predict``'s compiled forward (kernels on) against torch's (kernels off), on inputs
+    with ties to the knots, values outside them, unknown codes and codes past the width."""
+    from sketchstream.models import kernels
+
+    cfg = _config(**kw)
+    model = EngagementMLP(cfg)
+    x = _inputs(n=300, n_dense=cfg.n_dense, seed=1)
+    dense = x.dense * 3.0
+    dense[:, : min(2, cfg.n_dense)] = np.round(dense[:, : min(2, cfg.n_dense)])  # ties
+    codes = x.codes.copy()
+    codes[::7, 0, 0] = cfg.width + 3  # past the width: the last row, as code_indices clamps
+    if cfg.n_dense:
+        model.set_normalization(dense[:200])
+        dense[-5:] = 1e6  # above every knot
+    with torch.no_grad():  # move every parameter off its initial value (zero biases, unit gains)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = MLPInputs(dense=dense, codes=codes)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    reference = model.predict(x)
+    model.eval()
+    with torch.inference_mode():
+        torch_logits = model(torch.from_numpy(dense), torch.from_numpy(codes.astype(np.int64)))
+    model.train()  # predict in either path turns dropout off by itself
+    np.testing.assert_allclose(reference, torch.sigmoid(torch_logits).numpy(), atol=1e-7)
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    compiled = model.predict(x, batch_size=64)
+    np.testing.assert_allclose(compiled, reference, atol=1e-6, rtol=0)
+    assert model.training  # predict leaves the mode as it found it
+
+
+def test_set_threads_pins_torch_and_blas():
+    from sketchstream.models.mlp import set_threads
+    from threadpoolctl import threadpool_info
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+    finally:
+        set_threads(before)
