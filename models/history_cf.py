@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from sketchstream.models import kernels
 from sketchstream.models.batches import StateBatch
 from sketchstream.models.segments import (
@@ -84,6 +83,11 @@ class CfSums:
     def columns(self) -> np.ndarray:
         """``(n, len(CF_NAMES))`` float32 in :data:`CF_NAMES` order."""
         from sketchstream.models.similarity import CF_NAMES
+
+        if kernels.ENABLED:
+            out = np.empty((self.n, len(CF_NAMES)), np.float32)
+            kernels.cf_columns(self.liked_n, self.dis_n, self.weighted, out)
+            return out
 
         def ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
             return np.where(b > 0, a / np.where(b > 0, b, 1.0), 0.0)
@@ -163,10 +167,8 @@ def cf_features(
     c_t = np.where(cand, ts, -np.inf)
     inc_s = group_cummax(c_s, gid)
     inc_t = group_cummax(c_t, gid)
-    prev_s = np.where(starts, -np.inf, np.roll(inc_s, 1))
-    prev_t = np.where(starts, -np.inf, np.roll(inc_t, 1))
-    prev_s = np.maximum(prev_s, old_max_s[gid])
-    prev_t = np.maximum(prev_t, old_max_t[gid])
+    prev_s = np.maximum(_after_previous(inc_s, starts), old_max_s[gid])
+    prev_t = np.maximum(_after_previous(inc_t, starts), old_max_t[gid])
     bad_ev = cand & ~((score >= prev_s) & (ts >= prev_t) & np.isfinite(score))
     bad_user = np.zeros(len(users), bool)
     bad_user[gid[bad_ev]] = True
@@ -187,6 +189,15 @@ def cf_features(
     out[:] = sums.columns()
     out[~valid] = 0.0
     return out[:, pick]
+
+
+def _after_previous(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Each row's previous row of ``x``, ``-inf`` at a user's first row (``starts``; the
+    first row of all is one)."""
+    out = np.empty_like(x)
+    out[1:] = x[:-1]
+    out[starts] = -np.inf
+    return out
 
 
 def _cf_out_of_rank(
@@ -303,7 +314,7 @@ def _cf_windows(
     e_value[at] = value[cpos]
 
     start = base[gid[fast]] + n_cand[gid[fast]] - t[fast]
-    s_win = sim.pair_values(r_all[fast, None], sliding_window_view(e_rank, k)[start])
+    s_win = sim.pair_values(r_all[fast, None], e_rank[start[:, None] + cols])
     if kernels.ENABLED:
         n_recent = np.minimum(t[fast], k)
         kernels.cf_window_sums(fast, start, n_recent, s_win, e_value, sums.like_min, sums.weighted)

@@ -8,7 +8,8 @@ What runs here instead, each the same arithmetic as one loop per user or per sta
 
 - :func:`fold_segments`: features then fold of a batch (``Aggregator._fold_pass``), ~20 ->
   ~1 µs an event;
-- :func:`cf_window_sums`: the CF columns' weighted sums (``history_cf._cf_windows``);
+- :func:`cf_window_sums`: the CF columns' weighted sums (``history_cf._cf_windows``), and
+  :func:`cf_columns` the columns from them (``history_cf.CfSums.columns``);
 - :func:`group_cummax`: a running max per group (``segments.group_cummax``);
 - :func:`merge_history`: each user's bounded history (``Aggregator._merge_history``);
 - :func:`encode_states`, :func:`decode_states`: the state bytes (``state_codec``), ~8 and
@@ -46,6 +47,7 @@ __all__ = [
     "ENABLED",
     "FORGET",
     "REFUSALS",
+    "cf_columns",
     "cf_window_sums",
     "compiled",
     "decode_states",
@@ -239,6 +241,33 @@ def cf_window_sums(
                 out[e, q] = max(out[e, q], part[q])
             for q in range(5, 8):
                 out[e, q] += part[q]
+
+
+@compiled
+def cf_columns(liked_n: np.ndarray, dis_n: np.ndarray, sums: np.ndarray, out: np.ndarray) -> None:
+    """``history_cf.CfSums.columns`` (the numpy reference) in one pass: ``out (n, 12)``
+    float32 in :data:`~sketchstream.models.similarity.CF_NAMES` order from the pair counts
+    ``liked_n``, ``dis_n`` and the weighted sums ``sums (n, 8)`` (``CfSums``' order), each
+    column computed in float64 as the reference does, then rounded: the same to the bit."""
+    for e in range(out.shape[0]):
+        liked, dis, value = sums[e, 0], sums[e, 1], sums[e, 2]
+        sq, liked_sq, value_sq = sums[e, 5], sums[e, 6], sums[e, 7]
+        has_l, has_d = liked_n[e] > 0, dis_n[e] > 0
+        m_l = liked / liked_n[e] if liked_n[e] > 0 else 0.0
+        m_d = dis / dis_n[e] if dis_n[e] > 0 else 0.0
+        mass = liked + dis
+        out[e, 0] = m_l
+        out[e, 1] = m_d
+        out[e, 2] = m_l - m_d if has_l and has_d else 0.0
+        out[e, 3] = 1.0 if has_l else 0.0
+        out[e, 4] = 1.0 if has_d else 0.0
+        out[e, 5] = liked / mass if mass > 0 else 0.0
+        out[e, 6] = np.log1p(max(mass, 0.0))
+        out[e, 7] = value / mass if mass > 0 else 0.0
+        out[e, 8] = sums[e, 3]
+        out[e, 9] = sums[e, 4]
+        out[e, 10] = liked_sq / sq if sq > 0 else 0.0
+        out[e, 11] = value_sq / sq if sq > 0 else 0.0
 
 
 @compiled

@@ -265,3 +265,39 @@ def test_set_threads_pins_torch_and_blas():
         assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
     finally:
         set_threads(before)
+
+
+_MLP_WARM_UP_THEN_A_BATCH = """
+import json
+import numpy as np
+from sketchstream.models import mlp_kernels
+from sketchstream.models.mlp import EngagementMLP, MLPConfig, MLPInputs
+
+names = [n for n in mlp_kernels.__all__ if hasattr(getattr(mlp_kernels, n), "signatures")]
+cfg = MLPConfig(n_dense=5, modalities=2, depth=3, width=8, hidden=16, quantiles=8, bins=4,
+                binned=(1, 2))
+model = EngagementMLP(cfg)
+rng = np.random.default_rng(0)
+model.set_normalization(rng.normal(size=(50, 5)))
+model.warm_up()
+warm = {n: len(getattr(mlp_kernels, n).signatures) for n in names}
+codes = rng.integers(-1, 8, size=(40, 2, 3)).astype(np.int16)  # as the aggregator's item codes
+model.predict(MLPInputs(rng.normal(size=(40, 5)).astype(np.float32), codes))
+print(json.dumps([warm, {n: len(getattr(mlp_kernels, n).signatures) for n in names}]))
+"""
+
+
+def test_warm_up_compiles_every_kernel_predict_calls():
+    """In a fresh process: after ``warm_up`` each MLP kernel has its one signature and a
+    batch's ``predict`` adds none (a worker compiles when a model loads, not in a batch)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _MLP_WARM_UP_THEN_A_BATCH], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    warm, after = json.loads(out.stdout)
+    assert len(warm) == 3 and all(n == 1 for n in warm.values()), warm
+    assert after == warm
