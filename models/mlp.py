@@ -19,6 +19,7 @@ one logit per engagement head; :meth:`EngagementMLP.predict` applies the sigmoid
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -184,33 +185,50 @@ def user_rate_columns(features: Any) -> tuple[np.ndarray, list[str]]:
     first pair's mass (the user's value histogram). The MLP could in principle form these
     ratios from the log masses; given them, it needs far fewer examples to use them.
     """
-    names = list(getattr(features, "names", ()) or ())
-    pairs, single = _channel_pairs(names)
-    if not pairs:
+    plan = _rate_plan(tuple(getattr(features, "names", ()) or ()))
+    if plan is None:
         return np.zeros((len(features.valid), 0), np.float32), []
-    col = {n: i for i, n in enumerate(names)}
+    pos_mass, neg_mass, pos_dens, neg_dens, single, names = plan
     density = np.asarray(features.density, dtype=np.float64)
     counts = np.asarray(features.counts, dtype=np.float64)
-    n_density = density.shape[1]
-
-    def mass(c: str) -> np.ndarray:
-        return np.maximum(counts[:, col[f"mass/{c}"] - n_density], 0.0)
-
-    def near(c: str) -> np.ndarray:
-        return density[:, col[f"density/{c}"]] * mass(c)
+    n = density.shape[0]
 
     def share(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(b > 0, a / np.where(b > 0, b, 1.0), 0.0)
 
-    out, out_names = [], []
-    for pos, neg in pairs:
-        out += [share(mass(pos), mass(pos) + mass(neg)), share(near(pos), near(pos) + near(neg))]
-        out_names += [f"rate/{pos}", f"rate_near/{pos}"]
-    total = mass(pairs[0][0]) + mass(pairs[0][1])
-    for c in single:
-        out.append(share(mass(c), total))
-        out_names.append(f"share/{c}")
-    return np.stack(out, axis=1).astype(np.float32), out_names
+    pos, neg = np.maximum(counts[:, pos_mass], 0.0), np.maximum(counts[:, neg_mass], 0.0)
+    near_pos, near_neg = density[:, pos_dens] * pos, density[:, neg_dens] * neg
+    # per pair its rate then its rate near the item, pair by pair
+    rates = np.stack([share(pos, pos + neg), share(near_pos, near_pos + near_neg)], axis=2)
+    total = (pos[:, 0] + neg[:, 0])[:, None]
+    shares = share(np.maximum(counts[:, single], 0.0), total)
+    out = np.concatenate([rates.reshape(n, -1), shares], axis=1)
+    return out.astype(np.float32), list(names)
+
+
+@functools.lru_cache(maxsize=64)
+def _rate_plan(names: tuple[str, ...]) -> tuple[Any, ...] | None:
+    """For :func:`user_rate_columns`: the columns it reads for the feature ``names`` (the
+    pairs' masses in ``counts``, their densities in ``density``, the unpaired channels'
+    masses) and the names of what it returns; None without a channel pair."""
+    pairs, single = _channel_pairs(names)
+    if not pairs:
+        return None
+    col = {n: i for i, n in enumerate(names)}
+    n_density = sum(1 for n in names if n.startswith("density/"))
+
+    def mass(c: str) -> int:
+        return col[f"mass/{c}"] - n_density
+
+    out_names = [f"{kind}/{pos}" for pos, _ in pairs for kind in ("rate", "rate_near")]
+    return (
+        np.array([mass(p) for p, _ in pairs]),
+        np.array([mass(q) for _, q in pairs]),
+        np.array([col[f"density/{p}"] for p, _ in pairs]),
+        np.array([col[f"density/{q}"] for _, q in pairs]),
+        np.array([mass(c) for c in single], dtype=np.intp),
+        tuple(out_names + [f"share/{c}" for c in single]),
+    )
 
 
 def assemble(
