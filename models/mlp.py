@@ -202,7 +202,7 @@ def user_rate_columns(features: Any) -> tuple[np.ndarray, list[str]]:
     rates = np.stack([share(pos, pos + neg), share(near_pos, near_pos + near_neg)], axis=2)
     total = (pos[:, 0] + neg[:, 0])[:, None]
     shares = share(np.maximum(counts[:, single], 0.0), total)
-    out = np.concatenate([rates.reshape(n, -1), shares], axis=1)
+    out = np.concatenate([rates.reshape(n, 2 * len(pos_mass)), shares], axis=1)
     return out.astype(np.float32), list(names)
 
 

@@ -212,6 +212,29 @@ def test_user_rate_columns_read_like_rates_off_the_channel_masses():
     assert x.dense.shape == (2, 3 + 5 + 3)
 
 
+def test_user_rate_columns_go_pair_by_pair_and_take_no_rows():
+    from sketchstream.models.mlp import user_rate_columns
+
+    chans = ("pos", "neg", "pos_recent", "neg_recent", "top")
+    names = tuple(f"density/{c}" for c in chans) + tuple(f"mass/{c}" for c in chans)
+    density = np.array([[0.5, 0.5, 1.0, 0.0, 0.0]], np.float32)
+    counts = np.array([[3.0, 1.0, 1.0, 4.0, 2.0, 0.0, 0.0]], np.float32)
+
+    def features(rows: slice) -> SimpleNamespace:
+        return SimpleNamespace(
+            valid=np.ones(1, bool)[rows], names=names, density=density[rows], counts=counts[rows]
+        )
+
+    cols, col_names = user_rate_columns(features(slice(None)))
+    assert col_names == [
+        "rate/pos", "rate_near/pos", "rate/pos_recent", "rate_near/pos_recent", "share/top",
+    ]  # fmt: skip
+    # pos 3 of 4 (near: 1.5 of 2); pos_recent 1 of 5 (near: 1 of 1); top 2 of pos + neg's 4
+    np.testing.assert_allclose(cols[0], [3 / 4, 1.5 / 2, 1 / 5, 1.0, 2 / 4], rtol=1e-6)
+    empty, _ = user_rate_columns(features(slice(0, 0)))
+    assert empty.shape == (0, 5) and empty.dtype == np.float32
+
+
 @pytest.mark.parametrize(
     "kw",
     [
