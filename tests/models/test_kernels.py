@@ -67,11 +67,17 @@ def test_the_compiled_fold_equals_the_numpy_fold(rows, cuts, history_size) -> No
         _assert_same(mp, rows, cuts, history_size=history_size)
 
 
+@pytest.mark.parametrize("table", ["dense", "sparse"])
 @pytest.mark.parametrize("seed", range(3))
-def test_the_compiled_cf_sums_equal_the_numpy_ones(monkeypatch, seed: int) -> None:
+def test_the_compiled_cf_sums_equal_the_numpy_ones(monkeypatch, seed: int, table: str) -> None:
     """To the bit, with similarities spread over seven decades (a sum in another order would
     round differently), late events and out-of-rank weights (users 3 and 4: the numpy
-    one-by-one path runs beside the kernel)."""
+    one-by-one path runs beside the kernel); the pairs read from the dense table of a small
+    catalog and, as for a large one, by a search of the sorted pair keys."""
+    from sketchstream.models import similarity
+
+    if table == "sparse":
+        monkeypatch.setattr(similarity, "DENSE_MAX_ITEMS", 0)
     rows = _stream(seed)
     cuts = [0, 37, 38, 90, len(rows)]
     _assert_same(monkeypatch, rows, cuts, sim=_spread_similarity(seed), history_size=6)
