@@ -507,10 +507,7 @@ class EngagementMLP(nn.Module):
             return np.mean(logits, axis=0, dtype=np.float32)
         cfg = self.config
         n = dense.shape[0]
-
-        def arr(t: torch.Tensor) -> np.ndarray:
-            return t.detach().numpy()
-
+        arr = _array
         x = np.empty((n, cfg.hidden), dtype=np.float32)
         if self.dense_in is not None:
             q = cfg.quantiles
@@ -554,11 +551,7 @@ class EngagementMLP(nn.Module):
 
     def _norm_act(self, x: np.ndarray, norm: nn.LayerNorm) -> None:
         mlp_kernels.norm_act(
-            x,
-            norm.weight.detach().numpy(),
-            norm.bias.detach().numpy(),
-            float(norm.eps),
-            float(self.config.leaky_slope),
+            x, _array(norm.weight), _array(norm.bias), float(norm.eps), float(self.config.leaky_slope)
         )
 
     def _check(self, inputs: MLPInputs) -> None:
@@ -573,6 +566,11 @@ class EngagementMLP(nn.Module):
                 f"item codes of shape {inputs.codes.shape}: the model expects "
                 f"(n, {cfg.modalities}, {cfg.depth})"
             )
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A parameter or buffer as a numpy view of its memory (no copy: never stale)."""
+    return t.detach().numpy()
 
 
 def set_threads(n: int) -> None:
