@@ -551,7 +551,11 @@ class EngagementMLP(nn.Module):
 
     def _norm_act(self, x: np.ndarray, norm: nn.LayerNorm) -> None:
         mlp_kernels.norm_act(
-            x, _array(norm.weight), _array(norm.bias), float(norm.eps), float(self.config.leaky_slope)
+            x,
+            _array(norm.weight),
+            _array(norm.bias),
+            float(norm.eps),
+            float(self.config.leaky_slope),
         )
 
     def _check(self, inputs: MLPInputs) -> None:
