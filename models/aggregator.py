@@ -10,7 +10,8 @@ training and serving build features with the same code::
 
 A user state holds, per :class:`~sketchstream.models.channels.Channel`, a decayed sketch
 ``(depth, width)`` of the items of the events the channel accepts (an action set and a value
-range), kept at the state's clock; the clock (the latest event time folded); the last folded
+range), kept at the state's clock; the clock (the latest event time folded), the time before it and
+the earliest (the recency columns; order-free: a second max and a min); the last folded
 offset per source partition; a bounded history (top ``history_size`` events by decayed weight)
 to rebuild the sketches under a new codebook; the ids of the last events folded (the
 deduplication window); and the codebook version the sketches were built on. Its bytes:
@@ -86,7 +87,7 @@ from sketchstream.models.segments import (
 )
 from sketchstream.models.state_codec import state_layout
 
-__all__ = ["Aggregator"]
+__all__ = ["RECENCY", "Aggregator"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,10 @@ log = logging.getLogger(__name__)
 # scaled weights 2^((ts - t0)/h) stay within float64's comfortable range (see _fold_pass).
 _MAX_PASS_HALF_LIVES = 24.0
 _ITEM_CACHE_MAX = 4_000_000
+#: The recency columns of ``Features.counts`` (with ``AggregatorConfig.recency``): hours
+#: between the user's two latest events before this one, hours since the user's first event,
+#: and that age over the gaps between the user's events so far (0 where undefined).
+RECENCY = ("last_gap_hours", "age_hours", "mean_gap_hours")
 _FORGET = kernels.FORGET
 
 
@@ -166,12 +171,13 @@ class Aggregator:
     @property
     def feature_names(self) -> list[str]:
         """Column names: ``density/<channel>`` ..., then ``mass/<channel>`` ...,
-        ``hours_since_last``, ``events``."""
+        ``hours_since_last``, ``events`` (and :data:`RECENCY` with ``config.recency``)."""
         chans = [c.name for c in self.config.channels]
         return (
             [f"density/{c}" for c in chans]
             + [f"mass/{c}" for c in chans]
             + ["hours_since_last", "events"]
+            + (list(RECENCY) if self.config.recency else [])
         )
 
     # -- item lookup ----------------------------------------------------------------------------
@@ -213,6 +219,8 @@ class Aggregator:
         return StateBatch(
             sketches=np.zeros((n_users, c, d, w), np.float32),
             clocks=np.full(n_users, np.nan),
+            prev_clocks=np.full(n_users, np.nan),
+            first_ts=np.full(n_users, np.nan),
             n_events=np.zeros(n_users, np.int64),
             partitions=np.full((n_users, 1), -1, np.int32),
             offsets=np.full((n_users, 1), -1, np.int64),
@@ -273,7 +281,7 @@ class Aggregator:
         item_rows = self._lookup(ev.item) if n else np.zeros(0, np.int64)
         codes = self._item_codes[item_rows]  # (n, M, D)
         density = np.zeros((n, n_ch), np.float32)
-        counts = np.zeros((n, n_ch + 2), np.float32)
+        counts = np.zeros((n, n_ch + 2 + len(RECENCY) * self.config.recency), np.float32)
         sk_out = np.zeros((n, n_ch, self.depth, self.width), np.float32) if with_sketches else None
         names = tuple(self.feature_names)
         sim = item_similarity
@@ -310,6 +318,15 @@ class Aggregator:
         read_t = np.maximum(ts, before)
         n_before = batch.n_events[u] + excl_cumsum(valid.astype(np.int64), first)
         hours = np.where(np.isfinite(before), np.maximum(ts - before, 0.0) / 3600.0, 0.0)
+        # The second latest time before each event (a running second max: the larger of the
+        # state's and of each valid time capped by the max before it) and the earliest.
+        prev0 = np.where(np.isnan(batch.prev_clocks[u]), -np.inf, batch.prev_clocks[u])
+        capped = np.minimum(np.where(valid, ts, -np.inf), before)
+        second = np.maximum(prev0, group_cummax(capped, gid))
+        before2 = np.where(starts, prev0, np.roll(second, 1))
+        first0 = np.where(np.isnan(batch.first_ts[u]), np.inf, batch.first_ts[u])
+        earliest = np.minimum(first0, -group_cummax(np.where(valid, -ts, -np.inf), gid))
+        first_before = np.where(starts, first0, np.roll(earliest, 1))
         action = ev.action[order]
         value = ev.value[order].astype(np.float64)
         c_sorted = codes[order]
@@ -374,6 +391,9 @@ class Aggregator:
         )
         np.maximum.at(batch.offsets, (u[fresh], slot[fresh]), off[fresh])
         np.add.at(batch.n_events, u[valid], 1)
+        last = np.r_[np.flatnonzero(starts)[1:] - 1, n - 1]  # each user's last event
+        batch.prev_clocks[u[last]] = np.where(np.isfinite(second[last]), second[last], np.nan)
+        batch.first_ts[u[last]] = np.where(np.isfinite(earliest[last]), earliest[last], np.nan)
 
         dens_s[~valid] = 0.0
         mass_s[~valid] = 0.0
@@ -381,6 +401,14 @@ class Aggregator:
         counts[order, :n_ch] = mass_s
         counts[order, n_ch] = np.where(valid, hours, 0.0)
         counts[order, n_ch + 1] = np.where(valid, n_before, 0)
+        if self.config.recency:
+            with np.errstate(invalid="ignore"):  # inf - inf where a time is missing
+                gap = np.where(np.isfinite(before2), (before - before2) / 3600.0, 0.0)
+                age = np.where(np.isfinite(first_before), np.maximum(ts - first_before, 0.0), 0.0)
+            age = age / 3600.0
+            mean_gap = age / np.maximum(n_before - 1, 1)
+            for j, column in enumerate((gap, age, np.where(n_before > 1, mean_gap, 0.0))):
+                counts[order, n_ch + 2 + j] = np.where(valid, column, 0.0)
         valid_out = np.zeros(n, bool)
         valid_out[order] = valid
         return features(valid_out, cf_out)

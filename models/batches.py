@@ -124,11 +124,13 @@ class StateBatch:
     """User states of a batch, dense and columnar. ``U`` users, ``C`` channels, ``D`` depth,
     ``W`` width, ``P`` partition slots, ``K`` history size.
 
-    ``sketches (U, C, D, W)`` float32, at each user's clock; ``clocks (U,)`` float64 (nan: no
-    event yet); ``n_events (U,)`` int64 events folded; ``partitions (U, P)`` int32 (-1: free
-    slot) with ``offsets (U, P)`` int64 last folded offset; history ``hist_len (U,)`` and
-    ``hist_item`` (uint64 :func:`~.emde.item_hash`), ``hist_ts`` float64, ``hist_action`` int16,
-    ``hist_value`` float32, ``hist_weight`` float32, each ``(U, K)``, slots in rank order
+    ``sketches (U, C, D, W)`` float32, at each user's clock; ``clocks (U,)`` float64, the
+    latest time of an event folded (nan: no event yet); ``prev_clocks (U,)`` float64, the time
+    of the event before it (the second latest; nan: fewer than two); ``first_ts (U,)`` float64,
+    the earliest (nan: none); ``n_events (U,)`` int64 events folded; ``partitions (U, P)`` int32
+    (-1: free slot) with ``offsets (U, P)`` int64 last folded offset; history ``hist_len (U,)``
+    and ``hist_item`` (uint64 :func:`~.emde.item_hash`), ``hist_ts`` float64, ``hist_action``
+    int16, ``hist_value`` float32, ``hist_weight`` float32, each ``(U, K)``, slots in rank order
     (highest decayed weight first), padding zeros (action -1) after ``hist_len``.
     Deduplication window: ``id_len (U,)`` int32 and ``id_hash (U, L)`` uint64, the
     :func:`event_id_hash` of the user's last ``id_len`` ids folded, oldest first, zeros after;
@@ -142,6 +144,8 @@ class StateBatch:
 
     sketches: np.ndarray
     clocks: np.ndarray
+    prev_clocks: np.ndarray
+    first_ts: np.ndarray
     n_events: np.ndarray
     partitions: np.ndarray
     offsets: np.ndarray
@@ -255,9 +259,10 @@ class Features:
     empty or the item unknown in its modality). The channels already span modalities, so this
     is the "channel × modality" block: cross pairs (an interactions sketch read with metadata
     buckets) would compare unrelated partitionings.
-    ``counts (n, C + 2)``: raw non-negative counts (consumers log-scale them): per channel the
-    decayed mass (events) at the event's time, then hours since the user's previous event (0
-    for a first event), then events folded so far.
+    ``counts (n, C + 2 [+ 3])``: raw non-negative counts (consumers log-scale them): per
+    channel the decayed mass (events) at the event's time, then hours since the user's previous
+    event (0 for a first event), then events folded so far, then (with the aggregator config's
+    ``recency``) the :data:`~.aggregator.RECENCY` columns.
     ``item_codes (n, M, D)`` int16: the item's buckets per modality, -1 unknown.
     ``user_sketch (n, C, D, W)`` float32: the decayed sketches, only with ``with_sketches``.
     ``names``: column names of ``density`` then ``counts``.

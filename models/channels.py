@@ -73,12 +73,17 @@ class AggregatorConfig:
     ``history_size``: K, the events kept per user to rebuild sketches under a new codebook.
     ``history_half_life_s``: the decay that ranks history entries (top K by decayed weight;
     ties go to the most recent).
+    ``recency``: the features add the user's recency columns (``last_gap_hours``,
+    ``age_hours``, ``mean_gap_hours``). Every state keeps what they need whatever this says,
+    so it is not part of the :meth:`fingerprint`: models with and without them read the same
+    states. False in models trained before the columns existed.
     """
 
     channels: tuple[Channel, ...]
     actions: tuple[str, ...]
     history_size: int = 128
     history_half_life_s: float = 30 * DAY
+    recency: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))

@@ -304,6 +304,8 @@ def _sketch_kind(x: np.ndarray, counts: bool, nibbles_ok: bool) -> int:
 def encode_states(
     head: np.ndarray,
     clocks: np.ndarray,
+    prev_clocks: np.ndarray,
+    first_ts: np.ndarray,
     n_events: np.ndarray,
     partitions: np.ndarray,
     offsets: np.ndarray,
@@ -321,8 +323,9 @@ def encode_states(
     """``state_codec.encode`` (the numpy reference; the format is documented there) in one
     pass per user: ``(buf, bounds)``, user ``i``'s bytes ``buf[bounds[i] : bounds[i + 1]]``.
 
-    ``head (7,)`` int64: the magic, the formats with and without ids, the layout and the
-    codebooks digests, the sizes of the header and of a partition pair; ``hist_item``,
+    ``head (8,)`` int64: the magic, the formats with and without ids, the layout and the
+    codebooks digests, the sizes of the header and of a partition pair, the format with the
+    times (written for every state with a finite ``first_ts``); ``hist_item``,
     ``id_hash``: int64 views of the uint64 hashes; ``sketches (U, C, D*W)`` float32; the
     rest as in :class:`~sketchstream.models.batches.StateBatch`.
     """
@@ -333,6 +336,7 @@ def encode_states(
     bounds = np.zeros(n_users + 1, np.int64)
     for i in range(n_users):
         n_hist, size = hist_len[i], head[5] + 8 * id_len[i] + n_ch
+        size += 16 if np.isfinite(first_ts[i]) else 0
         for s in range(partitions.shape[1]):
             size += head[6] if partitions[i, s] >= 0 else 0
         ts_ok, v_ok, w_ok = True, True, True
@@ -362,8 +366,9 @@ def encode_states(
         for s in range(partitions.shape[1]):
             n_parts += partitions[i, s] >= 0
         f8[0] = clocks[i]
+        timed = np.isfinite(first_ts[i])
         p = _put(buf, bounds[i], head[0], 2)
-        p = _put(buf, p, head[1] if n_ids > 0 else head[2], 1)
+        p = _put(buf, p, head[7] if timed else (head[1] if n_ids > 0 else head[2]), 1)
         p = _put(buf, p, n_ids, 1)
         p = _put(buf, p, head[3], 8)
         p = _put(buf, p, head[4], 8)
@@ -373,6 +378,11 @@ def encode_states(
         p = _put(buf, p, n_hist, 2)
         for q in range(3):
             p = _put(buf, p, 0 if small[i, q] else 1, 1)
+        if timed:
+            f8[0] = prev_clocks[i]
+            p = _put(buf, p, f8_bits[0], 8)
+            f8[0] = first_ts[i]
+            p = _put(buf, p, f8_bits[0], 8)
         for s in range(partitions.shape[1]):
             if partitions[i, s] >= 0:
                 p = _put(buf, p, partitions[i, s], 4)
@@ -550,6 +560,8 @@ def decode_states(
     n_ids: np.ndarray,
     fresh: np.ndarray,
     clocks: np.ndarray,
+    prev_clocks: np.ndarray,
+    first_ts: np.ndarray,
     n_events: np.ndarray,
     partitions: np.ndarray,
     offsets: np.ndarray,
@@ -573,10 +585,11 @@ def decode_states(
     ``fill`` True it reads blob ``k`` into row ``rows[k]`` of the batch arrays (``hist_item``,
     ``id_hash``: int64 views of the uint64 hashes; ``sketches (U, C, D*W)`` float32).
 
-    ``head (9,)`` int64: the magic, the two formats, the layout and codebooks digests, the
-    header and pair sizes, the history size K and the id window. The header's fields are
-    read at the offsets ``state_codec._HEAD`` gives them (tests/models/test_kernels.py reads
-    every encoding both ways).
+    ``head (10,)`` int64: the magic, the formats with and without ids, the layout and codebooks
+    digests, the header and pair sizes, the history size K, the id window and the format with
+    the times (``prev_clocks``, ``first_ts``: nan from the formats without them). The
+    header's fields are read at the offsets ``state_codec._HEAD`` gives them
+    (tests/models/test_kernels.py reads every encoding both ways).
     """
     n_ch, cells = sketches.shape[1], sketches.shape[2]
     layout, books, hs, ps, k_max, window = head[3], head[4], head[5], head[6], head[7], head[8]
@@ -598,6 +611,13 @@ def decode_states(
         clocks[u] = clock
         n_events[u] = _get(data, b0 + 28, 8)
         p = b0 + hs
+        prev_clocks[u], first_ts[u] = np.nan, np.nan
+        if data[b0 + 2] == head[9]:
+            f8_bits[0] = _get(data, p, 8)
+            prev_clocks[u] = f8[0]
+            f8_bits[0] = _get(data, p + 8, 8)
+            first_ts[u] = f8[0]
+            p += 16
         for s in range(parts):
             partitions[u, s] = _get(data, p, 4)
             offsets[u, s] = _get(data, p + 4, 8)
@@ -648,7 +668,7 @@ def _blob_refused(
     if end - b0 < hs:
         return 1
     fmt, ids = data[b0 + 2], data[b0 + 3]
-    if _get(data, b0, 2) != head[0] or (fmt != head[1] and fmt != head[2]):
+    if _get(data, b0, 2) != head[0] or (fmt != head[1] and fmt != head[2] and fmt != head[9]):
         return 2
     if fmt == head[2] and ids != 0:
         return 3
@@ -657,7 +677,7 @@ def _blob_refused(
         return 4
     parts, n_hist = _get(data, b0 + 36, 2), _get(data, b0 + 38, 2)
     entry = 8 + (8 if ts_kind else 4) + 1 + (4 if v_kind else 1) + (4 if w_kind else 0)
-    p_sk = b0 + hs + ps * parts + n_hist * entry + 8 * ids
+    p_sk = b0 + hs + (16 if fmt == head[9] else 0) + ps * parts + n_hist * entry + 8 * ids
     fresh = _get(data, b0 + 4, 8) == head[3] and _get(data, b0 + 12, 8) == head[4]
     if end < p_sk + (n_ch if fresh else 0):
         return 5

@@ -2,10 +2,12 @@
 
 A user state is one byte string, little-endian, fixed-width fields, no pickle:
 
-  header      _HEAD (43 bytes): magic "SU", format (2 or 3), ids in the window n_ids u1
+  header      _HEAD (43 bytes): magic "SU", format (2, 3 or 4), ids in the window n_ids u1
               (0 in format 2, where the byte was "flags"), layout digest, codebooks digest,
               clock f8, events folded u8, partition slots u2, history length n u2, and the
               encodings of the history's times, values and weights (u1 each)
+  times       format 4 only: the time of the event before the clock's (the second latest)
+              f8 and the earliest event's f8 (nan: none), what the recency columns read
   partitions  n_parts × (partition i4, last folded offset i8)
   history     item hashes n × u8; times n × u4 seconds before the clock (integral times)
               or n × f8; actions n × u1; values n × u1 (255: none; integers 0..254) or
@@ -19,8 +21,12 @@ A user state is one byte string, little-endian, fixed-width fields, no pickle:
 
 The ids and everything before them read the same under any layout, so a state made under
 other codebooks or channels is rebuilt from its history and keeps its window; the sketches
-are read only when the layout and codebook digests match. A state with no id in its window
-is written in format 2, byte for byte what the code before format 3 wrote (and reads).
+are read only when the layout and codebook digests match. Every state that has folded an
+event is written in format 4; one of format 2 or 3 (written before the times were kept) is
+read with its times taken from its history and clock: the earliest time kept, and the latest
+below the clock (exact while the history holds every event; a heavy user's earliest is then
+the earliest event its history still ranks in). A state without events is written in format 2
+(no id in its window) or 3.
 Every field has a fixed width, so a batch of states is encoded and decoded with whole-batch
 numpy operations and one slicing pass over the byte strings.
 
@@ -46,8 +52,11 @@ from sketchstream.models.segments import excl, per_group_all, ranks
 __all__ = ["StateLayout", "decode", "encode", "state_layout"]
 
 _MAGIC = b"SU"
-_FORMAT_VERSION = 3  # v3: v2 and a window of event-id hashes (header byte n_ids, v2's flags)
-_FORMAT_NO_IDS = 2  # v2: fixed-width fields, batch at a time; still written for states without ids
+_FORMAT_VERSION = 4  # v4: v3 and the times block (the second latest and the earliest times)
+_FORMAT_IDS = 3  # v3: v2 and a window of event-id hashes (header byte n_ids, v2's flags)
+_FORMAT_NO_IDS = 2  # v2: fixed-width fields, batch at a time
+_FORMATS = (_FORMAT_NO_IDS, _FORMAT_IDS, _FORMAT_VERSION)
+_TIMES = 16  # the times block of format 4: two f8
 _HEAD = np.dtype(
     [
         ("magic", "<u2"),
@@ -78,7 +87,7 @@ _SPARSE = 4  # anything else: a bitmap of the non-zero cells (block "bitmaps"), 
 # order decode checks them; the keys are kernels.REFUSALS.
 _REFUSED = {
     "short": f"shorter than the {_HEAD.itemsize}-byte header",
-    "format": f"not a sketchstream user state of format v{_FORMAT_NO_IDS} or v{_FORMAT_VERSION}",
+    "format": "not a sketchstream user state of format v2, v3 or v4",
     "v2 flags": "format v2 with flags set",
     "history encoding": "unknown history encoding",
     "truncated": "truncated",
@@ -161,7 +170,9 @@ def encode(batch: StateBatch, layout: StateLayout) -> list[bytes]:
     head = np.zeros(n_users, _HEAD)
     head["magic"] = _MAGIC_U2
     n_ids = batch.id_len.astype(np.int64)
-    head["format"] = np.where(n_ids > 0, _FORMAT_VERSION, _FORMAT_NO_IDS)
+    timed = np.isfinite(batch.first_ts)
+    old = np.where(n_ids > 0, _FORMAT_IDS, _FORMAT_NO_IDS)
+    head["format"] = np.where(timed, _FORMAT_VERSION, old)
     head["n_ids"] = n_ids
     head["layout"] = layout.layout_id
     head["codebooks"] = layout.codebooks_id
@@ -197,6 +208,8 @@ def encode(batch: StateBatch, layout: StateLayout) -> list[bytes]:
     head["value_kind"] = ~v_small
     head["weight_kind"] = ~w_ones
     out.add(head, np.full(n_users, _HEAD.itemsize))
+    times = np.column_stack([batch.prev_clocks, batch.first_ts])[timed].astype("<f8")
+    out.add(times, _TIMES * timed)
     out.add(pairs, n_parts * _PAIR.itemsize)
     out.add(batch.hist_item[in_hist].astype("<u8"), 8 * n_hist)
     rows_small = ts_small[owner]
@@ -237,8 +250,8 @@ def _encode_compiled(batch: StateBatch, layout: StateLayout) -> list[bytes]:
     """:func:`encode` in compiled code (:func:`~sketchstream.models.kernels.encode_states`),
     the same bytes; the numpy code of :func:`encode` is its reference."""
     n_users, n_ch = batch.sketches.shape[:2]
-    head = [_MAGIC_U2, _FORMAT_VERSION, _FORMAT_NO_IDS, layout.layout_id, layout.codebooks_id]
-    head += [_HEAD.itemsize, _PAIR.itemsize]
+    head = [_MAGIC_U2, _FORMAT_IDS, _FORMAT_NO_IDS, layout.layout_id, layout.codebooks_id]
+    head += [_HEAD.itemsize, _PAIR.itemsize, _FORMAT_VERSION]
 
     def flat(a: np.ndarray, dtype: type | None = None) -> np.ndarray:
         a = np.ascontiguousarray(a)  # one compiled signature, whatever slicing made a
@@ -247,6 +260,8 @@ def _encode_compiled(batch: StateBatch, layout: StateLayout) -> list[bytes]:
     buf, bounds = kernels.encode_states(
         np.array(head, np.uint64).view(np.int64),
         flat(batch.clocks),
+        flat(batch.prev_clocks),
+        flat(batch.first_ts),
         flat(batch.n_events),
         flat(batch.partitions),
         flat(batch.offsets),
@@ -323,11 +338,7 @@ def decode(blobs: Sequence[bytes | None], batch: StateBatch, layout: StateLayout
     _refuse(rows, size < hs, _REFUSED["short"])
     head = np.frombuffer(b"".join([b[:hs] for b in given]), _HEAD)
     fmt = head["format"]
-    _refuse(
-        rows,
-        (head["magic"] != _MAGIC_U2) | ((fmt != _FORMAT_VERSION) & (fmt != _FORMAT_NO_IDS)),
-        _REFUSED["format"],
-    )
+    _refuse(rows, (head["magic"] != _MAGIC_U2) | ~np.isin(fmt, _FORMATS), _REFUSED["format"])
     n_ids = head["n_ids"].astype(np.int64)
     _refuse(rows, (fmt == _FORMAT_NO_IDS) & (n_ids != 0), _REFUSED["v2 flags"])
     n_parts = head["n_parts"].astype(np.int64)
@@ -341,7 +352,9 @@ def decode(blobs: Sequence[bytes | None], batch: StateBatch, layout: StateLayout
         _REFUSED["history encoding"],
     )
     # where each section starts in each blob
-    p_hist = hs + _PAIR.itemsize * n_parts
+    timed = fmt == _FORMAT_VERSION
+    p_parts = hs + _TIMES * timed
+    p_hist = p_parts + _PAIR.itemsize * n_parts
     p_ts = p_hist + 8 * n_hist
     p_act = p_ts + ts_w * n_hist
     p_val = p_act + n_hist
@@ -353,6 +366,7 @@ def decode(blobs: Sequence[bytes | None], batch: StateBatch, layout: StateLayout
     _refuse(rows, size < p_sk + np.where(fresh, n_ch, 0), _REFUSED["truncated"])
 
     # one pass over the byte strings: slice every section out, then decode each at once
+    times_b: list[bytes] = []
     pairs_b: list[bytes] = []
     items_b: list[bytes] = []
     ts_b: tuple[list[bytes], list[bytes]] = ([], [])  # by encoding: u4 deltas, f8 times
@@ -368,6 +382,7 @@ def decode(blobs: Sequence[bytes | None], batch: StateBatch, layout: StateLayout
     n_nib, n_bytes, n_shorts, n_bits = cells // 2, cells, 2 * cells, (cells + 7) // 8
     spans = zip(
         given,
+        p_parts.tolist(),
         p_hist.tolist(),
         p_ts.tolist(),
         p_act.tolist(),
@@ -380,8 +395,9 @@ def decode(blobs: Sequence[bytes | None], batch: StateBatch, layout: StateLayout
         head["value_kind"].tolist(),
         strict=True,
     )
-    for b, ph, pt, pa, pv, pw, pi, ps, fr, tk, vk in spans:
-        pairs_b.append(b[hs:ph])
+    for b, pp, ph, pt, pa, pv, pw, pi, ps, fr, tk, vk in spans:
+        times_b.append(b[hs:pp])
+        pairs_b.append(b[pp:ph])
         items_b.append(b[ph:pt])
         ts_b[tk].append(b[pt:pa])
         act_b.append(b[pa:pv])
@@ -404,6 +420,9 @@ def decode(blobs: Sequence[bytes | None], batch: StateBatch, layout: StateLayout
             values_b.append(b[p4:])
 
     batch.clocks[rows] = head["clock"]
+    times = np.frombuffer(b"".join(times_b), "<f8").reshape(-1, 2)
+    batch.prev_clocks[rows[timed]] = times[:, 0]
+    batch.first_ts[rows[timed]] = times[:, 1]
     batch.n_events[rows] = head["n_events"].astype(np.int64)
     slots = max(int(n_parts.max()), 1)
     batch.partitions = np.full((n_users, slots), -1, np.int32)
@@ -446,6 +465,7 @@ def decode(blobs: Sequence[bytes | None], batch: StateBatch, layout: StateLayout
 
     if kinds_b:
         _load_sketches(batch, rows[fresh], blocks, layout)
+    _times_from_history(batch, rows[~timed])
     return rows[~fresh]
 
 
@@ -503,8 +523,8 @@ def _decode_compiled(
     k, window = len(given), batches.DEDUP_WINDOW
     data = np.frombuffer(b"".join(given), np.uint8)
     bounds = excl(np.fromiter(map(len, given), np.int64, k))
-    head = [_MAGIC_U2, _FORMAT_VERSION, _FORMAT_NO_IDS, layout.layout_id, layout.codebooks_id]
-    head += [_HEAD.itemsize, _PAIR.itemsize, layout.history_size, window]
+    head = [_MAGIC_U2, _FORMAT_IDS, _FORMAT_NO_IDS, layout.layout_id, layout.codebooks_id]
+    head += [_HEAD.itemsize, _PAIR.itemsize, layout.history_size, window, _FORMAT_VERSION]
     refused, fresh = np.zeros(k, np.int8), np.zeros(k, bool)
     n_parts, n_ids = np.zeros(k, np.int64), np.zeros(k, np.int64)
 
@@ -520,6 +540,8 @@ def _decode_compiled(
             n_ids,
             fresh,
             batch.clocks,
+            batch.prev_clocks,
+            batch.first_ts,
             batch.n_events,
             batch.partitions,
             batch.offsets,
@@ -544,7 +566,27 @@ def _decode_compiled(
     if n_ids.any():
         batch.id_hash = np.zeros((n_users, window), np.uint64)
     run(fill=True)
+    _times_from_history(batch, rows[np.isnan(batch.first_ts[rows])])
     return rows[~fresh]
+
+
+def _times_from_history(batch: StateBatch, rows: np.ndarray) -> None:
+    """The times of states written before format 4 (``rows``), from their history and clock:
+    the earliest time kept (the clock when none), and the latest kept below the clock, or at
+    it when the clock's event is kept and another one has the same time."""
+    rows = rows[np.isfinite(batch.clocks[rows])]
+    if rows.size == 0:
+        return
+    k = batch.hist_ts.shape[1]
+    kept = np.arange(k)[None, :] < batch.hist_len[rows][:, None]
+    ts = batch.hist_ts[rows]
+    clock = batch.clocks[rows]
+    batch.first_ts[rows] = np.minimum(clock, np.where(kept, ts, np.inf).min(axis=1, initial=np.inf))
+    desc = -np.sort(-np.where(kept, ts, -np.inf), axis=1)  # latest first
+    top = desc[:, 0] if k else np.full(rows.size, -np.inf)
+    second = desc[:, 1] if k > 1 else np.full(rows.size, -np.inf)
+    prev = np.where(top < clock, top, second)  # the clock's own event is the top when kept
+    batch.prev_clocks[rows] = np.where(np.isfinite(prev), prev, np.nan)
 
 
 def _refuse(rows: np.ndarray, bad: np.ndarray, what: str) -> None:

@@ -39,6 +39,7 @@ def _config(history_size: int = 64) -> AggregatorConfig:
         actions=ACTIONS,
         history_size=history_size,
         history_half_life_s=60.0,
+        recency=True,
     )
 
 
@@ -271,6 +272,45 @@ def test_any_split_of_a_stream_with_repeated_ids_gives_the_same_states_and_valid
     assert split.same_as(whole)
 
 
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_recency_columns_are_the_users_gaps_and_age_in_any_split_and_order(
+    data: st.DataObject,
+) -> None:
+    """last_gap_hours: the latest time before the event minus the second latest (ties: 0);
+    age_hours: the event's time minus the earliest, never below 0; mean_gap_hours: the age
+    over the gaps so far. Out-of-order times included: the columns read times as a multiset.
+    The states between batches live as bytes."""
+    rows = data.draw(event_rows(max_events=20, span=20_000.0))
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(rows)), max_size=4))))
+    agg = _aggregator(history_size=4)
+    state, counts, valid = agg.new_batch(3), [], []
+    for lo, hi in zip([0, *cuts], [*cuts, len(rows)], strict=True):
+        feats = agg.score_then_fold(state, _batch(rows[lo:hi]))
+        counts.append(feats.counts)
+        valid += feats.valid.tolist()
+        state = agg.load(agg.dump(state))
+    got = np.concatenate(counts)[:, -3:]
+    times: dict[int, list[float]] = {}
+    for row, ok, columns in zip(rows, valid, got, strict=True):
+        seen = sorted(times.setdefault(row[0], []), reverse=True)
+        want = [0.0, 0.0, 0.0]
+        if ok and len(seen) >= 2:
+            want[0] = (seen[0] - seen[1]) / 3600
+        if ok and seen:
+            want[1] = max(row[4] - seen[-1], 0.0) / 3600
+            want[2] = want[1] / max(len(seen) - 1, 1) if len(seen) > 1 else 0.0
+        np.testing.assert_allclose(columns, want, rtol=1e-6, atol=1e-9)
+        if ok:
+            times[row[0]].append(row[4])
+    for user, seen in times.items():
+        seen.sort(reverse=True)
+        assert state.first_ts[user] == seen[-1]
+        assert state.prev_clocks[user] == (seen[1] if len(seen) > 1 else None) or (
+            len(seen) == 1 and np.isnan(state.prev_clocks[user])
+        )
+
+
 def test_density_is_the_share_of_channel_mass_in_the_items_buckets() -> None:
     agg = _aggregator()
     state = agg.new_batch(1)
@@ -281,7 +321,7 @@ def test_density_is_the_share_of_channel_mass_in_the_items_buckets() -> None:
     expected = np.mean((1 + (codes[0] == codes[1])) / 2.0)
     assert feats.density[0, 0] == pytest.approx(expected)
     names = list(feats.names)
-    assert names == agg.feature_names and len(names) == 5 + 5 + 2
+    assert names == agg.feature_names and len(names) == 5 + 5 + 2 + 3
     assert feats.counts[0, names.index("events") - 5] == 2
     assert feats.counts[0, names.index("mass/liked") - 5] == 2
 

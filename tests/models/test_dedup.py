@@ -159,7 +159,7 @@ _FORMAT_2_ROWS = [
 ]
 
 
-def test_states_written_before_ids_load_unchanged_and_are_written_back_byte_for_byte() -> None:
+def test_states_written_before_ids_load_unchanged_with_their_times_from_their_histories() -> None:
     agg = _aggregator(history_size=4)
     # the fixture's codebooks are fitted again here, and their version hashes float bits that
     # another CPU's BLAS may round differently (the buckets, which the bytes hold, agree): the
@@ -170,11 +170,23 @@ def test_states_written_before_ids_load_unchanged_and_are_written_back_byte_for_
     assert loaded.rebuilt == 0 and not loaded.id_len.any()
     expected = agg.new_batch(3)
     agg.score_then_fold(expected, _batch(_FORMAT_2_ROWS))
+    # format 2 kept no times: they come from the history (4 events) and the clock. User 2's
+    # two events are both kept, so its times are exact; user 0's five are not, and its
+    # earliest kept is its second event; user 1 has none
+    assert loaded.prev_clocks.tolist()[::2] == expected.prev_clocks.tolist()[::2] == [1030, 999]
+    assert loaded.first_ts.tolist()[::2] == [1010.0, 999.0]
+    assert expected.first_ts.tolist()[::2] == [1000.0, 999.0]
+    assert np.isnan(loaded.first_ts[1]) and np.isnan(loaded.prev_clocks[1])
+    loaded.first_ts[0] = expected.first_ts[0]
     assert loaded.same_as(expected)
-    assert agg.dump(loaded) == agg.dump(expected) == old
+    written = agg.dump(loaded)
+    assert [b[2] for b in written] == [4, 2, 4]  # the times, in format 4 (user 1: no events)
+    assert written[1] == old[1]
+    assert written == agg.dump(expected)
+    assert agg.load(written).same_as(expected)
 
 
-def test_ids_cost_eight_bytes_each_and_round_trip_in_format_3() -> None:
+def test_ids_cost_eight_bytes_each_and_round_trip() -> None:
     agg = _aggregator(history_size=4)
     rows = [_rate(0, "i1", 10.0 + k, k, None) for k in range(3)]
     plain = agg.new_batch(1)
@@ -182,7 +194,7 @@ def test_ids_cost_eight_bytes_each_and_round_trip_in_format_3() -> None:
     with_ids = agg.new_batch(1)
     agg.score_then_fold(with_ids, _batch([(*r[:8], f"e{k}") for k, r in enumerate(rows)]))
     (a,), (b,) = agg.dump(plain), agg.dump(with_ids)
-    assert a[2] == 2 and b[2] == 3  # the format byte
+    assert a[2] == b[2] == 4  # the format byte
     assert len(b) - len(a) == 3 * 8
     assert agg.load([b]).same_as(with_ids)
 
@@ -228,10 +240,10 @@ def test_tampered_id_windows_are_refused() -> None:
     blob = agg.dump(state)[0]
     with pytest.raises(ArtifactError, match="format v2 with flags set"):
         agg.load([blob[:2] + b"\x02" + blob[3:]])
-    with pytest.raises(ArtifactError, match="format v2 or v3"):
-        agg.load([blob[:2] + b"\x04" + blob[3:]])
+    with pytest.raises(ArtifactError, match="format v2, v3 or v4"):
+        agg.load([blob[:2] + b"\x05" + blob[3:]])
     with pytest.raises(ArtifactError, match="truncated"):
-        agg.load([blob[:2] + b"\x03\xff" + blob[4:]])
+        agg.load([blob[:2] + b"\x04\xff" + blob[4:]])
 
 
 # --- the trainer goes through the same code --------------------------------------------------

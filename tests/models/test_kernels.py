@@ -169,9 +169,9 @@ def test_the_compiled_codec_handles_every_field_encoding_as_numpy_does(monkeypat
 
 
 def test_the_compiled_decoder_refuses_the_bytes_the_numpy_one_refuses(monkeypatch) -> None:
-    """Every blob cut short and padded, every byte replaced by 0, 5 or 255: the same states
-    or the same ArtifactError (reason, first row named, count), every reason met; beside a
-    good blob, so the row named is not always the first."""
+    """Every blob cut short and padded, every byte replaced by 0, 5 or 255, the format byte by
+    every format's: the same states or the same ArtifactError (reason, first row named,
+    count), every reason met; beside a good blob, so the row named is not always the first."""
     agg, state = _varied_state()
     blobs = agg.dump(state)
     bad: list[bytes] = []
@@ -179,6 +179,7 @@ def test_the_compiled_decoder_refuses_the_bytes_the_numpy_one_refuses(monkeypatc
         bad += [blob[:cut] for cut in range(0, len(blob), 7)] + [blob + b"\x00"]
         for at in range(len(blob)):
             bad += [blob[:at] + bytes([x]) + blob[at + 1 :] for x in (0, 5, 255)]
+        bad += [blob[:2] + bytes([x]) + blob[3:] for x in (2, 3, 4)]  # read as another format
     reasons = set()
     for b in bad:
         got, want = _load_both_ways(monkeypatch, agg, [blobs[0], b, b[:-1]])

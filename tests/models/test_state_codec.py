@@ -96,6 +96,7 @@ def test_every_sketch_encoding_round_trips_exactly() -> None:
     state.sketches[4, 1] = rng.random((DEPTH, WIDTH), dtype=np.float32)  # decayed: sparse
     state.sketches[5, 2] = np.nan  # not a count at all: kept bit for bit anyway
     state.clocks[4:] = 1000.0
+    state.first_ts[:] = 900.0  # a clock comes with a first time (else read as an old state's)
     blobs = agg.dump(state)
     assert agg.load(blobs).same_as(state)
     assert len(blobs[0]) < len(blobs[1]) < len(blobs[2])  # 4, 8 and 16 bits a cell
