@@ -132,7 +132,11 @@ def run_dataset(
     )
     t_train = time.perf_counter() - t0
     say(f"[{dataset}] train done in {t_train:.0f} s; evaluate with baselines ...")
-    done = evaluate_model(data, resolve_model(out / "model"), out / "eval", progress=False)
+    # the version just trained, not the store's newest: a version trained before (the same
+    # seed and data make the same version) keeps its place, and the newest is another one
+    done = evaluate_model(
+        data, resolve_model(out / "model" / version), out / "eval", progress=False
+    )
     t_eval = time.perf_counter() - t0 - t_train
     report, split = done.report, done.split
     primary = heads[0].name

@@ -28,9 +28,12 @@ KEYS = {
 }
 
 
+_TINY = {"epochs": 2, "hidden": 16, "depth": 4, "width": 8}
+
+
 @pytest.fixture(scope="module")
-def row(tmp_path_factory):
-    """One tiny run for the module: 1,500 ratings, 40 users who like one parity of 40 items."""
+def tiny_data(tmp_path_factory):
+    """1,500 ratings, 40 users who like one parity of 40 items."""
     from sketchstream.models.events import EventTable, Item, write_events, write_items
 
     rng = np.random.default_rng(0)
@@ -48,8 +51,14 @@ def row(tmp_path_factory):
         ),
     )
     write_items(data / "items.jsonl", [Item(f"i{i}", categories=(f"g{i % 2}",)) for i in range(40)])
-    config = train_config({"epochs": 2, "hidden": 16, "depth": 4, "width": 8})
-    return run_dataset("tiny", data, tmp_path_factory.mktemp("bench"), config, draws=60)
+    return data
+
+
+@pytest.fixture(scope="module")
+def row(tiny_data, tmp_path_factory):
+    """One tiny run for the module."""
+    config = train_config(_TINY)
+    return run_dataset("tiny", tiny_data, tmp_path_factory.mktemp("bench"), config, draws=60)
 
 
 def test_a_row_has_the_figures_the_issue_asks_for(row) -> None:
@@ -63,6 +72,19 @@ def test_a_row_has_the_figures_the_issue_asks_for(row) -> None:
     assert row["config"]["item_codes"] == "auto" and row["item_codes"] in ("on", "off")
     assert set(row["return"]) == {"head", "auc", "rce", "recency_gbdt_auc", "recency_gbdt_rce"}
     json.dumps(row)  # one JSON line
+
+
+def test_a_run_evaluates_the_model_it_trained_when_its_version_is_already_stored(
+    tiny_data, tmp_path
+) -> None:
+    """The same seed trains the same version again; the store's newest is then another seed's
+    model, and the figures must still be this run's (they once were the newest's)."""
+    runs = [
+        run_dataset("tiny", tiny_data, tmp_path, train_config({**_TINY, "seed": s}), draws=20)
+        for s in (0, 1, 0)
+    ]
+    assert runs[0]["model"] == runs[2]["model"] != runs[1]["model"]
+    assert runs[2]["auc"] == runs[0]["auc"] != runs[1]["auc"]
 
 
 def test_the_interval_brackets_the_difference_of_the_reported_aucs(row) -> None:
