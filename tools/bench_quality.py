@@ -20,13 +20,15 @@ Each data set's artifact and reports go under ``<out>/<id>/`` (``model/``, ``mod
     {"dataset", "events", "heads", "auc", "rce", "val_auc", "best_baseline", "best_baseline_auc",
      "best_baseline_rce", "auc_diff", "auc_diff_ci95": [low, high], "draws", "held_out",
      "baselines": {name: {"auc", "rce"}}, "model", "stream_md5", "seconds": {...}, "config",
-     "item_codes", "return": {"head", "auc", "rce", "recency_gbdt_auc", "recency_gbdt_rce"}}
+     "item_codes", "return": {"head", "auc", "rce", "recency_gbdt_auc", "recency_gbdt_rce",
+     "auc_diff", "auc_diff_ci95"}}
 
 ``item_codes`` is what ``train`` chose for the MLP's item-code input (``--item-codes auto``:
 "on" or "off", by validation AUC).
 
 The model's return head (when the heads have one) is compared with its own baseline,
-``recency_gbdt``, in the row's ``return`` block and the table's last column.
+``recency_gbdt``, in the row's ``return`` block and the table's last column, with the paired
+user-level interval of the AUC difference on its labelled test events.
 """
 
 from __future__ import annotations
@@ -176,9 +178,10 @@ def run_dataset(
         "config": config.to_dict(),
         "item_codes": trained["item_codes"],
     }
-    for head in heads[1:]:
-        if head.is_return:  # the second task of the same state, against its own baseline
-            base = report["baselines"].get(f"recency_gbdt/{head.name}", {}).get("test", {})
+    for h, head in enumerate(heads):
+        if h and head.is_return:  # the second task of the same state, against its own baseline
+            key = f"recency_gbdt/{head.name}"
+            base = report["baselines"].get(key, {}).get("test", {})
             mine = report["heads"][head.name]["test"]
             row["return"] = {
                 "head": head.spec,
@@ -187,6 +190,16 @@ def run_dataset(
                 "recency_gbdt_auc": base.get("auc"),
                 "recency_gbdt_rce": base.get("rce"),
             }
+            if key in done.baseline_p:  # its labelled test events, paired by user
+                y_h = done.y[test, h].astype(np.float64)
+                diff, low, high = paired_user_bootstrap(
+                    y_h,
+                    done.p[test, h],
+                    done.baseline_p[key][test],
+                    done.events.user[test],
+                    draws=draws,
+                )
+                row["return"]["auc_diff"], row["return"]["auc_diff_ci95"] = diff, [low, high]
     return row
 
 
@@ -195,7 +208,11 @@ def _return_cell(row: dict[str, Any]) -> str:
     if not ret:
         return "-"
     base = ret["recency_gbdt_auc"]
-    return f"{ret['auc']:.4f} / " + (f"{base:.4f}" if base is not None else "-")
+    cell = f"{ret['auc']:.4f} / " + (f"{base:.4f}" if base is not None else "-")
+    if "auc_diff_ci95" in ret:
+        low, high = ret["auc_diff_ci95"]
+        cell += f" [{low:+.4f}, {high:+.4f}]"
+    return cell
 
 
 def quality_table(rows: list[dict[str, Any]]) -> str:
@@ -222,7 +239,7 @@ def quality_table(rows: list[dict[str, Any]]) -> str:
         ("best_baseline_auc", "its AUC"),
         ("best_baseline_rce", "its RCE"),
         ("diff", "AUC diff [95 % CI]"),
-        ("return", "return AUC / recency GBDT"),
+        ("return", "return AUC / recency GBDT [diff 95 % CI]"),
     ]
 
     def cell(key: str, value: Any) -> str:

@@ -46,7 +46,7 @@ def tiny_data(tmp_path_factory):
             user=np.array([f"u{u}" for u in user], dtype=object),
             item=np.array([f"i{i}" for i in item], dtype=object),
             action=np.full(1500, "rate", dtype=object),
-            ts=np.arange(1500, dtype=np.float64) * 3600,
+            ts=np.arange(1500, dtype=np.float64) * 6 * 3600,  # gaps of days: returns both ways
             value=np.where(liked, 5, 2).astype(np.float32),
         ),
     )
@@ -70,7 +70,10 @@ def test_a_row_has_the_figures_the_issue_asks_for(row) -> None:
     assert row["best_baseline_auc"] == max(like)
     assert row["heads"] == ["like:rate>=4", "return:next<=7d"]
     assert row["config"]["item_codes"] == "auto" and row["item_codes"] in ("on", "off")
-    assert set(row["return"]) == {"head", "auc", "rce", "recency_gbdt_auc", "recency_gbdt_rce"}
+    assert set(row["return"]) == {
+        *("head", "auc", "rce", "recency_gbdt_auc", "recency_gbdt_rce"),
+        *("auc_diff", "auc_diff_ci95"),
+    }
     json.dumps(row)  # one JSON line
 
 
@@ -92,6 +95,10 @@ def test_the_interval_brackets_the_difference_of_the_reported_aucs(row) -> None:
     assert row["auc_diff"] == pytest.approx(row["auc"] - row["best_baseline_auc"], abs=1e-9)
     assert low < row["auc_diff"] < high
     assert high - low < 0.5
+    ret = row["return"]  # the return head against its recency GBDT, the same way
+    low, high = ret["auc_diff_ci95"]
+    assert ret["auc_diff"] == pytest.approx(ret["auc"] - ret["recency_gbdt_auc"], abs=1e-9)
+    assert low <= ret["auc_diff"] <= high
 
 
 def test_the_table_marks_the_held_out_set() -> None:
@@ -101,10 +108,10 @@ def test_the_table_marks_the_held_out_set() -> None:
         {**base, "dataset": "ml-100k", "held_out": False, "auc_diff_ci95": [0.001, 0.02]},
         {**base, "dataset": HELD_OUT, "held_out": True, "auc_diff_ci95": [-0.01, 0.03]},
     ]
-    rows[1]["return"] = {"auc": 0.81, "recency_gbdt_auc": 0.8}
+    rows[1]["return"] = {"auc": 0.81, "recency_gbdt_auc": 0.8, "auc_diff_ci95": [-0.02, 0.04]}
     lines = quality_table(rows).splitlines()
     assert lines[-1].split()[:3] == [HELD_OUT, "(held", "out)"]
-    assert lines[-1].endswith("0.8100 / 0.8000") and lines[2].endswith("-")
+    assert lines[-1].endswith("0.8100 / 0.8000 [-0.0200, +0.0400]") and lines[2].endswith("-")
     assert "+0.0100 [+0.0010, +0.0200]" in lines[2]
     assert HELD_OUT in CATALOGUE
 
