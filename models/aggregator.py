@@ -87,7 +87,7 @@ from sketchstream.models.segments import (
 )
 from sketchstream.models.state_codec import state_layout
 
-__all__ = ["RECENCY", "Aggregator"]
+__all__ = ["Aggregator"]
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,6 @@ log = logging.getLogger(__name__)
 # scaled weights 2^((ts - t0)/h) stay within float64's comfortable range (see _fold_pass).
 _MAX_PASS_HALF_LIVES = 24.0
 _ITEM_CACHE_MAX = 4_000_000
-#: The recency columns of ``Features.counts`` (with ``AggregatorConfig.recency``): hours
-#: between the user's two latest events before this one, hours since the user's first event,
-#: and that age over the gaps between the user's events so far (0 where undefined).
-RECENCY = ("last_gap_hours", "age_hours", "mean_gap_hours")
 _FORGET = kernels.FORGET
 
 
@@ -171,14 +167,9 @@ class Aggregator:
     @property
     def feature_names(self) -> list[str]:
         """Column names: ``density/<channel>`` ..., then ``mass/<channel>`` ...,
-        ``hours_since_last``, ``events`` (and :data:`RECENCY` with ``config.recency``)."""
-        chans = [c.name for c in self.config.channels]
-        return (
-            [f"density/{c}" for c in chans]
-            + [f"mass/{c}" for c in chans]
-            + ["hours_since_last", "events"]
-            + (list(RECENCY) if self.config.recency else [])
-        )
+        ``hours_since_last``, ``events`` (and the :data:`~.channels.RECENCY` columns with
+        ``config.recency``): ``density/...`` then ``config.count_names``."""
+        return [f"density/{c.name}" for c in self.config.channels] + list(self.config.count_names)
 
     # -- item lookup ----------------------------------------------------------------------------
 
@@ -281,7 +272,7 @@ class Aggregator:
         item_rows = self._lookup(ev.item) if n else np.zeros(0, np.int64)
         codes = self._item_codes[item_rows]  # (n, M, D)
         density = np.zeros((n, n_ch), np.float32)
-        counts = np.zeros((n, n_ch + 2 + len(RECENCY) * self.config.recency), np.float32)
+        counts = np.zeros((n, len(self.config.count_names)), np.float32)
         sk_out = np.zeros((n, n_ch, self.depth, self.width), np.float32) if with_sketches else None
         names = tuple(self.feature_names)
         sim = item_similarity

@@ -262,7 +262,7 @@ class Features:
     ``counts (n, C + 2 [+ 3])``: raw non-negative counts (consumers log-scale them): per
     channel the decayed mass (events) at the event's time, then hours since the user's previous
     event (0 for a first event), then events folded so far, then (with the aggregator config's
-    ``recency``) the :data:`~.aggregator.RECENCY` columns.
+    ``recency``) the :data:`~.channels.RECENCY` columns.
     ``item_codes (n, M, D)`` int16: the item's buckets per modality, -1 unknown.
     ``user_sketch (n, C, D, W)`` float32: the decayed sketches, only with ``with_sketches``.
     ``names``: column names of ``density`` then ``counts``.

@@ -20,6 +20,7 @@ from sketchstream.models.errors import ModelError
 
 __all__ = [
     "DAY",
+    "RECENCY",
     "AggregatorConfig",
     "Channel",
     "aggregator_config_from_dict",
@@ -62,6 +63,12 @@ class Channel:
             raise ModelError(f"Channel {self.name!r}: min_value {lo} must be < max_value {hi}")
         if self.actions is not None:
             object.__setattr__(self, "actions", frozenset(self.actions))
+
+
+#: The recency columns of ``Features.counts`` (with ``AggregatorConfig.recency``): hours
+#: between the user's two latest events before this one, hours since the user's first event,
+#: and that age over the gaps between the user's events so far (0 where undefined).
+RECENCY = ("last_gap_hours", "age_hours", "mean_gap_hours")
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,13 @@ class AggregatorConfig:
             raise ModelError(f"history_size must be in [0, 65535], got {self.history_size}")
         if not self.history_half_life_s > 0:
             raise ModelError("history_half_life_s must be > 0 (or inf)")
+
+    @property
+    def count_names(self) -> tuple[str, ...]:
+        """The names of ``Features.counts``' columns: ``mass/<channel>`` ...,
+        ``hours_since_last``, ``events``, then :data:`RECENCY` when ``recency``."""
+        masses = tuple(f"mass/{c.name}" for c in self.channels)
+        return (*masses, "hours_since_last", "events", *(RECENCY if self.recency else ()))
 
     @property
     def modalities(self) -> tuple[str, ...]:

@@ -124,7 +124,7 @@ class InputSpec:
         return cls(
             tuple(groups),
             rec.user_columns,
-            len(names) + 2,
+            len(config.count_names),
             depth,
             width,
             tuple(rec.recent_decays),

@@ -753,7 +753,7 @@ def training_aggregator_config(
     finer density features. The metadata modality (when ``metadata``) gets undecayed positive
     and negative channels. A head without a threshold: one channel per action it counts as
     positive and one for the rest of the actions it applies to. ``recency``: the
-    features' recency columns (:data:`~sketchstream.models.aggregator.RECENCY`).
+    features' recency columns (:data:`~sketchstream.models.channels.RECENCY`).
     """
     from sketchstream.models.events import DEFAULT_HEADS, engagement_heads
 
