@@ -566,7 +566,7 @@ def _decode_compiled(
     if n_ids.any():
         batch.id_hash = np.zeros((n_users, window), np.uint64)
     run(fill=True)
-    _times_from_history(batch, rows[np.isnan(batch.first_ts[rows])])
+    _times_from_history(batch, rows[data[bounds[:-1] + 2] != _FORMAT_VERSION])
     return rows[~fresh]
 
 
