@@ -208,6 +208,25 @@ def test_torch_cpu_path_equals_scipy_path(make_graph, normalization):
     assert np.abs(ref.embeddings_ - got.embeddings_).max() <= 1e-4
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="torch sees no CUDA GPU")
+@pytest.mark.parametrize("normalization", ["left", "symmetric"])
+def test_cuda_path_equals_scipy_path(make_graph, normalization):
+    # CI has no GPU: this runs where one is (the M-graph figures are in the README).
+    g = make_graph(n_users=3000, n_items=400, n_edges=40000)
+
+    ref = Cleora(dim=64, iterations=4, normalization=normalization, device="scipy").fit(g)
+    got = Cleora(dim=64, iterations=4, normalization=normalization, device="cuda").fit(g)
+
+    assert got.device_ == "cuda" and got.embeddings_.dtype == np.float32
+    assert np.abs(ref.embeddings_ - got.embeddings_).max() <= 1e-4
+
+
 def test_torch_cpu_path_equals_scipy_path_on_a_one_type_graph():
     rng = np.random.default_rng(1)
     g = Hypergraph.from_edges(rng.integers(0, 40, 300), rng.integers(0, 40, 300), None, "i", "i")
