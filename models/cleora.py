@@ -27,7 +27,8 @@ Three ways to run the propagation, all the same algorithm:
   graph the update is done in place: a new left block depends only on the old right block and
   vice versa, so only the smaller block needs a second buffer.
 - ``device="cpu"`` / ``device="cuda"``: torch sparse CSR matmul on that device, two full
-  buffers. ``"cpu"`` exists so tests can check the torch path against the scipy path.
+  buffers, the hashed initial vectors made there too (the same bits). ``"cpu"`` exists so tests
+  can check the torch path against the scipy path.
 
 Over 600 lines for one thing: the hypergraph and the propagation over it, whose node order,
 task balancing and in-place update are what make it several times faster than pycleora
@@ -179,6 +180,40 @@ def _hashed_init_into(keys: np.ndarray, out: np.ndarray, n_threads: int | None =
     else:
         for a in starts:
             job(a)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``(x * c) mod 2**32`` for int64 ``x`` and ``c`` in [0, 2**32), with no product past 2**49
+    (a plain int64 product would overflow)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _hashed_init_torch(keys: np.ndarray, dim: int, device: str) -> torch.Tensor:
+    """:func:`_fill_hashed`'s values, bit for bit, made on ``device`` (the torch paths).
+
+    On a GPU the host would take longer over the init than the GPU over every iteration, and
+    the buffer would then cross to the device; here only the keys cross. The uint32 arithmetic
+    runs in int64 masked to 32 bits, in row chunks of 64 MiB temporaries.
+    """
+    import torch
+
+    dev = torch.device(device)
+    n = keys.shape[0]
+    out = torch.empty((n, dim), dtype=torch.float32, device=dev)
+    k = torch.from_numpy(keys.view(np.int64)).to(dev)
+    lo, hi = k & 0xFFFFFFFF, (k >> 32) & 0xFFFFFFFF
+    cols = torch.from_numpy(_column_keys(dim).astype(np.int64)).to(dev)
+    rows = max(1, (64 << 20) // (8 * dim))
+    for a in range(0, n, rows):
+        z = min(a + rows, n)
+        x = _mul32(lo[a:z, None] ^ cols[None, :], 0x85EBCA6B)
+        x ^= x >> 15
+        x ^= hi[a:z, None]
+        x = _mul32(x, 0xC2B2AE35)
+        x >>= 9
+        x |= 0x40000000
+        out[a:z] = x.to(torch.int32).view(torch.float32)
+    return out.sub_(3.0)
 
 
 def hashed_init(node_ids: Sequence[str] | np.ndarray, dim: int, seed: int = 0) -> np.ndarray:
@@ -760,8 +795,20 @@ def _propagate_host(
     return emb
 
 
-def _propagate_torch(p: sp.csr_array, emb: np.ndarray, iterations: int, device: str) -> np.ndarray:
-    """Iterate ``emb <- rownorm(P @ emb)`` with torch sparse CSR on ``device``."""
+def _propagate_torch(
+    p: sp.csr_array,
+    emb: np.ndarray | None,
+    iterations: int,
+    device: str,
+    *,
+    keys: np.ndarray | None = None,
+    dim: int = 0,
+) -> np.ndarray:
+    """Iterate ``emb <- rownorm(P @ emb)`` with torch sparse CSR on ``device``.
+
+    ``emb`` is the host's initial (n, dim) array, or None: then the hashed init of ``keys`` is
+    made on the device (nothing else holds it, so it is freed after the first iteration).
+    """
     import torch
 
     t_start = time.perf_counter()
@@ -776,7 +823,11 @@ def _propagate_torch(p: sp.csr_array, emb: np.ndarray, iterations: int, device: 
             size=p.shape,
             check_invariants=False,
         ).to(dev)
-    x = torch.from_numpy(emb).to(dev)
+    if emb is None:
+        assert keys is not None
+        x = _hashed_init_torch(keys, dim, device)
+    else:
+        x = torch.from_numpy(emb).to(dev)
     for it in range(iterations):
         x = torch.sparse.mm(pt, x)
         x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(_EPS))
@@ -869,7 +920,13 @@ class Cleora:
         # Transition first: its temporaries are freed before the big embedding buffer exists.
         p = graph.transition(self.normalization)
         t1 = time.perf_counter()
-        emb = self._initial(graph, dim, seed)
+        # The torch paths make the hashed init on their device from the keys alone (emb None).
+        keys: np.ndarray | None = None
+        emb: np.ndarray | None = None
+        if device in ("cpu", "cuda") and self.init is None and iterations > 0:
+            keys = _entity_keys(graph.node_ids, seed)
+        else:
+            emb = self._initial(graph, dim, seed)
         t2 = time.perf_counter()
         logger.info(
             "cleora: %d nodes, %d adjacency entries, dim %d, %d iterations on %s "
@@ -888,7 +945,7 @@ class Cleora:
         elif device == "scipy":
             emb = _propagate_scipy(p, emb, iterations, graph)
         else:
-            emb = _propagate_torch(p, emb, iterations, device)
+            emb = _propagate_torch(p, emb, iterations, device, keys=keys, dim=dim)
         self.embeddings_ = emb
         self.graph_ = graph
         self.device_ = device

@@ -208,6 +208,18 @@ def test_torch_cpu_path_equals_scipy_path(make_graph, normalization):
     assert np.abs(ref.embeddings_ - got.embeddings_).max() <= 1e-4
 
 
+@pytest.mark.parametrize("dim", [1, 7, 128])
+def test_torch_made_init_is_hashed_init_bit_for_bit(dim):
+    from sketchstream.models.cleora import _entity_keys, _hashed_init_torch
+
+    ids = np.array([f"user:{k}" for k in range(500)] + ["item:é", "item:" + "x" * 300])
+    seed = 2**64 - 5  # keys with the top bit set: the int64 view is negative
+
+    got = _hashed_init_torch(_entity_keys(ids, seed), dim, "cpu").numpy()
+
+    assert got.view(np.uint32).tobytes() == hashed_init(ids, dim, seed).view(np.uint32).tobytes()
+
+
 def _cuda_available() -> bool:
     import torch
 
