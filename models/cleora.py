@@ -136,6 +136,13 @@ def _column_keys(dim: int) -> np.ndarray:
     return (_splitmix64(cols) & _U64(0xFFFFFFFF)).astype(np.uint32)
 
 
+# The cell hash of the init, shared by the numpy fill and the torch one (which must give the
+# same bits): the two multipliers, the two shifts, and the exponent bits of a float in [2, 4).
+_MIX_A, _MIX_B = 0x85EBCA6B, 0xC2B2AE35
+_SHIFT_MIX, _SHIFT_MANTISSA = 15, 9
+_EXP_2_TO_4 = 0x40000000
+
+
 def _fill_hashed(keys: np.ndarray, col_keys: np.ndarray, out: np.ndarray) -> None:
     """Write the init vectors of ``keys`` (n,) uint64 into ``out`` (n, dim) float32.
 
@@ -149,13 +156,13 @@ def _fill_hashed(keys: np.ndarray, col_keys: np.ndarray, out: np.ndarray) -> Non
     x = out.view(np.uint32)
     tmp = np.empty_like(x)
     np.bitwise_xor(lo, col_keys[None, :], out=x)
-    np.multiply(x, np.uint32(0x85EBCA6B), out=x)
-    np.right_shift(x, np.uint32(15), out=tmp)
+    np.multiply(x, np.uint32(_MIX_A), out=x)
+    np.right_shift(x, np.uint32(_SHIFT_MIX), out=tmp)
     np.bitwise_xor(x, tmp, out=x)
     np.bitwise_xor(x, hi, out=x)
-    np.multiply(x, np.uint32(0xC2B2AE35), out=x)
-    np.right_shift(x, np.uint32(9), out=x)
-    np.bitwise_or(x, np.uint32(0x40000000), out=x)
+    np.multiply(x, np.uint32(_MIX_B), out=x)
+    np.right_shift(x, np.uint32(_SHIFT_MANTISSA), out=x)
+    np.bitwise_or(x, np.uint32(_EXP_2_TO_4), out=x)
     np.subtract(out, np.float32(3.0), out=out)
 
 
@@ -206,12 +213,12 @@ def _hashed_init_torch(keys: np.ndarray, dim: int, device: str) -> torch.Tensor:
     rows = max(1, (64 << 20) // (8 * dim))
     for a in range(0, n, rows):
         z = min(a + rows, n)
-        x = _mul32(lo[a:z, None] ^ cols[None, :], 0x85EBCA6B)
-        x ^= x >> 15
+        x = _mul32(lo[a:z, None] ^ cols[None, :], _MIX_A)
+        x ^= x >> _SHIFT_MIX
         x ^= hi[a:z, None]
-        x = _mul32(x, 0xC2B2AE35)
-        x >>= 9
-        x |= 0x40000000
+        x = _mul32(x, _MIX_B)
+        x >>= _SHIFT_MANTISSA
+        x |= _EXP_2_TO_4
         out[a:z] = x.to(torch.int32).view(torch.float32)
     return out.sub_(3.0)
 
