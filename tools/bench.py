@@ -70,6 +70,13 @@ def cleora(
         bool, typer.Option("--pycleora/--no-pycleora", help="Also run pycleora 3.x if installed.")
     ] = True,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic graph.")] = 0,
+    check: Annotated[
+        bool,
+        typer.Option(
+            help="Also fit ours on the host path (scipy) and compare: largest difference, "
+            "smallest row cosine, share of 10 nearest items the same (for --device cuda or cpu)."
+        ),
+    ] = False,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Append one JSON line per run to this file.")
     ] = None,
@@ -89,6 +96,7 @@ def cleora(
         reference=reference,
         seed=seed,
         say=_say,
+        check=check,
     )
     _report(cleora_bench.cleora_table(rows), rows, json_path)
 

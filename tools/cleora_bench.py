@@ -121,11 +121,56 @@ def cleora_worker(spec: dict[str, Any]) -> dict[str, Any]:
         build_s=round(t1 - t0, 3),
         propagate_s=round(t2 - t1, 3),
         total_s=round(t2 - t0, 3),
-        peak_rss_mb=round(peak_rss_mb(), 1),
+        peak_rss_mb=round(peak_rss_mb(), 1),  # before the check's own buffers
         n_nodes=int(n_nodes),
         emb_shape=list(emb.shape),
     )
+    if impl == "ours" and spec.get("check"):
+        result.update(check_against_host(graph, emb, iterations))
     return result
+
+
+def check_against_host(graph: Any, emb: np.ndarray, iterations: int) -> dict[str, Any]:
+    """Ours again on the host path (``device="scipy"``, same graph and seed) against ``emb``:
+    the largest absolute difference, the smallest cosine of a row with its host twin, and the
+    mean share of the 10 nearest items (by cosine, on the GPU where torch sees one) that agree
+    for up to 500 sampled items. Meant for ``--device cuda`` or ``cpu``."""
+    import numpy as np
+    import torch
+    from sketchstream.models.cleora import Cleora
+
+    t0 = time.perf_counter()
+    ref = Cleora(dim=emb.shape[1], iterations=iterations, seed=0, device="scipy").fit(graph)
+    host = ref.embeddings_
+    check_s = time.perf_counter() - t0
+    max_diff, min_cos = 0.0, 1.0
+    step = 1 << 16  # row chunks: no third full-size buffer
+    for a in range(0, host.shape[0], step):
+        h, e = host[a : a + step], emb[a : a + step]
+        max_diff = max(max_diff, float(np.abs(h - e).max()))
+        live = np.linalg.norm(h, axis=1) > 0
+        if live.any():
+            min_cos = min(min_cos, float(np.einsum("ij,ij->i", h[live], e[live]).min()))
+    items = graph.type_slice("item")
+    n_items = items.stop - items.start
+    k = min(10, n_items - 1)
+    rng = np.random.default_rng(1)
+    queries = torch.from_numpy(rng.choice(n_items, min(500, n_items), replace=False))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tops = []
+    for x in (host, emb):
+        block = torch.from_numpy(np.ascontiguousarray(x[items])).to(dev)
+        q = queries.to(dev)
+        sims = block[q] @ block.T
+        sims[torch.arange(len(q), device=dev), q] = -2.0  # an item is not its own neighbour
+        tops.append(sims.topk(k, dim=1).indices.cpu().numpy())
+    same = np.mean([len(set(a) & set(b)) / k for a, b in zip(*tops, strict=True)])
+    return {
+        "check_scipy_s": round(check_s, 3),
+        "check_max_abs_diff": max_diff,
+        "check_min_row_cos": min_cos,
+        "check_top10_same": round(float(same), 4),
+    }
 
 
 def run_bench(
@@ -137,9 +182,11 @@ def run_bench(
     reference: bool,
     seed: int,
     say: Callable[[str], None],
+    check: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per (implementation, dim): ours, and pycleora when ``reference`` and installed
-    (with ``ratio_vs_pycleora`` / ``rss_ratio_vs_pycleora`` on ours). Progress goes to ``say``."""
+    (with ``ratio_vs_pycleora`` / ``rss_ratio_vs_pycleora`` on ours; with ``check``, the
+    ``check_*`` keys of :func:`check_against_host`). Progress goes to ``say``."""
     import importlib.util
 
     n_users, n_items, n_inter = CLEORA_SIZES[size_key]
@@ -176,6 +223,7 @@ def run_bench(
                 "iterations": iterations,
                 "seed": seed,
                 "device": device,
+                "check": check,
                 "tsv": str(tsv),
             }
             res = run_isolated(spec, cleora_worker)
@@ -204,5 +252,7 @@ def cleora_table(rows: list[dict[str, Any]]) -> str:
         ("peak_rss_mb", "peak RSS MB"),
         ("ratio_vs_pycleora", "time ours/pyc"),
         ("rss_ratio_vs_pycleora", "RSS ours/pyc"),
+        ("check_max_abs_diff", "max |diff| vs scipy"),
+        ("check_top10_same", "top-10 same"),
     ]
     return render(rows, cols)
