@@ -118,7 +118,7 @@ def faust_app(settings: Settings, *, web: bool = True, bulk: bool = False) -> fa
 
     servers = settings.bootstrap_servers.split(",")
     batch_size = settings.batch_size
-    return (BulkApp if bulk else faust.App)(
+    app = (BulkApp if bulk else faust.App)(
         settings.app_id,
         Monitor=QuietMonitor,
         broker=[f"kafka://{s.strip()}" for s in servers if s.strip()],
@@ -150,6 +150,9 @@ def faust_app(settings: Settings, *, web: bool = True, bulk: bool = False) -> fa
         key_serializer="raw",
         value_serializer="raw",
     )
+    if bulk:
+        app.fetch_max_wait_ms = max(1, round(settings.fetch_max_wait * 1000))
+    return app
 
 
 def create_app(settings: Settings) -> faust.App:

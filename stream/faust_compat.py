@@ -119,6 +119,13 @@ def _init_sets(owner: type) -> frozenset[str]:
 PRIVATE_NAMES: tuple[tuple[type, str, str], ...] = (
     (faust_aiokafka.Consumer, "_drain_messages", "overridden: the fetch loop"),
     (faust_aiokafka.Consumer, "_getmany", "overridden: fetch a copy of the active partitions"),
+    (faust_aiokafka.Consumer, "_new_consumer_thread", "overridden: the thread below"),
+    (
+        faust_aiokafka.AIOKafkaConsumerThread,
+        "_create_worker_consumer",
+        "overridden: the fetch wait",
+    ),
+    (aiokafka.AIOKafkaConsumer, "_fetch_max_wait_ms", "set: the fetch wait, before start"),
     (faust_aiokafka.Consumer, "_wait_next_records", "called: one fetch"),
     (faust_aiokafka.Consumer, "_to_message", "called: a record as a faust message"),
     (faust_aiokafka.Consumer, "_add_gap", "called: a hole in a partition's offsets"),
@@ -199,9 +206,29 @@ _check_versions()
 # -- the consumer ------------------------------------------------------------------------------
 
 
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """faust's aiokafka consumer thread, its worker consumer given the app's fetch wait.
+
+    faust fixes ``fetch_max_wait_ms`` at 1,500. aiokafka sends one fetch at a time to a broker
+    and, once a partition's records have waited ~0.1 s in its buffer, a fetch of the other
+    partitions only: with the recommend topic idle, that fetch is held for the whole wait, and
+    the events the worker is about to need are fetched only after it."""
+
+    def _create_worker_consumer(self, transport: Any) -> aiokafka.AIOKafkaConsumer:
+        consumer = super()._create_worker_consumer(transport)
+        wait_ms = getattr(self.app, "fetch_max_wait_ms", None)
+        if wait_ms is not None:
+            consumer._fetch_max_wait_ms = int(wait_ms)  # read when start() makes the fetcher
+        return consumer
+
+
 class FetchLoopConsumer(faust_aiokafka.Consumer):
     """faust's aiokafka consumer whose fetch loop is :meth:`fetch_loop` (faust's own unless a
-    subclass overrides it), with faust's per-partition bookkeeping under public names."""
+    subclass overrides it), with faust's per-partition bookkeeping under public names, and its
+    fetch wait from the app (:class:`FetchLoopApp`)."""
+
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def _drain_messages(self, fetcher: Any) -> None:
         await self.fetch_loop(fetcher)
@@ -314,6 +341,8 @@ class FetchLoopApp(faust.App):
     """A faust ``App`` whose consumer is a ``consumer_class`` (a :class:`FetchLoopConsumer`)."""
 
     consumer_class: type[FetchLoopConsumer] = FetchLoopConsumer
+    #: milliseconds the broker may hold a fetch that finds nothing new (None: faust's 1,500)
+    fetch_max_wait_ms: int | None = None
 
     def _new_transport(self) -> Any:
         return _transport_with(self.consumer_class)(self.conf.broker_consumer, self)

@@ -42,6 +42,7 @@ class TinyApp:
             state_dir=state_dir,
             batch_size=64,
             commit_interval=0.5,
+            fetch_max_wait=0.25,
         )
         self.app = app = faust_app(settings, web=False, bulk=True)
         raw = {"key_serializer": "raw", "value_serializer": "raw"}
@@ -130,6 +131,8 @@ async def test_the_private_api_uses_work_against_the_pinned_faust(
         await in_order_once(first, sent)
         assert max(len(b) for b in first.batches) > 1, "records came one by one"
         assert first.handovers == [dict.fromkeys(range(PARTITIONS))]  # nothing committed yet
+        # the fetch wait is the setting's, not faust's 1.5 s, in the fetcher that uses it
+        assert first.app.consumer._thread._ensure_consumer()._fetcher._fetch_max_wait_ms == 250
         # the RocksDB accessor reads what the table wrote, in the key's partition
         for (p, _), key in zip(sent, keys, strict=True):
             assert rocksdb_of(first.table, p).get(key) == b"first " + key
