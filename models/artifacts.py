@@ -368,6 +368,13 @@ def load_model_artifact(path: str | Path) -> ModelBundle:
         mlp_config = MLPConfig.from_dict(config["mlp"])
     except (KeyError, TypeError, SketchstreamError) as exc:
         raise ArtifactError(f"model artifact {path}: bad MLP config: {exc}") from exc
+    if config.get("aggregator"):
+        from sketchstream.models.channels import aggregator_config_from_dict
+
+        try:
+            aggregator_config_from_dict(config["aggregator"])
+        except (TypeError, SketchstreamError) as exc:
+            raise ArtifactError(f"model artifact {path}: bad aggregator config: {exc}") from exc
     model = EngagementMLP(mlp_config)
     try:
         state = load_file(str(path / WEIGHTS))

@@ -179,15 +179,31 @@ def aggregator_config_to_dict(config: AggregatorConfig) -> dict[str, Any]:
 
 
 def aggregator_config_from_dict(d: Mapping[str, Any]) -> AggregatorConfig:
-    """Inverse of :func:`aggregator_config_to_dict`."""
+    """Inverse of :func:`aggregator_config_to_dict`. A key this version does not know (an
+    artifact of a newer sketchstream, whose features this one would compute otherwise) or a
+    value of the wrong shape is a :class:`ModelError`, never a silent drop or a ``TypeError``."""
     d = _unjson(dict(d))
+    _known_keys("aggregator config", d, AggregatorConfig)
     channels = []
-    for c in d.pop("channels", ()):
-        c = dict(c)
-        if c.get("actions") is not None:
-            c["actions"] = frozenset(c["actions"])
-        channels.append(Channel(**c))
-    return AggregatorConfig(channels=tuple(channels), **d)
+    try:
+        for c in d.pop("channels", ()):
+            c = dict(c)
+            _known_keys(f"aggregator channel {c.get('name')!r}", c, Channel)
+            if c.get("actions") is not None:
+                c["actions"] = frozenset(c["actions"])
+            channels.append(Channel(**c))
+        return AggregatorConfig(channels=tuple(channels), **d)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"aggregator config: {exc}") from exc
+
+
+def _known_keys(what: str, d: Mapping[str, Any], cls: type) -> None:
+    unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise ModelError(
+            f"{what}: unknown keys {unknown} (written by a newer sketchstream? this one cannot "
+            "compute its features)"
+        )
 
 
 def _jsonable(obj: Any) -> Any:

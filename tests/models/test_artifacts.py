@@ -15,6 +15,7 @@ from sketchstream.models.artifacts import (
     load_model_artifact,
     save_model_artifact,
 )
+from sketchstream.models.channels import aggregator_config_to_dict, default_config
 from sketchstream.models.emde import Codebook
 from sketchstream.models.errors import ArtifactError
 from sketchstream.models.mlp import EngagementMLP, MLPConfig, MLPInputs
@@ -39,7 +40,7 @@ def _save(root, parts, **kw):
         root,
         model=model,
         codebooks=codebooks,
-        aggregator_config={"half_life_days": 30.0},
+        aggregator_config=aggregator_config_to_dict(default_config()),
         metrics={"test": {"auc": 0.8}},
         **kw,
     )
@@ -67,7 +68,7 @@ def test_round_trip_gives_the_same_predictions_and_config(tmp_path, parts):
     assert bundle.version == version
     assert bundle.mlp_config == model.config
     assert bundle.codebook_versions == {"interactions": codebooks["interactions"].version}
-    assert bundle.aggregator_config == {"half_life_days": 30.0}
+    assert bundle.aggregator_config == aggregator_config_to_dict(default_config())
     assert bundle.metrics["test"]["auc"] == 0.8
     rng = np.random.default_rng(1)
     x = MLPInputs(rng.normal(size=(5, 4)).astype("f4"), rng.integers(-1, 8, (5, 1, 3)))
@@ -180,6 +181,29 @@ def test_the_item_snapshot_round_trips_exactly_and_is_checksummed(tmp_path, part
     assert _save(tmp_path / "again", parts, item_snapshot=_snapshot()) == version
     _flip_last_byte(tmp_path / version / "item-snapshot.safetensors")
     with pytest.raises(ArtifactError, match=r"item-snapshot\.safetensors"):
+        load_model_artifact(tmp_path / version)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda a: a.update(clock=True), r"unknown keys \['clock'\]"),
+        (lambda a: a["channels"][0].update(decay="fast"), r"channel 'liked': unknown keys"),
+        (lambda a: a.update(channels=["liked"]), "aggregator config"),
+        (lambda a: a.update(history_size=-1), "history_size"),
+    ],
+)
+def test_an_aggregator_config_this_version_cannot_compute_is_refused(tmp_path, parts, edit, match):
+    """An artifact of a newer sketchstream (a key this one does not know) or a malformed
+    config: a clear ArtifactError at load, which a worker's model feed refuses and logs, not a
+    TypeError that stops it."""
+    config = aggregator_config_to_dict(default_config())
+    edit(config)
+    model, codebooks = parts
+    version = save_model_artifact(
+        tmp_path, model=model, codebooks=codebooks, aggregator_config=config, metrics={}
+    )
+    with pytest.raises(ArtifactError, match=match):
         load_model_artifact(tmp_path / version)
 
 
