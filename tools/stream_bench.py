@@ -19,7 +19,8 @@ changelog (the latest state of every user). CPU µs per event is the process's C
 (``/proc/<pid>/stat``) from its first output to its last of the drain, over those outputs: on
 a machine shared with other work, the events/s move with the load while this barely does, so
 the ratio of two systems' CPU per event says what their events/s would be, each on a core of
-its own. With ``profile``, the worker's row also gets where
+its own (none when the drain took under :data:`_MIN_CPU_TICKS` clock ticks of CPU: the
+counters move by whole ticks, 10 ms). With ``profile``, the worker's row also gets where
 its time went in each phase, stage by stage (:mod:`~sketchstream.tools.bench_profile`, read
 off its ``/metrics``).
 
@@ -85,6 +86,9 @@ log = logging.getLogger(__name__)
 
 SYSTEMS = ("raw", "faust", "worker")
 _READY_TIMEOUT = 120.0
+#: /proc's CPU counters move by whole clock ticks (10 ms): a drain that took fewer than this
+#: many ticks of CPU gets no CPU figure (a tiny drain read 0 ticks and reported 0.0)
+_MIN_CPU_TICKS = 10
 
 
 class StreamBenchError(SketchstreamError):
@@ -630,7 +634,8 @@ async def run_one(
             rate = (len(outs) - 1) / span if span > 0 else float("nan")
             say(f"  {system}: {len(outs):,} outputs in {span:.2f}s: {rate:,.0f} events/s")
             run = BenchRun(system, n, rate)
-            if first and first[0][0] < n:
+            ticks = (cpu - first[0][1]) * os.sysconf("SC_CLK_TCK") if first else 0.0
+            if first and first[0][0] < n and ticks >= _MIN_CPU_TICKS - 0.5:
                 run.cpu_us_per_event = 1e6 * (cpu - first[0][1]) / (n - first[0][0])
             url = proc.metrics_url if profile else None
             drained = await scrape_idle(url) if url else None

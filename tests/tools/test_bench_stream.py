@@ -48,7 +48,8 @@ def test_bench_stream_writes_one_json_line_per_system(kafka_bootstrap: str, tmp_
     for r in rows:
         assert r["events_per_s"] > 0 and r["rss_mb"] > 0
         assert 0 <= r["p50_ms"] <= r["p99_ms"]
-        # None when the drain ended before the bench's first look (0.2 s): 2,000 events may
+        # None when the drain ended before the bench's first look (0.2 s), or took under ten
+        # clock ticks of CPU (a figure of whole 10 ms ticks): 2,000 events may
         assert r["cpu_us_per_event"] is None or r["cpu_us_per_event"] > 0
     worker = rows[-1]
     assert worker["state_bytes_per_user"] > 0 and worker["users"] > 0
