@@ -383,6 +383,11 @@ def load_model_artifact(path: str | Path) -> ModelBundle:
         raise ArtifactError(
             f"model artifact {path}: {WEIGHTS} does not fit the config: {exc}"
         ) from exc
+    if not model.fixed_ready:
+        raise ArtifactError(
+            f"model artifact {path}: its products are fixed16 but {WEIGHTS} holds no "
+            "calibrated input scales"
+        )
     model.eval()
     codebooks: dict[str, Any] = {}
     for modality, name in sorted(manifest.get("codebook_files", {}).items()):

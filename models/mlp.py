@@ -15,11 +15,21 @@ function, so serving cannot drift from training):
 
 Then ``blocks`` residual blocks (Linear → LayerNorm → LeakyReLU → dropout, plus the skip) and
 one logit per engagement head; :meth:`EngagementMLP.predict` applies the sigmoid.
+
+At inference the hidden layers' three matrix products are most of the MLP's time, and float32
+products already run at the core's FMA peak. A ``products="fixed16"`` model (the trainer's
+default) computes them in 16-bit fixed point with exact integer sums (:class:`FixedLayer`),
+on the CPU's int8 matrix units; the inputs' scales are fixed on the training rows after
+training (:meth:`EngagementMLP.calibrate_products`), not per batch, so the rows a score is
+batched with move it no more than with float32 products (a last bit).
+bfloat16 products were measured and refused: rounding an input to 8 bits turns the last-bit
+differences that batching leaves in the decayed features into jumps of ~1e-4 in a score.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,17 +42,31 @@ from sketchstream.models import kernels, mlp_kernels
 from sketchstream.models.errors import ModelError
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "FIXED_HEADROOM",
+    "PRODUCTS",
     "EngagementMLP",
+    "FixedLayer",
     "MLPConfig",
     "MLPInputs",
     "assemble",
     "code_indices",
     "counts_columns",
+    "int8_products_exact",
     "set_threads",
     "to_tensors",
     "user_rate_columns",
 ]
+
+
+#: ``MLPConfig.products``: how the hidden layers' matrix products are computed at inference
+PRODUCTS = ("float32", "fixed16")
+
+#: ``calibrate_products``: a fixed-point input's range is this many times the largest
+#: magnitude its column reached on the training rows (values beyond it are clipped)
+FIXED_HEADROOM = 2.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +97,10 @@ class MLPConfig:
     user_rates: bool = False
     heads: tuple[str, ...] = ("like",)  # one sigmoid output per engagement type
     dense_names: tuple[str, ...] = field(default=())  # names of the dense columns, for reports
+    # how predict computes the hidden layers' matrix products: "float32" (BLAS), or "fixed16":
+    # inputs and weights as 16-bit fixed point (two int8 digits each, the inputs' scales
+    # fixed on the training rows by EngagementMLP.calibrate_products), exact integer sums
+    products: str = "float32"
 
     def __post_init__(self) -> None:
         if self.n_dense < 0 or self.modalities < 0:
@@ -104,6 +132,10 @@ class MLPConfig:
             raise ModelError(f"MLPConfig: dropout={self.dropout} not in [0, 1)")
         if not self.heads:
             raise ModelError("MLPConfig: at least one head is needed")
+        if self.products not in PRODUCTS:
+            raise ModelError(
+                f"MLPConfig: products={self.products!r}: expected one of {', '.join(PRODUCTS)}"
+            )
         if self.dense_names and len(self.dense_names) != self.n_dense:
             raise ModelError(
                 f"MLPConfig: {len(self.dense_names)} dense_names for n_dense={self.n_dense}"
@@ -366,6 +398,12 @@ class EngagementMLP(nn.Module):
             _Block(h, config.dropout, config.leaky_slope) for _ in range(config.blocks)
         )
         self.head = nn.Linear(h, len(config.heads))
+        self._fixed: list[FixedLayer] | None = None  # the products' integer weights, once built
+        if config.products == "fixed16":
+            # each product's input scale per column (calibrate_products; 0: not calibrated)
+            for i, layer in enumerate(self._product_layers()):
+                self.register_buffer(f"fixed_scale_{i}", torch.zeros(layer.in_features))
+            self.register_load_state_dict_post_hook(lambda module, _keys: module._forget_fixed())
 
     def set_normalization(self, dense: np.ndarray) -> None:
         """Fit the dense standardization on training rows ``(n, n_dense)``."""
@@ -443,14 +481,22 @@ class EngagementMLP(nn.Module):
         """``dense (n, n_dense)`` float32, ``codes (n, M, D)`` int → logits ``(n, n_heads)``."""
         if self.members is not None:
             return self.member_logits(dense, codes).mean(dim=0)
+        fixed = None if self.training else self._fixed_tables()
+        layers = iter(fixed or ())
         x = self.bias_in
         if self.dense_in is not None:
-            x = x + self.dense_in(self._dense_block(dense))
+            first = self._dense_block(dense)
+            x = x + (self.dense_in(first) if fixed is None else next(layers).reference(first))
+            if fixed is not None:
+                x = x + self.dense_in.bias
         if self.codes_in is not None:
             x = x + self.codes_in(code_indices(codes, self.config.width))
         x = self.act_in(self.norm_in(x))
         for block in self.blocks:
-            x = block(x)
+            if fixed is None:
+                x = block(x)
+            else:  # eval: no dropout
+                x = x + block.act(block.norm(next(layers).reference(x) + block.fc.bias))
         return self.head(x)
 
     def member_logits(self, dense: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -498,16 +544,33 @@ class EngagementMLP(nn.Module):
             zeros = np.zeros((1, cfg.n_dense), np.float32)
             self.predict(MLPInputs(zeros, np.full((1, cfg.modalities, cfg.depth), -1, np.int16)))
 
-    def _logits_compiled(self, dense: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    def _logits_compiled(
+        self, dense: np.ndarray, codes: np.ndarray, peaks: list[np.ndarray] | None = None
+    ) -> np.ndarray:
         """:meth:`forward` in eval mode (no dropout) without torch: ``(n, n_heads)`` float32
         logits from the numpy inputs. Reads the parameters in place (views, no copy), so it
-        is never stale, in training too."""
+        is never stale, in training too (a ``"fixed16"`` model's integer weights are built
+        once calibrated, after training). ``peaks``: one array per product, raised to each
+        input column's largest magnitude (float32 products then, for calibrate_products)."""
         if self.members is not None:
             logits = [member._logits_compiled(dense, codes) for member in self.members]
             return np.mean(logits, axis=0, dtype=np.float32)
         cfg = self.config
         n = dense.shape[0]
         arr = _array
+        fixed = None if peaks is not None else self._fixed_tables()
+        layer = 0
+
+        def product(inp: np.ndarray, linear: nn.Linear, out: np.ndarray) -> None:
+            nonlocal layer
+            if fixed is not None:
+                fixed[layer].product(inp, out)
+            else:
+                if peaks is not None and len(inp):
+                    np.maximum(peaks[layer], np.abs(inp).max(axis=0), out=peaks[layer])
+                np.matmul(inp, arr(linear.weight).T, out=out)
+            layer += 1
+
         x = np.empty((n, cfg.hidden), dtype=np.float32)
         if self.dense_in is not None:
             q = cfg.quantiles
@@ -531,7 +594,7 @@ class EngagementMLP(nn.Module):
                 step,
                 first,
             )
-            np.matmul(first, arr(self.dense_in.weight).T, out=x)
+            product(first, self.dense_in, x)
             x += arr(self.dense_in.bias)
             x += arr(self.bias_in)
         else:
@@ -543,11 +606,63 @@ class EngagementMLP(nn.Module):
         self._norm_act(x, self.norm_in)
         y = np.empty_like(x)
         for block in self.blocks:
-            np.matmul(x, arr(block.fc.weight).T, out=y)
+            product(x, block.fc, y)
             y += arr(block.fc.bias)
             self._norm_act(y, block.norm)
             x += y
         return x @ arr(self.head.weight).T + arr(self.head.bias)
+
+    def calibrate_products(self, inputs: MLPInputs, batch_size: int = 8192) -> None:
+        """Fix a ``"fixed16"`` model's input scales on ``inputs`` (the training rows), after
+        training: each product input column's scale is its largest magnitude on them, times
+        :data:`FIXED_HEADROOM`, over 127 (a column that is always 0 gets 1). From then on
+        :meth:`predict` (and the eval forward) compute the products in fixed point."""
+        if self.config.products != "fixed16":
+            raise ModelError(f"calibrate_products: products={self.config.products!r}")
+        if self.members is not None:
+            for member in self.members:
+                member.calibrate_products(inputs, batch_size)
+            return
+        peaks = [np.zeros(layer.in_features, np.float32) for layer in self._product_layers()]
+        for start in range(0, len(inputs), batch_size):
+            part = inputs.take(slice(start, min(start + batch_size, len(inputs))))
+            self._logits_compiled(
+                np.ascontiguousarray(part.dense, dtype=np.float32), part.codes, peaks=peaks
+            )
+        for i, peak in enumerate(peaks):
+            scale = np.where(peak > 0, peak.astype(np.float64) * FIXED_HEADROOM / 127.0, 1.0)
+            getattr(self, f"fixed_scale_{i}").copy_(torch.from_numpy(scale.astype(np.float32)))
+        self._forget_fixed()
+
+    @property
+    def fixed_ready(self) -> bool:
+        """False for a ``"fixed16"`` model not calibrated yet (True for ``"float32"``)."""
+        if self.members is not None:
+            return all(member.fixed_ready for member in self.members)
+        return self.config.products != "fixed16" or self._fixed_tables() is not None
+
+    def _product_layers(self) -> list[nn.Linear]:
+        """The linears whose products ``"fixed16"`` computes in fixed point (not the head)."""
+        first = [self.dense_in] if self.dense_in is not None else []
+        return first + [block.fc for block in self.blocks]
+
+    def _forget_fixed(self) -> None:
+        self._fixed = None
+
+    def _fixed_tables(self) -> list[FixedLayer] | None:
+        """The fixed-point products (built from the weights and scales at first use); None:
+        float32 products (``products="float32"``, or not calibrated yet: in training)."""
+        if self.config.products != "fixed16":
+            return None
+        if self._fixed is None:
+            layers = []
+            for i, linear in enumerate(self._product_layers()):
+                scale = _array(getattr(self, f"fixed_scale_{i}"))
+                if not (scale > 0).all():
+                    return None
+                layers.append(FixedLayer.from_weights(_array(linear.weight), scale))
+            self._fixed = layers
+        return self._fixed
 
     def _norm_act(self, x: np.ndarray, norm: nn.LayerNorm) -> None:
         mlp_kernels.norm_act(
@@ -570,6 +685,96 @@ class EngagementMLP(nn.Module):
                 f"item codes of shape {inputs.codes.shape}: the model expects "
                 f"(n, {cfg.modalities}, {cfg.depth})"
             )
+
+
+@dataclass(frozen=True)
+class FixedLayer:
+    """One matrix product ``x @ W.T`` in 16-bit fixed point with exact integer sums.
+
+    Each input column ``k`` is ``x_k ~ s_k (h_k + l_k / 256)``, two int8 digits at the
+    column's calibrated scale ``s_k``; each weight row ``j`` of ``W_jk s_k`` (the scale folded
+    in) is ``r_j (P1_jk + P2_jk / 256)``. The product is
+    ``r_j (h.P1 + (h.P2 + l.P1) / 256)``: three int8 products summed exactly in int32
+    (``torch._int_mm``, AMX/VNNI on x86), so a row's result does not depend on the rows it is
+    batched with, on the machine's kernels or on threads. A float32 input moved in its last
+    bit (as batching moves the decayed features) moves its low digit by one at most, 1/256 of
+    a scale step: a worker's scores stay within 1e-5 of the offline replay's, as with float32
+    products."""
+
+    inv_scale: np.ndarray  # (k,) float32: 1 / s
+    hi: torch.Tensor  # (k, 2m) int8: [P1 | P2] transposed
+    lo: torch.Tensor  # (k, m) int8: P1 transposed
+    scale: np.ndarray  # (m,) float64: r
+
+    @classmethod
+    def from_weights(cls, weight: np.ndarray, scale: np.ndarray) -> FixedLayer:
+        """From a float32 ``weight (m, k)`` and the inputs' ``scale (k,)`` (all > 0)."""
+        w = weight.astype(np.float64) * scale.astype(np.float64)[None, :]
+        r = np.abs(w).max(axis=1) / 127.0
+        r[r == 0] = 1.0
+        t = w / r[:, None]
+        p1 = np.rint(t)
+        p2 = np.clip(np.rint((t - p1) * 256.0), -127, 127)
+        hi = np.ascontiguousarray(np.concatenate([p1, p2]).T.astype(np.int8))
+        lo = np.ascontiguousarray(p1.T.astype(np.int8))
+        return cls(
+            inv_scale=(1.0 / scale.astype(np.float64)).astype(np.float32),
+            hi=torch.from_numpy(hi),
+            lo=torch.from_numpy(lo),
+            scale=r,
+        )
+
+    def product(self, x: np.ndarray, out: np.ndarray) -> None:
+        """``out (n, m)`` float32 ``~ x @ W.T`` for ``x (n, k)`` float32 (compiled path)."""
+        hi = np.empty(x.shape, np.int8)
+        lo = np.empty(x.shape, np.int8)
+        mlp_kernels.quantize16(x, self.inv_scale, hi, lo)
+        mlp_kernels.dequantize16(
+            _int_products(hi, self.hi), _int_products(lo, self.lo), self.scale, out
+        )
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The same product in torch ops (the reference forward's): float64 sums of the
+        digits' products, exact as the compiled path's int32 ones."""
+        t = (x * torch.from_numpy(self.inv_scale)).clamp(-127.0, 127.0)
+        h = torch.round(t)
+        lo = torch.round((t - h) * 256.0).clamp(max=127.0)
+        m = self.lo.shape[1]
+        p = self.hi.double()
+        g_hi = h.double() @ p
+        g = g_hi[:, :m] + (g_hi[:, m:] + lo.double() @ p[:, :m]) / 256.0
+        return (torch.from_numpy(self.scale) * g).float()
+
+
+def _int_products(a: np.ndarray, b: torch.Tensor) -> np.ndarray:
+    """``a (n, k) @ b (k, m)``, int8 digits, summed exactly: int32 ``(n, m)``. torch's int8
+    product where it is exact on this CPU (:func:`int8_products_exact`), else BLAS on the
+    digits as floats (exact too: float32 while ``k * 127 * 128 < 2**24``, else float64)."""
+    if int8_products_exact():
+        return torch._int_mm(torch.from_numpy(a), b).numpy()
+    dtype = np.float32 if a.shape[1] * 127 * 128 < 2**24 else np.float64
+    return (a.astype(dtype) @ b.numpy().astype(dtype)).astype(np.int32)
+
+
+@functools.cache
+def int8_products_exact() -> bool:
+    """Whether ``torch._int_mm`` sums int8 products exactly on this CPU: on AVX2 without VNNI
+    the int8 kernels pair products in saturating int16 (or halve the weights), which the
+    fixed-point digits' full range would hit. Checked once per process on the extremes."""
+    rng = np.random.default_rng(0)
+    digits = np.array([-128, -127, 127], dtype=np.int8)
+    a = rng.choice(digits, size=(24, 1024))
+    b = rng.choice(digits[1:], size=(1024, 40))
+    a[0], a[1], b[:, 0], b[:, 1] = 127, -128, 127, -127  # every pair at the extreme
+    try:
+        got = torch._int_mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    except (RuntimeError, AttributeError) as exc:
+        log.warning("torch's int8 product is not available (%s): fixed16 products on BLAS", exc)
+        return False
+    exact = np.array_equal(got, a.astype(np.int64) @ b.astype(np.int64))
+    if not exact:
+        log.warning("torch's int8 product is not exact on this CPU: fixed16 products on BLAS")
+    return exact
 
 
 def _array(t: torch.Tensor) -> np.ndarray:

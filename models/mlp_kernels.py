@@ -5,12 +5,15 @@ The torch forward of a hidden-256 model is about forty tensor calls (the dense b
 standardization, quantile CDF and bins; the code rows; three LayerNorm + LeakyReLU; the
 residual adds), each with a fixed cost of several µs: on a worker's small batches (50 events)
 that overhead is most of the MLP's time. Here each of those steps is one loop, and the three
-matrix products go to numpy's BLAS (the same single-thread speed as torch's on this machine):
+matrix products go to numpy's BLAS (the same single-thread speed as torch's on this machine),
+or, for a ``products="fixed16"`` model, to exact int8 products (``FixedLayer``):
 
 - :func:`dense_inputs`: the first layer's dense input, ``EngagementMLP._dense_block``;
 - :func:`add_code_rows`: the sparse first layer (``nn.EmbeddingBag(mode="sum")`` over
   :func:`~sketchstream.models.mlp.code_indices`);
-- :func:`norm_act`: ``LeakyReLU(LayerNorm(x))`` in place.
+- :func:`norm_act`: ``LeakyReLU(LayerNorm(x))`` in place;
+- :func:`quantize16`, :func:`dequantize16`: around the fixed-point products of a model
+  whose ``MLPConfig.products`` is ``"fixed16"`` (see ``EngagementMLP.calibrate_products``).
 
 Same arithmetic as the torch forward, in float32 where it is float32 (the products and
 sums' order differ, so probabilities agree within 1e-6, not to the bit:
@@ -23,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from sketchstream.models.kernels import compiled
 
-__all__ = ["add_code_rows", "dense_inputs", "norm_act"]
+__all__ = ["add_code_rows", "dense_inputs", "dequantize16", "norm_act", "quantize16"]
 
 
 @compiled
@@ -117,3 +120,45 @@ def norm_act(x: np.ndarray, gain: np.ndarray, bias: np.ndarray, eps: float, slop
         for j in range(h):
             y = (x[r, j] - mu) * inv * gain[j] + bias[j]
             x[r, j] = y if y > 0.0 else slope * y
+
+
+#: 1.5 * 2**23: ``(t + ROUND) - ROUND`` rounds a float32 ``|t| < 2**22`` to the nearest
+#: integer, ties to even (as ``np.rint`` and ``torch.round``), in two additions that vectorize
+ROUND = np.float32(12582912.0)
+
+
+@compiled
+def quantize16(x: np.ndarray, inv_scale: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> None:
+    """``x (n, k)`` float32 as two int8 digits per value: ``t = x * inv_scale`` clipped to
+    [-127, 127], ``hi = round(t)``, ``lo = round((t - hi) * 256)`` clipped to [-127, 127],
+    so ``x ~ (hi + lo / 256) / inv_scale`` to 1/512 of a scale step. ``hi, lo (n, k)`` int8,
+    written (two arrays, not one: writes to two places of one array do not vectorize)."""
+    n, k = x.shape
+    top = np.float32(127.0)
+    bottom = np.float32(-127.0)
+    digit = np.float32(256.0)
+    for r in range(n):
+        row, a, b = x[r], hi[r], lo[r]
+        for j in range(k):
+            t = row[j] * inv_scale[j]
+            t = t if t > bottom else bottom
+            t = t if t < top else top
+            h = (t + ROUND) - ROUND
+            m = ((t - h) * digit + ROUND) - ROUND
+            m = m if m < top else top
+            a[j] = np.int32(h)
+            b[j] = np.int32(m)
+
+
+@compiled
+def dequantize16(g_hi: np.ndarray, g_lo: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
+    """``out (n, m)`` float32, written: ``scale * (G11 + (G12 + G21) / 256)`` per column, from
+    the exact integer products ``g_hi = hi @ [P1 | P2]`` ``(n, 2m)`` and ``g_lo = lo @ P1``
+    ``(n, m)`` int32 (``P1, P2`` the weights' two digits), in float64 (exact for int32 sums),
+    rounded once to float32. The ``lo * P2 / 65536`` term is left out (below the digits'
+    own precision)."""
+    n, m = out.shape
+    for r in range(n):
+        a, b, o = g_hi[r], g_lo[r], out[r]
+        for j in range(m):
+            o[j] = np.float32(scale[j] * (np.float64(a[j]) + np.float64(a[m + j] + b[j]) / 256.0))

@@ -44,6 +44,7 @@ from sketchstream.models.channels import (
 from sketchstream.models.errors import ModelError
 from sketchstream.models.fit import ITEM_CODES, train_choosing_codes, train_mlp
 from sketchstream.models.mlp import (
+    PRODUCTS,
     EngagementMLP,
     MLPConfig,
     MLPInputs,
@@ -104,6 +105,10 @@ class TrainConfig:
     # piecewise-linearly over this many quantile bins (MLPConfig.bins; 0: not)
     bins: int = 12
     members: int = 1  # networks averaged (MLPConfig.members)
+    # the hidden layers' products at inference (MLPConfig.products): "fixed16", 16-bit fixed
+    # point with exact integer sums (the scales fixed on the training rows after training),
+    # or "float32"
+    products: str = "fixed16"
     user_rates: bool = True  # the user's like rates off the channel masses (MLPConfig.user_rates)
     # the user's last gap, age and mean gap as inputs (AggregatorConfig.recency)
     recency: bool = True
@@ -127,6 +132,8 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.products not in PRODUCTS:
+            raise ModelError(f"products={self.products!r}: expected one of {', '.join(PRODUCTS)}")
         if self.item_codes not in ITEM_CODES:
             raise ModelError(
                 f"item_codes={self.item_codes!r}: expected one of {', '.join(ITEM_CODES)}"
@@ -544,6 +551,7 @@ def run_protocol(
         bins=config.bins if config.quantiles else 0,
         binned=counts_columns(rep.features) if config.bins and config.quantiles else (),
         members=config.members,
+        products=config.products,
         user_rates=config.user_rates,
         heads=head_names,
         dense_names=tuple(names) if len(names) == inputs.dense.shape[1] else (),
@@ -578,6 +586,25 @@ def run_protocol(
     p = model.predict(inputs)
     timings["predict"] = time.perf_counter() - t0
     metrics = _head_metrics(y, p, split, head_names)
+    if config.products == "fixed16":
+        t0 = time.perf_counter()
+        model.calibrate_products(train_in)
+        p_float = p
+        p = model.predict(inputs)
+        timings["calibrate"] = time.perf_counter() - t0
+        float_metrics = metrics
+        metrics = _head_metrics(y, p, split, head_names)
+        for name in head_names:
+            log.info(
+                "fixed16 products, %s: test AUC %.4f RCE %.2f (float32 products: %.4f, %.2f; "
+                "largest probability difference %.1e)",
+                name,
+                metrics[name]["test"]["auc"],
+                metrics[name]["test"]["rce"],
+                float_metrics[name]["test"]["auc"],
+                float_metrics[name]["test"]["rce"],
+                float(np.nanmax(np.abs(p - p_float))),
+            )
     return ProtocolResult(
         model=model,
         codebooks=codebooks,

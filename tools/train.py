@@ -27,7 +27,7 @@ from sketchstream.tools.options import (
     exit_on_error,
 )
 
-__all__ = ["ItemCodes", "load_codebooks", "train", "train_model"]
+__all__ = ["ItemCodes", "Products", "load_codebooks", "train", "train_model"]
 
 
 class ItemCodes(StrEnum):
@@ -36,6 +36,13 @@ class ItemCodes(StrEnum):
     AUTO = "auto"
     ON = "on"
     OFF = "off"
+
+
+class Products(StrEnum):
+    """``--products``: the values of ``TrainConfig.products``."""
+
+    FIXED16 = "fixed16"
+    FLOAT32 = "float32"
 
 
 def load_codebooks(path: Path) -> dict:
@@ -78,6 +85,15 @@ def train(
             "item-identity input.",
         ),
     ] = ItemCodes.AUTO,
+    products: Annotated[
+        Products,
+        typer.Option(
+            help="How the served MLP computes its hidden layers' matrix products: fixed16 "
+            "(inputs and weights as 16-bit fixed point, the inputs' ranges taken from the "
+            "training rows after training, exact integer sums: ~2x faster on CPUs with int8 "
+            "matrix units, test AUC the same to ~1e-4; the log gives both) or float32.",
+        ),
+    ] = Products.FIXED16,
     head: HeadOption = None,
     baselines: BaselinesOption = True,
     threads: ThreadsOption = 0,
@@ -134,6 +150,7 @@ def train(
         width=width,
         seed=seed,
         item_codes=item_codes.value,
+        products=products.value,
     )
     with exit_on_error():
         given = load_codebooks(codebooks) if codebooks is not None else None

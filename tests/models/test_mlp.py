@@ -277,6 +277,115 @@ def test_predict_outside_torch_equals_the_torch_forward(monkeypatch, kw):
     assert model.training  # predict leaves the mode as it found it
 
 
+def _fixed_model(seed: int = 0, **kw) -> tuple[EngagementMLP, MLPInputs]:
+    """A calibrated ``"fixed16"`` model (parameters moved off their initial values) and 300
+    rows of inputs, the first 200 its calibration rows."""
+    torch.manual_seed(seed)
+    cfg = _config(products="fixed16", quantiles=8, bins=4, binned=(1, 3), hidden=32, **kw)
+    model = EngagementMLP(cfg)
+    x = _inputs(n=300, n_dense=cfg.n_dense, seed=seed)
+    x = MLPInputs(dense=x.dense * 3.0, codes=x.codes)
+    model.set_normalization(x.dense[:200])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.calibrate_products(x.take(slice(0, 200)))
+    return model, x
+
+
+def test_fixed_product_is_exact_integer_arithmetic_on_two_digits():
+    """``FixedLayer``: the compiled product equals its torch reference to the bit (the same
+    digits, exact integer sums), is independent of the rows it is batched with, is within
+    the digits' precision of the float64 product, and clips beyond the scale's range."""
+    from sketchstream.models.mlp import FixedLayer
+
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(24, 40)).astype(np.float32)
+    x = (rng.normal(size=(500, 40)) * rng.uniform(0.1, 10.0, size=40)).astype(np.float32)
+    scale = (np.abs(x).max(axis=0) * 2.0 / 127.0).astype(np.float32)
+    layer = FixedLayer.from_weights(w, scale)
+    out = np.empty((500, 24), np.float32)
+    layer.product(x, out)
+    np.testing.assert_array_equal(out, layer.reference(torch.from_numpy(x)).numpy())
+    parts = np.empty_like(out)
+    for start in range(0, 500, 7):
+        layer.product(x[start : start + 7], parts[start : start + 7])
+    np.testing.assert_array_equal(parts, out)
+    exact = x.astype(np.float64) @ w.T.astype(np.float64)
+    bound = np.abs(x).max(axis=0) @ np.abs(w).T / 10_000  # 16 bits less the 2x headroom
+    assert np.all(np.abs(out - exact) <= bound), np.abs(out - exact).max()
+    far = x[:1] * 0 + np.float32(1e6) * np.sign(w[0])  # far beyond every column's range
+    clipped = np.empty((1, 24), np.float32)
+    layer.product(far.astype(np.float32), clipped)
+    edge = (127.0 * scale.astype(np.float64) * np.sign(w[0])) @ w.T.astype(np.float64)
+    np.testing.assert_allclose(clipped[0], edge, rtol=1e-3)
+
+
+def test_fixed_products_on_a_cpu_without_exact_int8_sums_give_the_same_bits(monkeypatch):
+    """Where torch's int8 product is not exact (AVX2 without VNNI saturates), the digits go
+    through BLAS as floats: the same integers, so the same scores to the bit."""
+    from sketchstream.models import mlp
+
+    assert mlp.int8_products_exact()  # this machine's (x86 with VNNI/AMX): the int8 path
+    model, x = _fixed_model()
+    fast = model.predict(x)
+    monkeypatch.setattr(mlp, "int8_products_exact", lambda: False)
+    np.testing.assert_array_equal(model.predict(x), fast)
+
+
+@pytest.mark.parametrize("kw", [{}, {"members": 2}, {"modalities": 0}, {"blocks": 0}])
+def test_fixed16_predict_equals_its_torch_forward_and_float32_closely(monkeypatch, kw):
+    """A calibrated fixed16 model: the compiled ``predict`` against the torch forward (the
+    products' digits may differ where LayerNorm's last bits do: within 5e-5), against the
+    same weights' float32 products (within 2e-3), and independent of the batch (1e-6)."""
+    from sketchstream.models import kernels
+
+    model, x = _fixed_model(**kw)
+    assert model.fixed_ready
+    compiled = model.predict(x)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    reference = model.predict(x)
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    np.testing.assert_allclose(compiled, reference, atol=5e-5, rtol=0)
+    float32 = EngagementMLP(replace_products(model.config, "float32"))
+    float32.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if "fixed_scale" not in k}, strict=True
+    )
+    diff = np.abs(float32.predict(x) - compiled)
+    assert 0 < diff.max() < 2e-3, diff.max()
+    np.testing.assert_allclose(model.predict(x, batch_size=7), compiled, atol=1e-6, rtol=0)
+
+
+def replace_products(cfg: MLPConfig, products: str) -> MLPConfig:
+    return MLPConfig.from_dict({**cfg.to_dict(), "products": products})
+
+
+def test_fixed16_before_calibration_predicts_in_float32_and_its_scales_are_saved():
+    """Training (before ``calibrate_products``) runs float32 products; the calibrated scales
+    are buffers saved with the weights, so a reloaded model predicts the same."""
+    model, x = _fixed_model()
+    fresh = EngagementMLP(model.config)
+    assert not fresh.fixed_ready
+    fresh.load_state_dict(
+        {k: (v * 0 if "fixed_scale" in k else v) for k, v in model.state_dict().items()}
+    )
+    float32 = EngagementMLP(replace_products(model.config, "float32"))
+    float32.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if "fixed_scale" not in k}, strict=True
+    )
+    np.testing.assert_array_equal(fresh.predict(x), float32.predict(x))
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.fixed_ready
+    np.testing.assert_array_equal(fresh.predict(x), model.predict(x))
+    scale = model.fixed_scale_1.numpy()  # the first block's: LeakyReLU(LayerNorm) outputs
+    assert np.all(scale > 0)
+    with pytest.raises(ModelError, match="products"):
+        EngagementMLP(replace_products(model.config, "float32")).calibrate_products(x)
+    with pytest.raises(ModelError, match="products"):
+        _config(products="int4")
+
+
 def test_set_threads_pins_torch_and_blas():
     from sketchstream.models.mlp import set_threads
     from threadpoolctl import threadpool_info
@@ -298,10 +407,15 @@ from sketchstream.models.mlp import EngagementMLP, MLPConfig, MLPInputs
 
 names = [n for n in mlp_kernels.__all__ if hasattr(getattr(mlp_kernels, n), "signatures")]
 cfg = MLPConfig(n_dense=5, modalities=2, depth=3, width=8, hidden=16, quantiles=8, bins=4,
-                binned=(1, 2))
+                binned=(1, 2), products="fixed16")
 model = EngagementMLP(cfg)
 rng = np.random.default_rng(0)
 model.set_normalization(rng.normal(size=(50, 5)))
+model.calibrate_products(
+    MLPInputs(rng.normal(size=(50, 5)).astype(np.float32), np.zeros((50, 2, 3), np.int16))
+)
+# a fresh process: only warm_up may compile (calibration ran float32 products and the
+# kernels around them, so count from here)
 model.warm_up()
 warm = {n: len(getattr(mlp_kernels, n).signatures) for n in names}
 codes = rng.integers(-1, 8, size=(40, 2, 3)).astype(np.int16)  # as the aggregator's item codes
@@ -322,5 +436,5 @@ def test_warm_up_compiles_every_kernel_predict_calls():
     )
     assert out.returncode == 0, out.stderr
     warm, after = json.loads(out.stdout)
-    assert len(warm) == 3 and all(n == 1 for n in warm.values()), warm
+    assert len(warm) == 5 and all(n == 1 for n in warm.values()), warm
     assert after == warm
