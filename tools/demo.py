@@ -126,7 +126,8 @@ def demo(
         typer.Option(
             "--profile",
             help="Training profile when a model is needed: 'demo' (1 epoch, hidden 256, item "
-            "codes off, no baselines) or 'full' (sketchstream train's defaults).",
+            "codes off, float32 products, no baselines) or 'full' (sketchstream train's "
+            "defaults).",
         ),
     ] = "demo",
     workdir: Annotated[

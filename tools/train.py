@@ -90,8 +90,10 @@ def train(
         typer.Option(
             help="How the served MLP computes its hidden layers' matrix products: fixed16 "
             "(inputs and weights as 16-bit fixed point, the inputs' ranges taken from the "
-            "training rows after training, exact integer sums: ~2x faster on CPUs with int8 "
-            "matrix units, test AUC the same to ~1e-4; the log gives both) or float32.",
+            "training rows after training, exact integer sums on the CPU's int8 units; test "
+            "figures the same to ~1e-4, the log gives both) or float32. At hidden 512 fixed16 "
+            "takes 5-9 % off the worker's work per batch; at hidden 256 the drain is faster "
+            "with float32 (README, Benchmarks).",
         ),
     ] = Products.FIXED16,
     head: HeadOption = None,
