@@ -55,26 +55,40 @@ def dense_inputs(
     half = np.float32(0.5)
     one = np.float32(1.0)
     zero = np.float32(0.0)
-    for r in range(n):
-        for c in range(f):
+    # column by column, each step of the knots' search over all rows at once: the rows'
+    # searches are independent, so the step loop vectorizes (a row at a time, each step waited
+    # for the load before it: 1.6 µs a row on the default model, 0.6 this way; the same bits)
+    xs = np.empty(n, dtype=np.float32)
+    at = np.empty(n, dtype=np.int64)
+    for c in range(f):
+        row = knots[c]
+        for r in range(n):
             x = dense[r, c]
+            xs[r] = x
             out[r, c] = (x - mean[c]) / std[c]
-            if q < 1:
-                continue
-            # the first knot > x (right-sided search, branch-free), clamped to 1..q
-            at, length = 0, q + 1
-            while length > 1:
-                step = length // 2
-                at = at + step if knots[c, at + step] <= x else at
-                length -= step
-            idx = min(max(at + (1 if knots[c, at] <= x else 0), 1), q)
-            lo = knots[c, idx - 1]
-            gap = knots[c, idx] - lo
+            at[r] = 0
+        if q < 1:
+            continue
+        # the first knot > x (right-sided search, branch-free), clamped to 1..q
+        length = q + 1
+        while length > 1:
+            step = length // 2
+            for r in range(n):
+                a = at[r]
+                at[r] = a + step if row[a + step] <= xs[r] else a
+            length -= step
+        for r in range(n):
+            x = xs[r]
+            a = at[r]
+            idx = min(max(a + (1 if row[a] <= x else 0), 1), q)
+            lo = row[idx - 1]
+            gap = row[idx] - lo
             frac = (x - lo) / gap if gap > zero else zero
             frac = min(max(frac, zero), one)
             cdf = (np.float32(idx - 1) + frac) / np.float32(q)
             out[r, f + c] = (cdf - half) * root12
-        base = 2 * f
+    base = 2 * f
+    for r in range(n):
         for j in range(binned.shape[0]):
             x = dense[r, binned[j]]
             for k in range(nb):
