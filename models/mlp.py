@@ -491,9 +491,10 @@ class EngagementMLP(nn.Module):
         x = self.bias_in
         if self.dense_in is not None:
             first = self._dense_block(dense)
-            x = x + (self.dense_in(first) if fixed is None else next(layers).reference(first))
-            if fixed is not None:
-                x = x + self.dense_in.bias
+            if fixed is None:
+                x = x + self.dense_in(first)
+            else:
+                x = x + next(layers).reference(first) + self.dense_in.bias
         if self.codes_in is not None:
             x = x + self.codes_in(code_indices(codes, self.config.width))
         x = self.act_in(self.norm_in(x))

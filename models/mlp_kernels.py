@@ -144,9 +144,10 @@ ROUND = np.float32(12582912.0)
 @compiled
 def quantize16(x: np.ndarray, inv_scale: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> None:
     """``x (n, k)`` float32 as two int8 digits per value: ``t = x * inv_scale`` clipped to
-    [-127, 127], ``hi = round(t)``, ``lo = round((t - hi) * 256)`` clipped to [-127, 127],
-    so ``x ~ (hi + lo / 256) / inv_scale`` to 1/512 of a scale step. ``hi, lo (n, k)`` int8,
-    written (two arrays, not one: writes to two places of one array do not vectorize)."""
+    [-127, 127], ``hi = round(t)``, ``lo = round((t - hi) * 256)`` clipped above at 127
+    (its range -128..127), so ``x ~ (hi + lo / 256) / inv_scale`` to 1/512 of a scale step.
+    ``hi, lo (n, k)`` int8, written (two arrays, not one: writes to two places of one array
+    do not vectorize)."""
     n, k = x.shape
     top = np.float32(127.0)
     bottom = np.float32(-127.0)
