@@ -348,10 +348,7 @@ def test_fixed16_predict_equals_its_torch_forward_and_float32_closely(monkeypatc
     reference = model.predict(x)
     monkeypatch.setattr(kernels, "ENABLED", True)
     np.testing.assert_allclose(compiled, reference, atol=5e-5, rtol=0)
-    float32 = EngagementMLP(replace_products(model.config, "float32"))
-    float32.load_state_dict(
-        {k: v for k, v in model.state_dict().items() if "fixed_scale" not in k}, strict=True
-    )
+    float32 = _float32_twin(model)
     diff = np.abs(float32.predict(x) - compiled)
     assert 0 < diff.max() < 2e-3, diff.max()
     np.testing.assert_allclose(model.predict(x, batch_size=7), compiled, atol=1e-6, rtol=0)
@@ -359,6 +356,15 @@ def test_fixed16_predict_equals_its_torch_forward_and_float32_closely(monkeypatc
 
 def replace_products(cfg: MLPConfig, products: str) -> MLPConfig:
     return MLPConfig.from_dict({**cfg.to_dict(), "products": products})
+
+
+def _float32_twin(model: EngagementMLP) -> EngagementMLP:
+    """``model``'s weights in a ``"float32"`` model (its scales left behind)."""
+    twin = EngagementMLP(replace_products(model.config, "float32"))
+    twin.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if "fixed_scale" not in k}, strict=True
+    )
+    return twin
 
 
 def test_fixed16_before_calibration_predicts_in_float32_and_its_scales_are_saved():
@@ -370,10 +376,7 @@ def test_fixed16_before_calibration_predicts_in_float32_and_its_scales_are_saved
     fresh.load_state_dict(
         {k: (v * 0 if "fixed_scale" in k else v) for k, v in model.state_dict().items()}
     )
-    float32 = EngagementMLP(replace_products(model.config, "float32"))
-    float32.load_state_dict(
-        {k: v for k, v in model.state_dict().items() if "fixed_scale" not in k}, strict=True
-    )
+    float32 = _float32_twin(model)
     np.testing.assert_array_equal(fresh.predict(x), float32.predict(x))
     fresh.load_state_dict(model.state_dict())
     assert fresh.fixed_ready
