@@ -115,9 +115,10 @@ class BulkConsumer(FetchLoopConsumer):
                     continue
                 stages.lap("fetch", started)
                 try:
-                    await self._deliver(records, active)
+                    await self._deliver_through_a_stop(records, active)
                 except _Abandoned:
-                    await self._seek_back()
+                    if not self.app.should_stop:  # stopping: the next owner reads from the commit
+                        await self._seek_back()
                 except _Failed:
                     return  # not raised on: that would crash the fetcher, and every service
                 finally:
@@ -131,6 +132,31 @@ class BulkConsumer(FetchLoopConsumer):
             if self.app.should_stop:
                 return
             raise
+
+    async def _deliver_through_a_stop(
+        self, records: Mapping[Any, Sequence[Any]], active: Any
+    ) -> None:
+        """:meth:`_deliver`, with the batch under way finished when a stop cancels the fetch
+        loop. faust's stop cancels the fetcher before it waits for the streams' acknowledgements
+        (its agents run apart from the fetcher; here the handler runs inside it), so a batch cut
+        short would have published predictions whose states are never written nor offsets
+        committed: read again after the restart, they would be published twice. Stopped
+        flows end the fetch at the next batch (:meth:`_check_flow`), so the stop waits for one
+        batch at most; the worker's stop timeout bounds it. A cancel that is not a stop (a
+        rebalance restarting the fetcher) cuts the delivery as before."""
+        delivery = asyncio.ensure_future(self._deliver(records, active))
+        while True:
+            try:
+                await asyncio.shield(delivery)
+                return
+            except asyncio.CancelledError:
+                if self.app.should_stop:
+                    log.info("stopping: the batch under way is finished first")
+                    continue
+                if delivery.done() and not delivery.cancelled():
+                    delivery.exception()  # retrieved: it ended as the cancel came
+                delivery.cancel()
+                raise
 
     async def _deliver(self, records: Mapping[Any, Sequence[Any]], active: Any) -> None:
         """One fetch: the other topics' records one by one, then the bulk topics' in batches."""

@@ -4,7 +4,9 @@ cover it end to end: no skew, crash, takeover, poison events)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections import namedtuple
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -39,8 +41,8 @@ class Harness:
 
         async def handler(messages: list[Any]) -> None:
             self.batches.append([(m.partition, m.offset) for m in messages])
-            if on_batch is not None:
-                on_batch(self)
+            if on_batch is not None and inspect.isawaitable(got := on_batch(self)):
+                await got
 
         events = self.app.topic("events", key_type=bytes, value_type=bytes)
         self.app.bulk(events, handler, size=size)
@@ -152,6 +154,77 @@ async def test_records_of_a_partition_paused_during_the_fetch_are_read_again():
     )
     assert h.batches == [[(1, 0), (1, 1)]]
     assert sought == [{p0: 5}]
+
+
+class SlowBatch:
+    """An ``on_batch`` that holds the first batch until released (a batch under way)."""
+
+    def __init__(self) -> None:
+        self.started, self.release, self.finished = asyncio.Event(), asyncio.Event(), 0
+
+    async def __call__(self, h: Harness) -> None:
+        self.started.set()
+        await self.release.wait()
+        self.finished += 1
+
+
+def fetch_once(h: Harness, fetched: dict[TP, list[Record]]) -> None:
+    """The consumer's next fetch brings ``fetched``, then nothing ever again."""
+    todo = [fetched]
+
+    async def next_records(timeout: float) -> tuple[dict, None]:
+        if todo:
+            return todo.pop(), None
+        await asyncio.sleep(timeout)
+        return {}, None
+
+    h.consumer.next_records = next_records
+
+
+async def test_a_stop_lets_the_batch_under_way_finish_and_acknowledges_it():
+    """faust's stop cancels the fetch loop before it waits for the streams' acknowledgements,
+    and here the handler runs inside that loop: cut short, a batch whose predictions are out
+    would be read and published again after the restart. The batch under way finishes and is
+    acknowledged (the stop commits it); the fetch's next batch is not delivered."""
+    slow = SlowBatch()
+    h = Harness(size=2, on_batch=slow)
+    p0 = TP("events", 0)
+    await h.app.topics._update_indices()
+    fetch_once(h, {p0: records("events", 0, [0, 1, 2, 3])})
+    fetcher = SimpleNamespace(should_stop=False)
+    loop = asyncio.ensure_future(h.consumer.fetch_loop(fetcher))
+    await asyncio.wait_for(slow.started.wait(), 5)
+    # faust's stop: the app stopping, the flow stopped, the fetcher stopping and its task cancelled
+    h.app._stopped.set()
+    h.consumer.stop_flow()
+    fetcher.should_stop = True
+    loop.cancel()
+    await asyncio.sleep(0.05)
+    assert not loop.done()  # the batch under way holds the stop
+    loop.cancel()  # faust's Fetcher cancels again each second it waits
+    await asyncio.sleep(0.05)
+    slow.release.set()
+    await asyncio.wait_for(loop, 5)  # ends without raising: a clean stop
+    assert slow.finished == 1 and h.batches == [[(0, 0), (0, 1)]]
+    assert not h.consumer.unacked
+    assert h.consumer._new_offset(p0) == 2
+
+
+async def test_a_cancel_that_is_not_a_stop_cuts_the_batch_unacknowledged():
+    """A rebalance restarts the fetcher by cancelling it: the batch under way is cut and read
+    again from the commit, nothing of it acknowledged."""
+    slow = SlowBatch()
+    h = Harness(size=2, on_batch=slow)
+    p0 = TP("events", 0)
+    await h.app.topics._update_indices()
+    fetch_once(h, {p0: records("events", 0, [0, 1])})
+    loop = asyncio.ensure_future(h.consumer.fetch_loop(SimpleNamespace(should_stop=False)))
+    await asyncio.wait_for(slow.started.wait(), 5)
+    loop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(loop, 5)
+    assert slow.finished == 0
+    assert h.consumer._new_offset(p0) is None
 
 
 async def test_a_failing_handler_stops_the_worker_with_its_error_and_acknowledges_nothing():

@@ -18,7 +18,7 @@ from datetime import datetime
 
 import orjson
 import pytest
-from kafka_harness import StreamEnv, WorkerProcess, synthetic_events
+from kafka_harness import StreamEnv, WorkerProcess, consume, run, synthetic_events
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -188,6 +188,35 @@ def test_sigterm_under_load_stops_a_worker_cleanly_within_10_s(stream_env, start
     print(f"SIGTERM while processing → exit {code} after {stopped:.1f} s")
     assert code == 0, worker.tail()
     assert stopped <= 10.0, worker.tail()
+    # a clean stop commits every event it published a prediction for (the batch under way
+    # finishes): nothing is read and published again by the next start
+    committed = run(committed_offsets(stream_env.bootstrap, stream_env.app_id))
+    published = max_predicted_offsets(stream_env)
+    assert published, "no predictions read back"
+    for partition, offset in published.items():
+        assert committed.get(partition, 0) > offset, (partition, offset, committed)
+
+
+async def committed_offsets(bootstrap: str, group: str) -> dict[int, int]:
+    """The group's committed offsets of the events topic, by partition."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        got = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in got.items() if tp.topic.startswith("events")}
+
+
+def max_predicted_offsets(env: StreamEnv) -> dict[int, int]:
+    """The last event offset with a published prediction, by partition."""
+    last: dict[int, int] = {}
+    for r in run(consume(env.bootstrap, env.topics["predictions"])):
+        event = orjson.loads(r.value)["event"]
+        last[event["partition"]] = max(last.get(event["partition"], -1), event["offset"])
+    return last
 
 
 @contextmanager
