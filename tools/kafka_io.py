@@ -151,8 +151,13 @@ async def topic_end_offsets(
         await consumer.stop()
 
 
-async def read_topic(client_kwargs: Mapping[str, Any], topic: str) -> list[Any]:
-    """Every record of ``topic`` up to its current end (group-less consumer)."""
+async def read_topic(
+    client_kwargs: Mapping[str, Any], topic: str, *, metadata_wait_s: float = 5.0
+) -> list[Any]:
+    """Every record of ``topic`` up to its current end (group-less consumer); ``[]`` when
+    the topic is not in the broker's metadata within ``metadata_wait_s`` (a topic just
+    created may take a moment to appear). Done per partition when the read position reaches
+    the end offset, not the last record's offset: offsets may have holes."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(
@@ -166,9 +171,12 @@ async def read_topic(client_kwargs: Mapping[str, Any], topic: str) -> list[Any]:
     await consumer.start()
     try:
         parts = consumer.partitions_for_topic(topic) or set()
-        if not parts:
+        deadline = time.monotonic() + metadata_wait_s
+        while not parts and time.monotonic() < deadline:
             await consumer._client.force_metadata_update()  # no public metadata refresh
             parts = consumer.partitions_for_topic(topic) or set()
+            if not parts:
+                await asyncio.sleep(0.25)
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         if not tps:
             return []
@@ -179,10 +187,9 @@ async def read_topic(client_kwargs: Mapping[str, Any], topic: str) -> list[Any]:
         todo = {tp for tp in tps if end[tp] > 0}
         while todo:
             got = await consumer.getmany(*todo, timeout_ms=1000, max_records=50_000)
-            for tp, records in got.items():
+            for records in got.values():
                 out.extend(records)
-                if records and records[-1].offset + 1 >= end[tp]:
-                    todo.discard(tp)
+            todo = {tp for tp in todo if await consumer.position(tp) < end[tp]}
         return out
     finally:
         await consumer.stop()
