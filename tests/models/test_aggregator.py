@@ -339,6 +339,27 @@ def test_with_sketches_returns_the_decayed_state_before_each_event() -> None:
         agg.score_then_fold(replay, _batch([r]))
 
 
+def test_a_probe_reads_the_same_sketches_whether_or_not_other_events_fold_beside_it() -> None:
+    """A batch where nothing folds (a recommendation's probe: no action) reads its sketches
+    without the scan of contributions; with an event folding beside it, through the scan:
+    the probe's sketches and counts are the same to the bit either way."""
+    from sketchstream.models import kernels
+
+    agg = _aggregator()
+    state = agg.new_batch(2)
+    rows = [(u, f"i{k}", k % 2, 5.0, 7.0 * k, 0, k, 1.0) for k in range(6) for u in (0, 1)]
+    agg.score_then_fold(state, _batch(rows))
+    probe = (1, "i0", -1, math.nan, 80.0, 0, 99, 0.0)
+    alone = agg.score_then_fold(state.copy(), _batch([probe]), with_sketches=True)
+    beside = agg.score_then_fold(
+        state.copy(), _batch([(0, "i3", 0, 5.0, 60.0, 0, 98, 1.0), probe]), with_sketches=True
+    )
+    assert kernels.ENABLED  # with sketches the numpy pass runs either way
+    np.testing.assert_array_equal(alone.user_sketch[0], beside.user_sketch[1])
+    np.testing.assert_array_equal(alone.counts[0], beside.counts[1])
+    assert beside.user_sketch[1].any()
+
+
 def test_history_keeps_the_top_k_by_decayed_weight_ties_to_the_most_recent() -> None:
     agg = _aggregator(history_size=3)
     state = agg.new_batch(1)
