@@ -494,7 +494,8 @@ def load_recommender(
     if missing:
         raise ArtifactError(f"model artifact {path}: config names a recommender, no {missing}")
     try:
-        rec = RecommendConfig(**{k: _tuples(v) for k, v in entry["config"].items()})
+        saved = {"products": "float32", **entry["config"]}  # before int8 products: float32
+        rec = RecommendConfig(**{k: _tuples(v) for k, v in saved.items()})
         spec = InputSpec(**{k: _tuples(v) for k, v in entry["spec"].items()})
         targets = tuple(entry["targets"])
         agg_config = aggregator_config_from_dict(config.get("aggregator") or {})
@@ -538,6 +539,7 @@ def load_recommender(
         hidden=rec.hidden,
         blocks=rec.blocks,
         dropout=rec.dropout,
+        products=rec.products,
     )
     try:
         model.load_state_dict(load_file(str(path / RECOMMEND_WEIGHTS)), strict=True)
@@ -545,6 +547,11 @@ def load_recommender(
         raise ArtifactError(
             f"model artifact {path}: {RECOMMEND_WEIGHTS} does not fit the recommender config: {exc}"
         ) from exc
+    if not model.calibrated:
+        raise ArtifactError(
+            f"model artifact {path}: the recommender's int8 products were never calibrated "
+            "(no input scales); retrain it"
+        )
     model.eval()
     return RecommenderParts(model, rec, spec, catalogue, targets)
 

@@ -13,7 +13,8 @@ or, for a ``products="fixed16"`` model, to exact int8 products (``FixedLayer``):
   :func:`~sketchstream.models.mlp.code_indices`);
 - :func:`norm_act`: ``LeakyReLU(LayerNorm(x))`` in place;
 - :func:`quantize16`, :func:`dequantize16`: around the fixed-point products of a model
-  whose ``MLPConfig.products`` is ``"fixed16"`` (see ``EngagementMLP.calibrate_products``).
+  whose ``MLPConfig.products`` is ``"fixed16"`` (see ``EngagementMLP.calibrate_products``);
+  :func:`dequantize8` after the recommender's ``"int8"`` products (``Int8Layer``).
 
 Same arithmetic as the torch forward, in float32 where it is float32 (the products and
 sums' order differ, so probabilities agree within 1e-6, not to the bit:
@@ -26,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from sketchstream.models.kernels import compiled
 
-__all__ = ["add_code_rows", "dense_inputs", "dequantize16", "norm_act", "quantize16"]
+__all__ = ["add_code_rows", "dense_inputs", "dequantize8", "dequantize16", "norm_act", "quantize16"]
 
 
 @compiled
@@ -177,3 +178,15 @@ def dequantize16(g_hi: np.ndarray, g_lo: np.ndarray, scale: np.ndarray, out: np.
         a, b, o = g_hi[r], g_lo[r], out[r]
         for j in range(m):
             o[j] = np.float32(scale[j] * (np.float64(a[j]) + np.float64(a[m + j] + b[j]) / 256.0))
+
+
+@compiled
+def dequantize8(g_hi: np.ndarray, g_lo: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
+    """``out (n, m)`` float32, written: ``scale * (G_hi + G_lo / 256)`` per column, from the
+    exact integer products of the inputs' two digits with the one-digit weights, ``g_hi = hi @
+    P`` and ``g_lo = lo @ P`` ``(n, m)`` int32, in float64 (exact), rounded once to float32."""
+    n, m = out.shape
+    for r in range(n):
+        a, b, o = g_hi[r], g_lo[r], out[r]
+        for j in range(m):
+            o[j] = np.float32(scale[j] * (np.float64(a[j]) + np.float64(b[j]) / 256.0))

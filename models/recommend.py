@@ -36,9 +36,11 @@ from sketchstream.models.catalogue import Catalogue
 from sketchstream.models.channels import AggregatorConfig
 from sketchstream.models.emde import normalize
 from sketchstream.models.errors import ModelError
+from sketchstream.models.mlp import FIXED_HEADROOM, Int8Layer
 from torch import nn
 
 __all__ = [
+    "REC_PRODUCTS",
     "Catalogue",
     "InputSpec",
     "RecommendConfig",
@@ -53,6 +55,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: ``RecommendConfig.products``: how the recommender's matrix products run when it serves
+REC_PRODUCTS = ("float32", "int8")
+
+#: Training rows ``calibrate_products`` reads (a seeded sample: the inputs are wide)
+CALIBRATION_ROWS = 50_000
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,17 @@ class RecommendConfig:
     weight_decay: float = 0.0
     batch_size: int = 512
     seed: int = 0
+    # how the served model's matrix products run (see SketchRecommender): "int8" weights
+    # with 16-bit fixed-point inputs, calibrated after training, or "float32" (artifacts
+    # from before this field are float32)
+    products: str = "int8"
+
+    def __post_init__(self) -> None:
+        if self.products not in REC_PRODUCTS:
+            raise ModelError(
+                f"recommend products must be one of {', '.join(REC_PRODUCTS)}, "
+                f"got {self.products!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -298,10 +317,20 @@ class SketchRecommender(nn.Module):
     """
 
     def __init__(
-        self, n_in: int, levels: int, width: int, *, hidden: int, blocks: int, dropout: float
+        self,
+        n_in: int,
+        levels: int,
+        width: int,
+        *,
+        hidden: int,
+        blocks: int,
+        dropout: float,
+        products: str = "float32",
     ) -> None:
         super().__init__()
-        self.levels, self.width = levels, width
+        if products not in REC_PRODUCTS:
+            raise ModelError(f"SketchRecommender: products {products!r}, expected {REC_PRODUCTS}")
+        self.levels, self.width, self.products = levels, width, products
         self.register_buffer("mean", torch.zeros(n_in))
         self.register_buffer("std", torch.ones(n_in))
         self.inp = nn.Linear(n_in, hidden)
@@ -309,6 +338,10 @@ class SketchRecommender(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(_Block(hidden, dropout) for _ in range(blocks))
         self.out = nn.Linear(hidden, levels * width)
+        if products == "int8":  # each product's input scales; 0 until calibrate_products
+            for i, layer in enumerate(self._product_layers()):
+                self.register_buffer(f"fixed_scale_{i}", torch.zeros(layer.in_features))
+        self._int8: list[Int8Layer] | None = None
 
     def set_normalization(self, x: np.ndarray, chunk: int = 4096) -> None:
         """Fit the input standardisation on training rows ``(n, n_in)`` (chunk by chunk: the
@@ -333,21 +366,105 @@ class SketchRecommender(nn.Module):
         return self.out(h).view(-1, self.levels, self.width)
 
     def log_probs(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-        """``(n, levels * width)`` float32 per-level log-probabilities, no autograd."""
+        """``(n, levels * width)`` float32 per-level log-probabilities, no autograd: the
+        int8 products once calibrated (an ``"int8"`` model), else the float32 forward."""
         was = self.training
         if was:  # toggling walks every submodule: ~0.15 ms a call, a worker's every answer batch
             self.eval()
+        layers = self._int8_layers()
         out = np.empty((len(x), self.levels * self.width), np.float32)
         try:
             with torch.inference_mode():
                 for a in range(0, len(x), batch_size):
                     xb = torch.from_numpy(np.asarray(x[a : a + batch_size], np.float32))
-                    lp = torch.log_softmax(self(xb), dim=-1)
+                    logits = self(xb) if layers is None else self._int8_forward(xb, layers)
+                    lp = torch.log_softmax(logits, dim=-1)
                     out[a : a + len(xb)] = lp.reshape(len(xb), -1).numpy()
         finally:
             if was:
                 self.train()
         return out
+
+    def warm_up(self) -> None:
+        """Build the int8 products and compile their kernels (or load them from numba's disk
+        cache) on one row, so that a worker pays it when a model loads, not in its first
+        answers."""
+        if self._int8_layers() is not None:
+            self.log_probs(np.zeros((1, self.inp.in_features), np.float16))
+
+    def _int8_forward(self, x: torch.Tensor, layers: list[Int8Layer]) -> torch.Tensor:
+        """:meth:`forward` in eval mode with each linear's product in int8
+        (:class:`~.mlp.Int8Layer`, biases included)."""
+        first, *inner, last = layers
+        h = nn.functional.leaky_relu(self.norm(first((x - self.mean) / self.std)))
+        for block, layer in zip(self.blocks, inner, strict=True):
+            h = h + nn.functional.leaky_relu(block.norm(layer(h)))
+        return last(h).view(-1, self.levels, self.width)
+
+    def _product_layers(self) -> list[nn.Linear]:
+        return [self.inp, *(block.fc for block in self.blocks), self.out]
+
+    @property
+    def calibrated(self) -> bool:
+        """False for an ``"int8"`` model whose input scales are not set yet (True for
+        ``"float32"``)."""
+        return self.products != "int8" or self._int8_layers() is not None
+
+    def calibrate_products(self, x: np.ndarray, batch_size: int = 4096) -> None:
+        """Fix an ``"int8"`` model's input scales on training rows ``x (n, n_in)``, after
+        training: each product input column's scale is its largest magnitude on them, times
+        :data:`~.mlp.FIXED_HEADROOM`, over 127 (beyond it a value clips). A column that is
+        always 0 on them gets the smallest scale of the others: the weights' one digit is
+        shared by a row's columns at their scales, so a large made-up scale would leave the
+        row's other weights a few levels (on a small model, 6 % error in the first layer).
+        From then on :meth:`log_probs` runs the int8 products."""
+        if self.products != "int8":
+            raise ModelError(f"calibrate_products: products={self.products!r}")
+        layers = self._product_layers()
+        peaks = [torch.zeros(layer.in_features) for layer in layers]
+
+        def peak(i: int) -> Any:
+            def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+                torch.maximum(peaks[i], args[0].abs().amax(dim=0), out=peaks[i])
+
+            return hook
+
+        hooks = [layer.register_forward_pre_hook(peak(i)) for i, layer in enumerate(layers)]
+        was = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                for a in range(0, len(x), batch_size):
+                    self(torch.from_numpy(np.asarray(x[a : a + batch_size], np.float32)))
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.train(was)
+        for i, p in enumerate(peaks):
+            top = p.double().numpy() * FIXED_HEADROOM / 127.0
+            scale = np.where(top > 0, top, top[top > 0].min() if (top > 0).any() else 1.0)
+            getattr(self, f"fixed_scale_{i}").copy_(torch.from_numpy(scale.astype(np.float32)))
+        self._int8 = None
+
+    def _int8_layers(self) -> list[Int8Layer] | None:
+        """The int8 products (built from the weights and scales at first use); None: float32
+        (a ``"float32"`` model, or an ``"int8"`` one not calibrated yet: in training)."""
+        if self.products != "int8":
+            return None
+        if self._int8 is None:
+            layers = self._product_layers()
+            scales = [getattr(self, f"fixed_scale_{i}").numpy() for i in range(len(layers))]
+            if not all((scale > 0).all() for scale in scales):
+                return None
+            self._int8 = [
+                Int8Layer.from_linear(layer, scale)
+                for layer, scale in zip(layers, scales, strict=True)
+            ]
+        return self._int8
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._int8 = None  # new weights or scales: the int8 tables are built again
+        super()._load_from_state_dict(*args, **kwargs)
 
 
 @dataclass
@@ -400,8 +517,10 @@ def fit_recommender(
         hidden=config.hidden,
         blocks=config.blocks,
         dropout=config.dropout,
+        products=config.products,
     )
-    model.set_normalization(x[np.sort(rng.choice(len(x), min(len(x), 50_000), replace=False))])
+    sample = np.sort(rng.choice(len(x), min(len(x), CALIBRATION_ROWS), replace=False))
+    model.set_normalization(x[sample])
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     y_t = torch.from_numpy(y)
     stopper = ValidationStopper("recommend", model, config.patience, progress)
@@ -425,4 +544,18 @@ def fit_recommender(
         scores = catalogue.scores(model.log_probs(val.x))
         if stopper.epoch(total / steps, rank_metrics(scores, val.target, val.exclude)):
             break
-    return model, stopper.restore()
+    history = stopper.restore()
+    if config.products == "int8":
+        model.calibrate_products(x[sample])
+        got = rank_metrics(catalogue.scores(model.log_probs(val.x)), val.target, val.exclude)
+        best = max(history, key=lambda h: h.get("val_ndcg@10", -1.0), default={})
+        log.info(
+            "recommend: int8 products calibrated on %d training rows; validation NDCG@10 "
+            "%.4f, HR@10 %.4f (float32 %.4f, %.4f)",
+            len(sample),
+            float(got["ndcg@10"].mean()) if len(got["ndcg@10"]) else float("nan"),
+            float(got["hr@10"].mean()) if len(got["hr@10"]) else float("nan"),
+            best.get("val_ndcg@10", float("nan")),
+            best.get("val_hr@10", float("nan")),
+        )
+    return model, history

@@ -143,6 +143,8 @@ def serving_model(bundle: Any) -> ServingModel:
     scorer = Scorer.from_bundle(bundle)
     aggregator.warm_up(scorer.item_similarity)
     scorer.mlp.warm_up()
+    if parts is not None:
+        parts.model.warm_up()
     return ServingModel(
         version=bundle.version,
         codebook_version=str(aggregator.codebook_version),

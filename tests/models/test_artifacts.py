@@ -232,7 +232,9 @@ def test_online_item_stats_configs_are_refused(tmp_path, parts):
         _save(tmp_path, parts, item_snapshot={"heads": ["like"], "prior": 10.0})
 
 
-def _recommender(codebooks, *, categories: bool = True, recent: bool = True):
+def _recommender(
+    codebooks, *, categories: bool = True, recent: bool = True, products: str = "int8"
+):
     """A tiny fitted recommender on a cycle stream (each user walks i0 -> i1 -> ...) and the
     aggregator config it reads, as ``(RecommenderParts, aggregator config, inputs)``."""
     from sketchstream.models.aggregator import Aggregator
@@ -268,7 +270,12 @@ def _recommender(codebooks, *, categories: bool = True, recent: bool = True):
     )
     agg = Aggregator(config, codebooks)
     rec = RecommendConfig(
-        hidden=16, epochs=1, batch_size=16, recent_decays=(0.5,) if recent else (), recent_length=4
+        hidden=16,
+        epochs=1,
+        batch_size=16,
+        recent_decays=(0.5,) if recent else (),
+        recent_length=4,
+        products=products,
     )
     spec = InputSpec.build(config, rec, agg.depth, agg.width)
     x, codes = replay_inputs(events, agg, np.ones(60, bool), spec)
@@ -311,6 +318,38 @@ def test_the_recommender_round_trips_its_scores_catalogue_and_config(tmp_path, p
     np.testing.assert_array_equal(loaded.model.log_probs(x), saved.model.log_probs(x))
     ids, _ = loaded.catalogue.top_k(loaded.model.log_probs(x[:3]), 5)
     assert ids == saved.catalogue.top_k(saved.model.log_probs(x[:3]), 5)[0]
+
+
+def test_an_int8_recommender_loads_calibrated_and_one_without_scales_is_refused(tmp_path, parts):
+    version, saved, _ = _save_with_recommender(tmp_path, parts)
+    loaded = load_model_artifact(tmp_path / version).recommender
+    assert loaded.config.products == "int8" and loaded.model.calibrated
+    saved.model.fixed_scale_0.zero_()  # as if never calibrated
+    saved.model._int8 = None
+    model, codebooks = parts
+    from sketchstream.models.channels import aggregator_config_to_dict
+
+    _, config, _ = _recommender(codebooks)
+    bad = save_model_artifact(
+        tmp_path / "bad",
+        model=model,
+        codebooks=codebooks,
+        aggregator_config=aggregator_config_to_dict(config),
+        recommender=saved,
+    )
+    with pytest.raises(ArtifactError, match="never calibrated"):
+        load_model_artifact(tmp_path / "bad" / bad)
+
+
+def test_a_recommender_saved_before_int8_products_loads_as_float32(tmp_path, parts):
+    from sketchstream.models.artifacts import load_recommender
+
+    version, saved, x = _save_with_recommender(tmp_path, parts, products="float32")
+    manifest = json.loads((tmp_path / version / MANIFEST).read_text())
+    del manifest["config"]["recommend"]["config"]["products"]  # as before the field
+    loaded = load_recommender(tmp_path / version, manifest, parts[1])
+    assert loaded.config.products == "float32"
+    np.testing.assert_array_equal(loaded.model.log_probs(x), saved.model.log_probs(x))
 
 
 def test_the_recommender_changes_the_version_and_a_catalogue_without_categories_loads(

@@ -4,6 +4,7 @@ test_catalogue.py)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from sketchstream.models.recommend import (
     Catalogue,
     InputSpec,
     RecommendConfig,
+    SketchRecommender,
     Validation,
     fit_recommender,
     replay_inputs,
@@ -136,6 +138,60 @@ def _small_fit(seed: int) -> np.ndarray:
     return model.log_probs(x[150:])
 
 
+def _fit_both(seed: int = 0) -> tuple[Any, Any, np.ndarray]:
+    """The same training as an ``"int8"`` and a ``"float32"`` recommender, and held-out inputs."""
+    events = _cycle_stream(n_users=20, length=10)
+    agg = Aggregator(_config(), _codebooks())
+    spec = InputSpec.build(agg.config, RecommendConfig(recent_length=10), 4, 16)
+    x, codes = replay_inputs(events, agg, np.ones(len(events), bool), spec)
+    cat = Catalogue.from_codebooks(agg.codebooks, ["interactions"])
+    target = np.array([cat.ids.index(i) for i in events.item])
+    models = []
+    for products in ("int8", "float32"):
+        cfg = RecommendConfig(hidden=32, epochs=2, batch_size=32, seed=seed, products=products)
+        val = Validation(x[150:], target[150:], None)
+        models.append(fit_recommender(x[:150], codes[:150], val, cat, cfg)[0])
+    return models[0], models[1], x[150:]
+
+
+def test_an_int8_recommender_is_calibrated_after_training_and_close_to_float32(monkeypatch):
+    """Trained the same way (the same weights), the int8 model's log-probabilities stay close
+    to float32's; they do not depend on the batch, and the torch reference path (no JIT) gives
+    the same bits."""
+    from sketchstream.models import kernels
+
+    fixed, plain, x = _fit_both()
+    assert fixed.calibrated and fixed._int8_layers() is not None
+    assert plain.calibrated and plain._int8_layers() is None
+    for a, b in zip(fixed.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)
+    got, want = fixed.log_probs(x), plain.log_probs(x)
+    assert not np.array_equal(got, want)  # the int8 path ran
+    # one digit a weight: ~0.6 % of the first layer's largest output on this 32-wide model
+    np.testing.assert_allclose(got, want, atol=0.05)
+    assert np.abs(got - want).mean() < 0.01
+    rows = [fixed.log_probs(x[a : a + 3]) for a in range(0, len(x), 3)]
+    np.testing.assert_array_equal(np.concatenate(rows), got)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    np.testing.assert_array_equal(fixed.log_probs(x), got)
+
+
+def test_an_int8_recommenders_scales_are_saved_and_an_uncalibrated_one_runs_float32() -> None:
+    fixed, plain, x = _fit_both()
+    state = fixed.state_dict()
+    assert {f"fixed_scale_{i}" for i in range(4)} <= set(state)
+    assert not any(k.startswith("fixed_scale") for k in plain.state_dict())
+    fresh = SketchRecommender(x.shape[1], 4, 16, hidden=32, blocks=2, dropout=0.1, products="int8")
+    assert not fresh.calibrated  # no scales yet: the float32 forward
+    fresh.load_state_dict(plain.state_dict(), strict=False)
+    np.testing.assert_array_equal(fresh.log_probs(x), plain.log_probs(x))
+    fresh.load_state_dict(state)
+    assert fresh.calibrated
+    np.testing.assert_array_equal(fresh.log_probs(x), fixed.log_probs(x))
+    with pytest.raises(ModelError, match="products"):
+        RecommendConfig(products="bf16")
+
+
 def test_training_is_deterministic_given_a_seed() -> None:
     assert np.array_equal(_small_fit(0), _small_fit(0))
     assert not np.array_equal(_small_fit(0), _small_fit(1))
@@ -216,3 +272,38 @@ def test_recent_item_sketches_follow_the_state_sketches_in_the_inputs() -> None:
 def test_recent_items_beyond_the_states_history_are_refused() -> None:
     with pytest.raises(ModelError, match="history_size"):
         InputSpec.build(_config(), RecommendConfig(recent_decays=(0.5,), recent_length=99), 4, 16)
+
+
+_REC_WARM_UP_THEN_ANSWERS = """
+import json
+import numpy as np
+from sketchstream.models import mlp_kernels
+from sketchstream.models.recommend import SketchRecommender
+
+names = ["quantize16", "dequantize8"]
+model = SketchRecommender(30, 4, 8, hidden=16, blocks=2, dropout=0.1, products="int8").eval()
+x = np.random.default_rng(0).normal(size=(50, 30)).astype(np.float16)
+model.set_normalization(x)
+model.calibrate_products(x)  # the float32 forward: no kernel
+before = {n: len(getattr(mlp_kernels, n).signatures) for n in names}
+model.warm_up()
+warm = {n: len(getattr(mlp_kernels, n).signatures) for n in names}
+model.log_probs(x[:7])
+print(json.dumps([before, warm, {n: len(getattr(mlp_kernels, n).signatures) for n in names}]))
+"""
+
+
+def test_warm_up_compiles_the_int8_recommenders_kernels() -> None:
+    """In a fresh process: ``warm_up`` compiles the int8 products' kernels, answers add none
+    (the worker warms a served recommender up when it loads the model)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _REC_WARM_UP_THEN_ANSWERS], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    before, warm, after = json.loads(out.stdout)
+    assert all(n == 0 for n in before.values()), before
+    assert all(n == 1 for n in warm.values()) and after == warm, (warm, after)
