@@ -221,6 +221,7 @@ def _best(s: np.ndarray, k: int, floor: np.ndarray) -> tuple[np.ndarray, ...]:
     if not np.isfinite(floor).all():  # the blocks before set no floor, as a rule higher
         step = max(1, round(math.sqrt(n / (_SORT_COST * kk))))
         sample = s[::step]
+        sample = np.where(np.isnan(sample), -np.inf, sample)  # NaN: never a candidate
         threshold = np.maximum(np.partition(sample, len(sample) - kk, axis=0)[-kk], floor)
     # the rows above some column's threshold, 8 columns a 64-bit word: ~30x faster than
     # .any(axis=1) or np.nonzero over all (n, b) cells

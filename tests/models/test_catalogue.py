@@ -102,6 +102,8 @@ def test_fast_top_k_equals_a_stable_sort_of_every_score_ties_and_exclusions_incl
     exclude = rng.random((37, n)) < 0.02
     exclude[5] = rng.random(n) < 0.999  # fewer than k items left for some k
     exclude[6] = True  # nothing left
+    lp[8, :2] = -np.inf  # items in these buckets are never recommended to row 8
+    lp[9, 1] = np.nan  # nor these to row 9 (a NaN once made the sampled threshold NaN)
     candidates = rng.random(n) < 0.9
     want = _stable_top_k(cat.scores(lp), k, exclude, candidates)
     for given in (exclude, sp.csr_matrix(exclude)):
