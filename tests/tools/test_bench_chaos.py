@@ -202,6 +202,7 @@ def test_a_small_chaos_run_appends_one_json_line_with_every_figure(tmp_path):
     args = ["chaos", "--data", str(data), "--events", "300", "--model", str(tmp_path / "models")]
     args += ["--partitions", "2", "--fuzz-rate", "0.1", "--outage", "1", "--max-restarts", "1"]
     args += ["--stall", "45", "--timeout", "90", "--seed", "5", "--json", str(out)]
+    args += ["--workdir", str(tmp_path / "work")]  # kept: a run short of the goal keeps its own
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
 
