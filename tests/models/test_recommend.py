@@ -124,34 +124,31 @@ def test_an_events_inputs_do_not_depend_on_later_events() -> None:
     assert not np.array_equal(a, b)
 
 
-def _small_fit(seed: int) -> np.ndarray:
+def _small_model(seed: int = 0, products: str = "int8") -> tuple[Any, np.ndarray]:
+    """A 32-wide recommender fitted on a cycle stream's first 150 events, and the rest's
+    inputs (held out)."""
     events = _cycle_stream(n_users=20, length=10)
     agg = Aggregator(_config(), _codebooks())
     spec = InputSpec.build(agg.config, RecommendConfig(recent_length=10), 4, 16)
     x, codes = replay_inputs(events, agg, np.ones(len(events), bool), spec)
     cat = Catalogue.from_codebooks(agg.codebooks, ["interactions"])
     target = np.array([cat.ids.index(i) for i in events.item])
-    cfg = RecommendConfig(hidden=32, epochs=2, batch_size=32, seed=seed)
-    model, _ = fit_recommender(
-        x[:150], codes[:150], Validation(x[150:], target[150:], None), cat, cfg
-    )
-    return model.log_probs(x[150:])
+    cfg = RecommendConfig(hidden=32, epochs=2, batch_size=32, seed=seed, products=products)
+    val = Validation(x[150:], target[150:], None)
+    model, _ = fit_recommender(x[:150], codes[:150], val, cat, cfg)
+    return model, x[150:]
+
+
+def _small_fit(seed: int) -> np.ndarray:
+    model, held_out = _small_model(seed)
+    return model.log_probs(held_out)
 
 
 def _fit_both(seed: int = 0) -> tuple[Any, Any, np.ndarray]:
     """The same training as an ``"int8"`` and a ``"float32"`` recommender, and held-out inputs."""
-    events = _cycle_stream(n_users=20, length=10)
-    agg = Aggregator(_config(), _codebooks())
-    spec = InputSpec.build(agg.config, RecommendConfig(recent_length=10), 4, 16)
-    x, codes = replay_inputs(events, agg, np.ones(len(events), bool), spec)
-    cat = Catalogue.from_codebooks(agg.codebooks, ["interactions"])
-    target = np.array([cat.ids.index(i) for i in events.item])
-    models = []
-    for products in ("int8", "float32"):
-        cfg = RecommendConfig(hidden=32, epochs=2, batch_size=32, seed=seed, products=products)
-        val = Validation(x[150:], target[150:], None)
-        models.append(fit_recommender(x[:150], codes[:150], val, cat, cfg)[0])
-    return models[0], models[1], x[150:]
+    fixed, x = _small_model(seed, "int8")
+    plain, _ = _small_model(seed, "float32")
+    return fixed, plain, x
 
 
 def test_an_int8_recommender_is_calibrated_after_training_and_close_to_float32(monkeypatch):
