@@ -759,7 +759,7 @@ class FixedLayer:
 
 @dataclass(frozen=True)
 class Int8Layer:
-    """One matrix product ``x @ W.T + b`` with int8 weights and 16-bit fixed-point inputs.
+    """One matrix product ``x @ W.T`` with int8 weights and 16-bit fixed-point inputs.
 
     The inputs are :class:`FixedLayer`'s two digits at each column's calibrated scale ``s_k``;
     each weight row ``j`` of ``W_jk s_k`` is one int8 digit at its own scale,
@@ -768,21 +768,18 @@ class Int8Layer:
     stacked ``[hi; lo] @ P``, summed exactly in int32: ``r_j (hi.P + lo.P / 256)``. A row's
     result depends on its own inputs only, not on its batch, threads or the CPU's kernels.
 
-    Where the product is bound by reading its weights (the recommender's first layer, 9,226 x
-    1,024, at answer batches of tens of rows) one byte a weight costs a quarter of float32's
-    reads and a third of ``FixedLayer``'s three products. Called on a float32 tensor: the
-    compiled path (numba digits, ``torch._int_mm``) when the kernels are on, else
-    :meth:`reference` (torch ops, the same bits)."""
+    Two int8 products where ``FixedLayer`` takes three, and one byte a weight read: where a
+    product is bound by reading its weights (the recommender's first layer, 9,226 x 1,024,
+    at answer batches of tens of rows) a quarter of float32's reads."""
 
     inv_scale: np.ndarray  # (k,) float32: 1 / s
     weight: torch.Tensor  # (k, m) int8: P transposed
     scale: np.ndarray  # (m,) float64: r
-    bias: np.ndarray  # (m,) float32
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scale: np.ndarray) -> Int8Layer:
-        """From a float32 ``linear`` and its inputs' ``scale (k,)`` (all > 0)."""
-        w = _array(linear.weight).astype(np.float64) * scale.astype(np.float64)[None, :]
+    def from_weights(cls, weight: np.ndarray, scale: np.ndarray) -> Int8Layer:
+        """From a float32 ``weight (m, k)`` and the inputs' ``scale (k,)`` (all > 0)."""
+        w = weight.astype(np.float64) * scale.astype(np.float64)[None, :]
         r = np.abs(w).max(axis=1) / 127.0
         r[r == 0] = 1.0
         p = np.ascontiguousarray(np.rint(w / r[:, None]).T.astype(np.int8))
@@ -790,23 +787,18 @@ class Int8Layer:
             inv_scale=(1.0 / scale.astype(np.float64)).astype(np.float32),
             weight=torch.from_numpy(p),
             scale=r,
-            bias=_array(linear.bias).copy(),
         )
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not kernels.ENABLED:
-            return self.reference(x)
-        xs = np.ascontiguousarray(x.numpy(), dtype=np.float32)
-        out = np.empty((len(xs), len(self.scale)), np.float32)
-        digits = np.empty((2 * min(len(xs), FIXED_CHUNK), xs.shape[1]), np.int8)
-        for start in range(0, len(xs), FIXED_CHUNK):
-            stop = min(start + FIXED_CHUNK, len(xs))
+    def product(self, x: np.ndarray, out: np.ndarray) -> None:
+        """``out (n, m)`` float32 ``~ x @ W.T`` for ``x (n, k)`` float32 (compiled path), in
+        chunks of :data:`FIXED_CHUNK` rows (each row's result is its own: the same bits)."""
+        digits = np.empty((2 * min(len(x), FIXED_CHUNK), x.shape[1]), np.int8)
+        for start in range(0, len(x), FIXED_CHUNK):
+            stop = min(start + FIXED_CHUNK, len(x))
             c = stop - start
-            mlp_kernels.quantize16(xs[start:stop], self.inv_scale, digits[:c], digits[c : 2 * c])
+            mlp_kernels.quantize16(x[start:stop], self.inv_scale, digits[:c], digits[c : 2 * c])
             g = _int_products(digits[: 2 * c], self.weight)
             mlp_kernels.dequantize8(g[:c], g[c:], self.scale, out[start:stop])
-        out += self.bias
-        return torch.from_numpy(out)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same product in torch ops: float64 sums of the digits' products (exact)."""
@@ -815,7 +807,11 @@ class Int8Layer:
         lo = torch.round((t - h) * 256.0).clamp(max=127.0)
         p = self.weight.double()
         g = h.double() @ p + (lo.double() @ p) / 256.0
-        return (torch.from_numpy(self.scale) * g).float() + torch.from_numpy(self.bias)
+        return (torch.from_numpy(self.scale) * g).float()
+
+
+#: A ``"fixed16"`` or ``"int8"`` model's fixed-point product of one layer
+FixedProduct = FixedLayer | Int8Layer
 
 
 def _int_products(a: np.ndarray, b: torch.Tensor) -> np.ndarray:

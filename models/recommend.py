@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sketchstream.models import kernels
 from sketchstream.models.batches import EventBatch
 from sketchstream.models.catalogue import Catalogue
 from sketchstream.models.channels import AggregatorConfig
@@ -394,12 +395,21 @@ class SketchRecommender(nn.Module):
 
     def _int8_forward(self, x: torch.Tensor, layers: list[Int8Layer]) -> torch.Tensor:
         """:meth:`forward` in eval mode with each linear's product in int8
-        (:class:`~.mlp.Int8Layer`, biases included)."""
-        first, *inner, last = layers
-        h = nn.functional.leaky_relu(self.norm(first((x - self.mean) / self.std)))
-        for block, layer in zip(self.blocks, inner, strict=True):
-            h = h + nn.functional.leaky_relu(block.norm(layer(h)))
-        return last(h).view(-1, self.levels, self.width)
+        (:class:`~.mlp.Int8Layer`): compiled, or its torch reference without the JIT (the
+        same bits)."""
+
+        def linear(i: int, h: torch.Tensor) -> torch.Tensor:
+            layer, bias = layers[i], self._product_layers()[i].bias
+            if not kernels.ENABLED:
+                return layer.reference(h) + bias
+            out = np.empty((len(h), len(layer.scale)), np.float32)
+            layer.product(np.ascontiguousarray(h.numpy(), dtype=np.float32), out)
+            return torch.from_numpy(out) + bias
+
+        h = nn.functional.leaky_relu(self.norm(linear(0, (x - self.mean) / self.std)))
+        for i, block in enumerate(self.blocks, start=1):
+            h = h + nn.functional.leaky_relu(block.norm(linear(i, h)))
+        return linear(len(layers) - 1, h).view(-1, self.levels, self.width)
 
     def _product_layers(self) -> list[nn.Linear]:
         return [self.inp, *(block.fc for block in self.blocks), self.out]
@@ -457,7 +467,7 @@ class SketchRecommender(nn.Module):
             if not all((scale > 0).all() for scale in scales):
                 return None
             self._int8 = [
-                Int8Layer.from_linear(layer, scale)
+                Int8Layer.from_weights(layer.weight.detach().numpy(), scale)
                 for layer, scale in zip(layers, scales, strict=True)
             ]
         return self._int8
