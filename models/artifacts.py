@@ -385,8 +385,8 @@ def load_model_artifact(path: str | Path) -> ModelBundle:
         ) from exc
     if not model.fixed_ready:
         raise ArtifactError(
-            f"model artifact {path}: its products are fixed16 but {WEIGHTS} holds no "
-            "calibrated input scales"
+            f"model artifact {path}: its products are {model.config.products} but {WEIGHTS} "
+            "holds no calibrated input scales"
         )
     model.eval()
     codebooks: dict[str, Any] = {}

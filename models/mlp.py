@@ -63,7 +63,7 @@ __all__ = [
 
 
 #: ``MLPConfig.products``: how the hidden layers' matrix products are computed at inference
-PRODUCTS = ("float32", "fixed16")
+PRODUCTS = ("float32", "fixed16", "int8")
 
 #: ``calibrate_products``: a fixed-point input's range is this many times the largest
 #: magnitude its column reached on the training rows (values beyond it are clipped)
@@ -103,9 +103,10 @@ class MLPConfig:
     user_rates: bool = False
     heads: tuple[str, ...] = ("like",)  # one sigmoid output per engagement type
     dense_names: tuple[str, ...] = field(default=())  # names of the dense columns, for reports
-    # how predict computes the hidden layers' matrix products: "float32" (BLAS), or "fixed16":
+    # how predict computes the hidden layers' matrix products: "float32" (BLAS), "fixed16":
     # inputs and weights as 16-bit fixed point (two int8 digits each, the inputs' scales
-    # fixed on the training rows by EngagementMLP.calibrate_products), exact integer sums
+    # fixed on the training rows by EngagementMLP.calibrate_products), exact integer sums, or
+    # "int8": the same inputs, one int8 digit a weight (Int8Layer: two products, not three)
     products: str = "float32"
 
     def __post_init__(self) -> None:
@@ -404,8 +405,8 @@ class EngagementMLP(nn.Module):
             _Block(h, config.dropout, config.leaky_slope) for _ in range(config.blocks)
         )
         self.head = nn.Linear(h, len(config.heads))
-        self._fixed: list[FixedLayer] | None = None  # the products' integer weights, once built
-        if config.products == "fixed16":
+        self._fixed: list[FixedProduct] | None = None  # the products' integer weights, once built
+        if config.products != "float32":
             # each product's input scale per column (calibrate_products; 0: not calibrated)
             for i, layer in enumerate(self._product_layers()):
                 self.register_buffer(f"fixed_scale_{i}", torch.zeros(layer.in_features))
@@ -620,11 +621,14 @@ class EngagementMLP(nn.Module):
         return x @ arr(self.head.weight).T + arr(self.head.bias)
 
     def calibrate_products(self, inputs: MLPInputs, batch_size: int = 8192) -> None:
-        """Fix a ``"fixed16"`` model's input scales on ``inputs`` (the training rows), after
-        training: each product input column's scale is its largest magnitude on them, times
-        :data:`FIXED_HEADROOM`, over 127 (a column that is always 0 gets 1). From then on
-        :meth:`predict` (and the eval forward) compute the products in fixed point."""
-        if self.config.products != "fixed16":
+        """Fix a ``"fixed16"`` or ``"int8"`` model's input scales on ``inputs`` (the training
+        rows), after training: each product input column's scale is its largest magnitude on
+        them, times :data:`FIXED_HEADROOM`, over 127. A column that is always 0 gets 1 with
+        ``"fixed16"``, the smallest of the others' scales with ``"int8"`` (a weight row's one
+        digit is shared by its columns at their scales: a large made-up one would leave the
+        others a few levels). From then on :meth:`predict` (and the eval forward) compute the
+        products in fixed point."""
+        if self.config.products == "float32":
             raise ModelError(f"calibrate_products: products={self.config.products!r}")
         if self.members is not None:
             for member in self.members:
@@ -637,37 +641,42 @@ class EngagementMLP(nn.Module):
                 np.ascontiguousarray(part.dense, dtype=np.float32), part.codes, peaks=peaks
             )
         for i, peak in enumerate(peaks):
-            scale = np.where(peak > 0, peak.astype(np.float64) * FIXED_HEADROOM / 127.0, 1.0)
+            top = peak.astype(np.float64) * FIXED_HEADROOM / 127.0
+            unseen = 1.0
+            if self.config.products == "int8" and (top > 0).any():
+                unseen = top[top > 0].min()
+            scale = np.where(top > 0, top, unseen)
             getattr(self, f"fixed_scale_{i}").copy_(torch.from_numpy(scale.astype(np.float32)))
         self._forget_fixed()
 
     @property
     def fixed_ready(self) -> bool:
-        """False for a ``"fixed16"`` model not calibrated yet (True for ``"float32"``)."""
+        """False for a fixed-point model not calibrated yet (True for ``"float32"``)."""
         if self.members is not None:
             return all(member.fixed_ready for member in self.members)
-        return self.config.products != "fixed16" or self._fixed_tables() is not None
+        return self.config.products == "float32" or self._fixed_tables() is not None
 
     def _product_layers(self) -> list[nn.Linear]:
-        """The linears whose products ``"fixed16"`` computes in fixed point (not the head)."""
+        """The linears whose products are in fixed point (not the head)."""
         first = [self.dense_in] if self.dense_in is not None else []
         return first + [block.fc for block in self.blocks]
 
     def _forget_fixed(self) -> None:
         self._fixed = None
 
-    def _fixed_tables(self) -> list[FixedLayer] | None:
+    def _fixed_tables(self) -> list[FixedProduct] | None:
         """The fixed-point products (built from the weights and scales at first use); None:
         float32 products (``products="float32"``, or not calibrated yet: in training)."""
-        if self.config.products != "fixed16":
+        if self.config.products == "float32":
             return None
         if self._fixed is None:
-            layers = []
+            kind = FixedLayer if self.config.products == "fixed16" else Int8Layer
+            layers: list[FixedProduct] = []
             for i, linear in enumerate(self._product_layers()):
                 scale = _array(getattr(self, f"fixed_scale_{i}"))
                 if not (scale > 0).all():
                     return None
-                layers.append(FixedLayer.from_weights(_array(linear.weight), scale))
+                layers.append(kind.from_weights(_array(linear.weight), scale))
             self._fixed = layers
         return self._fixed
 

@@ -105,10 +105,10 @@ class TrainConfig:
     # piecewise-linearly over this many quantile bins (MLPConfig.bins; 0: not)
     bins: int = 12
     members: int = 1  # networks averaged (MLPConfig.members)
-    # the hidden layers' products at inference (MLPConfig.products): "fixed16", 16-bit fixed
-    # point with exact integer sums (the scales fixed on the training rows after training),
-    # or "float32"
-    products: str = "fixed16"
+    # the hidden layers' products at inference (MLPConfig.products): "int8", 16-bit fixed
+    # point inputs and one-byte weights with exact integer sums (the scales fixed on the
+    # training rows after training), "fixed16" (two-byte weights), or "float32"
+    products: str = "int8"
     user_rates: bool = True  # the user's like rates off the channel masses (MLPConfig.user_rates)
     # the user's last gap, age and mean gap as inputs (AggregatorConfig.recency)
     recency: bool = True
@@ -586,7 +586,7 @@ def run_protocol(
     p = model.predict(inputs)
     timings["predict"] = time.perf_counter() - t0
     metrics = _head_metrics(y, p, split, head_names)
-    if config.products == "fixed16":
+    if config.products != "float32":
         t0 = time.perf_counter()
         model.calibrate_products(train_in)
         p_float = p
@@ -596,8 +596,9 @@ def run_protocol(
         metrics = _head_metrics(y, p, split, head_names)
         for name in head_names:
             log.info(
-                "fixed16 products, %s: test AUC %.4f RCE %.2f (float32 products: %.4f, %.2f; "
+                "%s products, %s: test AUC %.4f RCE %.2f (float32 products: %.4f, %.2f; "
                 "largest probability difference %.1e)",
+                config.products,
                 name,
                 metrics[name]["test"]["auc"],
                 metrics[name]["test"]["rce"],

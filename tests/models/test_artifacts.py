@@ -92,14 +92,17 @@ def test_a_model_without_the_item_codes_round_trips(tmp_path, parts):
     np.testing.assert_array_equal(bundle.model.predict(x), model.predict(x))
 
 
-def test_a_fixed16_model_round_trips_and_one_never_calibrated_is_refused(tmp_path, parts):
-    """A fixed16 model's scales travel in the weights file: the loaded model predicts the
+@pytest.mark.parametrize("products", ["fixed16", "int8"])
+def test_a_fixed_point_model_round_trips_and_one_never_calibrated_is_refused(
+    tmp_path, parts, products
+):
+    """A fixed-point model's scales travel in the weights file: the loaded model predicts the
     same to the bit. One saved before ``calibrate_products`` would serve float32 products
     in place of the ones its test figures were measured with: refused at load."""
     _, codebooks = parts
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
-    config = MLPConfig(n_dense=4, modalities=1, depth=3, width=8, hidden=8, products="fixed16")
+    config = MLPConfig(n_dense=4, modalities=1, depth=3, width=8, hidden=8, products=products)
     model = EngagementMLP(config)
     model.set_normalization(rng.normal(size=(10, 4)))
     raw = _save(tmp_path / "raw", (model, codebooks))
@@ -108,7 +111,7 @@ def test_a_fixed16_model_round_trips_and_one_never_calibrated_is_refused(tmp_pat
     x = MLPInputs(rng.normal(size=(50, 4)).astype("f4"), rng.integers(-1, 8, (50, 1, 3)))
     model.calibrate_products(x)
     bundle = load_model_artifact(tmp_path / _save(tmp_path, (model, codebooks)))
-    assert bundle.mlp_config.products == "fixed16" and bundle.model.fixed_ready
+    assert bundle.mlp_config.products == products and bundle.model.fixed_ready
     np.testing.assert_array_equal(bundle.model.predict(x), model.predict(x))
 
 

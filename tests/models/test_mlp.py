@@ -277,11 +277,11 @@ def test_predict_outside_torch_equals_the_torch_forward(monkeypatch, kw):
     assert model.training  # predict leaves the mode as it found it
 
 
-def _fixed_model(seed: int = 0, **kw) -> tuple[EngagementMLP, MLPInputs]:
-    """A calibrated ``"fixed16"`` model (parameters moved off their initial values) and 300
+def _fixed_model(seed: int = 0, products: str = "fixed16", **kw) -> tuple[EngagementMLP, MLPInputs]:
+    """A calibrated fixed-point model (parameters moved off their initial values) and 300
     rows of inputs, the first 200 its calibration rows."""
     torch.manual_seed(seed)
-    cfg = _config(products="fixed16", quantiles=8, bins=4, binned=(1, 3), hidden=32, **kw)
+    cfg = _config(products=products, quantiles=8, bins=4, binned=(1, 3), hidden=32, **kw)
     model = EngagementMLP(cfg)
     x = _inputs(n=300, n_dense=cfg.n_dense, seed=seed)
     x = MLPInputs(dense=x.dense * 3.0, codes=x.codes)
@@ -367,14 +367,18 @@ def test_fixed_products_on_a_cpu_without_exact_int8_sums_give_the_same_bits(monk
     np.testing.assert_array_equal(model.predict(x), fast)
 
 
+@pytest.mark.parametrize(("products", "near"), [("fixed16", 2e-3), ("int8", 1e-2)])
 @pytest.mark.parametrize("kw", [{}, {"members": 2}, {"modalities": 0}, {"blocks": 0}])
-def test_fixed16_predict_equals_its_torch_forward_and_float32_closely(monkeypatch, kw):
-    """A calibrated fixed16 model: the compiled ``predict`` against the torch forward (the
-    products' digits may differ where LayerNorm's last bits do: within 5e-5), against the
-    same weights' float32 products (within 2e-3), and independent of the batch (1e-6)."""
+def test_fixed_point_predict_equals_its_torch_forward_and_float32_closely(
+    monkeypatch, kw, products, near
+):
+    """A calibrated fixed16 or int8 model: the compiled ``predict`` against the torch forward
+    (the products' digits may differ where LayerNorm's last bits do: within 5e-5), against
+    the same weights' float32 products (within ``near``: int8 has one weight digit), and
+    independent of the batch (1e-6)."""
     from sketchstream.models import kernels
 
-    model, x = _fixed_model(**kw)
+    model, x = _fixed_model(products=products, **kw)
     assert model.fixed_ready
     compiled = model.predict(x)
     monkeypatch.setattr(kernels, "ENABLED", False)
@@ -383,7 +387,7 @@ def test_fixed16_predict_equals_its_torch_forward_and_float32_closely(monkeypatc
     np.testing.assert_allclose(compiled, reference, atol=5e-5, rtol=0)
     float32 = _float32_twin(model)
     diff = np.abs(float32.predict(x) - compiled)
-    assert 0 < diff.max() < 2e-3, diff.max()
+    assert 0 < diff.max() < near, diff.max()
     np.testing.assert_allclose(model.predict(x, batch_size=7), compiled, atol=1e-6, rtol=0)
 
 
@@ -437,14 +441,16 @@ def test_set_threads_pins_torch_and_blas():
 
 _MLP_WARM_UP_THEN_A_BATCH = """
 import json
+import sys
 import numpy as np
 from sketchstream.models import mlp_kernels
 from sketchstream.models.mlp import EngagementMLP, MLPConfig, MLPInputs
 
 names = [n for n in mlp_kernels.__all__ if hasattr(getattr(mlp_kernels, n), "signatures")]
-names.remove("dequantize8")  # the recommender's (tests/models/test_recommend.py)
+products = sys.argv[1]
+names.remove("dequantize8" if products == "fixed16" else "dequantize16")  # the other's
 cfg = MLPConfig(n_dense=5, modalities=2, depth=3, width=8, hidden=16, quantiles=8, bins=4,
-                binned=(1, 2), products="fixed16")
+                binned=(1, 2), products=products)
 model = EngagementMLP(cfg)
 rng = np.random.default_rng(0)
 model.set_normalization(rng.normal(size=(50, 5)))
@@ -461,7 +467,8 @@ print(json.dumps([warm, {n: len(getattr(mlp_kernels, n).signatures) for n in nam
 """
 
 
-def test_warm_up_compiles_every_kernel_predict_calls():
+@pytest.mark.parametrize("products", ["fixed16", "int8"])
+def test_warm_up_compiles_every_kernel_predict_calls(products):
     """In a fresh process: after ``warm_up`` each MLP kernel has its one signature and a
     batch's ``predict`` adds none (a worker compiles when a model loads, not in a batch)."""
     import json
@@ -469,7 +476,9 @@ def test_warm_up_compiles_every_kernel_predict_calls():
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-c", _MLP_WARM_UP_THEN_A_BATCH], capture_output=True, text=True
+        [sys.executable, "-c", _MLP_WARM_UP_THEN_A_BATCH, products],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr
     warm, after = json.loads(out.stdout)
