@@ -725,16 +725,13 @@ class FixedLayer:
     @classmethod
     def from_weights(cls, weight: np.ndarray, scale: np.ndarray) -> FixedLayer:
         """From a float32 ``weight (m, k)`` and the inputs' ``scale (k,)`` (all > 0)."""
-        w = weight.astype(np.float64) * scale.astype(np.float64)[None, :]
-        r = np.abs(w).max(axis=1) / 127.0
-        r[r == 0] = 1.0
-        t = w / r[:, None]
+        t, r = _weight_rows(weight, scale)
         p1 = np.rint(t)
         p2 = np.clip(np.rint((t - p1) * 256.0), -127, 127)
         hi = np.ascontiguousarray(np.concatenate([p1, p2]).T.astype(np.int8))
         lo = np.ascontiguousarray(p1.T.astype(np.int8))
         return cls(
-            inv_scale=(1.0 / scale.astype(np.float64)).astype(np.float32),
+            inv_scale=_inverse(scale),
             hi=torch.from_numpy(hi),
             lo=torch.from_numpy(lo),
             scale=r,
@@ -756,9 +753,7 @@ class FixedLayer:
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same product in torch ops (the reference forward's): float64 sums of the
         digits' products, exact as the compiled path's int32 ones."""
-        t = (x * torch.from_numpy(self.inv_scale)).clamp(-127.0, 127.0)
-        h = torch.round(t)
-        lo = torch.round((t - h) * 256.0).clamp(max=127.0)
+        h, lo = _input_digits(x, self.inv_scale)
         m = self.lo.shape[1]
         p = self.hi.double()
         g_hi = h.double() @ p
@@ -788,12 +783,10 @@ class Int8Layer:
     @classmethod
     def from_weights(cls, weight: np.ndarray, scale: np.ndarray) -> Int8Layer:
         """From a float32 ``weight (m, k)`` and the inputs' ``scale (k,)`` (all > 0)."""
-        w = weight.astype(np.float64) * scale.astype(np.float64)[None, :]
-        r = np.abs(w).max(axis=1) / 127.0
-        r[r == 0] = 1.0
-        p = np.ascontiguousarray(np.rint(w / r[:, None]).T.astype(np.int8))
+        t, r = _weight_rows(weight, scale)
+        p = np.ascontiguousarray(np.rint(t).T.astype(np.int8))
         return cls(
-            inv_scale=(1.0 / scale.astype(np.float64)).astype(np.float32),
+            inv_scale=_inverse(scale),
             weight=torch.from_numpy(p),
             scale=r,
         )
@@ -811,12 +804,30 @@ class Int8Layer:
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same product in torch ops: float64 sums of the digits' products (exact)."""
-        t = (x * torch.from_numpy(self.inv_scale)).clamp(-127.0, 127.0)
-        h = torch.round(t)
-        lo = torch.round((t - h) * 256.0).clamp(max=127.0)
+        h, lo = _input_digits(x, self.inv_scale)
         p = self.weight.double()
         g = h.double() @ p + (lo.double() @ p) / 256.0
         return (torch.from_numpy(self.scale) * g).float()
+
+
+def _weight_rows(weight: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``weight (m, k)`` with the inputs' ``scale (k,)`` folded in, each row in units of its
+    own scale ``r`` (its largest magnitude / 127, 1 for a zero row): ``(rows, r)`` float64."""
+    w = weight.astype(np.float64) * scale.astype(np.float64)[None, :]
+    r = np.abs(w).max(axis=1) / 127.0
+    r[r == 0] = 1.0
+    return w / r[:, None], r
+
+
+def _inverse(scale: np.ndarray) -> np.ndarray:
+    return (1.0 / scale.astype(np.float64)).astype(np.float32)
+
+
+def _input_digits(x: torch.Tensor, inv_scale: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs' two digits in torch ops, as :func:`~.mlp_kernels.quantize16` makes them."""
+    t = (x * torch.from_numpy(inv_scale)).clamp(-127.0, 127.0)
+    h = torch.round(t)
+    return h, torch.round((t - h) * 256.0).clamp(max=127.0)
 
 
 #: A ``"fixed16"`` or ``"int8"`` model's fixed-point product of one layer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -294,24 +295,33 @@ def _fixed_model(seed: int = 0, products: str = "fixed16", **kw) -> tuple[Engage
     return model, x
 
 
+def _layer_checked(kind: type, seed: int, rows: int) -> tuple[Any, ...]:
+    """A ``kind`` layer (``FixedLayer`` or ``Int8Layer``) of random 24 x 40 weights at the
+    scales of ``rows`` random inputs; its compiled product checked against its torch
+    reference and against itself cut into batches of 7, to the bit. Returns ``(layer, w, x,
+    scale, out)``."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(24, 40)).astype(np.float32)
+    x = (rng.normal(size=(rows, 40)) * rng.uniform(0.1, 10.0, size=40)).astype(np.float32)
+    scale = (np.abs(x).max(axis=0) * 2.0 / 127.0).astype(np.float32)
+    layer = kind.from_weights(w, scale)
+    out = np.empty((rows, 24), np.float32)
+    layer.product(x, out)
+    np.testing.assert_array_equal(out, layer.reference(torch.from_numpy(x)).numpy())
+    parts = np.empty_like(out)
+    for start in range(0, rows, 7):
+        layer.product(x[start : start + 7], parts[start : start + 7])
+    np.testing.assert_array_equal(parts, out)
+    return layer, w, x, scale, out
+
+
 def test_fixed_product_is_exact_integer_arithmetic_on_two_digits():
     """``FixedLayer``: the compiled product equals its torch reference to the bit (the same
     digits, exact integer sums), is independent of the rows it is batched with, is within
     the digits' precision of the float64 product, and clips beyond the scale's range."""
     from sketchstream.models.mlp import FixedLayer
 
-    rng = np.random.default_rng(3)
-    w = rng.normal(size=(24, 40)).astype(np.float32)
-    x = (rng.normal(size=(500, 40)) * rng.uniform(0.1, 10.0, size=40)).astype(np.float32)
-    scale = (np.abs(x).max(axis=0) * 2.0 / 127.0).astype(np.float32)
-    layer = FixedLayer.from_weights(w, scale)
-    out = np.empty((500, 24), np.float32)
-    layer.product(x, out)
-    np.testing.assert_array_equal(out, layer.reference(torch.from_numpy(x)).numpy())
-    parts = np.empty_like(out)
-    for start in range(0, 500, 7):
-        layer.product(x[start : start + 7], parts[start : start + 7])
-    np.testing.assert_array_equal(parts, out)
+    layer, w, x, scale, out = _layer_checked(FixedLayer, seed=3, rows=500)
     exact = x.astype(np.float64) @ w.T.astype(np.float64)
     bound = np.abs(x).max(axis=0) @ np.abs(w).T / 10_000  # 16 bits less the 2x headroom
     assert np.all(np.abs(out - exact) <= bound), np.abs(out - exact).max()
@@ -329,19 +339,8 @@ def test_int8_product_is_exact_integer_arithmetic_on_int8_weights(monkeypatch):
     from sketchstream.models import mlp
     from sketchstream.models.mlp import Int8Layer
 
-    rng = np.random.default_rng(4)
-    w = rng.normal(size=(24, 40)).astype(np.float32)
-    x = (rng.normal(size=(600, 40)) * rng.uniform(0.1, 10.0, size=40)).astype(np.float32)
-    scale = (np.abs(x).max(axis=0) * 2.0 / 127.0).astype(np.float32)
-    layer = Int8Layer.from_weights(w, scale)
-    out = np.empty((600, 24), np.float32)
-    layer.product(x, out)
+    layer, w, x, scale, out = _layer_checked(Int8Layer, seed=4, rows=600)
     assert len(x) > mlp.FIXED_CHUNK  # more than one chunk
-    np.testing.assert_array_equal(out, layer.reference(torch.from_numpy(x)).numpy())
-    parts = np.empty_like(out)
-    for start in range(0, 600, 7):
-        layer.product(x[start : start + 7], parts[start : start + 7])
-    np.testing.assert_array_equal(parts, out)
     exact = x.astype(np.float64) @ w.T.astype(np.float64)
     # a weight (times its input's scale) is off by half its row's digit at most, an input by
     # 1/512 of its scale
