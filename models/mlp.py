@@ -17,9 +17,10 @@ Then ``blocks`` residual blocks (Linear → LayerNorm → LeakyReLU → dropout,
 one logit per engagement head; :meth:`EngagementMLP.predict` applies the sigmoid.
 
 At inference the hidden layers' three matrix products are most of the MLP's time, and float32
-products already run at the core's FMA peak. A ``products="fixed16"`` model (the trainer's
-default) computes them in 16-bit fixed point with exact integer sums (:class:`FixedLayer`),
-on the CPU's int8 matrix units; the inputs' scales are fixed on the training rows after
+products already run at the core's FMA peak. A ``products="int8"`` model (the trainer's
+default; :class:`Int8Layer`) or ``"fixed16"`` one (:class:`FixedLayer`, two-byte weights)
+computes them with 16-bit fixed-point inputs and exact integer sums on the CPU's int8 matrix
+units; the inputs' scales are fixed on the training rows after
 training (:meth:`EngagementMLP.calibrate_products`), not per batch, so the rows a score is
 batched with move it no more than with float32 products (a last bit).
 bfloat16 products were measured and refused: rounding an input to 8 bits turns the last-bit
@@ -49,12 +50,15 @@ __all__ = [
     "PRODUCTS",
     "EngagementMLP",
     "FixedLayer",
+    "FixedProduct",
     "Int8Layer",
     "MLPConfig",
     "MLPInputs",
     "assemble",
     "code_indices",
     "counts_columns",
+    "fixed_layers",
+    "fixed_scales",
     "int8_products_exact",
     "set_threads",
     "to_tensors",
@@ -557,7 +561,7 @@ class EngagementMLP(nn.Module):
     ) -> np.ndarray:
         """:meth:`forward` in eval mode (no dropout) without torch: ``(n, n_heads)`` float32
         logits from the numpy inputs. Reads the parameters in place (views, no copy), so it
-        is never stale, in training too (a ``"fixed16"`` model's integer weights are built
+        is never stale, in training too (a fixed-point model's integer weights are built
         once calibrated, after training). ``peaks``: one array per product, raised to each
         input column's largest magnitude (float32 products then, for calibrate_products)."""
         if self.members is not None:
@@ -641,12 +645,8 @@ class EngagementMLP(nn.Module):
                 np.ascontiguousarray(part.dense, dtype=np.float32), part.codes, peaks=peaks
             )
         for i, peak in enumerate(peaks):
-            top = peak.astype(np.float64) * FIXED_HEADROOM / 127.0
-            unseen = 1.0
-            if self.config.products == "int8" and (top > 0).any():
-                unseen = top[top > 0].min()
-            scale = np.where(top > 0, top, unseen)
-            getattr(self, f"fixed_scale_{i}").copy_(torch.from_numpy(scale.astype(np.float32)))
+            scale = fixed_scales(peak, self.config.products)
+            getattr(self, f"fixed_scale_{i}").copy_(torch.from_numpy(scale))
         self._forget_fixed()
 
     @property
@@ -670,14 +670,12 @@ class EngagementMLP(nn.Module):
         if self.config.products == "float32":
             return None
         if self._fixed is None:
-            kind = FixedLayer if self.config.products == "fixed16" else Int8Layer
-            layers: list[FixedProduct] = []
-            for i, linear in enumerate(self._product_layers()):
-                scale = _array(getattr(self, f"fixed_scale_{i}"))
-                if not (scale > 0).all():
-                    return None
-                layers.append(kind.from_weights(_array(linear.weight), scale))
-            self._fixed = layers
+            linears = self._product_layers()
+            self._fixed = fixed_layers(
+                self.config.products,
+                [_array(linear.weight) for linear in linears],
+                [_array(getattr(self, f"fixed_scale_{i}")) for i in range(len(linears))],
+            )
         return self._fixed
 
     def _norm_act(self, x: np.ndarray, norm: nn.LayerNorm) -> None:
@@ -773,8 +771,8 @@ class Int8Layer:
     result depends on its own inputs only, not on its batch, threads or the CPU's kernels.
 
     Two int8 products where ``FixedLayer`` takes three, and one byte a weight read: where a
-    product is bound by reading its weights (the recommender's first layer, 9,226 x 1,024,
-    at answer batches of tens of rows) a quarter of float32's reads."""
+    product is bound by reading its weights (the recommender's first layer, ~10,000 x 1,024
+    on ML-1M, at answer batches of tens of rows) a quarter of float32's reads."""
 
     inv_scale: np.ndarray  # (k,) float32: 1 / s
     weight: torch.Tensor  # (k, m) int8: P transposed
@@ -832,6 +830,31 @@ def _input_digits(x: torch.Tensor, inv_scale: np.ndarray) -> tuple[torch.Tensor,
 
 #: A ``"fixed16"`` or ``"int8"`` model's fixed-point product of one layer
 FixedProduct = FixedLayer | Int8Layer
+
+
+def fixed_scales(peak: np.ndarray, products: str) -> np.ndarray:
+    """A product's calibrated input scales, float32, from each input column's largest
+    magnitude on the training rows ``peak``: that times :data:`FIXED_HEADROOM`, over 127
+    (beyond it a value clips). A column that is always 0 gets 1 with ``"fixed16"``, the
+    smallest of the others' scales with ``"int8"``: a weight row's one digit is shared by its
+    columns at their scales, so a large made-up one would leave the row's other weights a few
+    levels (on a 32-wide model, 6 % error in its first layer)."""
+    top = np.asarray(peak, np.float64) * FIXED_HEADROOM / 127.0
+    unseen = 1.0
+    if products == "int8" and (top > 0).any():
+        unseen = top[top > 0].min()
+    return np.where(top > 0, top, unseen).astype(np.float32)
+
+
+def fixed_layers(
+    products: str, weights: Sequence[np.ndarray], scales: Sequence[np.ndarray]
+) -> list[FixedProduct] | None:
+    """The fixed-point products (``"fixed16"`` or ``"int8"``) of float32 ``weights (m, k)``
+    at their inputs' ``scales (k,)``; None while a scale is unset (0: not calibrated)."""
+    if not all((scale > 0).all() for scale in scales):
+        return None
+    kind = FixedLayer if products == "fixed16" else Int8Layer
+    return [kind.from_weights(w, scale) for w, scale in zip(weights, scales, strict=True)]
 
 
 def _int_products(a: np.ndarray, b: torch.Tensor) -> np.ndarray:

@@ -37,7 +37,7 @@ from sketchstream.models.catalogue import Catalogue
 from sketchstream.models.channels import AggregatorConfig
 from sketchstream.models.emde import normalize
 from sketchstream.models.errors import ModelError
-from sketchstream.models.mlp import FIXED_HEADROOM, Int8Layer
+from sketchstream.models.mlp import FixedProduct, fixed_layers, fixed_scales
 from torch import nn
 
 __all__ = [
@@ -339,10 +339,12 @@ class SketchRecommender(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(_Block(hidden, dropout) for _ in range(blocks))
         self.out = nn.Linear(hidden, levels * width)
+        self._int8: list[FixedProduct] | None = None  # int8 only: Int8Layer
         if products == "int8":  # each product's input scales; 0 until calibrate_products
             for i, layer in enumerate(self._product_layers()):
                 self.register_buffer(f"fixed_scale_{i}", torch.zeros(layer.in_features))
-        self._int8: list[Int8Layer] | None = None
+            # new weights or scales: the int8 tables are built again
+            self.register_load_state_dict_post_hook(lambda module, _keys: module._forget_int8())
 
     def set_normalization(self, x: np.ndarray, chunk: int = 4096) -> None:
         """Fit the input standardisation on training rows ``(n, n_in)`` (chunk by chunk: the
@@ -393,7 +395,7 @@ class SketchRecommender(nn.Module):
         if self._int8_layers() is not None:
             self.log_probs(np.zeros((1, self.inp.in_features), np.float16))
 
-    def _int8_forward(self, x: torch.Tensor, layers: list[Int8Layer]) -> torch.Tensor:
+    def _int8_forward(self, x: torch.Tensor, layers: list[FixedProduct]) -> torch.Tensor:
         """:meth:`forward` in eval mode with each linear's product in int8
         (:class:`~.mlp.Int8Layer`): compiled, or its torch reference without the JIT (the
         same bits)."""
@@ -422,12 +424,8 @@ class SketchRecommender(nn.Module):
 
     def calibrate_products(self, x: np.ndarray, batch_size: int = 4096) -> None:
         """Fix an ``"int8"`` model's input scales on training rows ``x (n, n_in)``, after
-        training: each product input column's scale is its largest magnitude on them, times
-        :data:`~.mlp.FIXED_HEADROOM`, over 127 (beyond it a value clips). A column that is
-        always 0 on them gets the smallest scale of the others: the weights' one digit is
-        shared by a row's columns at their scales, so a large made-up scale would leave the
-        row's other weights a few levels (on a small model, 6 % error in the first layer).
-        From then on :meth:`log_probs` runs the int8 products."""
+        training (:func:`~.mlp.fixed_scales`). From then on :meth:`log_probs` runs the int8
+        products."""
         if self.products != "int8":
             raise ModelError(f"calibrate_products: products={self.products!r}")
         layers = self._product_layers()
@@ -451,30 +449,27 @@ class SketchRecommender(nn.Module):
                 hook.remove()
             self.train(was)
         for i, p in enumerate(peaks):
-            top = p.double().numpy() * FIXED_HEADROOM / 127.0
-            scale = np.where(top > 0, top, top[top > 0].min() if (top > 0).any() else 1.0)
-            getattr(self, f"fixed_scale_{i}").copy_(torch.from_numpy(scale.astype(np.float32)))
-        self._int8 = None
+            getattr(self, f"fixed_scale_{i}").copy_(
+                torch.from_numpy(fixed_scales(p.numpy(), "int8"))
+            )
+        self._forget_int8()
 
-    def _int8_layers(self) -> list[Int8Layer] | None:
+    def _int8_layers(self) -> list[FixedProduct] | None:
         """The int8 products (built from the weights and scales at first use); None: float32
         (a ``"float32"`` model, or an ``"int8"`` one not calibrated yet: in training)."""
         if self.products != "int8":
             return None
         if self._int8 is None:
-            layers = self._product_layers()
-            scales = [getattr(self, f"fixed_scale_{i}").numpy() for i in range(len(layers))]
-            if not all((scale > 0).all() for scale in scales):
-                return None
-            self._int8 = [
-                Int8Layer.from_weights(layer.weight.detach().numpy(), scale)
-                for layer, scale in zip(layers, scales, strict=True)
-            ]
+            linears = self._product_layers()
+            self._int8 = fixed_layers(
+                "int8",
+                [linear.weight.detach().numpy() for linear in linears],
+                [getattr(self, f"fixed_scale_{i}").numpy() for i in range(len(linears))],
+            )
         return self._int8
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._int8 = None  # new weights or scales: the int8 tables are built again
-        super()._load_from_state_dict(*args, **kwargs)
+    def _forget_int8(self) -> None:
+        self._int8 = None
 
 
 def _float32(x: np.ndarray) -> torch.Tensor:
