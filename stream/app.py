@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sketchstream.stream.metrics import WorkerMetrics
@@ -251,8 +251,10 @@ def create_app(settings: Settings) -> faust.App:
             )
         return processors[0]
 
-    async def score(messages: list[Any]) -> None:
-        """One micro-batch: validate → score → fold, predictions out, then the new states."""
+    async def score(messages: list[Any]) -> Callable[[], Awaitable[None]]:
+        """One micro-batch: validate → score → fold, predictions out; handed back, the rest
+        (the predictions' acknowledgements, then the new states), which finishes while the
+        next batch is handled, reading these states where they are held meanwhile."""
         started = time.perf_counter()
         batch = await processor()
         new = feed.take_pending()
@@ -264,19 +266,23 @@ def create_app(settings: Settings) -> faust.App:
         sends = await publish(app.producer, predictions_topic, result.predictions)
         sends += await publish(app.producer, dlq_topic, result.dlq)
         sends += await publish(app.producer, recommendations_topic, result.recommendations)
-        t = stages.lap("send", t)
-        if sends:
-            await asyncio.gather(*sends)
-        published = time.time()
-        t = stages.lap("send_wait", t)
-        # only now: a state never gets ahead of the predictions made on the way to it
-        await states.write(result.table_writes)
-        t = time.perf_counter_ns()
-        health.processed(messages)
-        metrics.predictions_out.inc(len(result.predictions))
-        metrics.observe_latencies([published - ts for ts in result.kafka_ts if ts])
-        metrics.batch_seconds.observe(time.perf_counter() - started)
-        stages.lap("metrics", t)
+        states.hold(result.table_writes)
+        stages.lap("send", t)
+
+        async def finish() -> None:
+            if sends:
+                await asyncio.gather(*sends)
+            published = time.time()
+            # only now: a state never gets ahead of the predictions made on the way to it
+            await states.write(result.table_writes)
+            t = time.perf_counter_ns()
+            health.processed(messages)
+            metrics.predictions_out.inc(len(result.predictions))
+            metrics.observe_latencies([published - ts for ts in result.kafka_ts if ts])
+            metrics.batch_seconds.observe(time.perf_counter() - started)
+            stages.lap("metrics", t)
+
+        return finish
 
     checked: list[str] = []  # the partitioning check's verdict, once: "" when right
 

@@ -22,7 +22,9 @@ faust's no-op agent passes 9–13k events/s where a bare aiokafka consume→prod
   replicas) keep faust's per-record delivery, unchanged.
 
 faust's bookkeeping stays in charge. Every bulk batch is tracked when handed over and its
-offsets acknowledged when the handler returns, so offsets are committed as for an agent, a
+offsets acknowledged when the handler returns (or, for a handler that hands back the rest of
+its batch, when that rest has finished, behind the next batch: :meth:`BulkConsumer._deliver_batch`),
+so offsets are committed as for an agent, a
 rebalance waits for the batch in progress (``wait_empty``) and the hand-over
 (:class:`~sketchstream.stream.faust_compat.HandoverRecovery`) seeks these partitions like any
 other. When the flow stops (a rebalance) or the consumer generation changes, the rest of a
@@ -69,14 +71,20 @@ from sketchstream.stream.faust_compat import (
 from sketchstream.stream.metrics import StageTimes
 from sketchstream.stream.records import RawMessage
 
-__all__ = ["BulkApp", "BulkConsumer", "BulkHandler"]
+__all__ = ["BulkApp", "BulkConsumer", "BulkFinish", "BulkHandler"]
 
 log = logging.getLogger(__name__)
 
+#: The rest of a batch a handler hands back (see :data:`BulkHandler`): awaited behind the
+#: batch before it, then the batch is acknowledged.
+BulkFinish = Callable[[], Awaitable[None]]
+
 #: ``await handler(messages)``: one micro-batch of messages of the bulk topics
-#: (:class:`~sketchstream.stream.records.RawMessage`), every partition's in offset order;
-#: acknowledged when it returns.
-BulkHandler = Callable[[list[RawMessage]], Awaitable[None]]
+#: (:class:`~sketchstream.stream.records.RawMessage`), every partition's in offset order.
+#: Returning None, it is acknowledged then; returning a :data:`BulkFinish`, the batch is
+#: acknowledged when that finishes, which runs while the next batch is handled (see
+#: :meth:`BulkConsumer._deliver_batch`).
+BulkHandler = Callable[[list[RawMessage]], Awaitable[BulkFinish | None]]
 
 
 class _Abandoned(Exception):
@@ -93,6 +101,8 @@ class BulkConsumer(FetchLoopConsumer):
     ``bulk_topics``, ``bulk_handler`` and ``bulk_size`` come from the :class:`BulkApp`."""
 
     _bulk_acked = 0  # acknowledged since this loop last committed
+    _finishing: asyncio.Future | None = None  # the last batch handed over to finish behind
+    _finish_failed = False  # a batch failed to finish: the worker is stopping, fetch no more
 
     @property
     def _bulk(self) -> tuple[Mapping[str, int], tuple[BulkHandler, ...], tuple[int, ...]]:
@@ -107,13 +117,13 @@ class BulkConsumer(FetchLoopConsumer):
         """
         stages = self.app.stages
         try:
-            while not (self.should_stop or fetcher.should_stop):
-                started = time.perf_counter_ns()
+            while not (self.should_stop or fetcher.should_stop or self._finish_failed):
+                started, inner = time.perf_counter_ns(), stages.total_ns()
                 records, active = await self.next_records(1.0)
                 await asyncio.sleep(0)  # a fetch can return at once, again and again
-                if not records or self.should_stop:
+                if not records or self.should_stop or self._finish_failed:
                     continue
-                stages.lap("fetch", started)
+                stages.lap_outside("fetch", started, inner)
                 try:
                     await self._deliver_through_a_stop(records, active)
                 except _Abandoned:
@@ -232,7 +242,18 @@ class BulkConsumer(FetchLoopConsumer):
     async def _deliver_batch(
         self, handler: BulkHandler | None, messages: list[RawMessage], generation: int
     ) -> None:
-        """Track, hand over, acknowledge; then the read offsets move on."""
+        """Track, hand over, acknowledge; then the read offsets move on.
+
+        A handler that hands back the rest of its batch (a :data:`BulkFinish`: for the worker,
+        waiting for the predictions' acknowledgements, then writing the states) gets it run as
+        a task behind the previous batch's, and the batch acknowledged when it has finished:
+        the next batch is handled meanwhile (its handler sees what the one before left, the
+        worker's pending states), so the broker's round trip overlaps the next batch's work.
+        One batch at most finishes behind the fetch loop: before the next one is handed over,
+        the one before it must have finished. A finish that fails stops the worker as a
+        failing handler does; the batches behind it are not acknowledged (read again after the
+        restart). Runs as a task, a finish goes on through a stop or a rebalance, which wait for
+        its acknowledgement (faust's ``wait_empty``)."""
         assert handler is not None
         stages = self.app.stages
         t = time.perf_counter_ns()
@@ -240,7 +261,7 @@ class BulkConsumer(FetchLoopConsumer):
         token = self.track_batch(messages[0])
         stages.lap("deliver", t)
         try:
-            await handler(messages)
+            finish = await handler(messages)
         except Exception as exc:
             # not bad input (the handler dead-letters that) but a failure of the worker itself:
             # stop it. Seek back first, so a restarted fetch cannot skip the batch.
@@ -254,14 +275,54 @@ class BulkConsumer(FetchLoopConsumer):
             raise _Failed() from exc
         t = time.perf_counter_ns()
         offsets = _offsets(messages)
-        self.ack_batch(token, offsets)
         self.read_offsets.update((tp, done[-1]) for tp, done in offsets.items())
-        self._bulk_acked += len(messages)
-        t = stages.lap("deliver", t)
+        if finish is None:
+            self._acknowledge(token, offsets)
+            t = stages.lap("deliver", t)
+        else:
+            previous = self._finishing
+            self._finishing = asyncio.ensure_future(
+                self._finish_behind(previous, finish, token, offsets)
+            )
+            t = stages.lap("deliver", t)
+            if previous is not None:
+                inner = stages.total_ns()
+                # shielded: a cancel of this delivery must not cut the batch before it
+                finished = await asyncio.shield(previous)
+                t = stages.lap_outside("send_wait", t, inner)
+                if not finished:
+                    raise _Failed()
         if self._bulk_acked >= self.app.conf.broker_commit_every:
             self._bulk_acked = 0
             await self.commit()
             stages.lap("commit", t)
+
+    def _acknowledge(self, token: Any, offsets: Mapping[TP, list[int]]) -> None:
+        self.ack_batch(token, offsets)
+        self._bulk_acked += sum(len(done) for done in offsets.values())
+
+    async def _finish_behind(
+        self,
+        previous: asyncio.Future | None,
+        finish: BulkFinish,
+        token: Any,
+        offsets: Mapping[TP, list[int]],
+    ) -> bool:
+        """Finish a batch after ``previous`` (the batch before it) has, then acknowledge it;
+        whether it did (see :meth:`_deliver_batch`)."""
+        if previous is not None and not await asyncio.shield(previous):
+            self.untrack([token])  # after a failed batch: read again after the restart
+            return False
+        try:
+            await finish()
+        except Exception as exc:
+            log.exception("a batch failed to finish: stopping; it is read again on restart")
+            self.untrack([token])
+            self._finish_failed = True
+            await self.app.fail(exc)
+            return False
+        self._acknowledge(token, offsets)
+        return True
 
     async def _seek_back(self) -> None:
         """Back to the committed offsets, so what was fetched and abandoned is read again."""

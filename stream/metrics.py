@@ -52,7 +52,7 @@ STAGES: tuple[str, ...] = (
     "live_quality",  # LiveQuality.observe: the labels the batch brings, per head
     "recommend",  # top-k after events (recommend_on_event): read, model, records
     "send",  # records into per-partition producer batches, handed to aiokafka
-    "send_wait",  # waiting for the predictions' acknowledgement
+    "send_wait",  # waiting for the previous batch's acknowledgements and state writes
     "state_write",  # RocksDB write batches
     "changelog",  # the states' changelog records handed to the producer
     "metrics",  # the worker's own metrics and health bookkeeping
@@ -85,6 +85,27 @@ class StageTimes:
         now, the start of the next lap."""
         now = time.perf_counter_ns()
         self.ns[stage] += now - since
+        return now
+
+    def total_ns(self) -> int:
+        """Nanoseconds in all stages so far (see :meth:`lap_outside`)."""
+        return sum(self.ns.values())
+
+    def lap_outside(self, stage: str, since: int, total_since: int) -> int:
+        """:meth:`lap` for a wait during which other tasks timed stages of their own (a batch
+        finishing behind the next one writes its states while the fetch loop waits for it):
+        ``stage`` gets the time since ``since`` less what every stage gained meanwhile
+        (``total_since``: :meth:`total_ns` at ``since``), so no time is counted twice.
+
+        >>> st = StageTimes()
+        >>> t, before = time.perf_counter_ns(), st.total_ns()
+        >>> st.ns["state_write"] += 10**12  # timed by another task during the wait
+        >>> _ = st.lap_outside("send_wait", t, before)
+        >>> st.ns["send_wait"]
+        0
+        """
+        now = time.perf_counter_ns()
+        self.ns[stage] += max(0, (now - since) - (self.total_ns() - total_since))
         return now
 
     def collect(self) -> Iterator[CounterMetricFamily]:

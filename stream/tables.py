@@ -17,6 +17,12 @@ reading the changelog) is written once per partition and batch, when the batch i
 the same value faust writes last. The records are the table's own (raw key and value, on the
 table's partition of the changelog topic), so faust's recovery and standby replicas read them
 as ever, and a commit waits for them (faust flushes the producer before committing offsets).
+
+A batch's states are written only once its predictions are acknowledged (a state never gets
+ahead of the predictions made on the way to it), while the next batch is already being
+handled (:meth:`~sketchstream.stream.bulk.BulkConsumer._deliver_batch`): :meth:`UserStates.hold`
+keeps them meanwhile, and :meth:`UserStates.read` answers from them first, so the next batch
+reads every user as the batch before left it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class UserStates:
     def __init__(self, table: Any, stages: StageTimes | None = None) -> None:
         self.table = table
         self.stages = stages if stages is not None else StageTimes()
+        #: states held until written: ``(partition, key) -> value`` (see :meth:`hold`)
+        self.held: dict[tuple[int, bytes], bytes] = {}
 
     def _db(self, partition: int) -> Any:
         from sketchstream.stream.faust_compat import rocksdb_of  # imports faust: not at import
@@ -50,10 +58,15 @@ class UserStates:
         return rocksdb_of(self.table, partition)
 
     def read(self, partitions: Sequence[int], keys: Sequence[bytes]) -> list[bytes | None]:
-        """The stored state of each key (None when absent); ``partitions`` aligned with ``keys``."""
+        """The state of each key (None when absent): held (:meth:`hold`), else stored;
+        ``partitions`` aligned with ``keys``."""
         out: list[bytes | None] = [None] * len(keys)
         groups: dict[int, list[int]] = defaultdict(list)
+        held = self.held
         for i, p in enumerate(partitions):
+            if held and (value := held.get((p, keys[i]))) is not None:
+                out[i] = value
+                continue
             groups[p].append(i)
         for p, rows in groups.items():
             values = self._db(p).get([keys[i] for i in rows])
@@ -61,9 +74,15 @@ class UserStates:
                 out[i] = v
         return out
 
+    def hold(self, writes: Sequence[tuple[int, bytes, bytes]]) -> None:
+        """Keep ``(partition, key, value)`` triples for :meth:`read` until :meth:`write` stores
+        them (a later hold of the same key replaces its value)."""
+        self.held.update(((p, key), value) for p, key, value in writes)
+
     async def write(self, writes: Sequence[tuple[int, bytes, bytes]]) -> None:
         """Store ``(partition, key, value)`` triples locally and send them to the changelog
-        (handed to the producer, not awaited: the next commit waits for them)."""
+        (handed to the producer, not awaited: the next commit waits for them); a held value
+        is let go once stored, unless a later hold replaced it."""
         from rocksdict import WriteBatch
 
         stages = self.stages
@@ -76,6 +95,11 @@ class UserStates:
             batch.put(key, value)
         for p, batch in batches.items():
             self._db(p).write(batch)
+        held = self.held
+        if held:
+            for p, key, value in writes:
+                if held.get((p, key)) is value:
+                    del held[(p, key)]
         t = stages.lap("state_write", t)
         topic = self.table.changelog_topic.get_topic_name()
         for sent in await publish_to(self.table.app.producer, topic, writes):

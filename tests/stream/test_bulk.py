@@ -28,7 +28,7 @@ class Harness:
     """A BulkApp (never started: no broker) whose handler and callback record what they get.
     Made inside the test's event loop: faust's services bind to the loop they are made in."""
 
-    def __init__(self, size: int, on_batch: Any = None) -> None:
+    def __init__(self, size: int, on_batch: Any = None, finishing: Any = None) -> None:
         self.app = BulkApp(
             "bulk-test",
             broker="kafka://127.0.0.1:1",
@@ -39,10 +39,11 @@ class Harness:
         self.batches: list[list[tuple[int, int]]] = []
         self.others: list[tuple[str, int, int]] = []
 
-        async def handler(messages: list[Any]) -> None:
+        async def handler(messages: list[Any]) -> Any:
             self.batches.append([(m.partition, m.offset) for m in messages])
             if on_batch is not None and inspect.isawaitable(got := on_batch(self)):
                 await got
+            return None if finishing is None else finishing(messages)
 
         events = self.app.topic("events", key_type=bytes, value_type=bytes)
         self.app.bulk(events, handler, size=size)
@@ -257,6 +258,111 @@ async def test_a_failing_handler_stops_the_worker_with_its_error_and_acknowledge
     assert h.consumer._new_offset(p0) == 2  # the stop commits the first batch, not the failed
     assert not h.consumer.unacked  # untracked: the stop does not wait for it
     assert not h.app.crashed and not h.consumer._thread.crashed
+
+
+class Finishes:
+    """A handler's ``finishing``: each batch hands back a finish that waits until the test
+    releases that batch (its acknowledgements in flight), and records the order they ran in."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.release: list[asyncio.Event] = []
+        self.finished: list[int] = []
+        self.fail_at = fail_at
+
+    def __call__(self, messages: list[Any]) -> Any:
+        number = len(self.release)
+        self.release.append(asyncio.Event())
+
+        async def finish() -> None:
+            await self.release[number].wait()
+            if number == self.fail_at:
+                raise OSError("broker gone")
+            self.finished.append(number)
+
+        return finish
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_a_batch_handed_back_unfinished_is_acknowledged_when_it_finishes_behind_the_next():
+    """The worker hands back the rest of a batch (its predictions' acknowledgements, then its
+    states) to run while the next batch is handled: the batch is acknowledged only once that
+    has finished, finishes run in batch order, and the next batch's delivery waits for the one
+    before it (one batch at most finishes behind the fetch loop)."""
+    finishes = Finishes()
+    h = Harness(size=2, finishing=finishes)
+    p0 = TP("events", 0)
+    await h.app.topics._update_indices()
+    delivery = asyncio.ensure_future(
+        h.consumer._deliver({p0: records("events", 0, [0, 1, 2, 3])}, None)
+    )
+    await settle()
+    # batch 0 handed back, batch 1 handled, its delivery waiting for batch 0 to finish
+    assert h.batches == [[(0, 0), (0, 1)], [(0, 2), (0, 3)]] and not delivery.done()
+    assert h.consumer._new_offset(p0) is None and len(h.consumer.unacked) == 2
+    finishes.release[1].set()  # the later batch's acknowledgements come first
+    await settle()
+    assert finishes.finished == [] and h.consumer._new_offset(p0) is None
+    finishes.release[0].set()
+    await asyncio.wait_for(delivery, 5)
+    await settle()
+    assert finishes.finished == [0, 1]  # in batch order
+    assert h.consumer._new_offset(p0) == 4 and not h.consumer.unacked
+
+
+async def test_a_batch_left_finishing_when_the_fetches_stop_is_still_acknowledged():
+    """The last batch of a run finishes on its own (a stop's or a rebalance's ``wait_empty``
+    waits for it), not when a next batch comes."""
+    finishes = Finishes()
+    h = Harness(size=2, finishing=finishes)
+    p0 = TP("events", 0)
+    await h.deliver({p0: records("events", 0, [0, 1])})
+    assert h.consumer._new_offset(p0) is None and h.consumer.unacked
+    finishes.release[0].set()
+    await settle()
+    assert finishes.finished == [0]
+    assert h.consumer._new_offset(p0) == 2 and not h.consumer.unacked
+
+
+async def test_a_batch_failing_to_finish_stops_the_worker_and_nothing_behind_it_is_acknowledged():
+    """A finish that raises (the predictions not acknowledged) is a failure of the worker, as a
+    handler that raises: the worker stops with its error, the batch and the one handled behind
+    it are never acknowledged (read again after the restart, at-least-once), the fetch ends."""
+    import mode
+
+    finishes = Finishes(fail_at=1)
+    h = Harness(size=2, finishing=finishes)
+    worker = mode.Worker(loglevel="info", redirect_stdouts=False)
+    h.app.beacon.reattach(worker.beacon)
+    stops: list[str] = []
+
+    async def stop() -> None:
+        stops.append("stop")
+
+    worker.stop = stop
+    p0 = TP("events", 0)
+    await h.app.topics._update_indices()
+    delivery = asyncio.ensure_future(
+        h.consumer._deliver({p0: records("events", 0, [0, 1, 2, 3, 4, 5, 6, 7])}, None)
+    )
+    await settle()
+    finishes.release[0].set()
+    await settle()
+    assert len(h.batches) == 3  # batch 2 handled while batch 1 finishes
+    finishes.release[1].set()
+    with pytest.raises(_Failed):
+        await asyncio.wait_for(delivery, 5)
+    await worker._signal_stop_future
+    assert stops == ["stop"] and isinstance(worker.crash_reason, OSError)
+    finishes.release[2].set()
+    await settle()
+    assert len(h.batches) == 3 and finishes.finished == [0]
+    assert h.consumer._new_offset(p0) == 2  # batch 0 only
+    assert not h.consumer.unacked  # untracked: the stop does not wait for them
+    assert h.consumer._finish_failed
 
 
 async def test_the_batch_size_must_be_positive():

@@ -88,8 +88,10 @@ def test_bench_stream_profile_splits_the_workers_wall_time_by_stage(
     for phase in ("drain", "paced"):
         spent = {p["stage"]: p for p in worker["profile"] if p["phase"] == phase}
         assert list(spent) == [*STAGES, "rest", "busy (wall)"]
-        for stage in ("fetch", "decode", "state_read", "fold", "mlp", "send_wait", "changelog"):
+        for stage in ("fetch", "decode", "state_read", "fold", "mlp", "changelog"):
             assert spent[stage]["us_per_event"] > 0, (phase, stage)
+        if phase == "paced":  # many batches, each waiting for the one before to finish
+            assert spent["send_wait"]["us_per_event"] > 0
         assert all(p["us_per_event"] >= 0 for p in spent.values()), phase
         assert sum(spent[s]["pct_of_wall"] for s in STAGES) <= 100.0 + 0.1 * len(STAGES)
         assert spent["busy (wall)"]["pct_of_wall"] == 100.0
