@@ -21,7 +21,11 @@ Delivery is at-least-once and the user state remembers the last offset folded, s
 replays without double counting. Order inside a batch: predictions and dead letters are sent
 and acknowledged *before* the new states are written (RocksDB + changelog). A crash in
 between re-folds the batch from the old states and re-publishes the same predictions (same
-event reference, same scores); a state is never stored ahead of its predictions.
+event reference, same scores); a state is never stored ahead of its predictions. The wait for
+those acknowledgements and the writes after it run while the next batch is handled (which reads
+the states held meanwhile, :meth:`~sketchstream.stream.tables.UserStates.hold`); the batch's
+offsets are acknowledged once they are done
+(:meth:`~sketchstream.stream.bulk.BulkConsumer._deliver_batch`).
 """
 
 from __future__ import annotations
