@@ -210,6 +210,40 @@ def train_mlp(
     return run.result()
 
 
+def train_distilled(
+    teacher: EngagementMLP,
+    teacher_history: list[dict[str, Any]],
+    train: MLPInputs,
+    y_train: np.ndarray,
+    val: MLPInputs,
+    y_val: np.ndarray,
+    config: MLPConfig,
+    weight: float,
+    fit: dict[str, Any],
+) -> tuple[EngagementMLP, list[dict[str, Any]]]:
+    """A student MLP of ``config``'s shape fitted to ``y_train`` blended with ``teacher``'s
+    probabilities on the same rows (``weight`` of the teacher's; a head's unlabelled rows
+    stay out of the loss), validated on the labels alone like any fit; it keeps the teacher's
+    choice of item codes. Returns the student and the history: the teacher's rows (marked
+    ``"teacher": True``), then the student's."""
+    soft = teacher.predict(train).astype(np.float64)
+    y_soft = np.where(np.isnan(y_train), np.nan, (1.0 - weight) * y_train + weight * soft)
+    config = replace(config, modalities=teacher.config.modalities)
+    student, history = train_mlp(train, y_soft, val, y_val, config, **fit)
+    best = max((h["val_auc"] for h in teacher_history), default=float("nan"))
+    log.info(
+        "distilled: hidden %d from %d, best validation AUC %.4f (teacher %.4f)",
+        config.hidden,
+        teacher.config.hidden,
+        max((h["val_auc"] for h in history), default=float("nan")),
+        best,
+    )
+    codes = "on" if config.modalities else "off"
+    return student, [{**h, "teacher": True} for h in teacher_history] + [
+        {**h, "item_codes": codes} for h in history
+    ]
+
+
 def train_choosing_codes(
     train: MLPInputs,
     y_train: np.ndarray,

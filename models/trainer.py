@@ -28,7 +28,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ from sketchstream.models.channels import (
     aggregator_config_to_dict,
 )
 from sketchstream.models.errors import ModelError
-from sketchstream.models.fit import ITEM_CODES, train_choosing_codes, train_mlp
+from sketchstream.models.fit import ITEM_CODES, train_choosing_codes, train_distilled, train_mlp
 from sketchstream.models.mlp import (
     PRODUCTS,
     EngagementMLP,
@@ -105,6 +105,11 @@ class TrainConfig:
     # piecewise-linearly over this many quantile bins (MLPConfig.bins; 0: not)
     bins: int = 12
     members: int = 1  # networks averaged (MLPConfig.members)
+    # > 0: first train a teacher MLP this wide, then fit the served one (``hidden``) to the
+    # labels blended with the teacher's probabilities (``distill_weight`` of the teacher's):
+    # a smaller, faster MLP that learns from a larger one (fit.train_distilled). 0: no teacher
+    teacher_hidden: int = 0
+    distill_weight: float = 0.5
     # the hidden layers' products at inference (MLPConfig.products): "int8", 16-bit fixed
     # point inputs and one-byte weights with exact integer sums (the scales fixed on the
     # training rows after training), "fixed16" (two-byte weights), or "float32"
@@ -138,6 +143,10 @@ class TrainConfig:
             raise ModelError(
                 f"item_codes={self.item_codes!r}: expected one of {', '.join(ITEM_CODES)}"
             )
+        if self.teacher_hidden < 0:
+            raise ModelError(f"teacher_hidden={self.teacher_hidden}: expected 0 (none) or a width")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ModelError(f"distill_weight={self.distill_weight}: expected 0 to 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -577,9 +586,24 @@ def run_protocol(
         "ema_epochs": config.ema_epochs,
     }
     train_in, val_in = inputs.take(train_rows), inputs.take(val_rows)
-    model, history = train_choosing_codes(
-        train_in, y[train_rows], val_in, y[val_rows], mlp_config, config.item_codes, fit
+    first = (
+        replace(mlp_config, hidden=config.teacher_hidden) if config.teacher_hidden else mlp_config
     )
+    model, history = train_choosing_codes(
+        train_in, y[train_rows], val_in, y[val_rows], first, config.item_codes, fit
+    )
+    if config.teacher_hidden:
+        model, history = train_distilled(
+            model,
+            history,
+            train_in,
+            y[train_rows],
+            val_in,
+            y[val_rows],
+            mlp_config,
+            config.distill_weight,
+            fit,
+        )
     timings["train"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -231,3 +231,43 @@ def test_train_offers_exactly_the_item_code_choices_the_trainer_takes():
     from sketchstream.tools.train import ItemCodes
 
     assert tuple(c.value for c in ItemCodes) == ITEM_CODES
+
+
+def test_a_distilled_student_learns_the_blend_of_labels_and_teacher_in_its_own_shape():
+    """The student is fitted to the labels blended with the teacher's probabilities: a teacher
+    trained on flipped labels pulls a student with weight 1 to the flipped answer, while weight
+    0 leaves it on the labels; the student keeps its own width and the teacher's item-code
+    choice, and the history holds the teacher's checks, then its own."""
+    from sketchstream.models.fit import train_choosing_codes, train_distilled
+
+    (tr, y_tr), (va, y_va) = _separable(np.random.default_rng(2))
+    big = MLPConfig(n_dense=3, modalities=1, depth=2, width=8, hidden=32, blocks=1)
+    small = MLPConfig.from_dict({**big.to_dict(), "hidden": 8})
+    fit = dict(epochs=3, batch_size=128, lr=1e-2, progress=False, seed=3)
+    teacher, t_hist = train_choosing_codes(tr, 1.0 - y_tr, va, 1.0 - y_va, big, "off", fit)
+    aucs = {}
+    for weight in (0.0, 1.0):
+        student, hist = train_distilled(teacher, t_hist, tr, y_tr, va, y_va, small, weight, fit)
+        assert student.config.hidden == 8 and student.config.modalities == 0
+        assert [h.get("teacher", False) for h in hist] == [True] * len(t_hist) + [False] * (
+            len(hist) - len(t_hist)
+        )
+        aucs[weight] = _auc(y_va[:, 0], student.predict(va)[:, 0])
+    # (early stopping judges the student on the true labels: it keeps its least flipped check)
+    assert aucs[0.0] > 0.9 and aucs[1.0] < 0.3
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    from sketchstream.models.metrics import binary_metrics
+
+    return binary_metrics(y, p)["auc"]
+
+
+def test_a_teacher_width_and_distill_weight_are_checked():
+    from sketchstream.models.errors import ModelError
+    from sketchstream.models.trainer import TrainConfig
+
+    with pytest.raises(ModelError, match="teacher_hidden=-1"):
+        TrainConfig(teacher_hidden=-1)
+    with pytest.raises(ModelError, match=r"distill_weight=1\.5: expected 0 to 1"):
+        TrainConfig(distill_weight=1.5)

@@ -93,6 +93,26 @@ def test_train_works_without_item_metadata(tmp_path, data_dir):
     assert set(json.loads((version / "manifest.json").read_text())["codebooks"]) == {"interactions"}
 
 
+def test_a_teacher_trains_first_and_the_served_mlp_has_the_hidden_width(tmp_path, data_dir):
+    """``--teacher-hidden``: the artifact holds the ``--hidden`` MLP, taught by the wider one
+    whose validation checks come first in the history; evaluate reproduces train's figures."""
+    out = tmp_path / "model"
+    args = ["train", "--data", str(data_dir), "--out", str(out), *SMALL, "--teacher-hidden", "32"]
+    result = CliRunner().invoke(_app(), args)
+    assert result.exit_code == 0, result.output
+    (version,) = [p for p in out.iterdir() if (p / "manifest.json").is_file()]
+    config = json.loads((version / "manifest.json").read_text())["config"]
+    assert config["mlp"]["hidden"] == 16
+    assert config["train"]["teacher_hidden"] == 32 and config["train"]["distill_weight"] == 0.5
+    teacher = [h.get("teacher", False) for h in config["history"]]
+    assert teacher[0] and not teacher[-1] and teacher == sorted(teacher, reverse=True)
+    report = json.loads((out / "report" / "report.json").read_text())
+    result = CliRunner().invoke(_app(), _evaluate_args(data_dir, out, tmp_path / "eval"))
+    assert result.exit_code == 0, result.output
+    again = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert again["test"]["auc"] == pytest.approx(report["test"]["auc"], abs=1e-6)
+
+
 def _as_purchases(data_dir):
     """The fixture's ratings as implicit "purchase" events, value 1 for a rating >= 4."""
     import numpy as np
