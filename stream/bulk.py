@@ -102,6 +102,7 @@ class BulkConsumer(FetchLoopConsumer):
 
     _bulk_acked = 0  # acknowledged since this loop last committed
     _finishing: asyncio.Future | None = None  # the last batch handed over to finish behind
+    _behind: asyncio.Future | None = None  # the one before it, awaited before the next batch
     _finish_failed = False  # a batch failed to finish: the worker is stopping, fetch no more
 
     @property
@@ -160,7 +161,7 @@ class BulkConsumer(FetchLoopConsumer):
                 await asyncio.shield(delivery)
                 return
             except asyncio.CancelledError:
-                if self.app.should_stop:
+                if self.app.should_stop and not delivery.done():
                     log.info("stopping: the batch under way is finished first")
                     continue
                 if delivery.done() and not delivery.cancelled():
@@ -247,16 +248,24 @@ class BulkConsumer(FetchLoopConsumer):
         A handler that hands back the rest of its batch (a :data:`BulkFinish`: for the worker,
         waiting for the predictions' acknowledgements, then writing the states) gets it run as
         a task behind the previous batch's, and the batch acknowledged when it has finished:
-        the next batch is handled meanwhile (its handler sees what the one before left, the
-        worker's pending states), so the broker's round trip overlaps the next batch's work.
-        One batch at most finishes behind the fetch loop: before the next one is handed over,
-        the one before it must have finished. A finish that fails stops the worker as a
+        the next fetch and the next batch go on meanwhile (its handler sees what the one before
+        left, the worker's held states), so the broker's round trip overlaps the fetch loop's
+        work. Two batches at most finish behind the fetch loop: before a batch is handed over,
+        the one two before it must have finished. A finish that fails stops the worker as a
         failing handler does; the batches behind it are not acknowledged (read again after the
         restart). Runs as a task, a finish goes on through a stop or a rebalance, which wait for
         its acknowledgement (faust's ``wait_empty``)."""
         assert handler is not None
         stages = self.app.stages
         t = time.perf_counter_ns()
+        if self._behind is not None:
+            inner = stages.total_ns()
+            finished = await _finished(self._behind)
+            t = stages.lap_outside("send_wait", t, inner)
+            if not finished:
+                raise _Failed()
+        if self._finish_failed:
+            raise _Failed()
         self._check_flow(generation)
         token = self.track_batch(messages[0])
         stages.lap("deliver", t)
@@ -276,6 +285,8 @@ class BulkConsumer(FetchLoopConsumer):
         t = time.perf_counter_ns()
         offsets = _offsets(messages)
         self.read_offsets.update((tp, done[-1]) for tp, done in offsets.items())
+        if finish is None and self._finishing is not None and not self._finishing.done():
+            finish = _nothing  # acknowledged behind the batches finishing, not ahead of them
         if finish is None:
             self._acknowledge(token, offsets)
             t = stages.lap("deliver", t)
@@ -284,14 +295,8 @@ class BulkConsumer(FetchLoopConsumer):
             self._finishing = asyncio.ensure_future(
                 self._finish_behind(previous, finish, token, offsets)
             )
+            self._behind = previous
             t = stages.lap("deliver", t)
-            if previous is not None:
-                inner = stages.total_ns()
-                # shielded: a cancel of this delivery must not cut the batch before it
-                finished = await asyncio.shield(previous)
-                t = stages.lap_outside("send_wait", t, inner)
-                if not finished:
-                    raise _Failed()
         if self._bulk_acked >= self.app.conf.broker_commit_every:
             self._bulk_acked = 0
             await self.commit()
@@ -310,10 +315,10 @@ class BulkConsumer(FetchLoopConsumer):
     ) -> bool:
         """Finish a batch after ``previous`` (the batch before it) has, then acknowledge it;
         whether it did (see :meth:`_deliver_batch`)."""
-        if previous is not None and not await asyncio.shield(previous):
-            self.untrack([token])  # after a failed batch: read again after the restart
-            return False
         try:
+            if previous is not None and not await _finished(previous):
+                self.untrack([token])  # after a failed batch: read again after the restart
+                return False
             await finish()
         except Exception as exc:
             log.exception("a batch failed to finish: stopping; it is read again on restart")
@@ -321,6 +326,10 @@ class BulkConsumer(FetchLoopConsumer):
             self._finish_failed = True
             await self.app.fail(exc)
             return False
+        except asyncio.CancelledError:  # the loop going away: never acknowledged, not waited for
+            self.untrack([token])
+            self._finish_failed = True
+            raise
         self._acknowledge(token, offsets)
         return True
 
@@ -330,6 +339,17 @@ class BulkConsumer(FetchLoopConsumer):
             await self.perform_seek()
         except Exception as exc:  # a rebalance under way: its hand-over seeks again
             log.warning("seek back to the committed offsets failed: %r", exc)
+
+
+async def _finished(task: asyncio.Future) -> bool:
+    """Whether a batch's finish (:meth:`BulkConsumer._finish_behind`) succeeded, once it is
+    done; a cancel of the waiter does not reach the task, nor does the task's cancel raise."""
+    await asyncio.wait((task,))
+    return not task.cancelled() and task.exception() is None and task.result()
+
+
+async def _nothing() -> None:
+    """The finish of a batch with nothing left to do."""
 
 
 def _raw(record: Any) -> RawMessage:

@@ -278,8 +278,9 @@ class FetchLoopConsumer(faust_aiokafka.Consumer):
 
     def untrack(self, messages: Iterable[Any]) -> None:
         """Forget ``messages`` were handed over, so a stop does not wait for their
-        acknowledgement (faust's ``wait_empty``); they are never committed."""
+        acknowledgement (faust's ``wait_empty``, woken now); they are never committed."""
         self._unacked_messages.difference_update(messages)
+        notify(self._waiting_for_ack)
 
     def track_batch(self, first: Any) -> Any:
         """Mark a batch whose first record is ``first`` (``topic``, ``partition``, ``offset``,

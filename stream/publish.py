@@ -7,8 +7,8 @@ aiokafka batches directly costs a few. The worker sends thousands of records a b
 its predictions, dead letters and answers (:func:`publish`, partitioned by key as faust's
 producer partitions them) and its states' changelog (:func:`publish_to`, on the partitions the
 states live in). The batches go out closed: an open one waits out the linger, and a batch's
-states are written only once its predictions are acknowledged, before the batch after the next
-(measured on the local broker, 250 records: 6.5 ms median from send to acknowledgement open,
+states are written only once its predictions are acknowledged, while the next batches are
+handled (measured on the local broker, 250 records: 6.5 ms median from send to acknowledgement open,
 0.6 ms closed).
 """
 

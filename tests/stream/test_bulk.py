@@ -264,14 +264,17 @@ class Finishes:
     """A handler's ``finishing``: each batch hands back a finish that waits until the test
     releases that batch (its acknowledgements in flight), and records the order they ran in."""
 
-    def __init__(self, fail_at: int | None = None) -> None:
+    def __init__(self, fail_at: int | None = None, done_at: int | None = None) -> None:
         self.release: list[asyncio.Event] = []
         self.finished: list[int] = []
         self.fail_at = fail_at
+        self.done_at = done_at  # the batch whose handler finishes it at once (returns None)
 
     def __call__(self, messages: list[Any]) -> Any:
         number = len(self.release)
         self.release.append(asyncio.Event())
+        if number == self.done_at:
+            return None
 
         async def finish() -> None:
             await self.release[number].wait()
@@ -287,44 +290,89 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+def kept_tokens(h: Harness) -> list[Any]:
+    """Every batch token the consumer tracks, kept alive here: faust's set of messages under
+    way is weak, so a token nobody holds would leave it whether untracked or not."""
+    tokens: list[Any] = []
+    track = h.consumer.track_batch
+
+    def tracking(first: Any) -> Any:
+        tokens.append(track(first))
+        return tokens[-1]
+
+    h.consumer.track_batch = tracking
+    return tokens
+
+
 async def test_a_batch_handed_back_unfinished_is_acknowledged_when_it_finishes_behind_the_next():
     """The worker hands back the rest of a batch (its predictions' acknowledgements, then its
-    states) to run while the next batch is handled: the batch is acknowledged only once that
-    has finished, finishes run in batch order, and the next batch's delivery waits for the one
-    before it (one batch at most finishes behind the fetch loop)."""
+    states) to run while the fetch loop goes on: the batch is acknowledged only once that has
+    finished, finishes run in batch order, and a batch is handed over only once the one two
+    before it has finished (two at most finish behind the fetch loop)."""
     finishes = Finishes()
     h = Harness(size=2, finishing=finishes)
     p0 = TP("events", 0)
     await h.app.topics._update_indices()
     delivery = asyncio.ensure_future(
-        h.consumer._deliver({p0: records("events", 0, [0, 1, 2, 3])}, None)
+        h.consumer._deliver({p0: records("events", 0, [0, 1, 2, 3, 4, 5])}, None)
     )
     await settle()
-    # batch 0 handed back, batch 1 handled, its delivery waiting for batch 0 to finish
+    # batches 0 and 1 handed back unfinished; batch 2 waits for batch 0 to finish
     assert h.batches == [[(0, 0), (0, 1)], [(0, 2), (0, 3)]] and not delivery.done()
     assert h.consumer._new_offset(p0) is None and len(h.consumer.unacked) == 2
     finishes.release[1].set()  # the later batch's acknowledgements come first
     await settle()
     assert finishes.finished == [] and h.consumer._new_offset(p0) is None
+    assert len(h.batches) == 2
     finishes.release[0].set()
     await asyncio.wait_for(delivery, 5)
     await settle()
     assert finishes.finished == [0, 1]  # in batch order
-    assert h.consumer._new_offset(p0) == 4 and not h.consumer.unacked
+    assert len(h.batches) == 3 and h.consumer._new_offset(p0) == 4
+    finishes.release[2].set()
+    await settle()
+    assert finishes.finished == [0, 1, 2]
+    assert h.consumer._new_offset(p0) == 6 and not h.consumer.unacked
 
 
 async def test_a_batch_left_finishing_when_the_fetches_stop_is_still_acknowledged():
-    """The last batch of a run finishes on its own (a stop's or a rebalance's ``wait_empty``
-    waits for it), not when a next batch comes."""
+    """The last batch of a run finishes on its own, not when a next batch comes: until then its
+    token stays among the messages under way, which a stop's or a rebalance's ``wait_empty``
+    waits to see empty."""
     finishes = Finishes()
     h = Harness(size=2, finishing=finishes)
+    tokens = kept_tokens(h)
     p0 = TP("events", 0)
     await h.deliver({p0: records("events", 0, [0, 1])})
-    assert h.consumer._new_offset(p0) is None and h.consumer.unacked
+    assert h.consumer._new_offset(p0) is None and set(h.consumer.unacked) == set(tokens)
     finishes.release[0].set()
     await settle()
     assert finishes.finished == [0]
     assert h.consumer._new_offset(p0) == 2 and not h.consumer.unacked
+
+
+async def test_a_batch_done_at_once_is_acknowledged_behind_the_batches_still_finishing():
+    """A handler may finish a batch at once (the recommendation requests do) while an events
+    batch before it still finishes: acknowledged behind it, so a failure there leaves both
+    to be read again."""
+    for fail in (False, True):
+        finishes = Finishes(done_at=1, fail_at=0 if fail else None)
+        h = Harness(size=2, finishing=finishes)
+        h.app.fail = _no_fail  # a failure's stop is the other tests'
+        tokens = kept_tokens(h)
+        p0 = TP("events", 0)
+        await h.deliver({p0: records("events", 0, [0, 1, 2, 3])})
+        assert len(h.batches) == 2 and h.consumer._new_offset(p0) is None
+        finishes.release[0].set()
+        await settle()
+        if fail:
+            assert h.consumer._new_offset(p0) is None and not set(tokens) & set(h.consumer.unacked)
+        else:
+            assert h.consumer._new_offset(p0) == 4 and not h.consumer.unacked
+
+
+async def _no_fail(exc: BaseException) -> None:
+    return None
 
 
 async def test_a_batch_failing_to_finish_stops_the_worker_and_nothing_behind_it_is_acknowledged():
@@ -343,6 +391,7 @@ async def test_a_batch_failing_to_finish_stops_the_worker_and_nothing_behind_it_
         stops.append("stop")
 
     worker.stop = stop
+    tokens = kept_tokens(h)
     p0 = TP("events", 0)
     await h.app.topics._update_indices()
     delivery = asyncio.ensure_future(
@@ -361,7 +410,7 @@ async def test_a_batch_failing_to_finish_stops_the_worker_and_nothing_behind_it_
     await settle()
     assert len(h.batches) == 3 and finishes.finished == [0]
     assert h.consumer._new_offset(p0) == 2  # batch 0 only
-    assert not h.consumer.unacked  # untracked: the stop does not wait for them
+    assert len(tokens) == 3 and not h.consumer.unacked  # untracked: no stop waits for them
     assert h.consumer._finish_failed
 
 
