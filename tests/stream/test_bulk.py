@@ -228,18 +228,11 @@ async def test_a_cancel_that_is_not_a_stop_cuts_the_batch_unacknowledged():
     assert h.consumer._new_offset(p0) is None
 
 
-async def test_a_failing_handler_stops_the_worker_with_its_error_and_acknowledges_nothing():
-    """A batch handler that raises (a worker fault, not bad input) ends the fetch loop and
-    stops the worker as a signal does, its error the reason it exits non-zero. Nothing of the
-    batch is acknowledged, and nothing is crashed: a crash would also end the consumer thread
-    the stop still commits through (issue 12's stall)."""
+def under_a_worker(h: Harness) -> tuple[Any, list[str]]:
+    """``h``'s app under a mode ``Worker`` whose stops are only recorded (the stop itself is
+    the Kafka tests'; no broker here): ``(worker, stops)``."""
     import mode
 
-    def boom(h: Harness) -> None:
-        if len(h.batches) == 2:
-            raise OSError("disk full")
-
-    h = Harness(size=2, on_batch=boom)
     worker = mode.Worker(loglevel="info", redirect_stdouts=False)
     h.app.beacon.reattach(worker.beacon)
     stops: list[str] = []
@@ -247,7 +240,22 @@ async def test_a_failing_handler_stops_the_worker_with_its_error_and_acknowledge
     async def stop() -> None:
         stops.append("stop")
 
-    worker.stop = stop  # the stop itself is the Kafka tests' (no broker here)
+    worker.stop = stop
+    return worker, stops
+
+
+async def test_a_failing_handler_stops_the_worker_with_its_error_and_acknowledges_nothing():
+    """A batch handler that raises (a worker fault, not bad input) ends the fetch loop and
+    stops the worker as a signal does, its error the reason it exits non-zero. Nothing of the
+    batch is acknowledged, and nothing is crashed: a crash would also end the consumer thread
+    the stop still commits through (issue 12's stall)."""
+
+    def boom(h: Harness) -> None:
+        if len(h.batches) == 2:
+            raise OSError("disk full")
+
+    h = Harness(size=2, on_batch=boom)
+    worker, stops = under_a_worker(h)
     p0 = TP("events", 0)
     with pytest.raises(_Failed):
         await h.deliver({p0: records("events", 0, [0, 1, 2, 3, 4, 5])})
@@ -379,18 +387,10 @@ async def test_a_batch_failing_to_finish_stops_the_worker_and_nothing_behind_it_
     """A finish that raises (the predictions not acknowledged) is a failure of the worker, as a
     handler that raises: the worker stops with its error, the batch and the one handled behind
     it are never acknowledged (read again after the restart, at-least-once), the fetch ends."""
-    import mode
 
     finishes = Finishes(fail_at=1)
     h = Harness(size=2, finishing=finishes)
-    worker = mode.Worker(loglevel="info", redirect_stdouts=False)
-    h.app.beacon.reattach(worker.beacon)
-    stops: list[str] = []
-
-    async def stop() -> None:
-        stops.append("stop")
-
-    worker.stop = stop
+    worker, stops = under_a_worker(h)
     tokens = kept_tokens(h)
     p0 = TP("events", 0)
     await h.app.topics._update_indices()
