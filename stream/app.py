@@ -69,6 +69,13 @@ def _broker_credentials(settings: Settings) -> Any:
     return None
 
 
+def _retrieved(future: asyncio.Future) -> None:
+    """Retrieve a delivery future's error (the worker is stopping on an earlier one), so that
+    asyncio does not log it again as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _settle_heap() -> None:
     """Move everything alive now (faust, the model, its similarity and snapshot: hundreds of
     thousands of objects) out of the garbage collector's reach. Otherwise every full collection
@@ -270,6 +277,8 @@ def create_app(settings: Settings) -> faust.App:
         sends = await publish(app.producer, predictions_topic, result.predictions)
         sends += await publish(app.producer, dlq_topic, result.dlq)
         sends += await publish(app.producer, recommendations_topic, result.recommendations)
+        for sent in sends:  # a finish skipped after a failed batch never awaits them
+            sent.add_done_callback(_retrieved)
         states.hold(result.table_writes)
         stages.lap("send", t)
 
