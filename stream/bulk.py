@@ -285,8 +285,8 @@ class BulkConsumer(FetchLoopConsumer):
         t = time.perf_counter_ns()
         offsets = _offsets(messages)
         self.read_offsets.update((tp, done[-1]) for tp, done in offsets.items())
-        if finish is None and self._finishing is not None and not self._finishing.done():
-            finish = _nothing  # acknowledged behind the batches finishing, not ahead of them
+        if finish is None and self._finishing is not None:
+            finish = _nothing  # acknowledged behind the batches before it, never ahead of them
         if finish is None:
             self._acknowledge(token, offsets)
             t = stages.lap("deliver", t)
