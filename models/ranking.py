@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -449,7 +450,6 @@ def recommend_report(
     *,
     config: Any = None,
     sasrec: Any = None,
-    max_train_events: int | None = 300_000,
     val_events: int | None = 20_000,
     inputs: tuple[np.ndarray, np.ndarray] | None = None,
     methods: Sequence[str] = METHODS,
@@ -459,8 +459,13 @@ def recommend_report(
     their settings on validation, and rank the whole catalogue at every test event.
 
     ``events``: the stream in protocol order; ``codebooks`` and ``aggregator_config``: the
-    state the engagement heads use. ``inputs``: the :func:`replay_inputs` output for the rows
-    of :func:`protocol_rows` (train, val, test concatenated), to skip the replay.
+    state the engagement heads use. The EMDE model learns from the last ``config.train_events`` of
+    the training period (None: all of it, as SASRec and item-CF). Its inputs are replayed into
+    :class:`~sketchstream.models.recommend.StoredInputs`, past
+    :data:`~sketchstream.models.recommend.SPILL_BYTES` into temporary files (``tempfile``'s
+    folder: ``TMPDIR``), removed on return. ``inputs``: the :func:`replay_stored` or
+    :func:`replay_inputs` output for the rows of :func:`protocol_rows` (train, val, test
+    concatenated), to skip the replay.
     ``methods``: the subset of :data:`METHODS` to run (without "sketchstream" there is no
     replay and ``model`` is None).
     ``report``: ``{"test": {"sketchstream" | "popularity" | "item_cf" | "sasrec": {"hr@10",
@@ -471,9 +476,10 @@ def recommend_report(
         Catalogue,
         InputSpec,
         RecommendConfig,
+        StoredInputs,
         Validation,
         fit_recommender,
-        replay_inputs,
+        replay_stored,
     )
     from sketchstream.models.sasrec import SASRecConfig, fit_sasrec
 
@@ -487,7 +493,7 @@ def recommend_report(
     n_items = len(catalogue)
     spec = InputSpec.build(aggregator_config, config, aggregator.depth, aggregator.width)
     n = len(events)
-    tr, va, te = protocol_rows(n, max_train_events=max_train_events, val_events=val_events)
+    tr, va, te = protocol_rows(n, max_train_events=config.train_events, val_events=val_events)
     rows = item_rows(events.item, catalogue.ids)
     history = UserHistory(events.user, rows)
 
@@ -507,36 +513,44 @@ def recommend_report(
         return res[True]["ndcg@10"]
 
     if "sketchstream" in methods:  # the EMDE model
-        t0 = time.perf_counter()
-        if inputs is None:
-            keep = np.zeros(n, bool)
-            keep[np.concatenate([tr, va, te])] = True
-            inputs = replay_inputs(events, aggregator, keep, spec, progress=progress)
-        x, codes = inputs
-        if len(x) != len(tr) + len(va) + len(te) or x.shape[1] != spec.n_features:
-            raise ModelError(
-                f"recommend_report: inputs {x.shape}, expected "
-                f"({len(tr) + len(va) + len(te)}, {spec.n_features})"
+        with tempfile.TemporaryDirectory(prefix="sketchstream-recommend-") as spill:
+            t0 = time.perf_counter()
+            if inputs is None:
+                keep = np.zeros(n, bool)
+                keep[np.concatenate([tr, va, te])] = True
+                inputs = replay_stored(
+                    events, aggregator, keep, spec, progress=progress, spill=spill
+                )
+            x, codes = inputs
+            inputs = None  # a spilled x is not read past this block
+            if len(x) != len(tr) + len(va) + len(te) or x.shape[1] != spec.n_features:
+                raise ModelError(
+                    f"recommend_report: inputs {x.shape}, expected "
+                    f"({len(tr) + len(va) + len(te)}, {spec.n_features})"
+                )
+            if not isinstance(x, StoredInputs):  # whole inputs: no recent items to add
+                x = StoredInputs(spec, x, None)
+            timings["replay"] = time.perf_counter() - t0
+            x_tr, x_va = x.part(0, len(tr)), x.part(len(tr), len(tr) + len(va))
+            x_te = x.part(len(tr) + len(va), len(x))
+            t0 = time.perf_counter()
+            model, histories["sketchstream"] = fit_recommender(
+                x_tr,
+                codes[: len(tr)],
+                Validation(x_va, rows[va], val_seen),
+                catalogue,
+                config,
+                target_modalities=target_idx,
+                progress=progress,
             )
-        timings["replay"] = time.perf_counter() - t0
-        x_tr, x_va, x_te = x[: len(tr)], x[len(tr) : len(tr) + len(va)], x[len(tr) + len(va) :]
-        t0 = time.perf_counter()
-        model, histories["sketchstream"] = fit_recommender(
-            x_tr,
-            codes[: len(tr)],
-            Validation(x_va, rows[va], val_seen),
-            catalogue,
-            config,
-            target_modalities=target_idx,
-            progress=progress,
-        )
-        timings["sketchstream_train"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fitted = model
-        results["sketchstream"] = evaluate_scorer(
-            lambda p: catalogue.scores(fitted.log_probs(x_te[p])), test
-        )
-        timings["sketchstream_test"] = time.perf_counter() - t0
+            timings["sketchstream_train"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            fitted = model
+            results["sketchstream"] = evaluate_scorer(
+                lambda p: catalogue.scores(fitted.log_probs(x_te[p])), test
+            )
+            timings["sketchstream_test"] = time.perf_counter() - t0
+            del x, x_tr, x_va, x_te  # the memory map closes before its folder goes
 
     if "popularity" in methods:  # recent popularity: half-life on validation
         ts = np.asarray(events.ts, np.float64)
@@ -623,18 +637,21 @@ def holdout_recommend(parts: Any, bundle: Any, events: Any) -> dict[str, float]:
     from sketchstream.models.aggregator import Aggregator
     from sketchstream.models.channels import aggregator_config_from_dict
     from sketchstream.models.events import protocol_split
-    from sketchstream.models.recommend import replay_inputs
+    from sketchstream.models.recommend import replay_stored
 
     aggregator = Aggregator(aggregator_config_from_dict(bundle.aggregator_config), bundle.codebooks)
     test = np.arange(len(events))[protocol_split(len(events))[2]]
     keep = np.zeros(len(events), bool)
     keep[test] = True
-    x, _ = replay_inputs(events, aggregator, keep, parts.spec)
     rows = item_rows(events.item, parts.catalogue.ids)
     ev = EvalEvents(test, rows[test], UserHistory(events.user, rows), len(parts.catalogue))
-    scored = evaluate_scorer(
-        lambda p: parts.catalogue.scores(parts.model.log_probs(x[p])), ev, seen_modes=(True,)
-    )
+    with tempfile.TemporaryDirectory(prefix="sketchstream-recommend-") as spill:
+        x = replay_stored(events, aggregator, keep, parts.spec, spill=spill)[0]
+        scored = evaluate_scorer(
+            lambda p, x=x: parts.catalogue.scores(parts.model.log_probs(x[p])),
+            ev,
+            seen_modes=(True,),
+        )
     return scored[True]
 
 

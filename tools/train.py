@@ -147,6 +147,16 @@ def train(
             "faster to train and to serve, at some NDCG.",
         ),
     ] = None,
+    recommender_train_events: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="With --recommender: learn from the last N events of the training period "
+            "(default: all of it, as the SASRec and item-CF anchors do). Its inputs take "
+            "~14 KB an event on MovieLens-1M (11 GB for all 800,167 training events); past "
+            "2 GiB they are written to a temporary file (TMPDIR), not held in memory.",
+        ),
+    ] = None,
     recommender_products: Annotated[
         RecProducts | None,
         typer.Option(
@@ -168,11 +178,12 @@ def train(
     sizing = {
         "epochs": recommender_epochs,
         "hidden": recommender_hidden,
+        "train_events": recommender_train_events,
         "products": None if recommender_products is None else recommender_products.value,
     }
     sizing = {k: v for k, v in sizing.items() if v is not None}
     if sizing and not recommender:
-        flags = ", ".join(f"--recommender-{k}" for k in sizing)
+        flags = ", ".join(f"--recommender-{k.replace('_', '-')}" for k in sizing)
         raise typer.BadParameter(f"{flags} sizes the recommender: add --recommender")
     t_all = start(threads)
     try:

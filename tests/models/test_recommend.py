@@ -109,6 +109,67 @@ def test_inputs_are_the_normalized_sketches_read_before_each_event() -> None:
         assert np.array_equal(codes[i, 0], cb.encode([events.item[i]])[0])
 
 
+def test_stored_inputs_read_as_the_whole_inputs_in_memory_or_spilled(monkeypatch, tmp_path):
+    import sketchstream.models.recommend as recommend
+    from sketchstream.models.recommend import StoredInputs, replay_stored
+
+    events = _cycle_stream(n_users=4, length=6)
+    spec = InputSpec.build(_config(), RecommendConfig(recent_length=10), 4, 16)
+    keep = np.ones(len(events), bool)
+    keep[::3] = False
+    whole, whole_codes = replay_inputs(events, Aggregator(_config(), _codebooks()), keep, spec)
+    agg = Aggregator(_config(), _codebooks())
+    held, codes = replay_stored(events, agg, keep, spec, spill=tmp_path)
+    assert not isinstance(held.base, np.memmap) and not list(tmp_path.iterdir())  # small
+    assert held.shape == whole.shape and len(held) == len(whole)
+    assert held.base.shape[1] < whole.shape[1] and held.last.shape == (len(whole), 10, 1, 4)
+    rows = np.array([4, 0, 7])
+    assert np.array_equal(held[rows], whole[rows]) and np.array_equal(codes, whole_codes)
+    assert np.array_equal(held.part(2, 9)[slice(None)], whole[2:9])
+    monkeypatch.setattr(recommend, "SPILL_BYTES", 0)
+    agg = Aggregator(_config(), _codebooks())
+    spilled, _ = replay_stored(events, agg, keep, spec, spill=tmp_path)
+    assert isinstance(spilled.base, np.memmap) and isinstance(spilled.last, np.memmap)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs.npy", "last.npy"]
+    assert np.array_equal(spilled[slice(None)], whole)
+    plain = StoredInputs(spec, whole, None)  # whole inputs given as they are
+    assert plain.shape == whole.shape and np.array_equal(plain[rows], whole[rows])
+
+
+def test_a_spill_the_disk_cannot_hold_is_refused_before_it_is_written(monkeypatch, tmp_path):
+    import shutil
+    from collections import namedtuple
+
+    import sketchstream.models.recommend as recommend
+
+    monkeypatch.setattr(recommend, "SPILL_BYTES", 0)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(10**12, 10**12, 10**6))
+    with pytest.raises(ModelError, match=r"need .* GB in .*free.*--recommender-train-events"):
+        recommend.input_array("inputs", (1000, 1000), np.float16, tmp_path)
+    assert not list(tmp_path.iterdir())
+    assert recommend.input_array("inputs", (1000, 1000), np.float16).shape == (1000, 1000)
+
+
+def test_a_recommender_learns_from_the_last_train_events_only() -> None:
+    with pytest.raises(ModelError, match="train_events"):
+        RecommendConfig(train_events=0)
+    events = _cycle_stream(n_users=20, length=10)
+    small = RecommendConfig(hidden=16, epochs=1, batch_size=64, recent_length=10)
+    counts = {
+        n: recommend_report(
+            events,
+            _codebooks(),
+            _config(),
+            config=RecommendConfig(**{**small.to_dict(), "train_events": n}),
+            methods=("sketchstream",),
+            val_events=None,
+        ).counts["train_events"]
+        for n in (None, 50)
+    }
+    assert counts == {None: len(events) * 8 // 10, 50: 50}
+
+
 def test_an_events_inputs_do_not_depend_on_later_events() -> None:
     events = _cycle_stream(n_users=5, length=8)
     agg = lambda: Aggregator(_config(), _codebooks())  # noqa: E731
@@ -202,7 +263,6 @@ def test_on_a_predictable_stream_the_model_beats_popularity() -> None:
         _config(),
         config=RecommendConfig(hidden=64, epochs=15, patience=3, batch_size=64, recent_length=10),
         sasrec=SASRecConfig(max_len=10, dim=16, blocks=1, epochs=3),
-        max_train_events=None,
         val_events=None,
     )
     test = result.report["test"]

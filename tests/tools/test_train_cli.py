@@ -272,13 +272,15 @@ def test_train_recommender_puts_the_recommender_in_the_artifact(tmp_path, data_d
     out = tmp_path / "model"
     args = ["train", "--data", str(data_dir), "--out", str(out), *SMALL, "--recommender"]
     sizing = ["--recommender-epochs", "1", "--recommender-hidden", "24"]
+    sizing += ["--recommender-train-events", "200"]
     result = CliRunner().invoke(_app(), [*args, *sizing])
     assert result.exit_code == 0, result.output
     (version,) = [p for p in out.iterdir() if (p / "manifest.json").is_file()]
     bundle = load_model_artifact(version)
     assert bundle.recommender is not None
     assert len(bundle.recommender.catalogue) > 0
-    assert (bundle.recommender.config.epochs, bundle.recommender.config.hidden) == (1, 24)
+    config = bundle.recommender.config
+    assert (config.epochs, config.hidden, config.train_events) == (1, 24, 200)
     linear = [m for m in bundle.recommender.model.modules() if isinstance(m, torch.nn.Linear)]
     widths = {m.out_features for m in linear}
     assert 24 in widths and 1024 not in widths  # the sized model is what was saved
@@ -292,7 +294,11 @@ def test_train_recommender_puts_the_recommender_in_the_artifact(tmp_path, data_d
 
 def test_recommender_sizing_without_the_recommender_is_refused(tmp_path, data_dir) -> None:
     args = ["train", "--data", str(data_dir), "--out", str(tmp_path / "m"), *SMALL]
-    result = CliRunner().invoke(_app(), [*args, "--recommender-hidden", "64"])
+    result = CliRunner().invoke(
+        _app(), [*args, "--recommender-hidden", "64", "--recommender-train-events", "9"]
+    )
     assert result.exit_code == 2
-    assert "--recommender-hidden sizes the recommender: add --recommender" in result.output
+    said = " ".join(result.output.replace("│", " ").split())  # the error box wraps lines
+    flags = "--recommender-hidden, --recommender-train-events"
+    assert f"{flags} sizes the recommender: add --recommender" in said
     assert not (tmp_path / "m").exists()  # refused before any work
