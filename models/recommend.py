@@ -86,8 +86,11 @@ class RecommendConfig:
     user_columns: bool = True  # the state's counts (mass per channel, hours since last, events)
     # sketches of the user's last `recent_length` items in the state's bounded history, one per
     # decay g (the newest item weighs 1, the one before g, then g^2, ...) and modality
-    # (on MovieLens-1M these sketches lift validation NDCG@10 from 0.043 to 0.119)
-    recent_decays: tuple[float, ...] = (0.5, 0.8)
+    # (on MovieLens-1M these sketches lift validation NDCG@10 from 0.043 to 0.119; four
+    # decays, from about the last item alone to the last 50, over 0.5 and 0.8: 0.1022 against
+    # 0.0965 after one epoch, 0.1168 against 0.1110 after two, 0.1201 against 0.1145 after
+    # three, on the last 300,000 events)
+    recent_decays: tuple[float, ...] = (0.1, 0.5, 0.8, 0.95)
     recent_length: int = 50
     targets: tuple[str, ...] | None = None  # modalities whose sketch is predicted (None: all)
     hidden: int = 1024  # ML-1M validation NDCG@10: 512 x 1 block 0.119, 1024 x 2 blocks 0.127
