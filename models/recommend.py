@@ -331,22 +331,15 @@ class StoredInputs:
 
 
 def replay_inputs(
-    events: Any,
-    aggregator: Any,
-    keep: np.ndarray,
-    spec: InputSpec,
-    *,
-    batch_size: int = 1024,
-    progress: bool = False,
+    events: Any, aggregator: Any, keep: np.ndarray, spec: InputSpec, **options: Any
 ) -> tuple[np.ndarray, np.ndarray]:
     """Score-then-fold the whole stream through ``aggregator`` (the worker's call) and keep,
     for the rows where ``keep (n,)`` is set, the user inputs read before each event and the
     event item's buckets: ``(x (k, F) float16, codes (k, M, D) int16)``, in stream order.
-    Batches without a kept row fold without reading sketches (the cheap path). For many
-    rows, :func:`replay_stored` keeps them compactly."""
-    stored, codes = replay_stored(
-        events, aggregator, keep, spec, batch_size=batch_size, progress=progress
-    )
+    Batches without a kept row fold without reading sketches (the cheap path). ``options``:
+    :func:`replay_stored`'s ``batch_size`` and ``progress``; for many rows, it keeps them
+    compactly."""
+    stored, codes = replay_stored(events, aggregator, keep, spec, **options)
     return stored[slice(None)], codes
 
 
