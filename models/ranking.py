@@ -33,11 +33,12 @@ comparison share one rule (a rank sees only earlier events) and are checked toge
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -426,6 +427,14 @@ class RecommendResult:
     counts: dict[str, int]
 
 
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Seconds the block took into ``timings[key]``, once it finished (not when it raised)."""
+    t0 = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t0
+
+
 def protocol_rows(
     n: int, *, max_train_events: int | None, val_events: int | None, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -514,42 +523,39 @@ def recommend_report(
 
     if "sketchstream" in methods:  # the EMDE model
         with tempfile.TemporaryDirectory(prefix="sketchstream-recommend-") as spill:
-            t0 = time.perf_counter()
-            if inputs is None:
-                keep = np.zeros(n, bool)
-                keep[np.concatenate([tr, va, te])] = True
-                inputs = replay_stored(
-                    events, aggregator, keep, spec, progress=progress, spill=spill
-                )
-            x, codes = inputs
-            inputs = None  # a spilled x is not read past this block
-            if len(x) != len(tr) + len(va) + len(te) or x.shape[1] != spec.n_features:
-                raise ModelError(
-                    f"recommend_report: inputs {x.shape}, expected "
-                    f"({len(tr) + len(va) + len(te)}, {spec.n_features})"
-                )
-            if not isinstance(x, StoredInputs):  # whole inputs: no recent items to add
-                x = StoredInputs(spec, x, None)
-            timings["replay"] = time.perf_counter() - t0
+            with _timed(timings, "replay"):
+                if inputs is None:
+                    keep = np.zeros(n, bool)
+                    keep[np.concatenate([tr, va, te])] = True
+                    inputs = replay_stored(
+                        events, aggregator, keep, spec, progress=progress, spill=spill
+                    )
+                x, codes = inputs
+                inputs = None  # a spilled x is not read past this block
+                if len(x) != len(tr) + len(va) + len(te) or x.shape[1] != spec.n_features:
+                    raise ModelError(
+                        f"recommend_report: inputs {x.shape}, expected "
+                        f"({len(tr) + len(va) + len(te)}, {spec.n_features})"
+                    )
+                if not isinstance(x, StoredInputs):  # whole inputs: no recent items to add
+                    x = StoredInputs(spec, x, None)
             x_tr, x_va = x.part(0, len(tr)), x.part(len(tr), len(tr) + len(va))
             x_te = x.part(len(tr) + len(va), len(x))
-            t0 = time.perf_counter()
-            model, histories["sketchstream"] = fit_recommender(
-                x_tr,
-                codes[: len(tr)],
-                Validation(x_va, rows[va], val_seen),
-                catalogue,
-                config,
-                target_modalities=target_idx,
-                progress=progress,
-            )
-            timings["sketchstream_train"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            fitted = model
-            results["sketchstream"] = evaluate_scorer(
-                lambda p: catalogue.scores(fitted.log_probs(x_te[p])), test
-            )
-            timings["sketchstream_test"] = time.perf_counter() - t0
+            with _timed(timings, "sketchstream_train"):
+                model, histories["sketchstream"] = fit_recommender(
+                    x_tr,
+                    codes[: len(tr)],
+                    Validation(x_va, rows[va], val_seen),
+                    catalogue,
+                    config,
+                    target_modalities=target_idx,
+                    progress=progress,
+                )
+            with _timed(timings, "sketchstream_test"):
+                fitted = model
+                results["sketchstream"] = evaluate_scorer(
+                    lambda p: catalogue.scores(fitted.log_probs(x_te[p])), test
+                )
             del x, x_tr, x_va, x_te  # the memory map closes before its folder goes
 
     if "popularity" in methods:  # recent popularity: half-life on validation
@@ -562,53 +568,47 @@ def recommend_report(
             walk = RecentPopularity(n_items, half_life).scores(rows[:stop], ts[:stop], wanted)
             return evaluate_streamed(walk, ev)
 
-        t0 = time.perf_counter()
-        chosen["popularity_half_life_s"], chosen["popularity_val"] = pick(
-            POPULARITY_HALF_LIVES_S, lambda h: ndcg(popularity(h, val)), "popularity half-life"
-        )
-        timings["popularity_train"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        results["popularity"] = popularity(chosen["popularity_half_life_s"], test)
-        timings["popularity_test"] = time.perf_counter() - t0
+        with _timed(timings, "popularity_train"):
+            chosen["popularity_half_life_s"], chosen["popularity_val"] = pick(
+                POPULARITY_HALF_LIVES_S, lambda h: ndcg(popularity(h, val)), "popularity half-life"
+            )
+        with _timed(timings, "popularity_test"):
+            results["popularity"] = popularity(chosen["popularity_half_life_s"], test)
 
     if "item_cf" in methods:  # item-item CF on the training period: recency weight on validation
-        t0 = time.perf_counter()
-        cf = ItemCF(n_items).fit(events.user[train_all], rows[train_all])
-        length = sasrec.max_len
+        with _timed(timings, "item_cf_train"):
+            cf = ItemCF(n_items).fit(events.user[train_all], rows[train_all])
+            length = sasrec.max_len
 
-        def cf_eval(gamma: float, ev: EvalEvents) -> dict[bool, dict[str, float]]:
-            cf.gamma = gamma
-            return evaluate_scorer(lambda p: cf.scores(history.last(ev.events[p], length)), ev)
+            def cf_eval(gamma: float, ev: EvalEvents) -> dict[bool, dict[str, float]]:
+                cf.gamma = gamma
+                return evaluate_scorer(lambda p: cf.scores(history.last(ev.events[p], length)), ev)
 
-        chosen["item_cf_gamma"], chosen["item_cf_val"] = pick(
-            ITEM_CF_GAMMAS, lambda g: ndcg(cf_eval(g, val)), "item-CF gamma"
-        )
-        timings["item_cf_train"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        results["item_cf"] = cf_eval(chosen["item_cf_gamma"], test)
-        timings["item_cf_test"] = time.perf_counter() - t0
+            chosen["item_cf_gamma"], chosen["item_cf_val"] = pick(
+                ITEM_CF_GAMMAS, lambda g: ndcg(cf_eval(g, val)), "item-CF gamma"
+            )
+        with _timed(timings, "item_cf_test"):
+            results["item_cf"] = cf_eval(chosen["item_cf_gamma"], test)
 
     if "sasrec" in methods:  # SASRec on the training period's sequences
-        t0 = time.perf_counter()
-        u_train = np.asarray(events.user[train_all]).astype(str)
-        order = np.argsort(u_train, kind="stable")
-        cuts = np.flatnonzero(np.r_[True, u_train[order][1:] != u_train[order][:-1]])
-        sequences = np.split(rows[train_all][order], cuts[1:])
-        sas, histories["sasrec"] = fit_sasrec(
-            sequences,
-            history.last(va, sasrec.max_len),
-            rows[va],
-            n_items,
-            sasrec,
-            val_exclude=val_seen,
-            progress=progress,
-        )
-        timings["sasrec_train"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        results["sasrec"] = evaluate_scorer(
-            lambda p: sas.scores(history.last(te[p], sasrec.max_len)), test
-        )
-        timings["sasrec_test"] = time.perf_counter() - t0
+        with _timed(timings, "sasrec_train"):
+            u_train = np.asarray(events.user[train_all]).astype(str)
+            order = np.argsort(u_train, kind="stable")
+            cuts = np.flatnonzero(np.r_[True, u_train[order][1:] != u_train[order][:-1]])
+            sequences = np.split(rows[train_all][order], cuts[1:])
+            sas, histories["sasrec"] = fit_sasrec(
+                sequences,
+                history.last(va, sasrec.max_len),
+                rows[va],
+                n_items,
+                sasrec,
+                val_exclude=val_seen,
+                progress=progress,
+            )
+        with _timed(timings, "sasrec_test"):
+            results["sasrec"] = evaluate_scorer(
+                lambda p: sas.scores(history.last(te[p], sasrec.max_len)), test
+            )
 
     keys = ("hr@10", "ndcg@10", "mrr")
     report = {

@@ -273,6 +273,10 @@ def test_on_a_predictable_stream_the_model_beats_popularity() -> None:
     assert test["sketchstream"]["ndcg@10"] > 0.5
     assert test["sketchstream"]["hr@10"] > test["popularity"]["hr@10"] + 0.2
     assert result.counts["test_events"] == len(events) - len(events) * 9 // 10
+    stages = {f"{m}_{part}" for m in ("sketchstream", "popularity", "item_cf", "sasrec")
+              for part in ("train", "test")}  # fmt: skip
+    assert set(result.timings) == stages | {"replay"}
+    assert all(seconds >= 0.0 for seconds in result.timings.values())
 
 
 def test_recent_items_read_off_the_state_equal_those_read_off_the_stream() -> None:
