@@ -12,6 +12,8 @@ hash) holding everything a worker needs to rebuild the exact scorer::
                                ``ItemSnapshot.to_bytes``, no pickle)
       recommend.safetensors    the top-k recommender's weights (optional, with the next file)
       recommend-catalogue.json the items it ranks, in catalogue-row order, and their categories
+      recommend-codebook-<modality>.bin  the recommender's own target codebooks (optional:
+                               without them it predicts the state's codebooks' buckets)
 
 ``manifest["config"]`` holds the MLP config, the aggregator config, the heads and what the
 item snapshot covers (``item_snapshot``: heads, prior, items, events, as_of) and, for an
@@ -76,6 +78,8 @@ WEIGHTS = "weights.safetensors"
 ITEM_SNAPSHOT = "item-snapshot.safetensors"
 RECOMMEND_WEIGHTS = "recommend.safetensors"
 RECOMMEND_CATALOGUE = "recommend-catalogue.json"
+#: prefix of the recommender's own target codebooks: ``recommend-codebook-<modality>.bin``
+RECOMMEND_CODEBOOK = "recommend-codebook"
 _KIND = "sketchstream.model"
 _VERSION_CHARS = 16
 _CHUNK = 1 << 20
@@ -111,8 +115,10 @@ class RecommenderParts:
     ``model``: the fitted ``SketchRecommender``; ``config``: its ``RecommendConfig``; ``spec``:
     the ``InputSpec`` of its inputs (checked on load against the artifact's aggregator);
     ``catalogue``: the ``Catalogue`` it ranks (saved as item ids in row order, their buckets
-    recomputed from the artifact's codebooks on load); ``targets``: the modalities whose
-    buckets it predicts, in level order.
+    recomputed from its codebooks on load); ``targets``: the modalities whose buckets it
+    predicts, in level order; ``codebooks``: its own target codebooks ``{modality: Codebook}``
+    (``RecommendConfig.target_width``), saved beside it, or None when it predicts the buckets
+    of the artifact's (state's) codebooks.
     """
 
     model: Any
@@ -120,6 +126,7 @@ class RecommenderParts:
     spec: Any
     catalogue: Any
     targets: tuple[str, ...]
+    codebooks: dict[str, Any] | None = None
 
     @classmethod
     def from_result(cls, result: Any, config: Any, aggregator_config: Any) -> RecommenderParts:
@@ -128,7 +135,9 @@ class RecommenderParts:
         if result.model is None:
             raise ArtifactError("recommender: the recommend report ran without 'sketchstream'")
         targets = tuple(config.targets or aggregator_config.modalities)
-        return cls(result.model, config, result.spec, result.catalogue, targets)
+        return cls(
+            result.model, config, result.spec, result.catalogue, targets, result.target_codebooks
+        )
 
 
 def _sha256_file(path: Path) -> str:
@@ -166,9 +175,46 @@ def content_hash(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical(body)).hexdigest()
 
 
-def _codebook_file(modality: str) -> str:
+def _codebook_file(modality: str, prefix: str = "codebook") -> str:
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in modality)
-    return f"codebook-{safe}.bin"
+    return f"{prefix}-{safe}.bin"
+
+
+def _write_codebooks(
+    directory: Path, codebooks: Mapping[str, Any], prefix: str = "codebook"
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Write each codebook as ``<prefix>-<modality>.bin``: ``({modality: version},
+    {modality: file name})`` for the manifest."""
+    versions: dict[str, str] = {}
+    names: dict[str, str] = {}
+    for modality, codebook in sorted(codebooks.items()):
+        name = _codebook_file(modality, prefix)
+        (directory / name).write_bytes(codebook.to_bytes())
+        versions[modality] = str(codebook.version)
+        names[modality] = name
+    return versions, names
+
+
+def _read_codebooks(
+    path: Path, names: Mapping[str, str], versions: Mapping[str, str]
+) -> dict[str, Any]:
+    """The codebooks ``{modality: file name}`` of a verified artifact, each checked against
+    the version the manifest records for it."""
+    from sketchstream.models.emde import Codebook
+
+    codebooks: dict[str, Any] = {}
+    for modality, name in sorted(names.items()):
+        try:
+            codebooks[modality] = Codebook.from_bytes((path / name).read_bytes())
+        except (OSError, SketchstreamError) as exc:
+            raise ArtifactError(f"model artifact {path}: codebook file {name!r}: {exc}") from exc
+        want = versions.get(modality)
+        if str(codebooks[modality].version) != want:
+            raise ArtifactError(
+                f"model artifact {path}: codebook {name!r} has version "
+                f"{codebooks[modality].version}, manifest says {want}"
+            )
+    return codebooks
 
 
 def save_trained_artifact(
@@ -238,22 +284,14 @@ def save_model_artifact(
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         # one metadata key: safetensors writes its metadata map in hash order, not sorted
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        files = {WEIGHTS: _sha256_file(tmp / WEIGHTS)}
-        cb_versions: dict[str, str] = {}
-        cb_files: dict[str, str] = {}
-        for modality, codebook in sorted(codebooks.items()):
-            name = _codebook_file(modality)
-            (tmp / name).write_bytes(codebook.to_bytes())
-            files[name] = _sha256_file(tmp / name)
-            cb_versions[modality] = str(codebook.version)
-            cb_files[modality] = name
+        cb_versions, cb_files = _write_codebooks(tmp, codebooks)
         if item_snapshot is not None:
             (tmp / ITEM_SNAPSHOT).write_bytes(item_snapshot.to_bytes())
-            files[ITEM_SNAPSHOT] = _sha256_file(tmp / ITEM_SNAPSHOT)
         recommend = None
         if recommender is not None:
             recommend = save_recommender(tmp, recommender)
-            files.update({name: _sha256_file(tmp / name) for name in _RECOMMEND_FILES})
+        # every file written is checksummed into the manifest (and so into the version)
+        files = {p.name: _sha256_file(p) for p in sorted(tmp.iterdir())}
         manifest: dict[str, Any] = _json_safe(
             {
                 "kind": _KIND,
@@ -359,7 +397,6 @@ def load_model_artifact(path: str | Path) -> ModelBundle:
     """Verify and load the model artifact at ``path`` (weights via safetensors, never pickle)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from sketchstream.models.emde import Codebook
 
     path = Path(path)
     manifest = verify_model_artifact(path)
@@ -389,18 +426,9 @@ def load_model_artifact(path: str | Path) -> ModelBundle:
             "holds no calibrated input scales"
         )
     model.eval()
-    codebooks: dict[str, Any] = {}
-    for modality, name in sorted(manifest.get("codebook_files", {}).items()):
-        try:
-            codebooks[modality] = Codebook.from_bytes((path / name).read_bytes())
-        except SketchstreamError as exc:
-            raise ArtifactError(f"model artifact {path}: codebook file {name!r}: {exc}") from exc
-        want = manifest.get("codebooks", {}).get(modality)
-        if str(codebooks[modality].version) != want:
-            raise ArtifactError(
-                f"model artifact {path}: codebook {name!r} has version "
-                f"{codebooks[modality].version}, manifest says {want}"
-            )
+    codebooks = _read_codebooks(
+        path, manifest.get("codebook_files", {}), manifest.get("codebooks", {})
+    )
     snapshot = None
     if config.get("item_snapshot") is not None:
         from sketchstream.models.snapshot import ItemSnapshot
@@ -450,7 +478,7 @@ def save_recommender(directory: Path, parts: RecommenderParts) -> dict[str, Any]
     (directory / RECOMMEND_CATALOGUE).write_text(
         json.dumps({"ids": list(catalogue.ids), "categories": categories}, separators=(",", ":"))
     )
-    return {
+    entry = {
         "config": parts.config.to_dict(),
         "spec": asdict(parts.spec),
         "targets": list(parts.targets),
@@ -459,6 +487,11 @@ def save_recommender(directory: Path, parts: RecommenderParts) -> dict[str, Any]
         "width": int(catalogue.width),
         "categories": categories is not None,
     }
+    if parts.codebooks is not None:  # its own target codebooks
+        entry["codebooks"], entry["codebook_files"] = _write_codebooks(
+            directory, parts.codebooks, RECOMMEND_CODEBOOK
+        )
+    return entry
 
 
 def _tuples(value: Any) -> Any:
@@ -494,7 +527,12 @@ def load_recommender(
     if missing:
         raise ArtifactError(f"model artifact {path}: config names a recommender, no {missing}")
     try:
-        saved = {"products": "float32", **entry["config"]}  # before int8 products: float32
+        saved = {
+            "products": "float32",  # before int8 products: float32
+            "target_depth": None,  # before its own codebooks: the state's
+            "target_width": None,
+            **entry["config"],
+        }
         rec = RecommendConfig(**{k: _tuples(v) for k, v in saved.items()})
         spec = InputSpec(**{k: _tuples(v) for k, v in entry["spec"].items()})
         targets = tuple(entry["targets"])
@@ -510,6 +548,17 @@ def load_recommender(
             f"model artifact {path}: the recommender's input spec {spec} is not the one its "
             f"aggregator and RecommendConfig give ({want}); retrain it"
         )
+    if (rec.target_width is not None) != ("codebook_files" in entry):
+        raise ArtifactError(
+            f"model artifact {path}: the recommender's config and its codebooks disagree "
+            f"(target width {rec.target_width}, own codebooks saved: "
+            f"{'codebook_files' in entry})"
+        )
+    if "codebook_files" in entry:  # its own target codebooks, not the state's
+        names, versions = entry["codebook_files"], entry.get("codebooks")
+        if not isinstance(names, dict) or not isinstance(versions, dict):
+            raise ArtifactError(f"model artifact {path}: bad recommender codebook entries")
+        codebooks = _read_codebooks(path, names, versions)
     unknown = [m for m in targets if m not in codebooks]
     if unknown or not targets:
         raise ArtifactError(
@@ -553,7 +602,8 @@ def load_recommender(
             "(no input scales); retrain it"
         )
     model.eval()
-    return RecommenderParts(model, rec, spec, catalogue, targets)
+    own = dict(codebooks) if "codebook_files" in entry else None
+    return RecommenderParts(model, rec, spec, catalogue, targets, own)
 
 
 class ArtifactStore:

@@ -415,7 +415,8 @@ ITEM_CF_GAMMAS = (0.2, 0.5, 0.8, 0.95, 1.0)
 class RecommendResult:
     """What :func:`recommend_report` returns: ``report`` (the ``"recommend"`` block of
     ``report.json``), the trained model, its catalogue and input spec, the choices made on
-    validation, per-epoch histories and timings (seconds)."""
+    validation, per-epoch histories and timings (seconds), and the recommender's own target
+    codebooks (``{modality: Codebook}``; None: it predicts the state's buckets)."""
 
     report: dict[str, dict[str, dict[str, float]]]
     model: Any  # the fitted SketchRecommender, None when not run
@@ -425,6 +426,7 @@ class RecommendResult:
     histories: dict[str, list[dict[str, float]]]
     timings: dict[str, float]
     counts: dict[str, int]
+    target_codebooks: dict[str, Any] | None = None
 
 
 @contextlib.contextmanager
@@ -462,6 +464,7 @@ def recommend_report(
     val_events: int | None = 20_000,
     inputs: tuple[np.ndarray, np.ndarray] | None = None,
     methods: Sequence[str] = METHODS,
+    cleora: Mapping[str, int] | None = None,
     progress: bool = False,
 ) -> RecommendResult:
     """Train the sketch recommender and the baselines on the protocol's training period, pick
@@ -475,6 +478,10 @@ def recommend_report(
     folder: ``TMPDIR``), removed on return. ``inputs``: the :func:`replay_stored` or
     :func:`replay_inputs` output for the rows of :func:`protocol_rows` (train, val, test
     concatenated), to skip the replay.
+    With ``config.target_width`` the model predicts the buckets of its own codebooks
+    (:func:`fit_target_codebooks`; ``cleora``: their embeddings' ``dim`` and ``iterations``,
+    the state's, default :func:`~sketchstream.models.trainer.fit_codebooks`'s), and every
+    method ranks the catalogue they know.
     ``methods``: the subset of :data:`METHODS` to run (without "sketchstream" there is no
     replay and ``model`` is None).
     ``report``: ``{"test": {"sketchstream" | "popularity" | "item_cf" | "sasrec": {"hr@10",
@@ -497,8 +504,11 @@ def recommend_report(
     timings: dict[str, float] = {}
     aggregator = Aggregator(aggregator_config, codebooks)
     targets = config.targets or aggregator.modalities
-    target_idx = [aggregator.modalities.index(m) for m in targets]
-    catalogue = Catalogue.from_codebooks(aggregator.codebooks, targets, items)
+    target_codebooks = None
+    if config.target_width is not None:
+        with _timed(timings, "target_codebooks"):
+            target_codebooks = fit_target_codebooks(events, items, targets, config, cleora)
+    catalogue = Catalogue.from_codebooks(target_codebooks or aggregator.codebooks, targets, items)
     n_items = len(catalogue)
     spec = InputSpec.build(aggregator_config, config, aggregator.depth, aggregator.width)
     n = len(events)
@@ -541,6 +551,10 @@ def recommend_report(
                     x = StoredInputs(spec, x, None)
             x_tr, x_va = x.part(0, len(tr)), x.part(len(tr), len(tr) + len(va))
             x_te = x.part(len(tr) + len(va), len(x))
+            if target_codebooks is None:  # the state's buckets, as the replay encoded them
+                target_idx = [aggregator.modalities.index(m) for m in targets]
+            else:
+                codes, target_idx = target_codes(target_codebooks, targets, events.item[tr])
             with _timed(timings, "sketchstream_train"):
                 model, histories["sketchstream"] = fit_recommender(
                     x_tr,
@@ -624,7 +638,51 @@ def recommend_report(
         "train_events": len(tr),
         "val_events": len(va),
     }
-    return RecommendResult(report, model, catalogue, spec, chosen, histories, timings, counts)
+    return RecommendResult(
+        report, model, catalogue, spec, chosen, histories, timings, counts, target_codebooks
+    )
+
+
+def fit_target_codebooks(
+    events: Any,
+    items: Sequence[Any] | None,
+    targets: Sequence[str],
+    config: Any,
+    cleora: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
+    """The recommender's own codebooks ``{modality: Codebook}`` for ``targets``: Cleora on the
+    protocol's training period, as the state's codebooks are made (seeded with
+    ``config.seed``; ``cleora``: ``dim`` and ``iterations``), partitioned into
+    ``config.target_depth`` levels of ``config.target_width`` buckets."""
+    from sketchstream.models.events import protocol_split
+    from sketchstream.models.trainer import fit_codebooks
+
+    fitted = fit_codebooks(
+        events[protocol_split(len(events))[0]],
+        items,
+        **dict(cleora or {}),
+        depth=config.target_depth,
+        width=config.target_width,
+        metadata="metadata" in targets,
+        seed=config.seed,
+    )
+    missing = [m for m in targets if m not in fitted]
+    if missing:
+        raise ModelError(
+            f"recommend targets {list(missing)}: the training period gives no such codebook "
+            f"(it has {', '.join(fitted)})"
+        )
+    return {m: fitted[m] for m in targets}
+
+
+def target_codes(
+    codebooks: Mapping[str, Any], targets: Sequence[str], items: Any
+) -> tuple[np.ndarray, list[int]]:
+    """``(codes (n, M, depth), modalities 0..M-1)``: the target buckets of event ``items`` in
+    the recommender's own codebooks, -1 where an item is unknown to one (no loss there)."""
+    ids = [str(i) for i in items]
+    codes = np.stack([codebooks[m].encode(ids) for m in targets], axis=1)
+    return codes, list(range(len(targets)))
 
 
 def holdout_recommend(parts: Any, bundle: Any, events: Any) -> dict[str, float]:
@@ -676,6 +734,7 @@ def train_recommender(
 
     aggregator = aggregator_config_from_dict(result.aggregator_config)
     config = replace(config or RecommendConfig(), seed=seed)
+    train = result.train_config
     ranked = recommend_report(
         events,
         result.codebooks,
@@ -683,6 +742,7 @@ def train_recommender(
         items or None,
         config=config,
         methods=("sketchstream",),
+        cleora={"dim": train.cleora_dim, "iterations": train.cleora_iterations},
         progress=progress,
     )
     return RecommenderParts.from_result(ranked, config, aggregator), ranked.report

@@ -307,14 +307,19 @@ def evaluate_model(
     if recommend:
         from sketchstream.models.channels import aggregator_config_from_dict
         from sketchstream.models.ranking import recommend_report
+        from sketchstream.models.trainer import TrainConfig
 
         t0 = time.perf_counter()
+        # the recommender's own codebooks embed the items as the state's did
+        train = {**TrainConfig().to_dict(), **(bundle.manifest["config"].get("train") or {})}
+        cleora = {"dim": train["cleora_dim"], "iterations": train["cleora_iterations"]}
         ranked = recommend_report(
             events,
             bundle.codebooks,
             aggregator_config_from_dict(bundle.aggregator_config),
             items or None,
             methods=tuple(recommend),
+            cleora=cleora,
             progress=progress,
         )
         extra["recommend"] = ranked.report

@@ -159,6 +159,27 @@ def train(
             "2 GiB they are written to a temporary file (TMPDIR), not held in memory.",
         ),
     ] = None,
+    recommender_target_width: Annotated[
+        int | None,
+        typer.Option(
+            min=2,
+            max=32767,
+            help="With --recommender: buckets per level of the sketch it predicts (default "
+            "512). Its own codebooks of the same Cleora embeddings, finer than the state's 64: "
+            "wider tells more items apart when decoding (MovieLens-1M validation NDCG@10 "
+            "after one epoch: 0.102 with the state's 64, 0.119 with 256, 0.129 with 512) "
+            "and makes its output layer larger, to train and to serve.",
+        ),
+    ] = None,
+    recommender_target_depth: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="With --recommender: levels per modality of the sketch it predicts (default "
+            "12, as the state's). Each level is a partitioning; decoding adds the item's "
+            "log-probability over levels, so serving time grows with them.",
+        ),
+    ] = None,
     recommender_products: Annotated[
         RecProducts | None,
         typer.Option(
@@ -181,6 +202,8 @@ def train(
         "epochs": recommender_epochs,
         "hidden": recommender_hidden,
         "train_events": recommender_train_events,
+        "target_width": recommender_target_width,
+        "target_depth": recommender_target_depth,
         "products": None if recommender_products is None else recommender_products.value,
     }
     sizing = {k: v for k, v in sizing.items() if v is not None}

@@ -236,14 +236,21 @@ def test_online_item_stats_configs_are_refused(tmp_path, parts):
 
 
 def _recommender(
-    codebooks, *, categories: bool = True, recent: bool = True, products: str = "int8"
+    codebooks,
+    *,
+    categories: bool = True,
+    recent: bool = True,
+    products: str = "int8",
+    own: bool = True,
 ):
     """A tiny fitted recommender on a cycle stream (each user walks i0 -> i1 -> ...) and the
-    aggregator config it reads, as ``(RecommenderParts, aggregator config, inputs)``."""
+    aggregator config it reads, as ``(RecommenderParts, aggregator config, inputs)``; ``own``:
+    it predicts the buckets of its own codebooks (4 x 16), else the state's."""
     from sketchstream.models.aggregator import Aggregator
     from sketchstream.models.artifacts import RecommenderParts
     from sketchstream.models.channels import AggregatorConfig, Channel
     from sketchstream.models.events import EventTable, Item
+    from sketchstream.models.ranking import target_codes
     from sketchstream.models.recommend import (
         Catalogue,
         InputSpec,
@@ -279,16 +286,26 @@ def _recommender(
         recent_decays=(0.5,) if recent else (),
         recent_length=4,
         products=products,
+        target_depth=4 if own else None,
+        target_width=16 if own else None,
     )
     spec = InputSpec.build(config, rec, agg.depth, agg.width)
     x, codes = replay_inputs(events, agg, np.ones(60, bool), spec)
+    targets = codebooks
+    if own:
+        ids = list(codebooks["interactions"].ids_)
+        vectors = np.random.default_rng(1).normal(size=(len(ids), 6)).astype("f4")
+        targets = {"interactions": Codebook(depth=4, width=16, seed=3).fit(vectors, ids)}
+        codes, _ = target_codes(targets, ["interactions"], events.item)
     cats = [Item(f"i{k}", categories=("even",) if k % 2 == 0 else ("odd",)) for k in range(40)]
-    catalogue = Catalogue.from_codebooks(codebooks, ["interactions"], cats if categories else None)
+    catalogue = Catalogue.from_codebooks(targets, ["interactions"], cats if categories else None)
     target = np.array([catalogue.ids.index(i) for i in events.item])
     model, _ = fit_recommender(
         x[:40], codes[:40], Validation(x[40:], target[40:], None), catalogue, rec
     )
-    return RecommenderParts(model, rec, spec, catalogue, ("interactions",)), config, x
+    own_codebooks = targets if own else None
+    parts = RecommenderParts(model, rec, spec, catalogue, ("interactions",), own_codebooks)
+    return parts, config, x
 
 
 def _save_with_recommender(root, parts, **kw):
@@ -315,6 +332,9 @@ def test_the_recommender_round_trips_its_scores_catalogue_and_config(tmp_path, p
     loaded = load_model_artifact(tmp_path / version).recommender
     assert loaded.config == saved.config and loaded.spec == saved.spec
     assert loaded.targets == ("interactions",)
+    own = loaded.codebooks["interactions"]
+    assert own.version == saved.codebooks["interactions"].version and own.width == 16
+    assert loaded.catalogue.width == 16 and loaded.catalogue.levels.shape == (40, 4)
     assert loaded.catalogue.ids == saved.catalogue.ids
     np.testing.assert_array_equal(loaded.catalogue.levels, saved.catalogue.levels)
     assert loaded.catalogue.categories == saved.catalogue.categories
@@ -347,12 +367,27 @@ def test_an_int8_recommender_loads_calibrated_and_one_without_scales_is_refused(
 def test_a_recommender_saved_before_int8_products_loads_as_float32(tmp_path, parts):
     from sketchstream.models.artifacts import load_recommender
 
-    version, saved, x = _save_with_recommender(tmp_path, parts, products="float32")
+    version, saved, x = _save_with_recommender(tmp_path, parts, products="float32", own=False)
     manifest = json.loads((tmp_path / version / MANIFEST).read_text())
-    del manifest["config"]["recommend"]["config"]["products"]  # as before the field
+    entry = manifest["config"]["recommend"]
+    for field in ("products", "target_depth", "target_width"):  # as before these fields
+        del entry["config"][field]
     loaded = load_recommender(tmp_path / version, manifest, parts[1])
     assert loaded.config.products == "float32"
+    assert loaded.config.target_width is None and loaded.codebooks is None  # the state's
+    np.testing.assert_array_equal(loaded.catalogue.levels, saved.catalogue.levels)
     np.testing.assert_array_equal(loaded.model.log_probs(x), saved.model.log_probs(x))
+
+
+def test_a_recommender_whose_config_and_codebooks_disagree_is_refused(tmp_path, parts):
+    from sketchstream.models.artifacts import load_recommender
+
+    version, _, _ = _save_with_recommender(tmp_path, parts)
+    manifest = json.loads((tmp_path / version / MANIFEST).read_text())
+    entry = manifest["config"]["recommend"]
+    entry["config"]["target_depth"] = entry["config"]["target_width"] = None
+    with pytest.raises(ArtifactError, match="config and its codebooks disagree"):
+        load_recommender(tmp_path / version, manifest, parts[1])
 
 
 def test_the_recommender_changes_the_version_and_a_catalogue_without_categories_loads(
@@ -365,7 +400,10 @@ def test_the_recommender_changes_the_version_and_a_catalogue_without_categories_
     assert loaded.catalogue.categories is None and loaded.spec.recent_decays == ()
 
 
-@pytest.mark.parametrize("name", ["recommend.safetensors", "recommend-catalogue.json"])
+@pytest.mark.parametrize(
+    "name",
+    ["recommend.safetensors", "recommend-catalogue.json", "recommend-codebook-interactions.bin"],
+)
 def test_a_tampered_recommender_file_is_refused_naming_it(tmp_path, parts, name):
     version, _, _ = _save_with_recommender(tmp_path, parts)
     _flip_last_byte(tmp_path / version / name)

@@ -275,7 +275,7 @@ def test_on_a_predictable_stream_the_model_beats_popularity() -> None:
     assert result.counts["test_events"] == len(events) - len(events) * 9 // 10
     stages = {f"{m}_{part}" for m in ("sketchstream", "popularity", "item_cf", "sasrec")
               for part in ("train", "test")}  # fmt: skip
-    assert set(result.timings) == stages | {"replay"}
+    assert set(result.timings) == stages | {"replay", "target_codebooks"}
     assert all(seconds >= 0.0 for seconds in result.timings.values())
 
 
@@ -368,3 +368,32 @@ def test_warm_up_compiles_the_int8_recommenders_kernels() -> None:
     before, warm, after = json.loads(out.stdout)
     assert all(n == 0 for n in before.values()), before
     assert all(n == 1 for n in warm.values()) and after == warm, (warm, after)
+
+
+def test_the_recommenders_own_codebooks_give_both_its_targets_and_its_catalogue() -> None:
+    from sketchstream.models.catalogue import Catalogue
+    from sketchstream.models.ranking import fit_target_codebooks, target_codes
+
+    events = _cycle_stream()
+    config = RecommendConfig(target_depth=3, target_width=32, seed=4)
+    cleora = {"dim": 8, "iterations": 2}
+    books = fit_target_codebooks(events, None, ("interactions",), config, cleora)
+    book = books["interactions"]
+    assert (book.depth, book.width) == (3, 32)
+    # seeded: the same codebooks again, and the training period only (protocol_split)
+    again = fit_target_codebooks(events, None, ("interactions",), config, cleora)
+    assert again["interactions"].version == book.version
+    catalogue = Catalogue.from_codebooks(books, ["interactions"])
+    codes, modalities = target_codes(books, ["interactions"], events.item)
+    assert codes.shape == (len(events), 1, 3) and modalities == [0]
+    for item, code in zip(events.item[:50], codes[:50], strict=True):
+        row = catalogue.ids.index(item)  # the catalogue's buckets are the target's, offset
+        np.testing.assert_array_equal(catalogue.levels[row], code[0] + 32 * np.arange(3))
+    unknown, _ = target_codes(books, ["interactions"], ["not-an-item"])
+    assert (unknown == -1).all()  # no loss on it
+    with pytest.raises(ModelError, match="no such codebook"):
+        fit_target_codebooks(events, None, ("metadata",), config, cleora)
+    with pytest.raises(ModelError, match="go together"):
+        RecommendConfig(target_depth=3, target_width=None)
+    with pytest.raises(ModelError, match="target_width"):
+        RecommendConfig(target_width=1)

@@ -75,7 +75,9 @@ def item_categories(item: str) -> tuple[str, ...]:
 def _tiny_recommender(config: Any, codebooks: dict[str, Any], seed: int) -> Any:
     from sketchstream.models.aggregator import Aggregator
     from sketchstream.models.artifacts import RecommenderParts
+    from sketchstream.models.emde import Codebook
     from sketchstream.models.events import EventTable, Item
+    from sketchstream.models.ranking import target_codes
     from sketchstream.models.recommend import (
         Catalogue,
         InputSpec,
@@ -94,18 +96,31 @@ def _tiny_recommender(config: Any, codebooks: dict[str, Any], seed: int) -> Any:
         value=np.array([e.get("value", np.nan) for e in raw], np.float32),
     )
     agg = Aggregator(config, codebooks)
-    rec = RecommendConfig(hidden=16, epochs=1, batch_size=32, recent_decays=(0.7,), recent_length=8)
+    rec = RecommendConfig(
+        hidden=16,
+        epochs=1,
+        batch_size=32,
+        recent_decays=(0.7,),
+        recent_length=8,
+        target_depth=4,
+        target_width=32,
+    )
     spec = InputSpec.build(config, rec, agg.depth, agg.width)
-    known = np.array([i in codebooks["interactions"].ids_ for i in events.item])
-    x, codes = replay_inputs(events, agg, known, spec)
-    items = [Item(i, categories=item_categories(i)) for i in codebooks["interactions"].ids_]
-    catalogue = Catalogue.from_codebooks(codebooks, ["interactions"], items)
+    ids = codebooks["interactions"].ids_
+    known = np.array([i in ids for i in events.item])
+    x, _ = replay_inputs(events, agg, known, spec)
+    # its own target codebooks (as train fits them), finer than the state's
+    vectors = np.random.default_rng(seed + 7).normal(size=(len(ids), 8)).astype("f4")
+    targets = {"interactions": Codebook(depth=4, width=32, seed=seed).fit(vectors, list(ids))}
+    codes, _ = target_codes(targets, ["interactions"], events.item[known])
+    items = [Item(i, categories=item_categories(i)) for i in ids]
+    catalogue = Catalogue.from_codebooks(targets, ["interactions"], items)
     target = np.array([catalogue.ids.index(i) for i in events.item[known]])
     cut = len(x) * 3 // 4
     model, _ = fit_recommender(
         x[:cut], codes[:cut], Validation(x[cut:], target[cut:], None), catalogue, rec
     )
-    return RecommenderParts(model, rec, spec, catalogue, ("interactions",))
+    return RecommenderParts(model, rec, spec, catalogue, ("interactions",), targets)
 
 
 def synthetic_events(n: int, *, users: int = 40, seed: int = 1) -> list[dict[str, Any]]:
