@@ -672,6 +672,12 @@ def fit_target_codebooks(
             f"recommend targets {list(missing)}: the training period gives no such codebook "
             f"(it has {', '.join(fitted)})"
         )
+    log.info(
+        "recommend: its own target codebooks (%s), %d levels x %d buckets each",
+        ", ".join(targets),
+        config.target_depth,
+        config.target_width,
+    )
     return {m: fitted[m] for m in targets}
 
 
