@@ -116,7 +116,7 @@ def demo(
         typer.Option(
             "--recommender",
             help="Train the model with a top-k recommender (sketchstream train --recommender; "
-            "the demo profile sizes it to one epoch, hidden 256: about 6 more minutes on "
+            "the demo profile sizes it to one epoch, hidden 256: about 7 more minutes on "
             "MovieLens-1M). Whenever the served model has one, the demo asks it for "
             "recommendations and shows their live HR@10.",
         ),

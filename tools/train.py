@@ -128,7 +128,7 @@ def train(
             help="Also train the top-k recommender (the EMDE next-item model on the same user "
             "state) into the artifact, for the worker's recommend topic; the report gets its "
             "test HR@10, NDCG@10 and MRR. Replays the stream once more and trains a second "
-            "model on the whole training period (about 42 more minutes on MovieLens-1M on two "
+            "model on the whole training period (70-100 more minutes on MovieLens-1M on two "
             "cores, and ~15 GB of temporary files in TMPDIR; --recommender-train-events "
             "bounds both).",
         ),
