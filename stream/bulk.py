@@ -101,6 +101,7 @@ class BulkConsumer(FetchLoopConsumer):
     ``bulk_topics``, ``bulk_handler`` and ``bulk_size`` come from the :class:`BulkApp`."""
 
     _bulk_acked = 0  # acknowledged since this loop last committed
+    _committing = False  # a commit this loop started is in flight
     _finishing: asyncio.Future | None = None  # the last batch handed over to finish behind
     _behind: asyncio.Future | None = None  # the one before it, awaited before the next batch
     _finish_failed = False  # a batch failed to finish: the worker is stopping, fetch no more
@@ -297,10 +298,20 @@ class BulkConsumer(FetchLoopConsumer):
             )
             self._behind = previous
             t = stages.lap("deliver", t)
-        if self._bulk_acked >= self.app.conf.broker_commit_every:
+        if self._bulk_acked >= self.app.conf.broker_commit_every and not self._committing:
+            # a task, as faust's commit timer: the commit first waits for the producer's flush
+            # (~10 ms in a drain) and the fetch loop goes on meanwhile (faust's commit lock
+            # keeps one commit at a time with the timer's)
             self._bulk_acked = 0
-            await self.commit()
+            self._committing = True
+            task = asyncio.ensure_future(self.commit())
+            task.add_done_callback(self._committed)
             stages.lap("commit", t)
+
+    def _committed(self, task: asyncio.Future) -> None:
+        self._committing = False
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("a commit of the acknowledged offsets failed: %r", task.exception())
 
     def _acknowledge(self, token: Any, offsets: Mapping[TP, list[int]]) -> None:
         self.ack_batch(token, offsets)

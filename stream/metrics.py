@@ -56,7 +56,7 @@ STAGES: tuple[str, ...] = (
     "state_write",  # RocksDB write batches
     "changelog",  # the states' changelog records handed to the producer
     "metrics",  # the worker's own metrics and health bookkeeping
-    "commit",  # offsets committed (the producer flushed first)
+    "commit",  # a commit of the acknowledged offsets started (a task: its flush overlaps)
 )
 
 
