@@ -32,20 +32,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from mode import Service
 from sketchstream.stream.metrics import WorkerMetrics
 from sketchstream.stream.models_feed import ModelFeed
 from sketchstream.stream.publish import publish
 from sketchstream.stream.records import EventLimits, RequestLimits
 from sketchstream.stream.settings import Settings
 from sketchstream.stream.tables import UserStates
-from sketchstream.stream.worker import BatchProcessor
+from sketchstream.stream.worker import BatchProcessor, PendingPredictions
 
 if TYPE_CHECKING:  # pragma: no cover
     import faust
+    from sketchstream.stream.mlp_helper import MLPHelper
 
 __all__ = ["Health", "create_app", "faust_app"]
 
@@ -166,6 +169,31 @@ def faust_app(settings: Settings, *, web: bool = True, bulk: bool = False) -> fa
     return app
 
 
+class _HelperService(Service):
+    """The worker's MLP helper process, started with the worker (before its first model
+    loads) and stopped with it."""
+
+    def __init__(self, helper: MLPHelper, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.helper = helper
+
+    async def on_start(self) -> None:
+        self.helper.start()
+
+    async def on_stop(self) -> None:
+        self.helper.close()
+
+
+def mlp_helper(settings: Settings) -> MLPHelper | None:
+    """The worker's MLP helper process (not started), or None: ``settings.mlp_helper`` off, or
+    one CPU only (there is no other core for it)."""
+    if not settings.mlp_helper or (os.cpu_count() or 1) < 2:
+        return None
+    from sketchstream.stream.mlp_helper import MLPHelper
+
+    return MLPHelper(threads=settings.torch_threads)
+
+
 def create_app(settings: Settings) -> faust.App:
     """The worker app: consumes ``settings.topic_events`` in micro-batches of up to
     ``settings.batch_size`` events: what each fetch brought (see
@@ -218,6 +246,10 @@ def create_app(settings: Settings) -> faust.App:
     stages = app.stages  # timed by the fetch loop, the batch handlers and the table writes
     metrics = WorkerMetrics(lag_source=health.lag, stages=stages)
     states = UserStates(users, stages)
+    helper = mlp_helper(settings)
+    if helper is not None:
+        metrics.watch_mlp_helper(helper)
+        app.add_dependency(_HelperService(helper))  # starting while the first model loads
     feed = ModelFeed(settings, metrics=metrics)
     app.add_dependency(feed)  # started before the app's consumer: the first model loads first
 
@@ -258,9 +290,30 @@ def create_app(settings: Settings) -> faust.App:
                     request_limits=RequestLimits(max_bytes=settings.max_event_bytes),
                     recommend_on_event=settings.recommend_on_event,
                     recommend_exclude_seen=not settings.recommend_keep_seen,
+                    mlp_helper=helper,
                 )
             )
         return processors[0]
+
+    # the last batch whose predictions wait for the helper's scores: each batch's are published
+    # after the batch before it's (in partition order), not after its acknowledgements
+    publishing: list[asyncio.Future | None] = [None]
+
+    async def publish_scored(
+        pending: PendingPredictions, previous: asyncio.Future | None
+    ) -> tuple[list[Any], list[tuple[bytes, bytes]], list[float | None]]:
+        """A batch's predictions (and dead letters), published once its scores are back and
+        the batch before it has published its own: ``(sends, predictions, kafka_ts)``."""
+        predictions, letters, kafka_ts = await pending.wait()
+        if previous is not None:
+            await asyncio.wait((previous,))
+        t = time.perf_counter_ns()
+        sends = await publish(app.producer, predictions_topic, predictions)
+        sends += await publish(app.producer, dlq_topic, letters)
+        for sent in sends:
+            sent.add_done_callback(_retrieved)
+        stages.lap("send", t)
+        return sends, predictions, kafka_ts
 
     async def score(messages: list[Any]) -> Callable[[], Awaitable[None]]:
         """One micro-batch: validate → score → fold, predictions out; handed back, the rest
@@ -280,9 +333,17 @@ def create_app(settings: Settings) -> faust.App:
         for sent in sends:  # a finish skipped after a failed batch never awaits them
             sent.add_done_callback(_retrieved)
         states.hold(result.table_writes)
+        scored = None
+        if result.pending is not None:  # its MLP runs in the helper: published when back
+            scored = asyncio.ensure_future(publish_scored(result.pending, publishing[0]))
+            publishing[0] = scored
         stages.lap("send", t)
 
         async def finish() -> None:
+            predictions, kafka_ts = result.predictions, result.kafka_ts
+            if scored is not None:
+                more, predictions, kafka_ts = await scored
+                sends.extend(more)
             if sends:
                 await asyncio.gather(*sends)
             published = time.time()
@@ -290,8 +351,8 @@ def create_app(settings: Settings) -> faust.App:
             await states.write(result.table_writes)
             t = time.perf_counter_ns()
             health.processed(messages)
-            metrics.predictions_out.inc(len(result.predictions))
-            metrics.observe_latencies([published - ts for ts in result.kafka_ts if ts])
+            metrics.predictions_out.inc(len(predictions))
+            metrics.observe_latencies([published - ts for ts in kafka_ts if ts])
             metrics.batch_seconds.observe(time.perf_counter() - started)
             stages.lap("metrics", t)
 

@@ -296,6 +296,27 @@ class WorkerMetrics:
         r.register(self.live)
         self._lag_source = lag_source
 
+    def watch_mlp_helper(self, helper: Any) -> None:
+        """Expose ``helper``'s (a :class:`~sketchstream.stream.mlp_helper.MLPHelper`) state,
+        read at scrape time."""
+        r = self.registry
+        Gauge(
+            "sketchstream_mlp_helper_up",
+            "1 while the MLP helper process runs the batches' MLP (0: the worker scores them).",
+            registry=r,
+        ).set_function(lambda: float(helper.serving))
+        Gauge(
+            "sketchstream_mlp_helper_rows",
+            "MLP rows scored by the helper process since the worker started (the others by the "
+            "worker's own thread).",
+            registry=r,
+        ).set_function(lambda: float(helper.rows_helped))
+        Gauge(
+            "sketchstream_mlp_helper_failures",
+            "Times the MLP helper process was given up on (and started again later).",
+            registry=r,
+        ).set_function(lambda: float(helper.failures))
+
     def set_model(self, version: str, codebook_version: str) -> None:
         """Record the model and codebook versions now serving."""
         self.model.info({"version": version, "codebook_version": codebook_version})

@@ -90,6 +90,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Threads of the worker's MLP (torch and BLAS); scale out with more workers.",
     )
+    mlp_helper: bool = Field(
+        default=True,
+        description="Run each batch's MLP in a helper process, on another core, while the "
+        "worker goes on with the next batch; its predictions are published when the scores are "
+        "back. Off, or on one CPU: the worker scores on its own thread (one core per worker).",
+    )
     max_event_bytes: int = Field(
         default=16384, ge=64, description="Larger events go to the dead-letter topic unparsed."
     )

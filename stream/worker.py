@@ -19,7 +19,9 @@ nothing for it (requests come in batches of their own).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +50,7 @@ if TYPE_CHECKING:  # the models (numpy, torch) load when a model does: serving_m
     from sketchstream.models.batches import Features
     from sketchstream.models.events import Head
     from sketchstream.models.scorer import Recommender, Scorer
+    from sketchstream.stream.mlp_helper import MLPHelper, PendingScores
 
 __all__ = [
     "AnswerResult",
@@ -107,10 +110,16 @@ class ServingModel:
         return getattr(self.scorer, "item_similarity", None)
 
     def predict(
-        self, features: Features, events: DecodedEvents, rows: np.ndarray, stages: StageTimes
-    ) -> np.ndarray:
+        self,
+        features: Features,
+        events: DecodedEvents,
+        rows: np.ndarray,
+        stages: StageTimes,
+        helper: MLPHelper | None = None,
+    ) -> np.ndarray | PendingScores:
         """Scores ``(k, n_heads)`` float32 for ``rows (k,)`` of ``events``, from their
-        ``features`` (the aggregator's ``Features`` restricted to those rows).
+        ``features`` (the aggregator's ``Features`` restricted to those rows); or, when
+        ``helper`` takes the batch's MLP, its :class:`~.mlp_helper.PendingScores`.
 
         ``Scorer.score``'s two steps, called one by one so that ``stages`` times the item
         features and the MLP apart."""
@@ -118,7 +127,8 @@ class ServingModel:
         t = time.perf_counter_ns()
         inputs = scorer.inputs(features, events.item[rows], events.ts[rows])
         t = stages.lap("item_features", t)
-        scores = scorer.mlp.predict(inputs)
+        pending = helper.submit(scorer.mlp, inputs) if helper is not None else None
+        scores = pending if pending is not None else scorer.mlp.predict(inputs)
         stages.lap("mlp", t)
         return scores
 
@@ -158,6 +168,59 @@ def serving_model(bundle: Any) -> ServingModel:
     )
 
 
+#: What a :class:`PendingPredictions` makes: ``(predictions, dead letters, kafka_ts)``
+Made = tuple[list[tuple[bytes, bytes]], list[tuple[bytes | None, bytes]], list[float | None]]
+
+
+class PendingPredictions:
+    """A batch's predictions waiting for its MLP scores, which the helper process computes
+    while the worker goes on (:class:`~.mlp_helper.PendingScores`).
+
+    :meth:`wait` (in the worker's event loop) or :meth:`result` makes them: ``(predictions,
+    dead letters, kafka_ts)``, the records as :meth:`BatchProcessor.process` would have made
+    them, the dead letters of events whose MLP row raised (only when the worker scored the
+    batch itself, the helper having failed it), and the Kafka times of the predicted events.
+    The batch's live quality is updated then, in batch order."""
+
+    def __init__(
+        self,
+        scores: PendingScores,
+        finish: Callable[..., Any],
+        in_order: Callable[[Callable[[], None], list[Any]], None],
+        slot: list[Any],
+    ) -> None:
+        self.scores = scores
+        self._finish = finish
+        self._in_order = in_order  # BatchProcessor._live_in_order
+        self._slot = slot  # its place in the processor's live-quality backlog
+        self._done: Made | None = None
+
+    def result(self) -> Made:
+        """The predictions, waiting (blocking) for the scores."""
+        if self._done is None:
+            try:
+                got: Any = self.scores.result()
+            except Exception as exc:
+                got = exc
+            self._complete(got)
+        return self._done
+
+    async def wait(self) -> Made:
+        """:meth:`result`, awaiting the scores."""
+        if self._done is None:
+            try:
+                got: Any = await self.scores.wait()
+            except Exception as exc:
+                got = exc
+            self._complete(got)
+        return self._done
+
+    def _complete(self, got: Any) -> None:
+        predictions, letters, times, observe = self._finish(got, self)
+        self._done = (predictions, letters, times)
+        self._in_order(observe, self._slot)
+
+
 class BatchResult(NamedTuple):
     """What one batch produced. Keys and values are bytes, ready to send."""
 
@@ -167,6 +230,9 @@ class BatchResult(NamedTuple):
     kafka_ts: list[float | None]  # Kafka time of each prediction's event (latency metric)
     # (user, answer JSON) for the recommendations topic: with recommend_on_event only
     recommendations: list[tuple[bytes, bytes]]
+    # the predictions (and dead letters) of a batch whose MLP runs in the helper process, made
+    # when its scores are back: ``predictions`` is empty then (BatchProcessor.mlp_helper)
+    pending: PendingPredictions | None = None
 
 
 class AnswerResult(NamedTuple):
@@ -198,13 +264,22 @@ class BatchProcessor:
     request_limits: RequestLimits = field(default_factory=RequestLimits)
     recommend_on_event: int = 0
     recommend_exclude_seen: bool = True
+    # runs each batch's MLP in a process of its own: process() then leaves the predictions
+    # pending (BatchResult.pending), made when the scores are back
+    mlp_helper: MLPHelper | None = None
     stages: StageTimes = field(init=False)
     live: LiveQuality = field(init=False)
     _unrecommended: str = field(init=False, default="")  # a model told to have no recommender
+    # live-quality updates in batch order: a slot per batch whose scores are not back yet
+    _live_backlog: collections.deque[list[Any]] = field(
+        init=False, default_factory=collections.deque
+    )
 
     def __post_init__(self) -> None:
         self.stages = self.metrics.stages if self.metrics is not None else StageTimes()
         self._track_quality(self.model)
+        if self.mlp_helper is not None:
+            self.mlp_helper.offer(self.model.mlp)
 
     def _track_quality(self, model: ServingModel) -> None:
         """Live quality of ``model``'s heads from now on (/metrics reads it at scrape time)."""
@@ -223,6 +298,8 @@ class BatchProcessor:
         if model.head_defs != self.model.head_defs:  # other heads: other figures
             self._track_quality(model)
         self.model = model
+        if self.mlp_helper is not None:
+            self.mlp_helper.offer(model.mlp)
         if self.metrics is not None:
             self.metrics.model_swaps.inc()
             self.metrics.set_model(model.version, model.codebook_version)
@@ -275,13 +352,13 @@ class BatchProcessor:
         stages.lap("predictions_encode", t)
         if out is None:
             return BatchResult([], dlq, [], [], [])
-        predictions, kafka_ts, writes, scored = out
+        predictions, kafka_ts, writes, scored, pending = out
         recommendations = (
             self._recommend_after(model, events, scored, writes, received)
             if self.recommend_on_event and len(scored)
             else []
         )
-        return BatchResult(predictions, dlq, writes, kafka_ts, recommendations)
+        return BatchResult(predictions, dlq, writes, kafka_ts, recommendations, pending)
 
     def _recommend_after(
         self,
@@ -330,7 +407,7 @@ class BatchProcessor:
                 exc_info=exc,
             )
             return []
-        self.live.answered(names, [r.items for r in got])
+        self._live_in_order(functools.partial(self.live.answered, names, [r.items for r in got]))
         published = self.clock()
         out = [
             event_recommendation_record(
@@ -458,7 +535,11 @@ class BatchProcessor:
                     dead.append((requests[i].source, "processing_error", text))
                     got.append(None)
         answered = [(q.user, r.items) for q, r in zip(requests, got, strict=True) if r is not None]
-        self.live.answered([u for u, _ in answered], [items for _, items in answered])
+        self._live_in_order(
+            functools.partial(
+                self.live.answered, [u for u, _ in answered], [items for _, items in answered]
+            )
+        )
         published = self.clock()
         return [
             recommendation_record(
@@ -485,12 +566,16 @@ class BatchProcessor:
         received: float,
         dead: list[tuple[int, str, str]],
     ) -> tuple[
-        list[tuple[bytes, bytes]], list[float | None], list[tuple[int, bytes, bytes]], np.ndarray
+        list[tuple[bytes, bytes]],
+        list[float | None],
+        list[tuple[int, bytes, bytes]],
+        np.ndarray,
+        PendingPredictions | None,
     ]:
         """Read the batch's states, score and fold ``events``; ``(predictions, kafka_ts,
-        table writes, the rows of events that got a prediction)``. Events isolated by the
-        processing-error policy are appended to ``dead`` as ``(message index, reason,
-        message)``."""
+        table writes, the rows of events that got a prediction, pending predictions)``. Events
+        isolated by the processing-error policy are appended to ``dead`` as ``(message index,
+        reason, message)``."""
         t = time.perf_counter_ns()
         users, user_index = _index_users(events.user)
         keys = [u.encode() for u in users]
@@ -504,7 +589,9 @@ class BatchProcessor:
         if metrics is not None and getattr(state, "rebuilt", 0):
             metrics.states_rebuilt.inc(state.rebuilt)
         try:
-            part = self._score_part(model, messages, events, None, user_index, state, received)
+            part = self._score_part(
+                model, messages, events, None, user_index, state, received, self.mlp_helper
+            )
         except Exception as exc:
             if self.on_error == "fail" or is_fault(exc):
                 raise
@@ -514,12 +601,12 @@ class BatchProcessor:
                 _describe(exc),
             )
             return self._isolate(model, messages, events, user_index, stored, received, dead)
-        predictions, kafka_ts, blobs, redelivered, duplicates, scored = part
+        predictions, kafka_ts, blobs, redelivered, duplicates, scored, pending = part
         if metrics is not None:
             metrics.redelivered.inc(redelivered)
             metrics.duplicates.inc(duplicates)
         writes = list(zip(partitions, keys, blobs, strict=True))
-        return predictions, kafka_ts, writes, scored
+        return predictions, kafka_ts, writes, scored, pending
 
     def _score_part(
         self,
@@ -530,12 +617,22 @@ class BatchProcessor:
         user_index: np.ndarray,
         state: Any,
         received: float,
-    ) -> tuple[list[tuple[bytes, bytes]], list[float | None], list[bytes], int, int, np.ndarray]:
+        helper: MLPHelper | None = None,
+    ) -> tuple[
+        list[tuple[bytes, bytes]],
+        list[float | None],
+        list[bytes],
+        int,
+        int,
+        np.ndarray,
+        PendingPredictions | None,
+    ]:
         """Score and fold ``rows (k,)`` of ``events`` (None: all of them) into ``state``, whose
         users ``user_index (k,)`` points into; ``(predictions, kafka_ts, state blobs,
-        redelivered count, duplicate count, the rows of events scored)``: neither a
+        redelivered count, duplicate count, the rows of events scored, pending)``: neither a
         redelivered event (an offset already folded) nor a duplicate (an ``event_id`` in its
-        user's window) gets a prediction."""
+        user's window) gets a prediction. With a ``helper`` that takes the MLP, the
+        predictions are ``pending`` (and the list empty)."""
         from sketchstream.models.batches import EventBatch
 
         stages = self.stages
@@ -561,43 +658,152 @@ class BatchProcessor:
         # usually every event gets a prediction: then no copy
         scored = features if len(valid) == len(features.valid) else features.take(valid)
         stages.lap("fold", t)
-        scores = model.predict(scored, events, selected, stages) if len(valid) else None
+        scores = model.predict(scored, events, selected, stages, helper) if len(valid) else None
         t = time.perf_counter_ns()
         blobs = agg.dump(state)
-        t = stages.lap("state_encode", t)
+        stages.lap("state_encode", t)
         kafka_ts = [messages[i].timestamp for i in events.source[selected].tolist()]
-        predictions = (
-            prediction_records(
+        live = self.live
+
+        def publish(scores: np.ndarray, rows: np.ndarray, times: list[float | None]) -> Any:
+            """The prediction records of ``rows`` (of ``events``); their live quality."""
+            t = time.perf_counter_ns()
+            predictions = prediction_records(
                 events,
-                selected,
+                rows,
                 scores,
                 topic=self.topic,
                 actions=model.actions,
                 heads=model.heads,
                 model_version=model.version,
                 codebook_version=model.codebook_version,
-                kafka_ts=kafka_ts,
+                kafka_ts=times,
                 received=received,
                 published=self.clock(),
             )
-            if scores is not None
-            else []
-        )
-        t = stages.lap("predictions_encode", t)
-        if scores is not None:  # last: a part that raised before it is counted once, re-run
-            self.live.observe(
-                events.user[selected],
-                events.item[selected],
-                np.asarray(model.actions, dtype=object)[events.action[selected]],
-                events.value[selected],
-                events.ts[selected],
+            t = stages.lap("predictions_encode", t)
+            observe = functools.partial(
+                live.observe,
+                events.user[rows],
+                events.item[rows],
+                np.asarray(model.actions, dtype=object)[events.action[rows]],
+                events.value[rows],
+                events.ts[rows],
                 scores,
-                events.partition[selected],
+                events.partition[rows],
             )
-            stages.lap("live_quality", t)
+            return predictions, observe
+
+        pending = None
+        predictions: list[tuple[bytes, bytes]] = []
+        if isinstance(scores, np.ndarray):
+            predictions, observe = publish(scores, selected, kafka_ts)
+            # last: a part that raised before it is counted once, re-run
+            self._live_in_order(observe)
+        elif scores is not None:
+            pending = PendingPredictions(
+                scores,
+                self._finish_pending(messages, events, selected, kafka_ts, publish),
+                self._live_in_order,
+                self._live_slot(),
+            )
         duplicates = int(state.duplicates)
         redelivered = len(batch.item) - len(valid) - duplicates
-        return predictions, kafka_ts, blobs, redelivered, duplicates, selected
+        return predictions, kafka_ts, blobs, redelivered, duplicates, selected, pending
+
+    def _finish_pending(
+        self,
+        messages: Sequence[Any],
+        events: DecodedEvents,
+        selected: np.ndarray,
+        kafka_ts: list[float | None],
+        publish: Callable[[np.ndarray, np.ndarray, list[float | None]], Any],
+    ) -> Callable[[Any], Any]:
+        """What makes a deferred batch's predictions once its scores are back (or its MLP
+        raised in the worker's own thread, the helper having failed): the rows whose scoring
+        raises are found as in :meth:`_isolate`, by halves, and dead-lettered; their events
+        were folded already (an event's MLP row depends on nothing else in the batch)."""
+
+        def finish(
+            got: np.ndarray | Exception, pending: PendingPredictions
+        ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes | None, bytes]], list[Any], Any]:
+            rows, times, letters = selected, kafka_ts, []
+            if isinstance(got, Exception):
+                got, bad = self._score_isolating(pending.scores.mlp, pending.scores.inputs, got)
+                keep = np.ones(len(rows), dtype=bool)
+                for row, exc in bad:
+                    keep[row] = False
+                    msg = messages[int(events.source[rows[row]])]
+                    log.warning(
+                        "event at %s raised %s in the MLP: dead-lettered (processing_error)",
+                        where(msg.topic, msg.partition, msg.offset),
+                        _describe(exc),
+                    )
+                    letters.append(
+                        (
+                            msg.key,
+                            dlq_record(
+                                msg, "processing_error", _processing_error(msg, exc), now=received
+                            ),
+                        )
+                    )
+                    if self.metrics is not None:
+                        self.metrics.dlq.labels(reason="processing_error").inc()
+                got, rows = got[keep], rows[keep]
+                times = [ts for ts, k in zip(times, keep.tolist(), strict=True) if k]
+            predictions, observe = publish(got, rows, times)
+            return predictions, letters, times, observe
+
+        received = self.clock()
+        return finish
+
+    def _score_isolating(
+        self, mlp: Any, inputs: Any, exc: Exception
+    ) -> tuple[np.ndarray, list[tuple[int, Exception]]]:
+        """``mlp.predict(inputs)``, which raised ``exc``, row range by row range: the scores
+        (rows that raise left at 0) and ``(row, exception)`` of each row that raises."""
+        if self.on_error == "fail" or is_fault(exc):
+            raise exc
+        scores = np.zeros((len(inputs), len(mlp.config.heads)), np.float32)
+        bad: list[tuple[int, Exception]] = []
+        todo = [(0, len(inputs))]
+        while todo:
+            lo, hi = todo.pop()
+            try:
+                scores[lo:hi] = mlp.predict(inputs.take(slice(lo, hi)))
+            except Exception as err:
+                if is_fault(err):
+                    raise
+                if hi - lo == 1:
+                    bad.append((lo, err))
+                    continue
+                mid = (lo + hi) // 2
+                todo += [(mid, hi), (lo, mid)]
+        return scores, sorted(bad, key=lambda b: b[0])
+
+    # -- live quality in batch order ----------------------------------------------------------
+
+    def _live_slot(self) -> list[Any]:
+        """A place in the live-quality backlog for a batch whose scores are not back yet."""
+        slot: list[Any] = [None]
+        self._live_backlog.append(slot)
+        return slot
+
+    def _live_in_order(self, observe: Callable[[], None], slot: list[Any] | None = None) -> None:
+        """Apply ``observe`` to the live quality after every batch handled before it (its
+        ``slot``, or now when nothing waits); labels and answers must meet in order."""
+        t = time.perf_counter_ns()
+        backlog = self._live_backlog
+        if slot is None:
+            if not backlog:
+                observe()
+                self.stages.lap("live_quality", t)
+                return
+            slot = self._live_slot()
+        slot[0] = observe
+        while backlog and backlog[0][0] is not None:
+            backlog.popleft()[0]()
+        self.stages.lap("live_quality", t)
 
     def _isolate(
         self,
@@ -609,7 +815,11 @@ class BatchProcessor:
         received: float,
         dead: list[tuple[int, str, str]],
     ) -> tuple[
-        list[tuple[bytes, bytes]], list[float | None], list[tuple[int, bytes, bytes]], np.ndarray
+        list[tuple[bytes, bytes]],
+        list[float | None],
+        list[tuple[int, bytes, bytes]],
+        np.ndarray,
+        None,
     ]:
         """The batch again, in halves, in order, down to the single events that raise.
 
@@ -647,7 +857,7 @@ class BatchProcessor:
                 )
                 dead.append((index, "processing_error", _processing_error(msg, exc)))
                 continue
-            part_predictions, part_ts, part_blobs, part_redelivered, part_duplicates, rows = part
+            part_predictions, part_ts, part_blobs, part_redelivered, part_duplicates, rows, _ = part
             scored.append(rows)
             predictions += part_predictions
             kafka_ts += part_ts
@@ -666,7 +876,13 @@ class BatchProcessor:
             for u in np.flatnonzero(done).tolist()
         ]
         dead.sort()
-        return predictions, kafka_ts, writes, np.concatenate([np.zeros(0, np.int64), *scored])
+        return (
+            predictions,
+            kafka_ts,
+            writes,
+            np.concatenate([np.zeros(0, np.int64), *scored]),
+            None,
+        )
 
     def _decode_one_by_one(
         self, messages: Sequence[Any], model: ServingModel

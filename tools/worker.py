@@ -106,6 +106,9 @@ def worker(
         str | None, setting_option("group_instance_id", "--group-instance-id")
     ] = None,
     torch_threads: Annotated[int | None, setting_option("torch_threads", "--torch-threads")] = None,
+    mlp_helper: Annotated[
+        bool | None, setting_option("mlp_helper", "--mlp-helper/--no-mlp-helper")
+    ] = None,
     recommend_on_event: Annotated[
         int | None, setting_option("recommend_on_event", "--recommend-on-event", metavar="K")
     ] = None,
@@ -134,6 +137,7 @@ def worker(
         standby_replicas=standby_replicas,
         group_instance_id=group_instance_id,
         torch_threads=torch_threads,
+        mlp_helper=mlp_helper,
         recommend_on_event=recommend_on_event,
         recommend_keep_seen=recommend_keep_seen,
     )

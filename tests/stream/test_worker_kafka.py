@@ -164,6 +164,33 @@ def test_predictions_equal_the_offline_replay_engine(stream_env, start_worker):
     worker.stop()
 
 
+def test_predictions_through_the_mlp_helper_equal_the_offline_replay_engine(
+    stream_env, start_worker
+):
+    """The worker's default: each batch's MLP in the helper process, its predictions published
+    when the scores are back. Once the helper serves, every batch goes through it."""
+    env = stream_env
+    events = synthetic_events(700, users=20, seed=11)
+    first, rest = events[:40], events[40:]
+    worker = start_worker("w1", "--batch-size", "64")
+    worker.wait_healthy()
+    run(produce(env.bootstrap, env.topics["events"], keyed(first)))  # the processor, the model
+    predictions_by_ref(env, until=len(first))
+    wait_for(lambda: worker.metric("sketchstream_mlp_helper_up") == 1.0, 120, "the helper", worker)
+    helped = worker.metric("sketchstream_mlp_helper_rows")
+    run(produce(env.bootstrap, env.topics["events"], keyed(rest)))
+    predictions = predictions_by_ref(env, until=len(events))
+    assert worker.metric("sketchstream_mlp_helper_rows") - helped == len(rest)
+    assert worker.metric("sketchstream_mlp_helper_failures") == 0
+    records = run(consume(env.bootstrap, env.topics["events"]))
+    _, _, offline = offline_reference(env.artifact_dir, records, batch=997)
+    assert set(predictions) == set(offline)
+    for ref, [p] in predictions.items():
+        online = np.array(list(p["scores"].values()))
+        np.testing.assert_allclose(online, offline[ref], atol=1e-5, err_msg=str(ref))
+    worker.stop()
+
+
 def test_a_second_worker_takes_over_partitions_and_state_of_a_killed_one(stream_env, start_worker):
     env = stream_env
     events = synthetic_events(3000, users=60, seed=3)
