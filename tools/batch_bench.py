@@ -6,6 +6,7 @@ process: events/s and µs per event by batch size, in file order and for late ev
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 from pathlib import Path
@@ -73,13 +74,39 @@ def batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
             f"--recommend-on-event {k}: model {model.version} has no recommender; "
             "give one trained with `sketchstream train --recommender`"
         )
-    processor = BatchProcessor(model, read, metrics=WorkerMetrics(), recommend_on_event=k)
+    helper = None
+    if spec.get("mlp_helper"):
+        from sketchstream.stream.mlp_helper import MLPHelper
+
+        helper = MLPHelper(threads=spec["torch_threads"])
+        helper.start()
+        waited = time.monotonic()
+        while not helper.ready:
+            if time.monotonic() - waited > helper.timeout:
+                raise RuntimeError("bench batch: the MLP helper process did not start")
+            time.sleep(0.05)
+    metrics = WorkerMetrics()
+    if helper is not None:
+        metrics.watch_mlp_helper(helper)
+    processor = BatchProcessor(
+        model, read, metrics=metrics, recommend_on_event=k, mlp_helper=helper
+    )
     at = 0
 
-    def process(batch: list[Any]) -> None:
-        result = processor.process(batch)
-        for p, key, value in result.table_writes:
-            store[(p, key)] = value
+    behind: collections.deque[Any] = collections.deque()
+
+    def process(batch: list[Any] | None) -> None:
+        """One batch; as the worker, the predictions of a batch whose MLP runs in the helper
+        are made behind the next two (and states written then: here at once, the next
+        batches read them as the worker's held ones). None: make all those still behind."""
+        if batch is not None:
+            result = processor.process(batch)
+            for p, key, value in result.table_writes:
+                store[(p, key)] = value
+            if result.pending is not None:
+                behind.append(result.pending)
+        while behind and (batch is None or len(behind) > 2):
+            behind.popleft().result()
 
     def run(size: int, n: int) -> tuple[int, float]:
         nonlocal at
@@ -88,6 +115,7 @@ def batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
             process(messages[at : at + size])
             done += min(size, len(messages) - at)
             at += size
+        process(None)
         return done, time.perf_counter() - t0
 
     def run_late(size: int) -> tuple[int, float]:
@@ -97,6 +125,7 @@ def batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         for lo in range(0, len(late), size):
             process(late[lo : lo + size])
+        process(None)
         secs = time.perf_counter() - t0
         shift = len(late)
         late = [RawMessage("events", 0, m.offset + shift, m.key, m.value, 1.0) for m in late]
@@ -109,8 +138,11 @@ def batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
     timed += [(size, "late") for size in spec["sizes"] if late]
     for size, order in timed:
         before = snapshot(processor.stages, 0, 0, 0.0)
+        helped = helper.rows_helped if helper is not None else 0
         done, secs = run(size, spec["events"]) if order == "in order" else run_late(size)
         after = snapshot(processor.stages, done, -(-done // size), secs)
+        if helper is not None:
+            before["helper_rows"], after["helper_rows"] = 0.0, float(helper.rows_helped - helped)
         rows.append(
             {
                 "batch_size": size,
@@ -126,6 +158,8 @@ def batch_worker(spec: dict[str, Any]) -> dict[str, Any]:
         )
         if spec.get("profile"):
             rows[-1]["profile"] = profile_rows(before, after, f"{size} {order}")
+    if helper is not None:
+        helper.close()
     return {"rows": rows, "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 

@@ -127,6 +127,14 @@ def batch(
         int, typer.Option(min=0, help="Events folded first, untimed, so users have states.")
     ] = 20_000,
     torch_threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
+    mlp_helper: Annotated[
+        bool,
+        typer.Option(
+            "--mlp-helper/--no-mlp-helper",
+            help="Score part of each batch's MLP rows in a helper process, as the worker does "
+            "by default (`worker --mlp-helper`).",
+        ),
+    ] = False,
     late: Annotated[
         int,
         typer.Option(
@@ -170,6 +178,7 @@ def batch(
         "events": events,
         "warm": warm,
         "torch_threads": torch_threads,
+        "mlp_helper": mlp_helper,
         "late": late,
         "profile": profile,
         "recommend_on_event": recommend_on_event,

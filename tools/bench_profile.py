@@ -48,6 +48,8 @@ def scrape(url: str, timeout: float = 10.0) -> Counters:
                 out["events"] = sample.value
             elif sample.name == "sketchstream_batch_size_count":
                 out["batches"] = sample.value
+            elif sample.name == "sketchstream_mlp_helper_rows":
+                out["helper_rows"] = sample.value
     missing = [s for s in (*STAGES, "busy", "events", "batches") if s not in out]
     if missing:
         raise ValueError(f"{url} has no stage counters for {missing}: an older worker?")
@@ -78,8 +80,12 @@ def snapshot(stages: StageTimes, events: int, batches: int, busy: float) -> Coun
 
 def profile_rows(before: Counters, after: Counters, phase: str) -> list[dict[str, Any]]:
     """One row per stage, then ``rest`` and the busy wall time, between two readings:
-    ``{"phase", "stage", "us_per_event", "pct_of_wall", "events_per_batch"}``."""
+    ``{"phase", "stage", "us_per_event", "pct_of_wall", "events_per_batch",
+    "mlp_helper_share"}`` (the share of events whose MLP row the helper process scored; None
+    without a helper)."""
     events = after["events"] - before["events"]
+    helped = after.get("helper_rows", 0.0) - before.get("helper_rows", 0.0)
+    share = round(helped / events, 3) if events and "helper_rows" in after else None
     batches = after["batches"] - before["batches"]
     busy = after["busy"] - before["busy"]
     spent = {s: after[s] - before[s] for s in STAGES}
@@ -92,6 +98,7 @@ def profile_rows(before: Counters, after: Counters, phase: str) -> list[dict[str
             "us_per_event": round(1e6 * secs / events, 2) if events else None,
             "pct_of_wall": round(100.0 * secs / busy, 1) if busy > 0 else None,
             "events_per_batch": round(events / batches, 1) if batches else None,
+            "mlp_helper_share": share,
         }
         for stage, secs in spent.items()
     ]
@@ -111,4 +118,10 @@ def profile_table(rows: Sequence[dict[str, Any]]) -> str:
         cols += [(f"{p}:us", f"{p} µs/event"), (f"{p}:pct", "% of wall")]
     sizes = ", ".join(f"{p} {n:,.0f}" for p, n in phases.items() if n is not None)
     table = render(list(by_stage.values()), cols, lambda _k, v: str(v))
-    return table + (f"\nevents per batch: {sizes}" if sizes else "")
+    helped = {r["phase"]: r.get("mlp_helper_share") for r in rows}
+    shares = ", ".join(f"{p} {v:.0%}" for p, v in helped.items() if v is not None)
+    return (
+        table
+        + (f"\nevents per batch: {sizes}" if sizes else "")
+        + (f"\nMLP rows scored by the helper process: {shares}" if shares else "")
+    )

@@ -401,23 +401,31 @@ class _Process:
         self.peak_rss_mb = 0.0
 
     def cpu_seconds(self) -> float:
-        """CPU time the process has used so far, user + system (0.0 when unreadable)."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        """CPU time the process and its children (the worker's MLP helper) have used so far,
+        user + system (0.0 when unreadable)."""
+        total = 0.0
+        for pid in _process_tree(self.proc.pid):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        return total
 
     def sample(self) -> None:
-        """Record the process's peak RSS so far (VmHWM); fails if the process died."""
+        """Record the peak RSS so far (VmHWM) of the process and its children, summed; fails if
+        the process died."""
         if self.proc.poll() is not None:
             raise RuntimeError(f"exited with {self.proc.returncode}:\n{self.tail()}")
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    self.peak_rss_mb = max(self.peak_rss_mb, int(line.split()[1]) / 1024.0)
-        except OSError:
-            pass
+        peak = 0.0
+        for pid in _process_tree(self.proc.pid):
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak += int(line.split()[1]) / 1024.0
+            except OSError:
+                pass
+        self.peak_rss_mb = max(self.peak_rss_mb, peak)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -440,6 +448,25 @@ _PASSTHROUGH = (
     "import json, sys; from sketchstream.tools.stream_bench import serve_passthrough; "
     "serve_passthrough(json.loads(sys.argv[1]))"
 )
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and every live process below it (from ``/proc``'s parent pids)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
 
 
 def _start(
