@@ -233,6 +233,8 @@ class MLPHelper:
         future: Future = Future()
         self._pending.append(future)  # before the request: answers come in request order
         self._put(("score", inputs.dense, inputs.codes))
+        if self._dead.is_set():  # it went away meanwhile: nobody would answer or fail it
+            self._fail_pending("it went away")
         return PendingScores(self, future, mlp, inputs)
 
     def _usable(self) -> bool:
@@ -298,7 +300,7 @@ class MLPHelper:
 
     def _lost(self, conn: Connection, why: str) -> None:
         """The pipe ``conn`` broke: fail what waits on it (if it is still the helper's)."""
-        if conn is self._conn and not self._dead.is_set():
+        if conn is self._conn:
             self._dead.set()
             self._fail_pending(why)
 

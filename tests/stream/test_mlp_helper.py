@@ -3,6 +3,7 @@ and whatever happens to the helper, no batch is lost or scored differently."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from concurrent.futures import Future
@@ -26,17 +27,25 @@ def model(tmp_path_factory):
     return load_serving_model(root / build_tiny_artifact(root))
 
 
+@contextlib.contextmanager
+def started(retry_after=3600.0):
+    """A helper, started and ready (closed after)."""
+    h = MLPHelper(timeout=60.0, retry_after=retry_after)
+    h.start()
+    try:
+        deadline = time.monotonic() + 60.0
+        while not h.ready:
+            assert time.monotonic() < deadline, "the helper did not start"
+            time.sleep(0.05)
+        yield h
+    finally:
+        h.close()
+
+
 @pytest.fixture(scope="module")
 def helper():
-    h = MLPHelper(timeout=60.0, retry_after=3600.0)
-    h.start()
-    deadline = time.monotonic() + 60.0
-    while not h.ready:
-        assert time.monotonic() < deadline, "the helper did not start"
-        h._usable()  # what submit checks: gives a helper up that never became ready
-        time.sleep(0.05)
-    yield h
-    h.close()
+    with started() as h:
+        yield h
 
 
 def inputs_for(mlp, n, seed=0):
@@ -72,11 +81,7 @@ async def test_scores_are_awaited_without_blocking_the_loop(model, helper):
 
 
 def test_a_helper_that_dies_leaves_its_batch_to_the_worker(model):
-    h = MLPHelper(timeout=60.0, retry_after=3600.0)
-    h.start()
-    try:
-        while not h.ready:
-            time.sleep(0.05)
+    with started() as h:
         mlp = model.mlp
         inputs = inputs_for(mlp, 200, seed=5)
         submit_when_loaded(h, mlp, inputs).result()  # loaded and working
@@ -92,16 +97,10 @@ def test_a_helper_that_dies_leaves_its_batch_to_the_worker(model):
             time.sleep(0.05)
         assert h.failures == 1
         assert h.submit(mlp, inputs) is None, "given up: the worker scores alone until retry"
-    finally:
-        h.close()
 
 
 def test_a_helper_started_again_after_retry_after(model):
-    h = MLPHelper(timeout=60.0, retry_after=0.0)
-    h.start()
-    try:
-        while not h.ready:
-            time.sleep(0.05)
+    with started(retry_after=0.0) as h:
         first = h._process.pid
         h.failed("a test gives it up")
         deadline = time.monotonic() + 60
@@ -110,8 +109,6 @@ def test_a_helper_started_again_after_retry_after(model):
             h.submit(model.mlp, inputs_for(model.mlp, 1))
             time.sleep(0.05)
         assert h._process.pid != first
-    finally:
-        h.close()
 
 
 def test_rows_the_helper_refuses_are_scored_by_the_worker_with_its_error(model, helper):

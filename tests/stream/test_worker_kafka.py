@@ -55,6 +55,17 @@ def predictions_by_ref(
         time.sleep(1.0)
 
 
+def assert_equal_offline(env: StreamEnv, predictions: dict[tuple[int, int], list[dict]]) -> None:
+    """One prediction per event of the events topic, each equal to the offline replay engine's
+    (within 1e-5): no train/serve skew."""
+    records = run(consume(env.bootstrap, env.topics["events"]))
+    _, _, offline = offline_reference(env.artifact_dir, records, batch=997)
+    assert set(predictions) == set(offline)
+    for ref, [p] in predictions.items():
+        online = np.array(list(p["scores"].values()))
+        np.testing.assert_allclose(online, offline[ref], atol=1e-5, err_msg=str(ref))
+
+
 def failed_on_unreadable_state(worker, timeout: float, hang: str, lines: int) -> None:
     """Wait up to ``timeout`` s for ``worker`` to exit (``hang`` says what it means if it does
     not); it must exit non-zero, the last ``lines`` of its log naming the unreadable state
@@ -152,12 +163,7 @@ def test_predictions_equal_the_offline_replay_engine(stream_env, start_worker):
     worker = start_worker("w1", "--batch-size", "64")
     worker.wait_healthy()
     predictions = predictions_by_ref(env, until=len(events))
-    records = run(consume(env.bootstrap, env.topics["events"]))
-    _, _, offline = offline_reference(env.artifact_dir, records, batch=997)
-    assert set(predictions) == set(offline)
-    for ref, [p] in predictions.items():
-        online = np.array(list(p["scores"].values()))
-        np.testing.assert_allclose(online, offline[ref], atol=1e-5, err_msg=str(ref))
+    assert_equal_offline(env, predictions)
     # the backlog came in batches (what each fetch brought, at most 64), not record by record
     batches = worker.metric("sketchstream_batch_size_count")
     assert len(events) / 64 <= batches <= len(events) / 8, batches
@@ -182,12 +188,7 @@ def test_predictions_through_the_mlp_helper_equal_the_offline_replay_engine(
     predictions = predictions_by_ref(env, until=len(events))
     assert worker.metric("sketchstream_mlp_helper_rows") - helped == len(rest)
     assert worker.metric("sketchstream_mlp_helper_failures") == 0
-    records = run(consume(env.bootstrap, env.topics["events"]))
-    _, _, offline = offline_reference(env.artifact_dir, records, batch=997)
-    assert set(predictions) == set(offline)
-    for ref, [p] in predictions.items():
-        online = np.array(list(p["scores"].values()))
-        np.testing.assert_allclose(online, offline[ref], atol=1e-5, err_msg=str(ref))
+    assert_equal_offline(env, predictions)
     worker.stop()
 
 
