@@ -129,8 +129,7 @@ class MLPHelper:
         self._retry_at = 0.0
         self._sent: Any = None  # the MLP last sent to the helper
         self._sent_id = 0
-        self._loaded_id = -1  # the id of the last model the helper loaded (-2: refused it)
-        self._refused_id = -1
+        self._loaded_id = -1  # the id of the last model the helper loaded (a refused one: not)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -149,7 +148,7 @@ class MLPHelper:
         self._outbox = queue.SimpleQueue()
         self._ready.clear()
         self._dead.clear()
-        self._sent, self._loaded_id, self._refused_id = None, -1, -1
+        self._sent, self._loaded_id = None, -1
         self._started_at = time.monotonic()
         threading.Thread(
             target=self._send_loop, args=(ours, self._outbox), name="mlp-helper-send", daemon=True
@@ -287,8 +286,7 @@ class MLPHelper:
             elif kind == "loaded":
                 self._loaded_id = payload
             elif kind == "refused":
-                model_id, text = payload
-                self._refused_id = model_id
+                _, text = payload
                 log.warning("the MLP helper cannot load the model (%s): the worker scores it", text)
             elif self._pending:
                 future = self._pending.popleft()
