@@ -268,8 +268,9 @@ def stream(
 
     Each system gets fresh topics and drains EVENTS events produced beforehand at full speed
     (events/s from its outputs' Kafka timestamps), then serves events at half that rate for
-    LATENCY_SECONDS (p50/p99 from event to output record time). Also: peak RSS of the
-    system's process; median bytes of a user state (worker, from its changelog).
+    LATENCY_SECONDS (p50/p99 from event to output record time). Also: CPU time per event
+    drained and peak RSS of the system's processes (the worker's MLP helper included); median
+    bytes of a user state (worker, from its changelog).
     """
     from sketchstream.tools import stream_bench as sb
 
