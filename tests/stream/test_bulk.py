@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from faust.types import TP
-from sketchstream.stream.bulk import BulkApp, _Abandoned, _Failed
+from sketchstream.stream.bulk import FINISHING_BEHIND, BulkApp, _Abandoned, _Failed
 
 Record = namedtuple(
     "Record",
@@ -315,32 +315,35 @@ def kept_tokens(h: Harness) -> list[Any]:
 async def test_a_batch_handed_back_unfinished_is_acknowledged_when_it_finishes_behind_the_next():
     """The worker hands back the rest of a batch (its predictions' acknowledgements, then its
     states) to run while the fetch loop goes on: the batch is acknowledged only once that has
-    finished, finishes run in batch order, and a batch is handed over only once the one two
-    before it has finished (two at most finish behind the fetch loop)."""
+    finished, finishes run in batch order, and a batch is handed over only once the one
+    FINISHING_BEHIND before it has finished (that many at most finish behind the fetch loop)."""
+    assert FINISHING_BEHIND == 3
     finishes = Finishes()
     h = Harness(size=2, finishing=finishes)
     p0 = TP("events", 0)
     await h.app.topics._update_indices()
     delivery = asyncio.ensure_future(
-        h.consumer._deliver({p0: records("events", 0, [0, 1, 2, 3, 4, 5])}, None)
+        h.consumer._deliver({p0: records("events", 0, [0, 1, 2, 3, 4, 5, 6, 7])}, None)
     )
     await settle()
-    # batches 0 and 1 handed back unfinished; batch 2 waits for batch 0 to finish
-    assert h.batches == [[(0, 0), (0, 1)], [(0, 2), (0, 3)]] and not delivery.done()
-    assert h.consumer._new_offset(p0) is None and len(h.consumer.unacked) == 2
-    finishes.release[1].set()  # the later batch's acknowledgements come first
+    # batches 0, 1 and 2 handed back unfinished; batch 3 waits for batch 0 to finish
+    assert h.batches == [[(0, 0), (0, 1)], [(0, 2), (0, 3)], [(0, 4), (0, 5)]]
+    assert not delivery.done()
+    assert h.consumer._new_offset(p0) is None and len(h.consumer.unacked) == 3
+    finishes.release[2].set()  # later batches' acknowledgements come first
+    finishes.release[1].set()
     await settle()
     assert finishes.finished == [] and h.consumer._new_offset(p0) is None
-    assert len(h.batches) == 2
+    assert len(h.batches) == 3
     finishes.release[0].set()
     await asyncio.wait_for(delivery, 5)
     await settle()
-    assert finishes.finished == [0, 1]  # in batch order
-    assert len(h.batches) == 3 and h.consumer._new_offset(p0) == 4
-    finishes.release[2].set()
+    assert finishes.finished == [0, 1, 2]  # in batch order
+    assert len(h.batches) == 4 and h.consumer._new_offset(p0) == 6
+    finishes.release[3].set()
     await settle()
-    assert finishes.finished == [0, 1, 2]
-    assert h.consumer._new_offset(p0) == 6 and not h.consumer.unacked
+    assert finishes.finished == [0, 1, 2, 3]
+    assert h.consumer._new_offset(p0) == 8 and not h.consumer.unacked
 
 
 async def test_a_batch_left_finishing_when_the_fetches_stop_is_still_acknowledged():
@@ -385,7 +388,7 @@ async def _no_fail(exc: BaseException) -> None:
 
 async def test_a_batch_failing_to_finish_stops_the_worker_and_nothing_behind_it_is_acknowledged():
     """A finish that raises (the predictions not acknowledged) is a failure of the worker, as a
-    handler that raises: the worker stops with its error, the batch and the one handled behind
+    handler that raises: the worker stops with its error, the batch and the ones handled behind
     it are never acknowledged (read again after the restart, at-least-once), the fetch ends."""
 
     finishes = Finishes(fail_at=1)
@@ -395,22 +398,23 @@ async def test_a_batch_failing_to_finish_stops_the_worker_and_nothing_behind_it_
     p0 = TP("events", 0)
     await h.app.topics._update_indices()
     delivery = asyncio.ensure_future(
-        h.consumer._deliver({p0: records("events", 0, [0, 1, 2, 3, 4, 5, 6, 7])}, None)
+        h.consumer._deliver({p0: records("events", 0, list(range(10)))}, None)
     )
     await settle()
     finishes.release[0].set()
     await settle()
-    assert len(h.batches) == 3  # batch 2 handled while batch 1 finishes
+    assert len(h.batches) == FINISHING_BEHIND + 1  # batch 3 handled while 1 and 2 finish
     finishes.release[1].set()
     with pytest.raises(_Failed):
         await asyncio.wait_for(delivery, 5)
     await worker._signal_stop_future
     assert stops == ["stop"] and isinstance(worker.crash_reason, OSError)
     finishes.release[2].set()
+    finishes.release[3].set()
     await settle()
-    assert len(h.batches) == 3 and finishes.finished == [0]
+    assert len(h.batches) == 4 and finishes.finished == [0]
     assert h.consumer._new_offset(p0) == 2  # batch 0 only
-    assert len(tokens) == 3 and not h.consumer.unacked  # untracked: no stop waits for them
+    assert len(tokens) == 4 and not h.consumer.unacked  # untracked: no stop waits for them
     assert h.consumer._finish_failed
 
 
