@@ -300,16 +300,20 @@ def create_app(settings: Settings) -> faust.App:
     publishing: list[asyncio.Future | None] = [None]
 
     async def publish_scored(
-        pending: PendingPredictions, previous: asyncio.Future | None
+        pending: PendingPredictions,
+        recommendations: list[tuple[bytes, bytes]],
+        previous: asyncio.Future | None,
     ) -> tuple[list[Any], list[tuple[bytes, bytes]], list[float | None]]:
-        """A batch's predictions (and dead letters), published once its scores are back and
-        the batch before it has published its own: ``(sends, predictions, kafka_ts)``."""
+        """A batch's predictions (and dead letters, then its recommendations after events),
+        published once its scores are back and the batch before it has published its own:
+        ``(sends, predictions, kafka_ts)``."""
         predictions, letters, kafka_ts = await pending.wait()
         if previous is not None:
             await asyncio.wait((previous,))
         t = time.perf_counter_ns()
         sends = await publish(app.producer, predictions_topic, predictions)
         sends += await publish(app.producer, dlq_topic, letters)
+        sends += await publish(app.producer, recommendations_topic, recommendations)
         for sent in sends:
             sent.add_done_callback(_retrieved)
         stages.lap("send", t)
@@ -329,13 +333,16 @@ def create_app(settings: Settings) -> faust.App:
         t = time.perf_counter_ns()
         sends = await publish(app.producer, predictions_topic, result.predictions)
         sends += await publish(app.producer, dlq_topic, result.dlq)
-        sends += await publish(app.producer, recommendations_topic, result.recommendations)
+        if result.pending is None:  # else after the predictions: never ahead of them
+            sends += await publish(app.producer, recommendations_topic, result.recommendations)
         for sent in sends:  # a finish skipped after a failed batch never awaits them
             sent.add_done_callback(_retrieved)
         states.hold(result.table_writes)
         scored = None
         if result.pending is not None:  # its MLP runs in the helper: published when back
-            scored = asyncio.ensure_future(publish_scored(result.pending, publishing[0]))
+            scored = asyncio.ensure_future(
+                publish_scored(result.pending, result.recommendations, publishing[0])
+            )
             publishing[0] = scored
         stages.lap("send", t)
 
@@ -389,6 +396,8 @@ def create_app(settings: Settings) -> faust.App:
             batch.swap(new)
             _settle_heap()
         mismatch = await partitioning()
+        if publishing[0] is not None:  # an answer never gets ahead of the predictions of the
+            await asyncio.wait((publishing[0],))  # events its user's state holds
         result = (
             batch.refuse(messages, "bad_partitioning", mismatch)
             if mismatch
