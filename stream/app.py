@@ -44,7 +44,7 @@ from sketchstream.stream.publish import publish
 from sketchstream.stream.records import EventLimits, RequestLimits
 from sketchstream.stream.settings import Settings
 from sketchstream.stream.tables import UserStates
-from sketchstream.stream.worker import BatchProcessor, PendingPredictions
+from sketchstream.stream.worker import BatchProcessor, BatchResult
 
 if TYPE_CHECKING:  # pragma: no cover
     import faust
@@ -295,25 +295,25 @@ def create_app(settings: Settings) -> faust.App:
             )
         return processors[0]
 
-    # the last batch whose predictions wait for the helper's scores: each batch's are published
-    # after the batch before it's (in partition order), not after its acknowledgements
+    # the last batch whose predictions are published behind the helper's scores: each batch's
+    # go out after the batch before it's (partition order), not after its acknowledgements
     publishing: list[asyncio.Future | None] = [None]
 
     async def publish_scored(
-        pending: PendingPredictions,
-        recommendations: list[tuple[bytes, bytes]],
-        previous: asyncio.Future | None,
+        result: BatchResult, previous: asyncio.Future | None
     ) -> tuple[list[Any], list[tuple[bytes, bytes]], list[float | None]]:
         """A batch's predictions (and dead letters, then its recommendations after events),
-        published once its scores are back and the batch before it has published its own:
-        ``(sends, predictions, kafka_ts)``."""
-        predictions, letters, kafka_ts = await pending.wait()
+        published once its scores are back (``result.pending``; else they are) and the batch
+        before it has published its own: ``(sends, predictions, kafka_ts)``."""
+        predictions, letters, kafka_ts = result.predictions, [], result.kafka_ts
+        if result.pending is not None:
+            predictions, letters, kafka_ts = await result.pending.wait()
         if previous is not None:
             await asyncio.wait((previous,))
         t = time.perf_counter_ns()
         sends = await publish(app.producer, predictions_topic, predictions)
         sends += await publish(app.producer, dlq_topic, letters)
-        sends += await publish(app.producer, recommendations_topic, recommendations)
+        sends += await publish(app.producer, recommendations_topic, result.recommendations)
         for sent in sends:
             sent.add_done_callback(_retrieved)
         stages.lap("send", t)
@@ -331,19 +331,17 @@ def create_app(settings: Settings) -> faust.App:
             _settle_heap()
         result = batch.process(messages)
         t = time.perf_counter_ns()
-        sends = await publish(app.producer, predictions_topic, result.predictions)
-        sends += await publish(app.producer, dlq_topic, result.dlq)
-        if result.pending is None:  # else after the predictions: never ahead of them
+        sends = await publish(app.producer, dlq_topic, result.dlq)
+        scored = None
+        previous = publishing[0]
+        if result.pending is None and (previous is None or previous.done()):
+            sends += await publish(app.producer, predictions_topic, result.predictions)
             sends += await publish(app.producer, recommendations_topic, result.recommendations)
+        else:  # its MLP runs in the helper, or an earlier batch's does: behind those
+            scored = publishing[0] = asyncio.ensure_future(publish_scored(result, previous))
         for sent in sends:  # a finish skipped after a failed batch never awaits them
             sent.add_done_callback(_retrieved)
         states.hold(result.table_writes)
-        scored = None
-        if result.pending is not None:  # its MLP runs in the helper: published when back
-            scored = asyncio.ensure_future(
-                publish_scored(result.pending, result.recommendations, publishing[0])
-            )
-            publishing[0] = scored
         stages.lap("send", t)
 
         async def finish() -> None:
