@@ -342,13 +342,8 @@ class BatchProcessor:
         if metrics is not None:
             metrics.events_in.inc(len(messages))
             metrics.batch_size.observe(len(messages))
-            for _, reason, _ in dead:
-                metrics.dlq.labels(reason=reason).inc()
         t = stages.lap("metrics", t)
-        dlq = [
-            (messages[i].key, dlq_record(messages[i], reason, text, now=received))
-            for i, reason, text in dead
-        ]
+        dlq = self._dead_letters(messages, dead, received)
         stages.lap("predictions_encode", t)
         if out is None:
             return BatchResult([], dlq, [], [], [])
@@ -359,6 +354,19 @@ class BatchProcessor:
             else []
         )
         return BatchResult(predictions, dlq, writes, kafka_ts, recommendations, pending)
+
+    def _dead_letters(
+        self, messages: Sequence[Any], dead: list[tuple[int, str, str]], received: float
+    ) -> list[tuple[bytes | None, bytes]]:
+        """The dead-letter records of ``dead`` (``(message index, reason, message)``), counted
+        in the ``dlq`` metric by reason."""
+        if self.metrics is not None:
+            for _, reason, _ in dead:
+                self.metrics.dlq.labels(reason=reason).inc()
+        return [
+            (messages[i].key, dlq_record(messages[i], reason, text, now=received))
+            for i, reason, text in dead
+        ]
 
     def _recommend_after(
         self,
@@ -470,15 +478,8 @@ class BatchProcessor:
         if ok:
             assert rec is not None
             answers = self._answer(model, rec, messages, ok, received, dead)
-        if self.metrics is not None:
-            for _, reason, _ in dead:
-                self.metrics.dlq.labels(reason=reason).inc()
         dead.sort()
-        dlq = [
-            (messages[i].key, dlq_record(messages[i], reason, text, now=received))
-            for i, reason, text in dead
-        ]
-        return AnswerResult(answers, dlq)
+        return AnswerResult(answers, self._dead_letters(messages, dead, received))
 
     def refuse(self, messages: Sequence[Any], reason: str, message: str) -> AnswerResult:
         """Dead letters for every request of a batch the worker cannot answer at all
@@ -703,7 +704,7 @@ class BatchProcessor:
         elif scores is not None:
             pending = PendingPredictions(
                 scores,
-                self._finish_pending(messages, events, selected, kafka_ts, publish),
+                self._finish_pending(messages, events, selected, kafka_ts, received, publish),
                 self._live_in_order,
                 self._live_slot(),
             )
@@ -717,6 +718,7 @@ class BatchProcessor:
         events: DecodedEvents,
         selected: np.ndarray,
         kafka_ts: list[float | None],
+        received: float,
         publish: Callable[[np.ndarray, np.ndarray, list[float | None]], Any],
     ) -> Callable[[Any], Any]:
         """What makes a deferred batch's predictions once its scores are back (or its MLP
@@ -727,34 +729,25 @@ class BatchProcessor:
         def finish(
             got: np.ndarray | Exception, pending: PendingPredictions
         ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes | None, bytes]], list[Any], Any]:
-            rows, times, letters = selected, kafka_ts, []
+            rows, times, dead = selected, kafka_ts, []
             if isinstance(got, Exception):
                 got, bad = self._score_isolating(pending.scores.mlp, pending.scores.inputs, got)
                 keep = np.ones(len(rows), dtype=bool)
                 for row, exc in bad:
                     keep[row] = False
-                    msg = messages[int(events.source[rows[row]])]
+                    index = int(events.source[rows[row]])
+                    msg = messages[index]
                     log.warning(
                         "event at %s raised %s in the MLP: dead-lettered (processing_error)",
                         where(msg.topic, msg.partition, msg.offset),
                         _describe(exc),
                     )
-                    letters.append(
-                        (
-                            msg.key,
-                            dlq_record(
-                                msg, "processing_error", _processing_error(msg, exc), now=received
-                            ),
-                        )
-                    )
-                    if self.metrics is not None:
-                        self.metrics.dlq.labels(reason="processing_error").inc()
+                    dead.append((index, "processing_error", _processing_error(msg, exc)))
                 got, rows = got[keep], rows[keep]
                 times = [ts for ts, k in zip(times, keep.tolist(), strict=True) if k]
             predictions, observe = publish(got, rows, times)
-            return predictions, letters, times, observe
+            return predictions, self._dead_letters(messages, dead, received), times, observe
 
-        received = self.clock()
         return finish
 
     def _score_isolating(
