@@ -299,6 +299,19 @@ def create_app(settings: Settings) -> faust.App:
     # go out after the batch before it's (partition order), not after its acknowledgements
     publishing: list[asyncio.Future | None] = [None]
 
+    async def publish_outputs(
+        predictions: list[tuple[bytes, bytes]],
+        letters: list[tuple[bytes | None, bytes]],
+        recommendations: list[tuple[bytes, bytes]],
+    ) -> list[Any]:
+        """A batch's records handed to the producer: the sends to await."""
+        sends = await publish(app.producer, predictions_topic, predictions)
+        sends += await publish(app.producer, dlq_topic, letters)
+        sends += await publish(app.producer, recommendations_topic, recommendations)
+        for sent in sends:  # a finish skipped after a failed batch never awaits them
+            sent.add_done_callback(_retrieved)
+        return sends
+
     async def publish_scored(
         result: BatchResult, previous: asyncio.Future | None
     ) -> tuple[list[Any], list[tuple[bytes, bytes]], list[float | None]]:
@@ -311,11 +324,7 @@ def create_app(settings: Settings) -> faust.App:
         if previous is not None:
             await asyncio.wait((previous,))
         t = time.perf_counter_ns()
-        sends = await publish(app.producer, predictions_topic, predictions)
-        sends += await publish(app.producer, dlq_topic, letters)
-        sends += await publish(app.producer, recommendations_topic, result.recommendations)
-        for sent in sends:
-            sent.add_done_callback(_retrieved)
+        sends = await publish_outputs(predictions, letters, result.recommendations)
         stages.lap("send", t)
         return sends, predictions, kafka_ts
 
@@ -331,16 +340,13 @@ def create_app(settings: Settings) -> faust.App:
             _settle_heap()
         result = batch.process(messages)
         t = time.perf_counter_ns()
-        sends = await publish(app.producer, dlq_topic, result.dlq)
         scored = None
         previous = publishing[0]
         if result.pending is None and (previous is None or previous.done()):
-            sends += await publish(app.producer, predictions_topic, result.predictions)
-            sends += await publish(app.producer, recommendations_topic, result.recommendations)
+            sends = await publish_outputs(result.predictions, result.dlq, result.recommendations)
         else:  # its MLP runs in the helper, or an earlier batch's does: behind those
+            sends = await publish_outputs([], result.dlq, [])
             scored = publishing[0] = asyncio.ensure_future(publish_scored(result, previous))
-        for sent in sends:  # a finish skipped after a failed batch never awaits them
-            sent.add_done_callback(_retrieved)
         states.hold(result.table_writes)
         stages.lap("send", t)
 
