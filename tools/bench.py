@@ -309,6 +309,9 @@ def stream(
         from sketchstream.tools.bench_profile import profile_table
 
         table += "\n\nworker, by stage of a batch:\n" + profile_table(stages)
+    split = [r["latency_parts"] for r in runs if r.get("latency_parts")]
+    if split:
+        table += "\n\n" + sb.latency_parts_table(split)
     _report(table, runs, json_path)
 
 

@@ -242,6 +242,18 @@ def stream_table(rows: list[dict[str, Any]]) -> str:
     return render(rows, cols, lambda _k, v: f"{v:,}" if isinstance(v, float) else str(v))
 
 
+def latency_parts_table(runs: list[dict[str, list[float]]]) -> str:
+    """The worker's ``latency_parts`` of each run as text: one line a part, p50 / p99 ms."""
+    lines = ["worker, where the paced run's latency went (p50 / p99 ms, one column a run):"]
+    width = max(len(name) for name, _ in LATENCY_PARTS)
+    for name, what in LATENCY_PARTS:
+        cells = "  ".join(
+            f"{r[name][0]:6.1f} / {r[name][1]:6.1f}" if r.get(name) else "     -" for r in runs
+        )
+        lines.append(f"{name:>{width}}  {cells}   {what}")
+    return "\n".join(lines)
+
+
 async def produce(
     client_kwargs: dict[str, Any],
     topic: str,
@@ -594,14 +606,38 @@ async def _wait_outputs(
         await consumer.stop()
 
 
-def _event_ref(system: str, record: Any) -> tuple[int, int]:
-    """``(partition, offset)`` of the event an output record answers."""
+def _event_ref(system: str, record: Any) -> tuple[int, int, float | None, float | None]:
+    """``(partition, offset, received, published)`` of the event an output record answers;
+    the times (seconds) at which the worker took its batch and encoded the prediction, None
+    for a passthrough (it keeps partition and order)."""
     if system == "worker":
         import orjson
 
-        ev = orjson.loads(record.value)["event"]
-        return ev["partition"], ev["offset"]
-    return record.partition, record.offset  # passthroughs keep partition and order
+        value = orjson.loads(record.value)
+        ev = value["event"]
+        return ev["partition"], ev["offset"], value["received_ts"], value["published_ts"]
+    return record.partition, record.offset, None, None
+
+
+#: ``latency_parts``: where an output's latency went, from its event's record time to its own
+LATENCY_PARTS = (
+    ("to_worker", "event appended -> its batch taken by the worker (broker, fetch, queue)"),
+    ("in_worker", "batch taken -> prediction encoded (processing, MLP, waiting for the loop)"),
+    ("to_send", "prediction encoded -> appended to the producer"),
+)
+
+
+def latency_parts(rows: Sequence[tuple[float, float, float, float]]) -> dict[str, list[float]]:
+    """``{part: [p50, p99] ms}`` over ``rows`` of ``(born, received, published, sent)``
+    seconds (:data:`LATENCY_PARTS`)."""
+    import numpy as np
+
+    t = np.asarray(rows, np.float64).reshape(-1, 4)
+    out = {}
+    for j, (name, _) in enumerate(LATENCY_PARTS):
+        ms = 1000.0 * (t[:, j + 1] - t[:, j])
+        out[name] = [round(float(np.percentile(ms, q)), 2) for q in (50, 99)] if len(ms) else []
+    return out
 
 
 async def run_one(
@@ -680,10 +716,15 @@ async def run_one(
                 born = {(r.partition, r.offset): r.timestamp for r in events}
                 outs = await read_topic(client_kwargs, topics.outputs)
                 lat = []
+                parts = []  # (born, received, published, sent) seconds, the worker's outputs
                 for r in outs:
-                    p, o = _event_ref(system, r)
+                    p, o, received, published = _event_ref(system, r)
                     if o >= ends[p]:
                         lat.append(r.timestamp - born[(p, o)])
+                        if received is not None and published is not None:
+                            parts.append(
+                                (born[(p, o)] / 1e3, received, published, r.timestamp / 1e3)
+                            )
                 lat_ms = np.asarray(lat, np.float64)
                 run.p50_ms = float(np.percentile(lat_ms, 50))
                 run.p99_ms = float(np.percentile(lat_ms, 99))
@@ -694,6 +735,8 @@ async def run_one(
                 )
                 if drained is not None and url is not None:
                     run.extra["profile"] += profile_rows(drained, await scrape_idle(url), "paced")
+                if parts and profile:
+                    run.extra["latency_parts"] = latency_parts(parts)
             proc.sample()
             run.rss_mb = proc.peak_rss_mb
             if system == "worker":
