@@ -254,3 +254,39 @@ def test_a_row_whose_mlp_raises_in_the_worker_is_dead_lettered_the_rest_predicte
     assert len(predictions) == len(events) - len(refused)
     predicted = {orjson.loads(v)["event"]["offset"] for _, v in predictions}
     assert predicted.isdisjoint(refused)
+
+
+class Unloadable:
+    """An MLP whose weights do not fit its own config: the helper refuses to load it."""
+
+    def __init__(self, mlp):
+        self.config, self._mlp = mlp.config, mlp
+
+    def state_dict(self):
+        state = dict(self._mlp.state_dict())
+        name = next(iter(state))
+        state[name] = state[name][..., :1]  # a weight of the wrong shape
+        return state
+
+    def predict(self, inputs):
+        return self._mlp.predict(inputs)
+
+
+def test_a_model_the_helper_cannot_load_is_scored_by_the_worker_and_the_next_served(model, caplog):
+    mlp = model.mlp
+    inputs = inputs_for(mlp, 10, seed=9)
+    with started() as h:
+        submit_when_loaded(h, mlp, inputs).result()
+        bad = Unloadable(mlp)
+        assert h.submit(bad, inputs) is None  # sent to the helper: the worker scores
+        deadline = time.monotonic() + 60
+        while "cannot load the model" not in caplog.text:
+            assert time.monotonic() < deadline, "no refusal"
+            time.sleep(0.05)
+        # refused, not broken: the worker scores that model's batches, the helper stays
+        for _ in range(3):
+            assert h.submit(bad, inputs) is None
+        assert h.ready and not h.serving and h.failures == 0
+        got = submit_when_loaded(h, mlp, inputs).result()  # the next model is served
+        np.testing.assert_allclose(got, mlp.predict(inputs), rtol=0, atol=1e-6)
+        assert h.serving
