@@ -172,6 +172,14 @@ def test_a_refresh_swaps_the_model_between_batches_without_losing_or_stalling_ev
     by_ref = {(p["event"]["partition"], p["event"]["offset"]): p for p in preds}
     assert set(by_ref) == sent
 
+    # per user, the predictions topic holds the predictions in the order of the user's events,
+    # across the swap too: the batches the worker scores itself while the MLP helper loads the
+    # new model go out behind earlier ones still waiting for the helper's scores
+    offsets: dict[str, list[int]] = defaultdict(list)
+    for p in preds:  # in topic order within each partition (a user's are all in one)
+        offsets[p["user"]].append(p["event"]["offset"])
+    assert all(o == sorted(o) for o in offsets.values())
+
     # every batch (one receive time) was scored by one version; per partition, offsets switch
     # from the old version to the new one exactly once
     batches: dict[float, set[str]] = defaultdict(set)
