@@ -72,7 +72,7 @@ from sketchstream.models.batches import (
     event_id_hash,
     pad_columns,
 )
-from sketchstream.models.channels import AggregatorConfig
+from sketchstream.models.channels import CALENDAR, AggregatorConfig, calendar_columns
 from sketchstream.models.emde import Codebook, item_hash
 from sketchstream.models.errors import ModelError
 from sketchstream.models.history_cf import cf_features
@@ -400,6 +400,10 @@ class Aggregator:
             mean_gap = age / np.maximum(n_before - 1, 1)
             for j, column in enumerate((gap, age, np.where(n_before > 1, mean_gap, 0.0))):
                 counts[order, n_ch + 2 + j] = np.where(valid, column, 0.0)
+        if self.config.calendar:
+            at = len(self.config.count_names) - len(CALENDAR)
+            for j, column in enumerate(calendar_columns(ts)):
+                counts[order, at + j] = np.where(valid, column, 0.0)
         valid_out = np.zeros(n, bool)
         valid_out[order] = valid
         return features(valid_out, cf_out)

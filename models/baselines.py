@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sketchstream.models.channels import calendar_columns
 from sketchstream.models.errors import ModelError
 from sketchstream.models.events import (
     DEFAULT_HEADS,
@@ -222,8 +223,7 @@ def recency_features(online: OnlineStats) -> FeatureSet:
         f["mean_gap_hours"] = f["user_age_hours"] / np.where(
             f["user_events"] > 1, f["user_events"] - 1, np.nan
         )
-    f["hour_of_day"] = (ts % 86_400.0) / hours
-    f["weekday"] = (ts // 86_400.0 + 3) % 7  # 0 = Monday (1970-01-01 was a Thursday)
+    f["hour_of_day"], f["weekday"] = calendar_columns(ts)  # 0 = Monday
     names = list(f)
     return np.column_stack([f[k] for k in names]).astype(np.float32), names
 

@@ -70,6 +70,18 @@ class Channel:
 #: and that age over the gaps between the user's events so far (0 where undefined).
 RECENCY = ("last_gap_hours", "age_hours", "mean_gap_hours")
 
+#: The calendar columns of ``Features.counts`` (with ``AggregatorConfig.calendar``): the
+#: event's hour of the day (0-24, fractional) and day of the week (0 = Monday), in UTC, from
+#: its own time: what a return head's habits follow (a daily or weekly routine).
+CALENDAR = ("hour_of_day", "weekday")
+
+
+def calendar_columns(ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The :data:`CALENDAR` columns of event times ``ts`` (seconds since the epoch, float64):
+    ``(hour_of_day, weekday)``, float64."""
+    t = np.asarray(ts, np.float64)
+    return (t % 86_400.0) / 3600.0, (t // 86_400.0 + 3) % 7  # 1970-01-01 was a Thursday
+
 
 @dataclass(frozen=True)
 class AggregatorConfig:
@@ -84,6 +96,8 @@ class AggregatorConfig:
     ``age_hours``, ``mean_gap_hours``). Every state keeps what they need whatever this says,
     so it is not part of the :meth:`fingerprint`: models with and without them read the same
     states. False in models trained before the columns existed.
+    ``calendar``: the features add the event's :data:`CALENDAR` columns (from its time alone:
+    no state; not part of the :meth:`fingerprint` either). False in models from before them.
     """
 
     channels: tuple[Channel, ...]
@@ -91,6 +105,7 @@ class AggregatorConfig:
     history_size: int = 128
     history_half_life_s: float = 30 * DAY
     recency: bool = False
+    calendar: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))
@@ -121,9 +136,16 @@ class AggregatorConfig:
     @property
     def count_names(self) -> tuple[str, ...]:
         """The names of ``Features.counts``' columns: ``mass/<channel>`` ...,
-        ``hours_since_last``, ``events``, then :data:`RECENCY` when ``recency``."""
+        ``hours_since_last``, ``events``, then :data:`RECENCY` when ``recency``, then
+        :data:`CALENDAR` when ``calendar``."""
         masses = tuple(f"mass/{c.name}" for c in self.channels)
-        return (*masses, "hours_since_last", "events", *(RECENCY if self.recency else ()))
+        return (
+            *masses,
+            "hours_since_last",
+            "events",
+            *(RECENCY if self.recency else ()),
+            *(CALENDAR if self.calendar else ()),
+        )
 
     @property
     def modalities(self) -> tuple[str, ...]:

@@ -117,6 +117,8 @@ class TrainConfig:
     user_rates: bool = True  # the user's like rates off the channel masses (MLPConfig.user_rates)
     # the user's last gap, age and mean gap as inputs (AggregatorConfig.recency)
     recency: bool = True
+    # the event's hour of the day and weekday as inputs (AggregatorConfig.calendar)
+    calendar: bool = True
     # the event item's sketch codes as an MLP input (MLPConfig.modalities): "on", "off", or
     # "auto": race both for fit.RACE_EPOCHS epochs, go on with the one ahead on validation
     # AUC (fit.train_choosing_codes). The codes are an
@@ -505,7 +507,11 @@ def run_protocol(
 
     t0 = time.perf_counter()
     agg_config = aggregator_config or training_aggregator_config(
-        events[split[0]], heads, metadata="metadata" in codebooks, recency=config.recency
+        events[split[0]],
+        heads,
+        metadata="metadata" in codebooks,
+        recency=config.recency,
+        calendar=config.calendar,
     )
     aggregator = Aggregator(agg_config, codebooks)
     snap_opts = snapshot_options(config, heads)
@@ -793,6 +799,7 @@ def training_aggregator_config(
     recent_half_life_days: float = 7.0,
     history_size: int = 128,
     recency: bool = True,
+    calendar: bool = False,
 ) -> AggregatorConfig:
     """The aggregator channels ``train`` uses, derived from the data and the first
     engagement head (a return head's label is not known when an event is folded).
@@ -805,7 +812,8 @@ def training_aggregator_config(
     finer density features. The metadata modality (when ``metadata``) gets undecayed positive
     and negative channels. A head without a threshold: one channel per action it counts as
     positive and one for the rest of the actions it applies to. ``recency``: the
-    features' recency columns (:data:`~sketchstream.models.channels.RECENCY`).
+    features' recency columns (:data:`~sketchstream.models.channels.RECENCY`); ``calendar``:
+    their calendar columns (:data:`~sketchstream.models.channels.CALENDAR`).
     """
     from sketchstream.models.events import DEFAULT_HEADS, engagement_heads
 
@@ -853,5 +861,9 @@ def training_aggregator_config(
     if any(h.is_return for h in heads or ()):  # the user's activity of the day
         channels.append(Channel("activity_1d", "interactions", half_life_s=DAY))
     return AggregatorConfig(
-        channels=tuple(channels), actions=actions, history_size=history_size, recency=recency
+        channels=tuple(channels),
+        actions=actions,
+        history_size=history_size,
+        recency=recency,
+        calendar=calendar,
     )

@@ -4,6 +4,7 @@ the helpers here (``_aggregator``, ``_batch``, ``event_rows``) serve all three."
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -390,3 +391,25 @@ def test_bad_events_are_refused_with_the_event_named() -> None:
             agg.new_batch(1),
             _batch([(0, "i1", 0, 5.0, 1.0, 0, 0, 1.0), (0, "i1", 7, 5.0, 1.0, 0, 1, 1.0)]),
         )
+
+
+def test_calendar_columns_are_the_events_hour_and_weekday_in_utc() -> None:
+    base = _aggregator()
+    agg = Aggregator(dataclasses.replace(base.config, calendar=True), base.codebooks)
+    assert agg.config.fingerprint() == base.config.fingerprint()  # the same states
+    assert agg.config.count_names[-2:] == ("hour_of_day", "weekday")
+    day = 86_400.0
+    rows = [
+        (0, "i1", 0, 5.0, 0.0, 0, 0, 1.0),  # 1970-01-01 00:00 UTC, a Thursday
+        (1, "i2", 0, 3.0, 4 * day + 13.5 * 3600, 0, 1, 1.0),  # Monday 13:30
+        (0, "i3", 0, 5.0, 9 * day + 23 * 3600, 0, 2, 1.0),  # Saturday 23:00
+    ]
+    state = agg.new_batch(2)
+    feats = agg.score_then_fold(state, _batch(rows))
+    np.testing.assert_allclose(feats.counts[:, -2:], [[0.0, 3.0], [13.5, 0.0], [23.0, 5.0]])
+    # the other columns are those of the same aggregator without the calendar
+    plain = base.score_then_fold(base.new_batch(2), _batch(rows))
+    np.testing.assert_array_equal(feats.counts[:, :-2], plain.counts)
+    # a redelivered event (its offset folded already) gets none, as every column
+    again = agg.score_then_fold(state, _batch(rows[2:]))
+    assert not again.valid[0] and (again.counts[0] == 0).all()
