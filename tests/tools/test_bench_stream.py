@@ -96,6 +96,26 @@ def test_bench_stream_profile_splits_the_workers_wall_time_by_stage(
         assert sum(spent[s]["pct_of_wall"] for s in STAGES) <= 100.0 + 0.1 * len(STAGES)
         assert spent["busy (wall)"]["pct_of_wall"] == 100.0
     assert "drain µs/event" in result.output and "paced µs/event" in result.output
+    # the paced run's latency split by part: each within the whole, none below 0 (the record
+    # times are whole milliseconds)
+    parts = worker["latency_parts"]
+    assert list(parts) == ["to_worker", "in_worker", "to_send"]
+    for p50, p99 in parts.values():
+        assert -1.0 <= p50 <= p99 <= worker["p99_ms"] + 1.0
+    assert "where the paced run's latency went" in result.output
+
+
+def test_latency_parts_are_the_percentiles_of_each_step_between_four_times():
+    from sketchstream.tools.stream_bench import latency_parts, latency_parts_table
+
+    # (born, received, published, sent) seconds: 1..100 ms to the worker, 5 ms in it, 0 to send
+    rows = [(10.0, 10.0 + k / 1000, 10.005 + k / 1000, 10.005 + k / 1000) for k in range(1, 101)]
+    parts = latency_parts(rows)
+    assert parts["to_worker"] == [50.5, 99.01]
+    assert parts["in_worker"] == pytest.approx([5.0, 5.0], abs=1e-6)
+    assert parts["to_send"] == pytest.approx([0.0, 0.0], abs=1e-6)
+    text = latency_parts_table([parts, parts])
+    assert text.splitlines()[1].split()[:4] == ["to_worker", "50.5", "/", "99.0"]
 
 
 def test_a_systems_cpu_time_is_read_off_its_process(tmp_path: Path):
