@@ -29,9 +29,10 @@ DAY = 86_400.0
 
 def build_tiny_artifact(root: Path, seed: int = 0, *, recommender: bool = False) -> str:
     """A small but real model artifact: one codebook (depth 4, width 8) over 60 items, two
-    channels, a 16-wide MLP; with ``recommender``, also a top-k recommender fitted on
-    :func:`synthetic_events` (recent-item inputs, items with categories). Returns its
-    version."""
+    channels, the recency and calendar count columns (so the tests that hold the worker to
+    the offline replay cover them), a 16-wide MLP; with ``recommender``, also a top-k
+    recommender fitted on :func:`synthetic_events` (recent-item inputs, items with
+    categories). Returns its version."""
     import torch
     from sketchstream.models.artifacts import save_model_artifact
     from sketchstream.models.channels import AggregatorConfig, Channel, aggregator_config_to_dict
@@ -50,13 +51,15 @@ def build_tiny_artifact(root: Path, seed: int = 0, *, recommender: bool = False)
         ),
         actions=ACTIONS,
         history_size=16,
+        recency=True,
+        calendar=True,
     )
-    n_ch = len(config.channels)
+    n_dense = len(config.channels) + len(config.count_names)  # densities, then the counts
     torch.manual_seed(seed)
     mlp = EngagementMLP(
-        MLPConfig(n_dense=n_ch + n_ch + 2, modalities=1, depth=4, width=8, hidden=16, blocks=1)
+        MLPConfig(n_dense=n_dense, modalities=1, depth=4, width=8, hidden=16, blocks=1)
     )
-    mlp.set_normalization(rng.normal(size=(64, 2 * n_ch + 2)).astype(np.float32) + 1.0)
+    mlp.set_normalization(rng.normal(size=(64, n_dense)).astype(np.float32) + 1.0)
     codebooks = {"interactions": codebook}
     return save_model_artifact(
         root,
