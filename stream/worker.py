@@ -484,11 +484,8 @@ class BatchProcessor:
     def refuse(self, messages: Sequence[Any], reason: str, message: str) -> AnswerResult:
         """Dead letters for every request of a batch the worker cannot answer at all
         (``message`` says why and what to do)."""
-        now = self.clock()
-        if self.metrics is not None:
-            self.metrics.dlq.labels(reason=reason).inc(len(messages))
-        dlq = [(m.key, dlq_record(m, reason, message, now=now)) for m in messages]
-        return AnswerResult([], dlq)
+        dead = [(i, reason, message) for i in range(len(messages))]
+        return AnswerResult([], self._dead_letters(messages, dead, self.clock()))
 
     def _answer(
         self,
