@@ -57,6 +57,7 @@ the byte format (:mod:`~sketchstream.models.state_codec`) and the CF columns
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -77,13 +78,14 @@ from sketchstream.models.emde import Codebook, item_hash
 from sketchstream.models.errors import ModelError
 from sketchstream.models.history_cf import cf_features
 from sketchstream.models.segments import (
-    excl,
     excl_cumsum,
     excl_scan,
     group_cummax,
     group_first,
     ranks,
+    run_ends,
     run_flags,
+    shift1,
 )
 from sketchstream.models.state_codec import state_layout
 
@@ -191,7 +193,7 @@ class Aggregator:
         """Row of each item in the item cache ``(n,)``; unseen items are added."""
         lst = items.tolist()
         get = self._item_index.get
-        idx = np.fromiter((get(x, -1) for x in lst), np.int64, len(lst))
+        idx = np.fromiter(map(get, lst, itertools.repeat(-1)), np.int64, len(lst))
         miss = idx < 0
         if miss.any():
             new = list(dict.fromkeys(str(lst[i]) for i in np.flatnonzero(miss)))
@@ -305,7 +307,7 @@ class Aggregator:
         # The clock before each event: the state's clock or the latest earlier valid event.
         clock0 = np.where(np.isnan(batch.clocks[u]), -np.inf, batch.clocks[u])
         incl = np.maximum(clock0, group_cummax(np.where(valid, ts, -np.inf), gid))
-        before = np.where(starts, clock0, np.maximum(clock0, np.roll(incl, 1)))
+        before = np.where(starts, clock0, np.maximum(clock0, shift1(incl)))
         read_t = np.maximum(ts, before)
         n_before = batch.n_events[u] + excl_cumsum(valid.astype(np.int64), first)
         hours = np.where(np.isfinite(before), np.maximum(ts - before, 0.0) / 3600.0, 0.0)
@@ -314,10 +316,10 @@ class Aggregator:
         prev0 = np.where(np.isnan(batch.prev_clocks[u]), -np.inf, batch.prev_clocks[u])
         capped = np.minimum(np.where(valid, ts, -np.inf), before)
         second = np.maximum(prev0, group_cummax(capped, gid))
-        before2 = np.where(starts, prev0, np.roll(second, 1))
+        before2 = np.where(starts, prev0, shift1(second))
         first0 = np.where(np.isnan(batch.first_ts[u]), np.inf, batch.first_ts[u])
         earliest = np.minimum(first0, -group_cummax(np.where(valid, -ts, -np.inf), gid))
-        first_before = np.where(starts, first0, np.roll(earliest, 1))
+        first_before = np.where(starts, first0, shift1(earliest))
         action = ev.action[order]
         value = ev.value[order].astype(np.float64)
         c_sorted = codes[order]
@@ -382,7 +384,7 @@ class Aggregator:
         )
         np.maximum.at(batch.offsets, (u[fresh], slot[fresh]), off[fresh])
         np.add.at(batch.n_events, u[valid], 1)
-        last = np.r_[np.flatnonzero(starts)[1:] - 1, n - 1]  # each user's last event
+        last = run_ends(starts)  # each user's last event
         batch.prev_clocks[u[last]] = np.where(np.isfinite(second[last]), second[last], np.nan)
         batch.first_ts[u[last]] = np.where(np.isfinite(earliest[last]), earliest[last], np.nan)
 
@@ -761,7 +763,9 @@ class Aggregator:
     ) -> None:
         """:meth:`_merge_history` of the candidate events (their columns, ``nu`` their users,
         sorted) in compiled code (:func:`~sketchstream.models.kernels.merge_history`)."""
-        users, n_new = np.unique(nu, return_counts=True)
+        at = np.flatnonzero(run_flags(nu))  # each user's first candidate (``nu`` is sorted)
+        users = nu[at]
+        spans = np.concatenate((at, [nu.shape[0]])).astype(np.int64)  # user i: [spans[i], [i+1])
         weight = weight.astype(np.float32)
         hl = self.config.history_half_life_s
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -770,7 +774,7 @@ class Aggregator:
             old_score += batch.hist_ts[users] / hl
         kernels.merge_history(
             users,
-            excl(n_new),
+            spans,
             hashes.view(np.int64),
             ts,
             action.astype(np.int16),

@@ -8,8 +8,11 @@ What runs here instead, each the same arithmetic as one loop per user or per sta
 
 - :func:`fold_segments`: features then fold of a batch (``Aggregator._fold_pass``), ~20 ->
   ~1 µs an event;
-- :func:`cf_window_sums`: the CF columns' weighted sums (``history_cf._cf_windows``), and
-  :func:`cf_columns` the columns from them (``history_cf.CfSums.columns``);
+- :func:`cf_window_sums`: the CF columns' weighted sums (``history_cf._cf_windows``),
+  :func:`cf_window_sums_dense` the same reading a small catalog's dense similarity table
+  where it sums (no window of similarities gathered first), and :func:`cf_columns` the
+  columns from them (``history_cf.CfSums.columns``);
+- :func:`hash_rows`: item hashes to similarity rows (``ItemSimilarity.ranks``);
 - :func:`group_cummax`: a running max per group (``segments.group_cummax``);
 - :func:`merge_history`: each user's bounded history (``Aggregator._merge_history``);
 - :func:`encode_states`, :func:`decode_states`: the state bytes (``state_codec``), ~8 and
@@ -49,11 +52,13 @@ __all__ = [
     "REFUSALS",
     "cf_columns",
     "cf_window_sums",
+    "cf_window_sums_dense",
     "compiled",
     "decode_states",
     "encode_states",
     "fold_segments",
     "group_cummax",
+    "hash_rows",
     "merge_history",
 ]
 
@@ -241,6 +246,97 @@ def cf_window_sums(
                 out[e, q] = max(out[e, q], part[q])
             for q in range(5, 8):
                 out[e, q] += part[q]
+
+
+@compiled
+def cf_window_sums_dense(
+    ev: np.ndarray,
+    start: np.ndarray,
+    recent: np.ndarray,
+    r_ev: np.ndarray,
+    e_rank: np.ndarray,
+    dense: np.ndarray,
+    e_value: np.ndarray,
+    width: int,
+    like_min: float,
+    out: np.ndarray,
+    liked_n: np.ndarray,
+    dis_n: np.ndarray,
+) -> None:
+    """:func:`cf_window_sums` over windows of ``width`` (K) entries, reading each pair's
+    similarity from a small catalog's dense table, ``dense[r_ev[r], e_rank[start[r] + col]]``
+    (what ``ItemSimilarity.pair_values`` gathers into ``s_win``), and counting each window's
+    liked and disliked entries into ``liked_n``, ``dis_n`` (``history_cf._cf_windows``'
+    counts): no ``(R, K)`` window of similarities nor cumulative counts in memory, the same
+    sums in the same order (to the bit)."""
+    part = np.zeros(8)
+    for r in range(ev.shape[0]):
+        e = ev[r]
+        row = dense[r_ev[r]]
+        at = start[r]
+        n_liked = 0
+        n_dis = 0
+        for col in range(width):
+            v = e_value[at + col]
+            if v >= like_min:
+                n_liked += 1
+            elif v < like_min:
+                n_dis += 1
+        liked_n[e] += n_liked
+        dis_n[e] += n_dis
+        for group in range(2):
+            part[:] = 0.0
+            lo, hi, step = (recent[r], width, 1) if group == 0 else (recent[r] - 1, -1, -1)
+            for col in range(lo, hi, step):
+                s = np.float64(row[e_rank[at + col]])
+                v = e_value[at + col]
+                if s == 0.0 and not np.isinf(v):
+                    continue  # adds exactly nothing (the reference leaves it out too)
+                lk = v >= like_min
+                dk = v < like_min
+                sv = s * v if (lk or dk) else 0.0
+                part[0] += s * lk
+                part[1] += s * dk
+                part[2] += sv
+                part[3] = max(part[3], s if lk else 0.0)
+                part[4] = max(part[4], s if dk else 0.0)
+                part[5] += (s * s) * (lk or dk)
+                part[6] += (s * s) * lk
+                part[7] += sv * s
+            for q in range(3):
+                out[e, q] += part[q]
+            for q in range(3, 5):
+                out[e, q] = max(out[e, q], part[q])
+            for q in range(5, 8):
+                out[e, q] += part[q]
+
+
+@compiled
+def hash_rows(
+    h: np.ndarray,
+    shift: int,
+    first: np.ndarray,
+    padded: np.ndarray,
+    hashes: np.ndarray,
+    unknown: int,
+    out: np.ndarray,
+) -> None:
+    """``ItemSimilarity.ranks`` (the numpy reference) for flat ``h``: each hash's row in the
+    sorted ``hashes``, ``unknown`` where it has none, into ``out``. A probe of the bucket's
+    first row (``first``, ``padded``: the directory), a binary search where the bucket holds
+    more rows and the first is not it."""
+    n = hashes.shape[0]
+    for j in range(h.shape[0]):
+        x = h[j]
+        b = np.int64(x >> np.uint64(shift))
+        lo = first[b]
+        if padded[lo] == x:
+            out[j] = lo
+        elif first[b + 1] - lo > 1:
+            r = min(np.searchsorted(hashes, x), n - 1)
+            out[j] = r if hashes[r] == x else unknown
+        else:
+            out[j] = unknown
 
 
 @compiled

@@ -50,6 +50,22 @@ def run_flags(a: np.ndarray) -> np.ndarray:
     return np.concatenate(([True], a[1:] != a[:-1]))
 
 
+def shift1(x: np.ndarray) -> np.ndarray:
+    """``np.roll(x, 1)`` of a 1-D array (each row's previous row, the last one first),
+    without ``roll``'s ~10 µs of Python a call."""
+    out = np.empty_like(x)
+    if x.shape[0]:
+        out[1:] = x[:-1]
+        out[0] = x[-1]
+    return out
+
+
+def run_ends(starts: np.ndarray) -> np.ndarray:
+    """Where each run ends (its last row), from the run-start flags ``starts`` (the first row's
+    set), as ``np.r_[np.flatnonzero(starts)[1:] - 1, len(starts) - 1]``."""
+    return np.flatnonzero(np.concatenate((starts[1:], [True])))
+
+
 def run_starts(ev: np.ndarray) -> np.ndarray:
     """Where each run of equal values of ``ev`` starts."""
     return np.flatnonzero(run_flags(ev)) if ev.size else np.zeros(0, np.intp)

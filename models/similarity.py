@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from sketchstream.models import kernels
 from sketchstream.models.emde import item_hash
 from sketchstream.models.errors import ArtifactError
 
@@ -105,6 +106,12 @@ class ItemSimilarity:
         """
         h = np.asarray(hashes, np.uint64)
         shift, first, padded = self._directory()
+        if kernels.ENABLED and self.unknown:
+            out = np.empty(h.shape, np.intp)
+            kernels.hash_rows(
+                h.reshape(-1), int(shift), first, padded, self.hashes, self.unknown, out.reshape(-1)
+            )
+            return out
         b = (h >> shift).astype(np.intp)
         lo = first[b]
         hit = padded[lo] == h
@@ -145,6 +152,12 @@ class ItemSimilarity:
             # a hash matching the pad at row n reads as unknown (row n) all the same
             self._directory_cache = (shift, first, np.append(self.hashes, np.uint64(0)))
         return self._directory_cache
+
+    def dense_table(self) -> np.ndarray | None:
+        """The pairs as a dense ``(N + 1, N + 1)`` float32 matrix (row and column ``N``: the
+        :attr:`unknown` item's zeros; what :meth:`pair_values` gathers from), for catalogs of
+        at most :data:`DENSE_MAX_ITEMS` items; None for larger ones. Read only."""
+        return self._dense()
 
     def _dense(self) -> np.ndarray | None:
         """The pairs as a dense ``(N + 1, N + 1)`` matrix, its last row and column the

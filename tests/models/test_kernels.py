@@ -205,13 +205,29 @@ def test_the_compiled_group_cummax_equals_the_numpy_one(x, cuts) -> None:
     np.testing.assert_array_equal(got, want)
 
 
+@settings(max_examples=50, deadline=None)
+@given(
+    x=st.lists(st.floats(allow_nan=True), max_size=20),
+    starts=st.lists(st.booleans(), min_size=20, max_size=20),
+)
+def test_the_shift_and_run_end_helpers_equal_the_numpy_calls_they_replace(x, starts) -> None:
+    values = np.array(x, np.float64)
+    np.testing.assert_array_equal(segments.shift1(values), np.roll(values, 1))
+    flags = np.array([True, *starts[1 : len(x)]], bool)[: len(x)]
+    if len(x):
+        want = np.r_[np.flatnonzero(flags)[1:] - 1, len(x) - 1]
+        np.testing.assert_array_equal(segments.run_ends(flags), want)
+
+
 _WARM_UP_THEN_A_BATCH = """
 import json
 import sys
 sys.path.insert(0, {tests!r})
-from sketchstream.models import kernels
+from sketchstream.models import kernels, similarity
 from test_aggregator import _aggregator, _batch
 from test_similarity import _spread_similarity, _stream
+
+similarity.DENSE_MAX_ITEMS = {dense_max}
 
 names = [n for n in kernels.__all__ if hasattr(getattr(kernels, n), "signatures")]
 agg, sim = _aggregator(history_size=6), _spread_similarity(0)
@@ -226,15 +242,21 @@ print(json.dumps([warm, {{n: len(getattr(kernels, n).signatures) for n in names}
 """
 
 
-def test_warm_up_compiles_every_kernel_a_batch_calls() -> None:
+@pytest.mark.parametrize("table", ["dense", "sparse"])
+def test_warm_up_compiles_every_kernel_a_batch_calls(table: str) -> None:
     """In a fresh process (here every kernel is long compiled): after ``warm_up`` each
-    kernel has its signature and a batch of every kind of event adds none."""
-    code = _WARM_UP_THEN_A_BATCH.format(tests=os.path.dirname(__file__))
+    kernel has its signature and a batch of every kind of event adds none. A small catalog's
+    CF sums read its dense table, a large one's (``sparse``) their gathered windows: one of
+    the two CF kernels is never called."""
+    dense_max = 4096 if table == "dense" else 0
+    code = _WARM_UP_THEN_A_BATCH.format(tests=os.path.dirname(__file__), dense_max=dense_max)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     warm, after = json.loads(out.stdout)
-    assert len(warm) == 7 and all(warm.values()), warm  # every kernel compiled
-    assert after == warm
+    unused = "cf_window_sums" if table == "dense" else "cf_window_sums_dense"
+    assert len(warm) == 9 and warm.pop(unused) == 0, warm
+    assert all(warm.values()), warm  # every other kernel compiled
+    assert after == {**warm, unused: 0}
 
 
 def test_sketchstream_no_jit_turns_the_kernels_off() -> None:

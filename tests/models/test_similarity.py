@@ -99,8 +99,15 @@ def _dict_lookup(sim: ItemSimilarity, a: np.ndarray, b: np.ndarray) -> np.ndarra
     return np.array(got, np.float32)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("dense", [True, False])
-def test_ranks_and_pair_values_read_the_pairs_and_zero_for_unknown_items(dense, monkeypatch):
+def test_ranks_and_pair_values_read_the_pairs_and_zero_for_unknown_items(
+    dense, compiled, monkeypatch
+):
+    """Against a plain search, the compiled lookup of the hashes' rows and the numpy one."""
+    from sketchstream.models import kernels
+
+    monkeypatch.setattr(kernels, "ENABLED", compiled)
     if not dense:
         monkeypatch.setattr(similarity, "DENSE_MAX_ITEMS", 0)
     rng = np.random.default_rng(7)
