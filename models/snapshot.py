@@ -121,7 +121,7 @@ class ItemSnapshot:
                 self.first_ts_ = np.concatenate([self.first_ts_, np.full(grow, np.nan)])
             return rows
         get = index.get
-        return np.fromiter((get(str(i), -1) for i in lst), np.int64, len(lst))
+        return np.fromiter(map(get, map(str, lst), itertools.repeat(-1)), np.int64, len(lst))
 
     def fold(
         self, items: np.ndarray, ts: np.ndarray, y: np.ndarray, value: np.ndarray
