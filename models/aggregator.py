@@ -765,7 +765,8 @@ class Aggregator:
         sorted) in compiled code (:func:`~sketchstream.models.kernels.merge_history`)."""
         at = np.flatnonzero(run_flags(nu))  # each user's first candidate (``nu`` is sorted)
         users = nu[at]
-        spans = np.concatenate((at, [nu.shape[0]])).astype(np.int64)  # user i: [spans[i], [i+1])
+        # user i's candidates: [spans[i], spans[i + 1])
+        spans = np.concatenate((at, [nu.shape[0]])).astype(np.int64)
         weight = weight.astype(np.float32)
         hl = self.config.history_half_life_s
         with np.errstate(divide="ignore", invalid="ignore"):
