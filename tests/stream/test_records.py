@@ -225,6 +225,67 @@ def test_prediction_records_are_whole_json_objects_whatever_the_ids_hold():
         assert record["scores"] == {"like": 0.75} and record["kafka_ts"] is None
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_prediction_records_are_the_bytes_of_a_whole_object_dumps(seed: int):
+    """Joined from pieces, each record is byte for byte ``orjson.dumps`` of the whole object:
+    odd ids, no event id, no Kafka time, scores at the float32 extremes and not finite,
+    several heads, a subset of the batch's rows."""
+    rng = np.random.default_rng(seed)
+    odd = ['q"uote', "back\\slash", "}{,:", "ünï ☃", "tab\there", "1,2", "u"]
+    msgs = []
+    for k in range(40):
+        user = odd[k % len(odd)] + str(k % 5)
+        fields = {"user": user, "item": rng.choice(odd) + "i", "action": ACTIONS[k % 3]}
+        fields["ts"] = float(rng.choice([0.0, 1.5, 1.7e9 + k / 7, 123456789.123456789]))
+        if k % 4:
+            fields["event_id"] = f"e,{k}" + odd[k % len(odd)]
+        msgs.append(message(event(**fields), offset=k * 1000, key=user.encode(), partition=k % 3))
+    decoded, rejects = decode_events(msgs, ACTIONS)
+    assert not rejects
+    rows = np.sort(rng.choice(len(msgs), 25, replace=False))
+    heads = ("like", "click", 'q"h')
+    scores = rng.random((len(rows), len(heads))).astype(np.float32)
+    scores[0] = [0.0, 1.0, np.float32(1e-30)]
+    scores[1] = [np.nan, np.inf, -np.inf]
+    kafka_ts = [None if j % 3 == 0 else 1.7e9 + j / 3 for j in range(len(rows))]
+    records = prediction_records(
+        decoded,
+        rows,
+        scores,
+        topic='ev"ents',
+        actions=ACTIONS,
+        heads=heads,
+        model_version="m1",
+        codebook_version="c,1",
+        kafka_ts=kafka_ts,
+        received=1.25,
+        published=2.5,
+    )
+    assert len(records) == len(rows)
+    for j, (key, value) in enumerate(records):
+        r = int(rows[j])
+        whole = {
+            "event": {
+                "topic": 'ev"ents',
+                "partition": int(decoded.partition[r]),
+                "offset": int(decoded.offset[r]),
+                "event_id": decoded.event_id[r],
+            },
+            "user": decoded.user[r],
+            "item": decoded.item[r],
+            "action": ACTIONS[int(decoded.action[r])],
+            "scores": dict(zip(heads, scores[j].astype(np.float64).tolist(), strict=True)),
+            "event_ts": float(decoded.ts[r]),
+            "kafka_ts": kafka_ts[j],
+            "model_version": "m1",
+            "codebook_version": "c,1",
+            "received_ts": 1.25,
+            "published_ts": 2.5,
+        }
+        assert key == decoded.user[r].encode()
+        assert value == orjson.dumps(whole)
+
+
 # --- limits: checked before anything recursive looks at a value ----------------------------
 
 DEEP = b"[" * 1000 + b"]" * 1000  # parses (orjson stops at 1024 levels); repr() would not
