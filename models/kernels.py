@@ -198,6 +198,62 @@ def fold_segments(
 
 
 @compiled
+def _add_window(
+    out: np.ndarray,
+    e: int,
+    sims: np.ndarray,
+    values: np.ndarray,
+    recent: int,
+    like_min: float,
+    part: np.ndarray,
+) -> None:
+    """One event's window of K entries (similarities ``sims``, values ``values``) added to
+    row ``e`` of ``out``: its stored slots ``recent .. K - 1`` in slot order, then its
+    ``recent`` newest earlier candidates oldest first, each group summed in ``part`` (scratch,
+    8) then added, as ``CfSums.add_weighted`` adds them (the same float64 sums to the bit)."""
+    k = sims.shape[0]
+    for group in range(2):
+        part[:] = 0.0
+        lo, hi, step = (recent, k, 1) if group == 0 else (recent - 1, -1, -1)
+        for col in range(lo, hi, step):
+            s = np.float64(sims[col])
+            v = values[col]
+            if s == 0.0 and not np.isinf(v):
+                continue  # adds exactly nothing (the reference leaves it out too)
+            _add_pair(part, s, v, like_min)
+        _add_part(out, e, part)
+
+
+@compiled
+def _add_pair(part: np.ndarray, s: float, v: float, like_min: float) -> None:
+    """One (event, entry) pair of similarity ``s`` and value ``v`` added to a group's sums
+    ``part (8,)`` (``CfSums``' order: liked, disliked, value, liked max, disliked max, sq,
+    liked sq, value sq), as ``CfSums.add_weighted`` adds it."""
+    lk = v >= like_min
+    dk = v < like_min
+    sv = s * v if (lk or dk) else 0.0
+    part[0] += s * lk
+    part[1] += s * dk
+    part[2] += sv
+    part[3] = max(part[3], s if lk else 0.0)
+    part[4] = max(part[4], s if dk else 0.0)
+    part[5] += (s * s) * (lk or dk)
+    part[6] += (s * s) * lk
+    part[7] += sv * s
+
+
+@compiled
+def _add_part(out: np.ndarray, e: int, part: np.ndarray) -> None:
+    """A group's sums ``part`` added to event ``e``'s row of ``out (n, 8)`` (maxima kept)."""
+    for q in range(3):
+        out[e, q] += part[q]
+    for q in range(3, 5):
+        out[e, q] = max(out[e, q], part[q])
+    for q in range(5, 8):
+        out[e, q] += part[q]
+
+
+@compiled
 def cf_window_sums(
     ev: np.ndarray,
     start: np.ndarray,
@@ -220,32 +276,9 @@ def cf_window_sums(
     k = s_win.shape[1]
     part = np.zeros(8)
     for r in range(ev.shape[0]):
-        e = ev[r]
-        for group in range(2):
-            part[:] = 0.0
-            lo, hi, step = (recent[r], k, 1) if group == 0 else (recent[r] - 1, -1, -1)
-            for col in range(lo, hi, step):
-                s = np.float64(s_win[r, col])
-                v = e_value[start[r] + col]
-                if s == 0.0 and not np.isinf(v):
-                    continue  # adds exactly nothing (the reference leaves it out too)
-                lk = v >= like_min
-                dk = v < like_min
-                sv = s * v if (lk or dk) else 0.0
-                part[0] += s * lk
-                part[1] += s * dk
-                part[2] += sv
-                part[3] = max(part[3], s if lk else 0.0)
-                part[4] = max(part[4], s if dk else 0.0)
-                part[5] += (s * s) * (lk or dk)
-                part[6] += (s * s) * lk
-                part[7] += sv * s
-            for q in range(3):
-                out[e, q] += part[q]
-            for q in range(3, 5):
-                out[e, q] = max(out[e, q], part[q])
-            for q in range(5, 8):
-                out[e, q] += part[q]
+        _add_window(
+            out, ev[r], s_win[r], e_value[start[r] : start[r] + k], recent[r], like_min, part
+        )
 
 
 @compiled
@@ -270,45 +303,24 @@ def cf_window_sums_dense(
     counts): no ``(R, K)`` window of similarities nor cumulative counts in memory, the same
     sums in the same order (to the bit)."""
     part = np.zeros(8)
+    sims = np.empty(width, np.float32)
     for r in range(ev.shape[0]):
         e = ev[r]
         row = dense[r_ev[r]]
-        at = start[r]
+        values = e_value[start[r] : start[r] + width]
+        ranks = e_rank[start[r] : start[r] + width]
         n_liked = 0
         n_dis = 0
         for col in range(width):
-            v = e_value[at + col]
+            sims[col] = row[ranks[col]]
+            v = values[col]
             if v >= like_min:
                 n_liked += 1
             elif v < like_min:
                 n_dis += 1
         liked_n[e] += n_liked
         dis_n[e] += n_dis
-        for group in range(2):
-            part[:] = 0.0
-            lo, hi, step = (recent[r], width, 1) if group == 0 else (recent[r] - 1, -1, -1)
-            for col in range(lo, hi, step):
-                s = np.float64(row[e_rank[at + col]])
-                v = e_value[at + col]
-                if s == 0.0 and not np.isinf(v):
-                    continue  # adds exactly nothing (the reference leaves it out too)
-                lk = v >= like_min
-                dk = v < like_min
-                sv = s * v if (lk or dk) else 0.0
-                part[0] += s * lk
-                part[1] += s * dk
-                part[2] += sv
-                part[3] = max(part[3], s if lk else 0.0)
-                part[4] = max(part[4], s if dk else 0.0)
-                part[5] += (s * s) * (lk or dk)
-                part[6] += (s * s) * lk
-                part[7] += sv * s
-            for q in range(3):
-                out[e, q] += part[q]
-            for q in range(3, 5):
-                out[e, q] = max(out[e, q], part[q])
-            for q in range(5, 8):
-                out[e, q] += part[q]
+        _add_window(out, e, sims, values, recent[r], like_min, part)
 
 
 @compiled
