@@ -127,7 +127,7 @@ class ItemSimilarity:
         """``sim`` float32 of the items at rows ``ra`` and ``rb`` (:meth:`ranks`, broadcast
         against each other); 0 when either is :attr:`unknown` or the pair is not kept."""
         n = self.unknown
-        dense = self._dense()
+        dense = self.dense_table()
         if dense is not None:
             return dense.reshape(-1).take(ra * (n + 1) + rb)
         ra, rb = np.broadcast_arrays(ra, rb)
@@ -154,16 +154,11 @@ class ItemSimilarity:
         return self._directory_cache
 
     def dense_table(self) -> np.ndarray | None:
-        """The pairs as a dense ``(N + 1, N + 1)`` float32 matrix (row and column ``N``: the
-        :attr:`unknown` item's zeros; what :meth:`pair_values` gathers from), for catalogs of
-        at most :data:`DENSE_MAX_ITEMS` items; None for larger ones. Read only."""
-        return self._dense()
-
-    def _dense(self) -> np.ndarray | None:
-        """The pairs as a dense ``(N + 1, N + 1)`` matrix, its last row and column the
+        """The pairs as a dense ``(N + 1, N + 1)`` float32 matrix, its last row and column the
         :attr:`unknown` item's zeros, made once for catalogs of at most
         :data:`DENSE_MAX_ITEMS` items (a lookup is then one gather instead of a binary search
-        over all pairs); None for larger ones."""
+        over all pairs; the compiled CF sums read it in place); None for larger ones. Read
+        only."""
         n = self.unknown
         if n > DENSE_MAX_ITEMS:
             return None
