@@ -73,10 +73,16 @@ from sketchstream.models.batches import (
     event_id_hash,
     pad_columns,
 )
-from sketchstream.models.channels import CALENDAR, AggregatorConfig, calendar_columns
+from sketchstream.models.channels import (
+    CALENDAR,
+    RECENCY,
+    WINDOW_SPANS,
+    AggregatorConfig,
+    calendar_columns,
+)
 from sketchstream.models.emde import Codebook, item_hash
 from sketchstream.models.errors import ModelError
-from sketchstream.models.history_cf import cf_features
+from sketchstream.models.history_cf import cf_features, window_counts
 from sketchstream.models.segments import (
     excl_cumsum,
     excl_scan,
@@ -169,8 +175,8 @@ class Aggregator:
     @property
     def feature_names(self) -> list[str]:
         """Column names: ``density/<channel>`` ..., then ``mass/<channel>`` ...,
-        ``hours_since_last``, ``events`` (and the :data:`~.channels.RECENCY` columns with
-        ``config.recency``): ``density/...`` then ``config.count_names``."""
+        ``hours_since_last``, ``events`` (and the recency, window and calendar columns the
+        config asks for): ``density/...`` then ``config.count_names``."""
         return [f"density/{c.name}" for c in self.config.channels] + list(self.config.count_names)
 
     # -- item lookup ----------------------------------------------------------------------------
@@ -355,6 +361,7 @@ class Aggregator:
             for p in range(int(pass_id.max()) + 1):
                 sel = np.flatnonzero(pass_id == p)
                 self._fold_pass(batch, sel, arrays, dens_s, mass_s, sk_out)
+        cand = valid & (action >= 0)  # what the history keeps
         cf_out = None
         if sim is not None:
             cf_out = np.zeros((n, len(cf_names)), np.float32)
@@ -364,7 +371,7 @@ class Aggregator:
                 u,
                 starts,
                 valid,
-                valid & (action >= 0),
+                cand,
                 ts,
                 value,
                 arrays["w"],
@@ -372,10 +379,27 @@ class Aggregator:
                 history_size=self.config.history_size,
                 half_life_s=self.config.history_half_life_s,
             )
+        if self.config.windows:  # the history as it stands before the batch
+            at = n_ch + 2 + (len(RECENCY) if self.config.recency else 0)
+            counts[order, at : at + len(WINDOW_SPANS)] = (
+                window_counts(
+                    batch,
+                    u,
+                    starts,
+                    cand,
+                    ts,
+                    arrays["w"],
+                    read_t,
+                    WINDOW_SPANS,
+                    history_size=self.config.history_size,
+                    half_life_s=self.config.history_half_life_s,
+                )
+                * valid[:, None]
+            )
         self._merge_history(
             batch,
             u,
-            valid & (action >= 0),
+            cand,
             ts,
             action,
             value,

@@ -259,10 +259,11 @@ class Features:
     empty or the item unknown in its modality). The channels already span modalities, so this
     is the "channel × modality" block: cross pairs (an interactions sketch read with metadata
     buckets) would compare unrelated partitionings.
-    ``counts (n, C + 2 [+ 3])``: raw non-negative counts (consumers log-scale them): per
-    channel the decayed mass (events) at the event's time, then hours since the user's previous
-    event (0 for a first event), then events folded so far, then (with the aggregator config's
-    ``recency``) the :data:`~.channels.RECENCY` columns.
+    ``counts (n, C + 2 [+ 3] [+ 2] [+ 2])``: raw non-negative counts (consumers log-scale
+    them): per channel the decayed mass (events) at the event's time, then hours since the
+    user's previous event (0 for a first event), then events folded so far, then (with the
+    aggregator config's ``recency``, ``windows``, ``calendar``) the
+    :data:`~.channels.RECENCY`, :data:`~.channels.WINDOWS`, :data:`~.channels.CALENDAR` columns.
     ``item_codes (n, M, D)`` int16: the item's buckets per modality, -1 unknown.
     ``user_sketch (n, C, D, W)`` float32: the decayed sketches, only with ``with_sketches``.
     ``names``: column names of ``density`` then ``counts``.

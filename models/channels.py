@@ -21,6 +21,8 @@ from sketchstream.models.errors import ModelError
 __all__ = [
     "DAY",
     "RECENCY",
+    "WINDOWS",
+    "WINDOW_SPANS",
     "AggregatorConfig",
     "Channel",
     "aggregator_config_from_dict",
@@ -70,6 +72,14 @@ class Channel:
 #: and that age over the gaps between the user's events so far (0 where undefined).
 RECENCY = ("last_gap_hours", "age_hours", "mean_gap_hours")
 
+#: The window columns of ``Features.counts`` (with ``AggregatorConfig.windows``): the user's
+#: earlier events (of known actions) within a day and within a week of the time the event is
+#: read at, counted in the state's bounded history and the batch's earlier events, at most
+#: ``history_size``: the exact counts while the history holds the window's events.
+WINDOWS = ("events_1d", "events_7d")
+#: The spans of the :data:`WINDOWS` columns (seconds)
+WINDOW_SPANS = (DAY, 7 * DAY)
+
 #: The calendar columns of ``Features.counts`` (with ``AggregatorConfig.calendar``): the
 #: event's hour of the day (0-24, fractional) and day of the week (0 = Monday), in UTC, from
 #: its own time: what a return head's habits follow (a daily or weekly routine).
@@ -96,6 +106,9 @@ class AggregatorConfig:
     ``age_hours``, ``mean_gap_hours``). Every state keeps what they need whatever this says,
     so it is not part of the :meth:`fingerprint`: models with and without them read the same
     states. False in models trained before the columns existed.
+    ``windows``: the features add the user's :data:`WINDOWS` columns (events within a day and a
+    week, from the bounded history every state keeps: not part of the :meth:`fingerprint`
+    either). False in models from before them.
     ``calendar``: the features add the event's :data:`CALENDAR` columns (from its time alone:
     no state; not part of the :meth:`fingerprint` either). False in models from before them.
     """
@@ -105,6 +118,7 @@ class AggregatorConfig:
     history_size: int = 128
     history_half_life_s: float = 30 * DAY
     recency: bool = False
+    windows: bool = False
     calendar: bool = False
 
     def __post_init__(self) -> None:
@@ -136,14 +150,15 @@ class AggregatorConfig:
     @property
     def count_names(self) -> tuple[str, ...]:
         """The names of ``Features.counts``' columns: ``mass/<channel>`` ...,
-        ``hours_since_last``, ``events``, then :data:`RECENCY` when ``recency``, then
-        :data:`CALENDAR` when ``calendar``."""
+        ``hours_since_last``, ``events``, then :data:`RECENCY` when ``recency``,
+        :data:`WINDOWS` when ``windows``, then :data:`CALENDAR` when ``calendar``."""
         masses = tuple(f"mass/{c.name}" for c in self.channels)
         return (
             *masses,
             "hours_since_last",
             "events",
             *(RECENCY if self.recency else ()),
+            *(WINDOWS if self.windows else ()),
             *(CALENDAR if self.calendar else ()),
         )
 

@@ -1,10 +1,13 @@
-"""The item-item CF columns of :class:`~sketchstream.models.batches.Features`.
+"""Features read off the user's bounded history: the item-item CF columns of
+:class:`~sketchstream.models.batches.Features` and the window counts.
 
 For each event, the item's similarity (an :class:`~sketchstream.models.similarity.ItemSimilarity`)
 to the liked and to the disliked items of the user's bounded history as it stands before the
 event, earlier events of the same batch included: :func:`cf_features` (called by
 :meth:`~sketchstream.models.aggregator.Aggregator.score_then_fold` on user-sorted rows) and the
-sums behind the columns (:class:`CfSums`).
+sums behind the columns (:class:`CfSums`). :func:`window_counts`: how many entries of that same
+history fall within given spans before the event (the
+:data:`~sketchstream.models.channels.WINDOWS` columns).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from sketchstream.models.segments import (
     run_starts,
 )
 
-__all__ = ["CfSums", "cf_features"]
+__all__ = ["CfSums", "cf_features", "window_counts"]
 
 
 class CfSums:
@@ -358,3 +361,65 @@ def _add_window_pairs(
     # reversed as a whole: each event's candidates oldest first, its run still contiguous
     oldest_first = np.flatnonzero(recent)[::-1]
     sums.add_weighted(ev[oldest_first], s_val[oldest_first], v[oldest_first])
+
+
+def window_counts(
+    batch: StateBatch,
+    u: np.ndarray,
+    starts: np.ndarray,
+    cand: np.ndarray,
+    ts: np.ndarray,
+    w: np.ndarray,
+    read_t: np.ndarray,
+    spans: tuple[float, ...],
+    *,
+    history_size: int,
+    half_life_s: float,
+) -> np.ndarray:
+    """``(n, len(spans))`` int64 in user-sorted order (see :func:`cf_features` for ``u``,
+    ``starts``, ``cand``, ``ts``, ``w``): per event, the entries of the user's bounded history
+    before it (the top K of the stored history and the batch's earlier ``cand`` events, by the
+    history's rank key: what folding one event at a time leaves) whose time is at least
+    ``read_t - span``, for each span. Only the set of the top K matters, and entries tied on
+    the key have the same time, so no tie-break changes a count: a stream folded in one batch
+    or in any split gives the same counts.
+
+    Compiled where :data:`~sketchstream.models.kernels.ENABLED` (one pass per user over its
+    entries, sorted once); the numpy code below is its reference: every (event, entry) pair.
+    """
+    n, k_max = len(u), history_size
+    out = np.zeros((n, len(spans)), np.int64)
+    if n == 0 or k_max == 0:
+        return out
+    users = u[starts]
+    h_len = np.minimum(batch.hist_len[users], k_max).astype(np.int64)
+    hl = half_life_s
+    with np.errstate(divide="ignore"):
+        score = np.log2(w.astype(np.float64)) + ts / hl
+        h_score = np.log2(batch.hist_weight[users].astype(np.float64)) + batch.hist_ts[users] / hl
+    if kernels.ENABLED:
+        span = np.asarray(spans, np.float64)
+        kernels.window_counts(
+            starts, cand, score, ts, read_t, h_len, h_score, batch.hist_ts[users], span, k_max, out
+        )
+        return out
+    gid = np.cumsum(starts) - 1
+    so_g, so_s = np.nonzero(np.arange(k_max)[None, :] < h_len[:, None])
+    c_ev = np.flatnonzero(cand)
+    e_g = np.concatenate([so_g, gid[c_ev]])
+    e_ts = np.concatenate([batch.hist_ts[users[so_g], so_s], ts[c_ev]])
+    e_score = np.concatenate([h_score[so_g, so_s], score[c_ev]])
+    o = np.lexsort((-e_ts, -e_score, e_g))  # each user's entries by rank (nan scores last)
+    e_ts = e_ts[o]
+    e_from = np.concatenate([np.full(so_g.size, -1, np.int64), c_ev])[o]  # seen after
+    n_e = np.bincount(e_g, minlength=users.shape[0])
+    per = n_e[gid]  # every event pairs with all of its user's entries
+    ev = np.repeat(np.arange(n), per)
+    at = np.repeat(excl(n_e)[gid] - excl(per)[:-1], per) + np.arange(ev.size)
+    seen = e_from[at] < ev
+    taken = np.cumsum(seen)
+    taken -= np.repeat((taken - seen)[excl(per)[:-1][per > 0]], per[per > 0])
+    kept = seen & (taken <= k_max)
+    for j, span in enumerate(spans):
+        out[:, j] = np.bincount(ev, kept & (e_ts[at] >= read_t[ev] - span), n)
+    return out

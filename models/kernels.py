@@ -14,7 +14,9 @@ What runs here instead, each the same arithmetic as one loop per user or per sta
   columns from them (``history_cf.CfSums.columns``);
 - :func:`hash_rows`: item hashes to similarity rows (``ItemSimilarity.ranks``);
 - :func:`group_cummax`: a running max per group (``segments.group_cummax``);
-- :func:`merge_history`: each user's bounded history (``Aggregator._merge_history``);
+- :func:`merge_history`: each user's bounded history (``Aggregator._merge_history``), and
+  :func:`window_counts` the entries of it within spans before each event
+  (``history_cf.window_counts``);
 - :func:`encode_states`, :func:`decode_states`: the state bytes (``state_codec``), ~8 and
   ~6 -> ~2 µs an event at batch 200.
 
@@ -60,6 +62,7 @@ __all__ = [
     "group_cummax",
     "hash_rows",
     "merge_history",
+    "window_counts",
 ]
 
 log = logging.getLogger(__name__)
@@ -897,3 +900,87 @@ def merge_history(
                 hist_item[user, s], hist_ts[user, s], hist_action[user, s] = 0, 0.0, -1
                 hist_value[user, s], hist_weight[user, s] = 0.0, 0.0
         hist_len[user] = keep.size
+
+
+@compiled
+def _in_rank_order(order: np.ndarray, score: np.ndarray, ts: np.ndarray, by_time: bool) -> bool:
+    """Whether entries ``order`` run down the history's rank (score, then time, descending;
+    equal pairs in any order), or with ``by_time`` down their times alone."""
+    for q in range(1, order.shape[0]):
+        a, b = order[q - 1], order[q]
+        if by_time:
+            if _order_desc(ts[a], ts[b]) < 0:
+                return False
+            continue
+        first = _order_desc(score[a], score[b])
+        if first < 0 or (first == 0 and _order_desc(ts[a], ts[b]) < 0):
+            return False
+    return True
+
+
+@compiled
+def window_counts(
+    starts: np.ndarray,
+    cand: np.ndarray,
+    score: np.ndarray,
+    ts: np.ndarray,
+    read_t: np.ndarray,
+    h_len: np.ndarray,
+    h_score: np.ndarray,
+    h_ts: np.ndarray,
+    spans: np.ndarray,
+    k_max: int,
+    out: np.ndarray,
+) -> None:
+    """``history_cf.window_counts`` into ``out (n, S)``: per user (the runs of ``starts``, the
+    g-th with ``h_len[g]`` stored entries ``h_score[g]``, ``h_ts[g]``), its ``cand`` events
+    newest first then its stored entries, sorted by rank (:func:`_sorted_entries`) unless
+    they already are (events in time order and of equal weight: the usual case); each event
+    then walks them, takes the first ``k_max`` it has seen (stored, or an earlier event) and
+    counts those within each span before ``read_t``. Where that order also runs down the
+    times, a walk stops at the first entry older than the longest span."""
+    n = starts.shape[0]
+    longest = spans.max()
+    g, a = -1, 0
+    while a < n:
+        g += 1
+        b = a + 1
+        while b < n and not starts[b]:
+            b += 1
+        n_old = h_len[g]
+        n_new = 0
+        for j in range(a, b):
+            n_new += 1 if cand[j] else 0
+        size = n_old + n_new
+        e_score, e_ts = np.empty(size), np.empty(size)
+        e_from, recency = np.empty(size, np.int64), np.zeros(size, np.int64)
+        e = n_new
+        for j in range(a, b):  # the events newest first, then the stored entries
+            if cand[j]:
+                e -= 1
+                e_score[e], e_ts[e], e_from[e] = score[j], ts[j], j
+        for s in range(n_old):
+            e_score[n_new + s], e_ts[n_new + s], e_from[n_new + s] = h_score[g, s], h_ts[g, s], -1
+        order = np.arange(size)
+        natural = _in_rank_order(order, e_score, e_ts, False)
+        if not natural:
+            order = _sorted_entries(size, e_score, e_ts, recency)
+        by_time = _in_rank_order(order, e_score, e_ts, True)
+        unseen = n_new  # (in the natural order) the events not before j lead it
+        for j in range(a, b):
+            q = unseen if natural else 0
+            taken = 0
+            while q < size and taken < k_max:
+                e = order[q]
+                q += 1
+                if e_from[e] >= j:
+                    continue
+                if by_time and e_ts[e] < read_t[j] - longest:
+                    break
+                taken += 1
+                for s in range(spans.shape[0]):
+                    if e_ts[e] >= read_t[j] - spans[s]:
+                        out[j, s] += 1
+            if cand[j]:
+                unseen -= 1
+        a = b

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from sketchstream.models import batches
 from sketchstream.models.aggregator import Aggregator
 from sketchstream.models.batches import Event, EventBatch
-from sketchstream.models.channels import AggregatorConfig, Channel
+from sketchstream.models.channels import DAY, WINDOWS, AggregatorConfig, Channel
 from sketchstream.models.emde import Codebook
 from sketchstream.models.errors import ModelError
 
@@ -28,7 +28,7 @@ def _codebook(seed: int, n: int = N_ITEMS) -> Codebook:
     return Codebook(depth=DEPTH, width=WIDTH, seed=seed).fit(x, ITEMS[:n])
 
 
-def _config(history_size: int = 64) -> AggregatorConfig:
+def _config(history_size: int = 64, windows: bool = False) -> AggregatorConfig:
     return AggregatorConfig(
         channels=(
             Channel("liked", "interactions", frozenset({"rate"}), min_value=4.0),
@@ -41,13 +41,14 @@ def _config(history_size: int = 64) -> AggregatorConfig:
         history_size=history_size,
         history_half_life_s=60.0,
         recency=True,
+        windows=windows,
     )
 
 
-def _aggregator(history_size: int = 64, seed: int = 0) -> Aggregator:
+def _aggregator(history_size: int = 64, seed: int = 0, windows: bool = False) -> Aggregator:
     # metadata knows only 30 items: the rest are unknown to it, as new items are.
     codebooks = {"interactions": _codebook(seed), "metadata": _codebook(seed + 1, 30)}
-    return Aggregator(_config(history_size), codebooks)
+    return Aggregator(_config(history_size, windows), codebooks)
 
 
 def _batch(rows: list[tuple]) -> EventBatch:
@@ -310,6 +311,43 @@ def test_recency_columns_are_the_users_gaps_and_age_in_any_split_and_order(
         assert state.prev_clocks[user] == (seen[1] if len(seen) > 1 else None) or (
             len(seen) == 1 and np.isnan(state.prev_clocks[user])
         )
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), half_life_days=st.sampled_from([0.5, 3.0]))
+def test_window_columns_count_the_bounded_history_within_a_day_and_a_week_in_any_split(
+    data: st.DataObject, half_life_days: float
+) -> None:
+    """events_1d / events_7d: the entries of the user's history before the event (the top 3
+    of its earlier events of known action by log2 weight + time / half-life) within a day / a
+    week before the time the event is read at (its own; the latest earlier one when late).
+    Weights that rank an older event above a newer one, late events, redeliveries; the same
+    counts in any split, the states between batches as bytes."""
+    rows = data.draw(event_rows(max_events=24, span=12 * DAY))
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(rows)), max_size=4))))
+    hl = half_life_days * DAY
+    base = _aggregator(history_size=3, windows=True)
+    agg = Aggregator(dataclasses.replace(base.config, history_half_life_s=hl), base.codebooks)
+    at = agg.config.count_names.index(WINDOWS[0])
+    state, got, valid = agg.new_batch(3), [], []
+    for lo, hi in zip([0, *cuts], [*cuts, len(rows)], strict=True):
+        feats = agg.score_then_fold(state, _batch(rows[lo:hi]))
+        got += feats.counts[:, at : at + 2].tolist()
+        valid += feats.valid.tolist()
+        state = agg.load(agg.dump(state))
+    entries: dict[int, list[tuple[float, float, int]]] = {}
+    latest: dict[int, float] = {}
+    for i, (row, ok, columns) in enumerate(zip(rows, valid, got, strict=True)):
+        user, action, ts, weight = row[0], row[2], row[4], row[7]
+        want = [0, 0]
+        if ok:
+            read_t = max(ts, latest.get(user, -math.inf))
+            kept = sorted(entries.get(user, []), reverse=True)[:3]
+            want = [sum(t >= read_t - span for _, t, _ in kept) for span in (DAY, 7 * DAY)]
+            latest[user] = read_t
+            if action >= 0:
+                entries.setdefault(user, []).append((math.log2(weight) + ts / hl, ts, i))
+        assert columns == want, (i, row)
 
 
 def test_density_is_the_share_of_channel_mass_in_the_items_buckets() -> None:

@@ -25,7 +25,7 @@ def _fold(monkeypatch, compiled: bool, rows, cuts, sim=None, history_size: int =
     """``rows`` (users 0-4) folded in batches cut at ``cuts`` (increasing), the kernels on or
     off: the final state and every batch's features."""
     monkeypatch.setattr(kernels, "ENABLED", compiled)
-    agg = _aggregator(history_size=history_size)
+    agg = _aggregator(history_size=history_size, windows=True)
     state = agg.new_batch(5)
     feats = [
         agg.score_then_fold(state, _batch(rows[lo:hi]), item_similarity=sim)
@@ -230,7 +230,7 @@ from test_similarity import _spread_similarity, _stream
 similarity.DENSE_MAX_ITEMS = {dense_max}
 
 names = [n for n in kernels.__all__ if hasattr(getattr(kernels, n), "signatures")]
-agg, sim = _aggregator(history_size=6), _spread_similarity(0)
+agg, sim = _aggregator(history_size=6, windows=True), _spread_similarity(0)
 before = dict(agg.counters)
 agg.warm_up(sim)
 assert agg.counters == before, agg.counters
@@ -254,7 +254,7 @@ def test_warm_up_compiles_every_kernel_a_batch_calls(table: str) -> None:
     assert out.returncode == 0, out.stderr
     warm, after = json.loads(out.stdout)
     unused = "cf_window_sums" if table == "dense" else "cf_window_sums_dense"
-    assert len(warm) == 9 and warm.pop(unused) == 0, warm
+    assert len(warm) == 10 and warm.pop(unused) == 0, warm
     assert all(warm.values()), warm  # every other kernel compiled
     assert after == {**warm, unused: 0}
 
