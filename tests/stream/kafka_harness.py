@@ -52,6 +52,7 @@ def build_tiny_artifact(root: Path, seed: int = 0, *, recommender: bool = False)
         actions=ACTIONS,
         history_size=16,
         recency=True,
+        windows=True,
         calendar=True,
     )
     n_dense = len(config.channels) + len(config.count_names)  # densities, then the counts
