@@ -211,6 +211,11 @@ def recent_sketches(last_codes: np.ndarray, decays: Sequence[float], width: int)
     c = np.asarray(last_codes, np.int64)
     b, length, m, d = c.shape
     age = np.arange(length - 1, -1, -1, dtype=np.float64)
+    if kernels.ENABLED and decays and c.size:  # compiled (the same bits), this is its reference
+        weights = np.stack([g**age for g in decays])
+        out = np.empty((b, len(decays), m, d, width), np.float32)
+        kernels.recent_sketches(np.ascontiguousarray(c), weights, width, out)
+        return out.reshape(b, -1)
     known = c >= 0
     # each code's output cell, by broadcasting and one mask (in C order, as np.nonzero goes,
     # so the sums add up in the same order): 4-D fancy indexing was most of the time
@@ -512,9 +517,11 @@ class SketchRecommender(nn.Module):
         return out
 
     def warm_up(self) -> None:
-        """Build the int8 products and compile their kernels (or load them from numba's disk
-        cache) on one row, so that a worker pays it when a model loads, not in its first
-        answers."""
+        """Build the int8 products and compile their kernels and the inputs' normalization
+        (or load them from numba's disk cache) on one row, so that a worker pays it when a
+        model loads, not in its first answers."""
+        normalize(np.zeros((1, 1, 8), np.float32))
+        recent_sketches(np.full((1, 1, 1, 1), -1), (0.5,), 8)
         if self._int8_layers() is not None:
             self.log_probs(np.zeros((1, self.inp.in_features), np.float16))
 

@@ -229,7 +229,10 @@ from test_similarity import _spread_similarity, _stream
 
 similarity.DENSE_MAX_ITEMS = {dense_max}
 
+# (l2_rows, recent_sketches: the recommender's inputs, warmed up with it: test_recommend)
+theirs = ("l2_rows", "recent_sketches")
 names = [n for n in kernels.__all__ if hasattr(getattr(kernels, n), "signatures")]
+names = [n for n in names if n not in theirs]
 agg, sim = _aggregator(history_size=6, windows=True), _spread_similarity(0)
 before = dict(agg.counters)
 agg.warm_up(sim)
@@ -264,3 +267,54 @@ def test_sketchstream_no_jit_turns_the_kernels_off() -> None:
     env = {**os.environ, "SKETCHSTREAM_NO_JIT": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    width=st.integers(1, 300),
+    rows=st.integers(1, 20),
+    seed=st.integers(0, 2**32 - 1),
+    scale=st.floats(-20, 20),
+)
+def test_the_compiled_l2_normalization_equals_the_numpy_one(width, rows, seed, scale) -> None:
+    """``emde.normalize`` (the recommender's inputs) both ways, to the bit: magnitudes over
+    many orders, zero rows and zero cells, a nan and an inf row."""
+    from sketchstream.models.emde import normalize
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, 3, width)) * np.exp(rng.standard_normal((rows, 3, width)) * 3)
+    x = (x * 2.0**scale).astype(np.float32)
+    x[rng.random(x.shape) < 0.3] = 0.0
+    x[0, 0] = 0.0
+    if rows > 2:
+        x[1, 1, 0], x[2, 2, -1] = np.nan, np.inf
+    with pytest.MonkeyPatch.context() as mp, np.errstate(invalid="ignore"):  # inf / inf
+        mp.setattr(kernels, "ENABLED", False)
+        want = normalize(x)
+        mp.setattr(kernels, "ENABLED", True)
+        got = normalize(x)
+    assert got.dtype == want.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 6), st.integers(1, 12), st.integers(1, 2), st.integers(1, 4)),
+    width=st.integers(1, 70),
+    decays=st.lists(st.floats(0.01, 1.0), min_size=1, max_size=4),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_the_compiled_recent_sketches_equal_the_numpy_ones(shape, width, decays, seed) -> None:
+    """``recommend.recent_sketches`` both ways, to the bit: unknown codes (-1), users with no
+    item at all, repeated buckets."""
+    from sketchstream.models.recommend import recent_sketches
+
+    codes = np.random.default_rng(seed).integers(-1, width, size=shape)
+    codes[0] = -1
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "ENABLED", False)
+        want = recent_sketches(codes, decays, width)
+        mp.setattr(kernels, "ENABLED", True)
+        got = recent_sketches(codes, decays, width)
+    assert got.dtype == want.dtype == np.float32
+    np.testing.assert_array_equal(got, want)

@@ -338,25 +338,36 @@ def test_recent_items_beyond_the_states_history_are_refused() -> None:
 _REC_WARM_UP_THEN_ANSWERS = """
 import json
 import numpy as np
-from sketchstream.models import mlp_kernels
-from sketchstream.models.recommend import SketchRecommender
+from sketchstream.models import kernels, mlp_kernels
+from sketchstream.models.emde import normalize
+from sketchstream.models.recommend import SketchRecommender, recent_sketches
 
-names = ["quantize16", "dequantize8"]
+compiled = {
+    "quantize16": mlp_kernels.quantize16,
+    "dequantize8": mlp_kernels.dequantize8,
+    "l2_rows": kernels.l2_rows,  # the inputs' normalization
+    "recent_sketches": kernels.recent_sketches,
+}
+def signatures():
+    return {n: len(k.signatures) for n, k in compiled.items()}
 model = SketchRecommender(30, 4, 8, hidden=16, blocks=2, dropout=0.1, products="int8").eval()
 x = np.random.default_rng(0).normal(size=(50, 30)).astype(np.float16)
 model.set_normalization(x)
 model.calibrate_products(x)  # the float32 forward: no kernel
-before = {n: len(getattr(mlp_kernels, n).signatures) for n in names}
+before = signatures()
 model.warm_up()
-warm = {n: len(getattr(mlp_kernels, n).signatures) for n in names}
+warm = signatures()
 model.log_probs(x[:7])
-print(json.dumps([before, warm, {n: len(getattr(mlp_kernels, n).signatures) for n in names}]))
+normalize(np.ones((7, 3, 16), np.float32))
+recent_sketches(np.zeros((7, 5, 2, 3), np.int32), (0.1, 0.9), 16)
+print(json.dumps([before, warm, signatures()]))
 """
 
 
 def test_warm_up_compiles_the_int8_recommenders_kernels() -> None:
-    """In a fresh process: ``warm_up`` compiles the int8 products' kernels, answers add none
-    (the worker warms a served recommender up when it loads the model)."""
+    """In a fresh process: ``warm_up`` compiles the int8 products' kernels and the inputs'
+    normalization, answers add none (the worker warms a served recommender up when it loads
+    the model)."""
     import json
     import subprocess
     import sys
