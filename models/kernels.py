@@ -37,8 +37,8 @@ read-only, in numba's user-wide cache (``~/.cache/numba``); a start with the cac
 the kernels in about a second. Where no cache directory is writable at all, the kernels
 compile in memory at every start (logged).
 
-Why over 600 lines: each kernel restates a numpy reference step for step (the codec pair is
-half of it); they live together so that the switch and the caching are in one place.
+Why over 1,000 lines: each kernel restates a numpy reference step for step (the codec pair is
+a third of it); they live together so that the switch and the caching are in one place.
 """
 
 from __future__ import annotations
