@@ -82,7 +82,7 @@ from sketchstream.models.channels import (
 )
 from sketchstream.models.emde import Codebook, item_hash
 from sketchstream.models.errors import ModelError
-from sketchstream.models.history_cf import cf_features, window_counts
+from sketchstream.models.history_cf import cf_features, rank_scores, window_counts
 from sketchstream.models.segments import (
     excl_cumsum,
     excl_scan,
@@ -362,6 +362,8 @@ class Aggregator:
                 sel = np.flatnonzero(pass_id == p)
                 self._fold_pass(batch, sel, arrays, dens_s, mass_s, sk_out)
         cand = valid & (action >= 0)  # what the history keeps
+        if sim is not None or self.config.windows:  # what reads the history before the batch
+            scores = rank_scores(batch, u[starts], arrays["w"], ts, self.config.history_half_life_s)
         cf_out = None
         if sim is not None:
             cf_out = np.zeros((n, len(cf_names)), np.float32)
@@ -374,10 +376,9 @@ class Aggregator:
                 cand,
                 ts,
                 value,
-                arrays["w"],
+                scores,
                 self._item_hash[item_rows[order]],
                 history_size=self.config.history_size,
-                half_life_s=self.config.history_half_life_s,
             )
         if self.config.windows:  # the history as it stands before the batch
             at = n_ch + 2 + (len(RECENCY) if self.config.recency else 0)
@@ -388,11 +389,10 @@ class Aggregator:
                     starts,
                     cand,
                     ts,
-                    arrays["w"],
+                    scores,
                     read_t,
                     WINDOW_SPANS,
                     history_size=self.config.history_size,
-                    half_life_s=self.config.history_half_life_s,
                 )
                 * valid[:, None]
             )
@@ -793,10 +793,7 @@ class Aggregator:
         spans = np.concatenate((at, [nu.shape[0]])).astype(np.int64)
         weight = weight.astype(np.float32)
         hl = self.config.history_half_life_s
-        with np.errstate(divide="ignore", invalid="ignore"):
-            new_score = np.log2(weight.astype(np.float64)) + ts / hl
-            old_score = np.log2(batch.hist_weight[users].astype(np.float64))
-            old_score += batch.hist_ts[users] / hl
+        new_score, old_score = rank_scores(batch, users, weight, ts, hl)  # ties as the reference
         kernels.merge_history(
             users,
             spans,

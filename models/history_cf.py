@@ -26,7 +26,7 @@ from sketchstream.models.segments import (
     run_starts,
 )
 
-__all__ = ["CfSums", "cf_features", "window_counts"]
+__all__ = ["CfSums", "cf_features", "rank_scores", "window_counts"]
 
 
 class CfSums:
@@ -115,6 +115,19 @@ class CfSums:
         return np.stack([cols[c] for c in CF_NAMES], axis=1).astype(np.float32)
 
 
+def rank_scores(
+    batch: StateBatch, users: np.ndarray, w: np.ndarray, ts: np.ndarray, half_life_s: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The history's rank key, ``log2 weight + time / half_life_s``, in float64 with numpy's
+    log2 (every user of it ranks with the same bits): of events ``(w, ts)``, and of the stored
+    entries of state rows ``users`` ``(len(users), K)``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = np.log2(w.astype(np.float64)) + ts / half_life_s
+        stored = np.log2(batch.hist_weight[users].astype(np.float64))
+        stored += batch.hist_ts[users] / half_life_s
+    return score, stored
+
+
 def cf_features(
     batch: StateBatch,
     sim: Any,
@@ -124,16 +137,15 @@ def cf_features(
     cand: np.ndarray,
     ts: np.ndarray,
     value: np.ndarray,
-    w: np.ndarray,
+    scores: tuple[np.ndarray, np.ndarray],
     hashes: np.ndarray,
     *,
     history_size: int,
-    half_life_s: float,
 ) -> np.ndarray:
     """``(n, len(sim.columns))`` CF columns in user-sorted order (see
     :meth:`~sketchstream.models.aggregator.Aggregator.score_then_fold` and
-    :data:`~sketchstream.models.similarity.CF_NAMES`). ``history_size`` K and ``half_life_s``
-    (the history's ranking decay) come from the aggregator's config.
+    :data:`~sketchstream.models.similarity.CF_NAMES`). ``scores``: :func:`rank_scores` of the
+    events and of the users ``u[starts]``; ``history_size`` K from the aggregator's config.
 
     The history before event j is the top K, by the history's static rank key (decayed
     weight, time, insertion order), of the stored history and the batch's earlier ``cand``
@@ -152,17 +164,13 @@ def cf_features(
     pick = [CF_NAMES.index(c) for c in sim.columns]
     if n == 0 or k_max == 0:
         return out[:, pick]
-    hl = half_life_s
     like_min = float(sim.like_min)
-    with np.errstate(divide="ignore"):
-        score = np.log2(w) + ts / hl
+    score, h_score = scores
     first = group_first(starts)
     gid = np.cumsum(starts) - 1
     users = u[starts]
     h_len = batch.hist_len[users].astype(np.int64)
     slot_ok = np.arange(k_max)[None, :] < h_len[:, None]
-    with np.errstate(divide="ignore"):
-        h_score = np.log2(batch.hist_weight[users].astype(np.float64)) + (batch.hist_ts[users] / hl)
     old_max_s = np.where(slot_ok, h_score, -np.inf).max(axis=1)
     old_max_t = np.where(slot_ok, batch.hist_ts[users], -np.inf).max(axis=1)
     # running max of earlier candidates (exclusive), seeded with the stored history
@@ -369,15 +377,14 @@ def window_counts(
     starts: np.ndarray,
     cand: np.ndarray,
     ts: np.ndarray,
-    w: np.ndarray,
+    scores: tuple[np.ndarray, np.ndarray],
     read_t: np.ndarray,
     spans: tuple[float, ...],
     *,
     history_size: int,
-    half_life_s: float,
 ) -> np.ndarray:
     """``(n, len(spans))`` int64 in user-sorted order (see :func:`cf_features` for ``u``,
-    ``starts``, ``cand``, ``ts``, ``w``): per event, the entries of the user's bounded history
+    ``starts``, ``cand``, ``ts``, ``scores``): per event, the entries of the user's bounded history
     before it (the top K of the stored history and the batch's earlier ``cand`` events, by the
     history's rank key: what folding one event at a time leaves) whose time is at least
     ``read_t - span``, for each span. Only the set of the top K matters, and entries tied on
@@ -393,10 +400,7 @@ def window_counts(
         return out
     users = u[starts]
     h_len = np.minimum(batch.hist_len[users], k_max).astype(np.int64)
-    hl = half_life_s
-    with np.errstate(divide="ignore"):
-        score = np.log2(w.astype(np.float64)) + ts / hl
-        h_score = np.log2(batch.hist_weight[users].astype(np.float64)) + batch.hist_ts[users] / hl
+    score, h_score = scores
     if kernels.ENABLED:
         span = np.asarray(spans, np.float64)
         kernels.window_counts(
