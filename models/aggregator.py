@@ -921,6 +921,8 @@ class Aggregator:
             item_similarity=item_similarity,
         )
         self.load(self.dump(state))
+        if item_similarity is not None:  # and the one-by-one path's pairs (late events)
+            item_similarity.pair_values(np.zeros(1, np.intp), np.zeros(1, np.intp))
         self.counters.update(counters)
 
     # -- bytes ----------------------------------------------------------------------------------

@@ -325,11 +325,11 @@ def _cf_windows(
     e_value[at] = value[cpos]
 
     start = base[gid[fast]] + n_cand[gid[fast]] - t[fast]
-    dense = sim.dense_table() if kernels.ENABLED else None
-    if dense is not None:  # the pairs read where they are summed, the counts there too
+    table = sim.bitmap_table() if kernels.ENABLED else None
+    if table is not None:  # the pairs read where they are summed, the counts there too
         n_recent = np.minimum(t[fast], k)
-        kernels.cf_window_sums_dense(
-            fast, start, n_recent, r_all[fast], e_rank, dense, e_value, k,
+        kernels.cf_window_sums_bitmap(
+            fast, start, n_recent, r_all[fast], e_rank, *table, e_value, k,
             sums.like_min, sums.weighted, sums.liked_n, sums.dis_n,
         )  # fmt: skip
         return

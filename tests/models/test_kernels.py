@@ -23,14 +23,27 @@ from test_similarity import _spread_similarity, _stream
 
 def _fold(monkeypatch, compiled: bool, rows, cuts, sim=None, history_size: int = 64):
     """``rows`` (users 0-4) folded in batches cut at ``cuts`` (increasing), the kernels on or
-    off: the final state and every batch's features."""
+    off: the final state and every batch's features, each with ``cf_sums``, the float64 sums
+    behind its CF columns (which round them)."""
+    from sketchstream.models.history_cf import CfSums
+
     monkeypatch.setattr(kernels, "ENABLED", compiled)
     agg = _aggregator(history_size=history_size, windows=True)
     state = agg.new_batch(5)
-    feats = [
-        agg.score_then_fold(state, _batch(rows[lo:hi]), item_similarity=sim)
-        for lo, hi in itertools.pairwise(cuts)
-    ]
+    sums: list[dict[str, np.ndarray]] = []
+    columns = CfSums.columns
+
+    def spy(self):
+        sums.append({k: v.copy() for k, v in vars(self).items() if isinstance(v, np.ndarray)})
+        return columns(self)
+
+    monkeypatch.setattr(CfSums, "columns", spy)
+    feats = []
+    for lo, hi in itertools.pairwise(cuts):
+        feats.append(agg.score_then_fold(state, _batch(rows[lo:hi]), item_similarity=sim))
+        feats[-1].cf_sums = sums[-1] if sums else None
+        sums.clear()
+    monkeypatch.setattr(CfSums, "columns", columns)
     return state, feats
 
 
@@ -50,6 +63,12 @@ def _assert_same(monkeypatch, rows, cuts, sim=None, history_size: int = 64) -> N
         assert all(f.cf is None for f in got)
     else:  # the same float64 sums in the same order: to the bit
         np.testing.assert_array_equal(column("cf", got), column("cf", want))
+        for g, w in zip(got, want, strict=True):
+            assert (g.cf_sums is None) == (w.cf_sums is None)
+            if g.cf_sums is not None:
+                assert g.cf_sums.keys() == w.cf_sums.keys()
+                for name in g.cf_sums:
+                    np.testing.assert_array_equal(g.cf_sums[name], w.cf_sums[name], err_msg=name)
 
 
 @settings(max_examples=40, deadline=None)
@@ -67,20 +86,27 @@ def test_the_compiled_fold_equals_the_numpy_fold(rows, cuts, history_size) -> No
         _assert_same(mp, rows, cuts, history_size=history_size)
 
 
-@pytest.mark.parametrize("table", ["dense", "sparse"])
+@pytest.mark.parametrize("table", ["bitmap", "sparse"])
 @pytest.mark.parametrize("seed", range(3))
-def test_the_compiled_cf_sums_equal_the_numpy_ones(monkeypatch, seed: int, table: str) -> None:
+@pytest.mark.parametrize("history_size", [6, 48])
+def test_the_compiled_cf_sums_equal_the_numpy_ones(
+    monkeypatch, seed: int, table: str, history_size: int
+) -> None:
     """To the bit, with similarities spread over seven decades (a sum in another order would
     round differently), late events and out-of-rank weights (users 3 and 4: the numpy
-    one-by-one path runs beside the kernel); the pairs read from the dense table of a small
-    catalog and, as for a large one, by a search of the sorted pair keys."""
+    one-by-one path runs beside the kernel); the pairs read from the bitmap of a small
+    catalog and, as for a large one, by a search of the sorted pair keys. Histories of 48
+    over 400 events of 3 users: windows with many similar pairs among the batch's earlier
+    events as well as among the stored ones (each group's order matters from three on)."""
     from sketchstream.models import similarity
 
     if table == "sparse":
-        monkeypatch.setattr(similarity, "DENSE_MAX_ITEMS", 0)
-    rows = _stream(seed)
-    cuts = [0, 37, 38, 90, len(rows)]
-    _assert_same(monkeypatch, rows, cuts, sim=_spread_similarity(seed), history_size=6)
+        monkeypatch.setattr(similarity, "BITMAP_MAX_ITEMS", 0)
+    if history_size == 6:
+        rows, cuts = _stream(seed), [0, 37, 38, 90, 160]
+    else:
+        rows, cuts = _stream(seed, n=400, n_users=3), [0, 150, 151, 400]
+    _assert_same(monkeypatch, rows, cuts, sim=_spread_similarity(seed), history_size=history_size)
 
 
 def _dump_both_ways(monkeypatch, agg, state) -> tuple[list[bytes], list[bytes]]:
@@ -227,7 +253,7 @@ from sketchstream.models import kernels, similarity
 from test_aggregator import _aggregator, _batch
 from test_similarity import _spread_similarity, _stream
 
-similarity.DENSE_MAX_ITEMS = {dense_max}
+similarity.BITMAP_MAX_ITEMS = {bitmap_max}
 
 # (l2_rows, recent_sketches: the recommender's inputs, warmed up with it: test_recommend)
 theirs = ("l2_rows", "recent_sketches")
@@ -245,21 +271,21 @@ print(json.dumps([warm, {{n: len(getattr(kernels, n).signatures) for n in names}
 """
 
 
-@pytest.mark.parametrize("table", ["dense", "sparse"])
+@pytest.mark.parametrize("table", ["bitmap", "sparse"])
 def test_warm_up_compiles_every_kernel_a_batch_calls(table: str) -> None:
     """In a fresh process (here every kernel is long compiled): after ``warm_up`` each
     kernel has its signature and a batch of every kind of event adds none. A small catalog's
-    CF sums read its dense table, a large one's (``sparse``) their gathered windows: one of
-    the two CF kernels is never called."""
-    dense_max = 4096 if table == "dense" else 0
-    code = _WARM_UP_THEN_A_BATCH.format(tests=os.path.dirname(__file__), dense_max=dense_max)
+    CF sums and pairs read its bitmap, a large one's (``sparse``) their gathered windows and
+    a search of the keys: those kernels are never called."""
+    bitmap_max = 16_384 if table == "bitmap" else 0
+    code = _WARM_UP_THEN_A_BATCH.format(tests=os.path.dirname(__file__), bitmap_max=bitmap_max)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     warm, after = json.loads(out.stdout)
-    unused = "cf_window_sums" if table == "dense" else "cf_window_sums_dense"
-    assert len(warm) == 10 and warm.pop(unused) == 0, warm
+    unused = ["cf_window_sums"] if table == "bitmap" else ["cf_window_sums_bitmap", "bitmap_values"]
+    assert len(warm) == 11 and all(warm.pop(name) == 0 for name in unused), warm
     assert all(warm.values()), warm  # every other kernel compiled
-    assert after == {**warm, unused: 0}
+    assert after == {**warm, **dict.fromkeys(unused, 0)}
 
 
 def test_sketchstream_no_jit_turns_the_kernels_off() -> None:

@@ -100,16 +100,17 @@ def _dict_lookup(sim: ItemSimilarity, a: np.ndarray, b: np.ndarray) -> np.ndarra
 
 
 @pytest.mark.parametrize("compiled", [True, False])
-@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("bitmap", [True, False])
 def test_ranks_and_pair_values_read_the_pairs_and_zero_for_unknown_items(
-    dense, compiled, monkeypatch
+    bitmap, compiled, monkeypatch
 ):
-    """Against a plain search, the compiled lookup of the hashes' rows and the numpy one."""
+    """Against a plain search, the compiled lookup of the hashes' rows and the numpy one;
+    the pairs' values from the bitmap (compiled, a small catalog) or the sorted keys."""
     from sketchstream.models import kernels
 
     monkeypatch.setattr(kernels, "ENABLED", compiled)
-    if not dense:
-        monkeypatch.setattr(similarity, "DENSE_MAX_ITEMS", 0)
+    if not bitmap:
+        monkeypatch.setattr(similarity, "BITMAP_MAX_ITEMS", 0)
     rng = np.random.default_rng(7)
     # crowded buckets too: hashes sharing their top bits, only the first of them one probe away
     base = rng.integers(0, 2**63, 40, dtype=np.uint64) * np.uint64(2)
