@@ -28,7 +28,7 @@ from sketchstream.models.errors import ArtifactError
 __all__ = ["CF_NAMES", "CF_NAMES_V1", "ItemSimilarity", "SimilarityBuilder"]
 
 # catalogs up to this size also keep a bitmap of their pairs for the compiled lookups (a bit
-# per pair, an int32 offset per 64: 1.5 + 0.8 MB at MovieLens-1M's 3,470 items, 34 + 17 MB at
+# per pair, an int32 offset per 64: 1.5 + 0.8 MB at MovieLens-1M's 3,469 items, 34 + 17 MB at
 # 16,384); larger ones search the sorted pair keys
 BITMAP_MAX_ITEMS = 16_384
 
