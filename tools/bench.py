@@ -269,8 +269,10 @@ def stream(
     Each system gets fresh topics and drains EVENTS events produced beforehand at full speed
     (events/s from its outputs' Kafka timestamps), then serves events at half that rate for
     LATENCY_SECONDS (p50/p99 from event to output record time). Also: CPU time per event
-    drained and peak RSS of the system's processes (the worker's MLP helper included); median
-    bytes of a user state (worker, from its changelog).
+    drained and peak RSS of the system's processes (the worker's MLP helper included), the
+    local broker's CPU time per event drained (on `sketchstream kafka start`'s broker: what
+    the system's traffic costs it on the same cores); median bytes of a user state (worker,
+    from its changelog).
     """
     from sketchstream.tools import stream_bench as sb
 

@@ -121,7 +121,8 @@ def run_bench(
     ``settings``, one after the other, on the events of ``data`` (default ``<data dir>/ml-1m``;
     synthetic when it has no events.jsonl). Returns one row per system (:meth:`BenchRun.row`,
     plus ``ratio_vs_raw`` and ``cpu_ratio_vs_raw`` (raw's CPU µs per event over the system's)
-    beside a raw run and ``model`` for the worker; with ``profile``, the
+    beside a raw run and ``model`` for the worker; ``broker_cpu_us_per_event`` when the broker
+    is the local one (:func:`local_broker_pid`, else None); with ``profile``, the
     worker's ``profile``: :func:`~sketchstream.tools.bench_profile.profile_rows` of the drain
     and of the latency run).
 
@@ -191,6 +192,7 @@ def run_bench(
         f"(the passthroughs' within {batch_within}s); {os.cpu_count()} CPUs, "
         f"load average {load1:.2f}/{load5:.2f}" + (f"; model {version} ({how})" if version else "")
     )
+    broker_pid = local_broker_pid(settings)
     runs = []
     for system in systems:
         say(f"[{system}] ...")
@@ -210,6 +212,7 @@ def run_bench(
                 timeout=timeout,
                 say=say,
                 profile=profile,
+                broker_pid=broker_pid,
             )
         except BadEventLine as exc:  # met in the events read for a latency run
             raise BadEventLine(f"{origin}: {exc}") from None
@@ -233,6 +236,7 @@ def stream_table(rows: list[dict[str, Any]]) -> str:
         ("ratio_vs_raw", "x raw"),
         ("cpu_us_per_event", "CPU µs/event"),
         ("cpu_ratio_vs_raw", "x raw CPU"),
+        ("broker_cpu_us_per_event", "broker CPU µs/event"),
         ("p50_ms", "p50 ms"),
         ("p99_ms", "p99 ms"),
         ("latency_rate", "at events/s"),
@@ -415,14 +419,7 @@ class _Process:
     def cpu_seconds(self) -> float:
         """CPU time the process and its children (the worker's MLP helper) have used so far,
         user + system (0.0 when unreadable)."""
-        total = 0.0
-        for pid in _process_tree(self.proc.pid):
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-        return total
+        return sum(pid_cpu_seconds(pid) or 0.0 for pid in _process_tree(self.proc.pid))
 
     def sample(self) -> None:
         """Record the peak RSS so far (VmHWM) of the process and its children, summed; fails if
@@ -460,6 +457,29 @@ _PASSTHROUGH = (
     "import json, sys; from sketchstream.tools.stream_bench import serve_passthrough; "
     "serve_passthrough(json.loads(sys.argv[1]))"
 )
+
+
+def pid_cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system) process ``pid`` has used so far; None when unreadable."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def local_broker_pid(settings: Settings) -> int | None:
+    """The JVM of the local broker (``sketchstream kafka start``) when the bench runs on it:
+    what it spends on a system's traffic is part of that system's cost on this machine.
+    None for any other broker (its process is not ours to read)."""
+    from sketchstream.tools.broker import LocalBroker
+
+    broker = LocalBroker(settings)
+    if broker.bootstrap_servers != settings.bootstrap_servers:
+        return None
+    return broker.pid()
 
 
 def _process_tree(root: int) -> list[int]:
@@ -539,6 +559,7 @@ class BenchRun:
     latency_rate: float = 0.0
     rss_mb: float = 0.0
     cpu_us_per_event: float | None = None
+    broker_cpu_us_per_event: float | None = None  # the local broker's, during the drain
     state_bytes_per_user: float | None = None
     users: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -556,6 +577,9 @@ class BenchRun:
             "cpu_us_per_event": None
             if self.cpu_us_per_event is None
             else round(self.cpu_us_per_event, 1),
+            "broker_cpu_us_per_event": None
+            if self.broker_cpu_us_per_event is None
+            else round(self.broker_cpu_us_per_event, 1),
         }
         if self.system == "worker":
             out["state_bytes_per_user"] = self.state_bytes_per_user
@@ -656,10 +680,12 @@ async def run_one(
     say: Callable[[str], None],
     latency_rate: float | None = None,
     profile: bool = False,
+    broker_pid: int | None = None,
 ) -> BenchRun:
     """One system: drain ``lines`` at full speed, then ``more(n)`` events at half that rate
     (or at ``latency_rate`` events/s when given); ``profile``: the worker's stage profile of
-    each phase in ``extra["profile"]``."""
+    each phase in ``extra["profile"]``; ``broker_pid``: the local broker's JVM, whose CPU
+    time per drained event is measured as the system's own is."""
     import numpy as np
     from sketchstream.tools.bench_profile import profile_rows, scrape_idle
 
@@ -681,16 +707,17 @@ async def run_one(
                 batch_within=batch_within,
             )
             n = len(lines)
-            first: list[tuple[int, float]] = []  # (outputs, CPU seconds) at the first output
+            # (outputs, CPU seconds, the broker's) at the first output
+            first: list[tuple[int, float, float | None]] = []
 
             def started(got: int) -> None:
                 if got and not first:
-                    first.append((got, proc.cpu_seconds()))
+                    first.append((got, proc.cpu_seconds(), pid_cpu_seconds(broker_pid)))
 
             await _wait_outputs(
                 client_kwargs, topics, proc, n, timeout + _READY_TIMEOUT, progress=started
             )
-            cpu = proc.cpu_seconds()
+            cpu, broker_cpu = proc.cpu_seconds(), pid_cpu_seconds(broker_pid)
             outs = await read_topic(client_kwargs, topics.outputs)
             stamps = np.array([r.timestamp for r in outs], np.float64) / 1000.0
             span = float(stamps.max() - stamps.min()) if len(outs) > 1 else 0.0
@@ -700,6 +727,10 @@ async def run_one(
             ticks = (cpu - first[0][1]) * os.sysconf("SC_CLK_TCK") if first else 0.0
             if first and first[0][0] < n and ticks >= _MIN_CPU_TICKS - 0.5:
                 run.cpu_us_per_event = 1e6 * (cpu - first[0][1]) / (n - first[0][0])
+                if broker_cpu is not None and first[0][2] is not None:
+                    run.broker_cpu_us_per_event = (
+                        1e6 * (broker_cpu - first[0][2]) / (n - first[0][0])
+                    )
             url = proc.metrics_url if profile else None
             drained = await scrape_idle(url) if url else None
             if drained is not None:

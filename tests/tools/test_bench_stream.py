@@ -15,6 +15,23 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "stream"))
 from kafka_harness import build_tiny_artifact
 
 
+def test_the_broker_cpu_is_read_from_the_local_broker_only(tmp_path: Path) -> None:
+    """The broker's CPU time is read off /proc for the local broker's JVM (its pid file);
+    another broker's address, or a pid that is gone, gives None, never a made-up figure."""
+    import os
+
+    from sketchstream.stream.settings import load_settings
+    from sketchstream.tools.stream_bench import local_broker_pid, pid_cpu_seconds
+
+    assert pid_cpu_seconds(os.getpid()) > 0
+    assert pid_cpu_seconds(None) is None
+    assert pid_cpu_seconds(2**22 + 1) is None  # above Linux's largest pid
+    elsewhere = load_settings(kafka="broker.invalid:9092", home=str(tmp_path))
+    assert local_broker_pid(elsewhere) is None
+    local = load_settings(home=str(tmp_path))  # the local broker's address, never started
+    assert local_broker_pid(local) is None
+
+
 @pytest.mark.slow
 @pytest.mark.kafka
 def test_bench_stream_writes_one_json_line_per_system(kafka_bootstrap: str, tmp_path: Path):
@@ -51,6 +68,8 @@ def test_bench_stream_writes_one_json_line_per_system(kafka_bootstrap: str, tmp_
         # None when the drain ended before the bench's first look (0.2 s), or took under ten
         # clock ticks of CPU (a figure of whole 10 ms ticks): 2,000 events may
         assert r["cpu_us_per_event"] is None or r["cpu_us_per_event"] > 0
+        # the local broker's, timed as the system's is (None on another broker)
+        assert r["broker_cpu_us_per_event"] is None or r["broker_cpu_us_per_event"] >= 0
     worker = rows[-1]
     assert worker["state_bytes_per_user"] > 0 and worker["users"] > 0
     assert worker["ratio_vs_raw"] == pytest.approx(
