@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from mode import Service
+from sketchstream.stream.errors import ConfigError
 from sketchstream.stream.metrics import WorkerMetrics
 from sketchstream.stream.models_feed import ModelFeed
 from sketchstream.stream.publish import publish
@@ -156,7 +157,7 @@ def faust_app(settings: Settings, *, web: bool = True, bulk: bool = False) -> fa
         stream_buffer_maxsize=max(8192, batch_size * 4),
         producer_linger_ms=5,
         producer_max_batch_size=1 << 20,
-        producer_compression_type=None,
+        producer_compression_type=producer_compression(settings),
         web_enabled=web,
         web_port=settings.web_port,
         web_bind="0.0.0.0",
@@ -167,6 +168,28 @@ def faust_app(settings: Settings, *, web: bool = True, bulk: bool = False) -> fa
     if bulk:
         app.fetch_max_wait_ms = max(1, round(settings.fetch_max_wait * 1000))
     return app
+
+
+def producer_compression(settings: Settings) -> str | None:
+    """The worker producer's codec (``settings.compression``; None: uncompressed), refused
+    with the setting's name when this Python cannot write it (snappy, lz4 and zstd come with
+    ``cramjam``, a dependency), not as a codec error from deep inside the producer's start."""
+    if settings.compression == "none":
+        return None
+    from aiokafka import codec
+
+    available = {
+        "gzip": codec.has_gzip,
+        "snappy": codec.has_snappy,
+        "lz4": codec.has_lz4,
+        "zstd": codec.has_zstd,
+    }[settings.compression]
+    if not available():
+        raise ConfigError(
+            f"SKETCHSTREAM_COMPRESSION={settings.compression}: no {settings.compression} codec "
+            "in this Python (install cramjam, a dependency of sketchstream), or set it to none"
+        )
+    return settings.compression
 
 
 class _HelperService(Service):

@@ -123,6 +123,7 @@ def worker(
     """Run the streaming worker until SIGTERM or Ctrl-C."""
     from sketchstream.models.mlp import set_threads
     from sketchstream.stream.app import create_app
+    from sketchstream.stream.errors import ConfigError
     from sketchstream.tools.options import load_settings_or_exit
 
     settings = load_settings_or_exit(
@@ -150,7 +151,11 @@ def worker(
         )
         typer.echo(f"no Kafka broker answers at {settings.bootstrap_servers}: {hint}", err=True)
         raise typer.Exit(2)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:  # a setting this machine cannot serve (a missing codec)
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
     runner = _bounded_worker(app, settings.stop_timeout, loglevel)
     if loglevel.lower() != "debug":
         # aiokafka and faust log every produced record at DEBUG; with the root logger left at

@@ -251,6 +251,32 @@ async def consume(
 _WORKER = "import typer; from sketchstream.tools.worker import worker; typer.run(worker)"
 
 
+def record_batch_codecs(bootstrap: str, topic: str) -> set[int] | None:
+    """The compression codec of every record batch of ``topic`` as the broker stored it
+    (0 none, 1 gzip, 2 snappy, 3 lz4, 4 zstd: the low bits of each batch's attributes), read
+    off the local broker's log segments; None when ``bootstrap`` is another broker."""
+    import struct
+
+    from sketchstream.stream.settings import load_settings
+    from sketchstream.tools.broker import LocalBroker
+
+    broker = LocalBroker(load_settings())
+    if broker.bootstrap_servers != bootstrap or broker.pid() is None:
+        return None
+    codecs = set()
+    for segment in broker.storage_dir.glob(f"{topic}-*/*.log"):
+        data = segment.read_bytes()
+        at = 0
+        while at + 23 <= len(data):  # base offset 8, length 4, epoch 4, magic 1, crc 4, attrs 2
+            (length,) = struct.unpack_from(">i", data, at + 8)
+            if length <= 0:
+                break
+            (attributes,) = struct.unpack_from(">h", data, at + 21)
+            codecs.add(attributes & 0x7)
+            at += 12 + length
+    return codecs
+
+
 @dataclass
 class StreamEnv:
     """Unique topics, app id and directories of one test."""

@@ -85,3 +85,24 @@ def test_on_error_offers_the_batch_processors_choices():
     assert get_args(OnError) == get_args(ProcessorOnError)
     with pytest.raises(ValidationError, match="on_error"):
         Settings(on_error="skip")
+
+
+def test_the_worker_writes_snappy_batches_unless_told_otherwise(monkeypatch):
+    """SKETCHSTREAM_COMPRESSION reaches the worker's producer (faust's app config); a codec
+    this Python cannot write is refused naming the variable, before the worker starts."""
+    from aiokafka import codec
+    from sketchstream.stream import app
+    from sketchstream.stream.errors import ConfigError
+
+    assert load_settings().compression == "snappy"
+    assert app.faust_app(load_settings(), web=False).conf.producer_compression_type == "snappy"
+    monkeypatch.setenv("SKETCHSTREAM_COMPRESSION", "none")
+    assert app.faust_app(load_settings(), web=False).conf.producer_compression_type is None
+    monkeypatch.setenv("SKETCHSTREAM_COMPRESSION", "zstd")
+    assert app.producer_compression(load_settings()) == "zstd"
+    monkeypatch.setattr(codec, "has_zstd", lambda: False)
+    with pytest.raises(ConfigError, match="SKETCHSTREAM_COMPRESSION=zstd"):
+        app.producer_compression(load_settings())
+    monkeypatch.setenv("SKETCHSTREAM_COMPRESSION", "brotli")
+    with pytest.raises(ValidationError, match="compression"):
+        load_settings()

@@ -168,6 +168,10 @@ def test_predictions_equal_the_offline_replay_engine(stream_env, start_worker):
     batches = worker.metric("sketchstream_batch_size_count")
     assert len(events) / 64 <= batches <= len(events) / 8, batches
     worker.stop()
+    # written as snappy batches (SKETCHSTREAM_COMPRESSION's default), predictions and states
+    for topic in (env.topics["predictions"], env.changelog):
+        codecs = kafka_harness.record_batch_codecs(env.bootstrap, topic)
+        assert codecs is None or codecs == {2}, (topic, codecs)
 
 
 def test_predictions_through_the_mlp_helper_equal_the_offline_replay_engine(
