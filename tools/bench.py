@@ -260,8 +260,18 @@ def stream(
             "stage of a batch, in the drain and in the paced run (read off its /metrics).",
         ),
     ] = False,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Run the systems this many times, alternated (raw, worker, raw, worker, ...):"
+            " each round's ratios are against its own raw run, and a summary gives every"
+            " round's figures and their median (this machine's speed drifts between runs).",
+        ),
+    ] = 1,
     json_path: Annotated[
-        Path | None, typer.Option("--json", help="Append one JSON line per system to this file.")
+        Path | None,
+        typer.Option("--json", help="Append one JSON line per system and round to this file."),
     ] = None,
 ) -> None:
     """One worker on the real broker vs a raw aiokafka passthrough and a faust no-op agent.
@@ -301,19 +311,23 @@ def stream(
             timeout=timeout,
             say=say,
             profile=profile,
+            rounds=rounds,
         )
     except (sb.StreamBenchError, BadEventLine) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     table = sb.stream_table(runs)
-    stages = [p for r in runs for p in r.get("profile", ())]
-    if stages:
-        from sketchstream.tools.bench_profile import profile_table
+    for r in runs:
+        if r.get("profile"):
+            from sketchstream.tools.bench_profile import profile_table
 
-        table += "\n\nworker, by stage of a batch:\n" + profile_table(stages)
+            which = f" (round {r['round']})" if rounds > 1 else ""
+            table += f"\n\nworker, by stage of a batch{which}:\n" + profile_table(r["profile"])
     split = [r["latency_parts"] for r in runs if r.get("latency_parts")]
     if split:
         table += "\n\n" + sb.latency_parts_table(split)
+    if rounds > 1:
+        table += "\n\nover the rounds:\n" + sb.rounds_summary(runs)
     _report(table, runs, json_path)
 
 

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,15 +117,17 @@ def run_bench(
     timeout: float,
     say: Callable[[str], None],
     profile: bool = False,
+    rounds: int = 1,
 ) -> list[dict[str, Any]]:
     """``bench stream``: each of ``systems`` (some of :data:`SYSTEMS`) on the broker of
     ``settings``, one after the other, on the events of ``data`` (default ``<data dir>/ml-1m``;
-    synthetic when it has no events.jsonl). Returns one row per system (:meth:`BenchRun.row`,
-    plus ``ratio_vs_raw`` and ``cpu_ratio_vs_raw`` (raw's CPU µs per event over the system's)
-    beside a raw run and ``model`` for the worker; ``broker_cpu_us_per_event`` when the broker
-    is the local one (:func:`local_broker_pid`, else None); with ``profile``, the
-    worker's ``profile``: :func:`~sketchstream.tools.bench_profile.profile_rows` of the drain
-    and of the latency run).
+    synthetic when it has no events.jsonl); all of them again ``rounds`` times in all, so that
+    runs of different systems alternate on a machine whose speed drifts. Returns one row per
+    system and round (:meth:`BenchRun.row`, plus ``round`` (from 1), ``ratio_vs_raw`` and
+    ``cpu_ratio_vs_raw`` (raw's CPU µs per event over the system's) beside the same round's raw
+    run and ``model`` for the worker; ``broker_cpu_us_per_event`` when the broker is the local
+    one (:func:`local_broker_pid`, else None); with ``profile``, the worker's ``profile``:
+    :func:`~sketchstream.tools.bench_profile.profile_rows` of the drain and of the latency run).
 
     :class:`StreamBenchError` when no broker answers, the events file is empty or ``model``
     holds no artifact,
@@ -193,44 +196,83 @@ def run_bench(
         f"load average {load1:.2f}/{load5:.2f}" + (f"; model {version} ({how})" if version else "")
     )
     broker_pid = local_broker_pid(settings)
-    runs = []
-    for system in systems:
-        say(f"[{system}] ...")
-        try:
-            run = run_system(
-                system,
-                lines,
-                keys,
-                more,
-                client_kwargs=client_kwargs,
-                partitions=partitions,
-                artifact_dir=store,
-                batch_size=batch_size,
-                batch_within=batch_within,
-                latency_seconds=latency_seconds,
-                latency_rate=latency_rate,
-                timeout=timeout,
-                say=say,
-                profile=profile,
-                broker_pid=broker_pid,
+    rows = []
+    for k in range(1, rounds + 1):
+        runs = []
+        for system in systems:
+            say(f"[{system}] ..." if rounds == 1 else f"[{system}, round {k} of {rounds}] ...")
+            runs.append(
+                _bench_one(
+                    system,
+                    lines,
+                    keys,
+                    more,
+                    origin=origin,
+                    client_kwargs=client_kwargs,
+                    partitions=partitions,
+                    artifact_dir=store,
+                    batch_size=batch_size,
+                    batch_within=batch_within,
+                    latency_seconds=latency_seconds,
+                    latency_rate=latency_rate,
+                    timeout=timeout,
+                    say=say,
+                    profile=profile,
+                    broker_pid=broker_pid,
+                )
             )
-        except BadEventLine as exc:  # met in the events read for a latency run
-            raise BadEventLine(f"{origin}: {exc}") from None
-        runs.append(run.row())
-    raw = next((r for r in runs if r["system"] == "raw"), None)
-    for r in runs:
-        if raw is not None and r["system"] != "raw" and raw["events_per_s"] > 0:
-            r["ratio_vs_raw"] = round(r["events_per_s"] / raw["events_per_s"], 3)
-            if raw["cpu_us_per_event"] and r["cpu_us_per_event"]:
-                r["cpu_ratio_vs_raw"] = round(raw["cpu_us_per_event"] / r["cpu_us_per_event"], 3)
-        if r["system"] == "worker":
-            r["model"] = version
-    return runs
+        raw = next((r for r in runs if r["system"] == "raw"), None)
+        for r in runs:
+            r["round"] = k
+            if raw is not None and r["system"] != "raw" and raw["events_per_s"] > 0:
+                r["ratio_vs_raw"] = round(r["events_per_s"] / raw["events_per_s"], 3)
+                if raw["cpu_us_per_event"] and r["cpu_us_per_event"]:
+                    r["cpu_ratio_vs_raw"] = round(
+                        raw["cpu_us_per_event"] / r["cpu_us_per_event"], 3
+                    )
+            if r["system"] == "worker":
+                r["model"] = version
+        rows += runs
+    return rows
+
+
+def _bench_one(
+    system: str, lines: Any, keys: Any, more: Any, *, origin: str, **options: Any
+) -> dict[str, Any]:
+    """One run of ``system``: its :meth:`BenchRun.row`."""
+    try:
+        return run_system(system, lines, keys, more, **options).row()
+    except BadEventLine as exc:  # met in the events read for a latency run
+        raise BadEventLine(f"{origin}: {exc}") from None
+
+
+def rounds_summary(rows: Sequence[dict[str, Any]]) -> str:
+    """Each system's events/s and ratio to raw over the rounds of :func:`run_bench`, one line
+    a system: every round's figure in order, then the median."""
+    lines = []
+    for system in dict.fromkeys(r["system"] for r in rows):
+        mine = [r for r in rows if r["system"] == system]
+        rates = [r["events_per_s"] for r in mine]
+        text = (
+            f"{system}: events/s "
+            + " / ".join(f"{v:,.0f}" for v in rates)
+            + f" (median {statistics.median(rates):,.0f})"
+        )
+        ratios = [r["ratio_vs_raw"] for r in mine if r.get("ratio_vs_raw") is not None]
+        if ratios:
+            text += (
+                "; x raw "
+                + " / ".join(f"{v:.3f}" for v in ratios)
+                + f" (median {statistics.median(ratios):.3f})"
+            )
+        lines.append(text)
+    return "\n".join(lines)
 
 
 def stream_table(rows: list[dict[str, Any]]) -> str:
     """The rows of :func:`run_bench` as a text table."""
-    cols = [
+    cols = [("round", "round")] if any(r.get("round", 1) > 1 for r in rows) else []
+    cols += [
         ("system", "system"),
         ("events_per_s", "events/s"),
         ("ratio_vs_raw", "x raw"),

@@ -82,6 +82,59 @@ def test_bench_stream_writes_one_json_line_per_system(kafka_bootstrap: str, tmp_
     assert "system" in result.output  # the table
 
 
+def test_rounds_summary_gives_every_rounds_figures_then_the_median():
+    from sketchstream.tools.stream_bench import rounds_summary, stream_table
+
+    rows = [
+        {"system": "raw", "round": 1, "events_per_s": 100_000.0},
+        {"system": "worker", "round": 1, "events_per_s": 40_000.0, "ratio_vs_raw": 0.4},
+        {"system": "raw", "round": 2, "events_per_s": 80_000.0},
+        {"system": "worker", "round": 2, "events_per_s": 44_000.0, "ratio_vs_raw": 0.55},
+        {"system": "raw", "round": 3, "events_per_s": 90_000.0},
+        {"system": "worker", "round": 3, "events_per_s": 45_000.0, "ratio_vs_raw": 0.5},
+    ]
+    assert rounds_summary(rows).splitlines() == [
+        "raw: events/s 100,000 / 80,000 / 90,000 (median 90,000)",
+        "worker: events/s 40,000 / 44,000 / 45,000 (median 44,000); "
+        "x raw 0.400 / 0.550 / 0.500 (median 0.500)",
+    ]
+    assert stream_table(rows).split()[0] == "round"  # a round column when there are several
+    assert stream_table(rows[:2]).split()[0] == "system"
+
+
+@pytest.mark.slow
+@pytest.mark.kafka
+def test_bench_stream_rounds_alternate_the_systems_each_against_its_own_raw(
+    kafka_bootstrap: str, tmp_path: Path
+):
+    models = tmp_path / "models"
+    build_tiny_artifact(models)
+    out = tmp_path / "stream.jsonl"
+    result = CliRunner().invoke(
+        app,
+        [
+            *["bench", "stream", "--system", "raw", "--system", "worker", "--rounds", "2"],
+            *["--events", "1000", "--latency-seconds", "0", "--data", str(tmp_path)],
+            *["--model", str(models), "--kafka", kafka_bootstrap, "--json", str(out)],
+            *["--timeout", "60"],
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["system"], r["round"]) for r in rows] == [
+        ("raw", 1),
+        ("worker", 1),
+        ("raw", 2),
+        ("worker", 2),
+    ]
+    for raw, worker in (rows[:2], rows[2:]):
+        assert worker["ratio_vs_raw"] == pytest.approx(
+            worker["events_per_s"] / raw["events_per_s"], rel=1e-2
+        )
+    assert "over the rounds:" in result.output
+    assert "worker: events/s" in result.output
+
+
 @pytest.mark.slow
 @pytest.mark.kafka
 def test_bench_stream_profile_splits_the_workers_wall_time_by_stage(
