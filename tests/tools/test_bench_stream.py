@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sketchstream.tools.cli import app
@@ -82,6 +83,23 @@ def test_bench_stream_writes_one_json_line_per_system(kafka_bootstrap: str, tmp_
     assert "system" in result.output  # the table
 
 
+def bench_on_tiny_model(tmp_path: Path, kafka: str, *args: str) -> tuple[Any, list[dict]]:
+    """``sketchstream bench stream ARGS`` on the synthetic stream, serving a tiny artifact:
+    the CLI's result (exit code 0 checked) and its JSON lines."""
+    models = tmp_path / "models"
+    build_tiny_artifact(models)
+    out = tmp_path / "stream.jsonl"
+    result = CliRunner().invoke(
+        app,
+        [
+            *["bench", "stream", *args, "--data", str(tmp_path), "--model", str(models)],
+            *["--kafka", kafka, "--timeout", "60", "--json", str(out)],
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return result, [json.loads(line) for line in out.read_text().splitlines()]
+
+
 def test_rounds_summary_gives_every_rounds_figures_then_the_median():
     from sketchstream.tools.stream_bench import rounds_summary, stream_table
 
@@ -107,20 +125,12 @@ def test_rounds_summary_gives_every_rounds_figures_then_the_median():
 def test_bench_stream_rounds_alternate_the_systems_each_against_its_own_raw(
     kafka_bootstrap: str, tmp_path: Path
 ):
-    models = tmp_path / "models"
-    build_tiny_artifact(models)
-    out = tmp_path / "stream.jsonl"
-    result = CliRunner().invoke(
-        app,
-        [
-            *["bench", "stream", "--system", "raw", "--system", "worker", "--rounds", "2"],
-            *["--events", "1000", "--latency-seconds", "0", "--data", str(tmp_path)],
-            *["--model", str(models), "--kafka", kafka_bootstrap, "--json", str(out)],
-            *["--timeout", "60"],
-        ],
+    result, rows = bench_on_tiny_model(
+        tmp_path,
+        kafka_bootstrap,
+        *["--system", "raw", "--system", "worker", "--rounds", "2"],
+        *["--events", "1000", "--latency-seconds", "0"],
     )
-    assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["system"], r["round"]) for r in rows] == [
         ("raw", 1),
         ("worker", 1),
@@ -144,19 +154,11 @@ def test_bench_stream_profile_splits_the_workers_wall_time_by_stage(
     both phases, none negative, together within the busy wall time they are parts of."""
     from sketchstream.stream.metrics import STAGES
 
-    models = tmp_path / "models"
-    build_tiny_artifact(models)
-    out = tmp_path / "stream.jsonl"
-    result = CliRunner().invoke(
-        app,
-        [
-            *["bench", "stream", "--system", "worker", "--events", "2000"],
-            *["--latency-seconds", "1", "--data", str(tmp_path), "--model", str(models)],
-            *["--kafka", kafka_bootstrap, "--timeout", "60", "--profile", "--json", str(out)],
-        ],
+    result, [worker] = bench_on_tiny_model(
+        tmp_path,
+        kafka_bootstrap,
+        *["--system", "worker", "--events", "2000", "--latency-seconds", "1", "--profile"],
     )
-    assert result.exit_code == 0, result.output
-    [worker] = [json.loads(line) for line in out.read_text().splitlines()]
     for phase in ("drain", "paced"):
         spent = {p["stage"]: p for p in worker["profile"] if p["phase"] == phase}
         assert list(spent) == [*STAGES, "rest", "busy (wall)"]
