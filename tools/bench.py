@@ -316,11 +316,11 @@ def stream(
     except (sb.StreamBenchError, BadEventLine) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
+    from sketchstream.tools.bench_profile import profile_table
+
     table = sb.stream_table(runs)
     for r in runs:
         if r.get("profile"):
-            from sketchstream.tools.bench_profile import profile_table
-
             which = f" (round {r['round']})" if rounds > 1 else ""
             table += f"\n\nworker, by stage of a batch{which}:\n" + profile_table(r["profile"])
     split = [r["latency_parts"] for r in runs if r.get("latency_parts")]

@@ -249,22 +249,18 @@ def _bench_one(
 def rounds_summary(rows: Sequence[dict[str, Any]]) -> str:
     """Each system's events/s and ratio to raw over the rounds of :func:`run_bench`, one line
     a system: every round's figure in order, then the median."""
+
+    def series(values: list[float], spec: str) -> str:
+        shown = " / ".join(format(v, spec) for v in values)
+        return f"{shown} (median {format(statistics.median(values), spec)})"
+
     lines = []
     for system in dict.fromkeys(r["system"] for r in rows):
         mine = [r for r in rows if r["system"] == system]
-        rates = [r["events_per_s"] for r in mine]
-        text = (
-            f"{system}: events/s "
-            + " / ".join(f"{v:,.0f}" for v in rates)
-            + f" (median {statistics.median(rates):,.0f})"
-        )
+        text = f"{system}: events/s " + series([r["events_per_s"] for r in mine], ",.0f")
         ratios = [r["ratio_vs_raw"] for r in mine if r.get("ratio_vs_raw") is not None]
         if ratios:
-            text += (
-                "; x raw "
-                + " / ".join(f"{v:.3f}" for v in ratios)
-                + f" (median {statistics.median(ratios):.3f})"
-            )
+            text += "; x raw " + series(ratios, ".3f")
         lines.append(text)
     return "\n".join(lines)
 
