@@ -10,13 +10,16 @@ hash) holding everything a worker needs to rebuild the exact scorer::
       codebook-<modality>.bin  one EMDE codebook per modality (``Codebook.to_bytes``)
       item-snapshot.safetensors  the item snapshot the worker scores with (optional;
                                ``ItemSnapshot.to_bytes``, no pickle)
+      boost.json               the boosted heads' trees (LightGBM's text) and blend weights
+                               (optional: ``EngagementMLP.boost``, models/boost.py)
       recommend.safetensors    the top-k recommender's weights (optional, with the next file)
       recommend-catalogue.json the items it ranks, in catalogue-row order, and their categories
       recommend-codebook-<modality>.bin  the recommender's own target codebooks (optional:
                                without them it predicts the state's codebooks' buckets)
 
 ``manifest["config"]`` holds the MLP config, the aggregator config, the heads and what the
-item snapshot covers (``item_snapshot``: heads, prior, items, events, as_of) and, for an
+item snapshot covers (``item_snapshot``: heads, prior, items, events, as_of), the boosted
+heads' weights and trees (``boost``, an account; the file is what loads) and, for an
 artifact that carries a recommender (:class:`RecommenderParts`), ``recommend``: its
 ``RecommendConfig``, ``InputSpec``, target modalities and catalogue size. The content
 hash covers the manifest (less ``created`` and the hash itself)
@@ -76,6 +79,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 ITEM_SNAPSHOT = "item-snapshot.safetensors"
+BOOST = "boost.json"
 RECOMMEND_WEIGHTS = "recommend.safetensors"
 RECOMMEND_CATALOGUE = "recommend-catalogue.json"
 #: prefix of the recommender's own target codebooks: ``recommend-codebook-<modality>.bin``
@@ -287,6 +291,8 @@ def save_model_artifact(
         cb_versions, cb_files = _write_codebooks(tmp, codebooks)
         if item_snapshot is not None:
             (tmp / ITEM_SNAPSHOT).write_bytes(item_snapshot.to_bytes())
+        if model.boost is not None:
+            (tmp / BOOST).write_text(json.dumps(model.boost.to_dict()))
         recommend = None
         if recommender is not None:
             recommend = save_recommender(tmp, recommender)
@@ -302,6 +308,7 @@ def save_model_artifact(
                     "aggregator": dict(aggregator_config),
                     "heads": list(model.config.heads),
                     "item_snapshot": item_snapshot.config() if item_snapshot is not None else None,
+                    **({"boost": model.boost.summary()} if model.boost is not None else {}),
                     **({"recommend": recommend} if recommend is not None else {}),
                     **(dict(extra) if extra else {}),
                 },
@@ -426,6 +433,8 @@ def load_model_artifact(path: str | Path) -> ModelBundle:
             "holds no calibrated input scales"
         )
     model.eval()
+    if config.get("boost") is not None:
+        model.boost = _read_boost(path, manifest, mlp_config)
     codebooks = _read_codebooks(
         path, manifest.get("codebook_files", {}), manifest.get("codebooks", {})
     )
@@ -454,6 +463,24 @@ def load_model_artifact(path: str | Path) -> ModelBundle:
         metrics=dict(manifest.get("metrics") or {}),
         recommender=load_recommender(path, manifest, codebooks),
     )
+
+
+def _read_boost(path: Path, manifest: Mapping[str, Any], mlp_config: MLPConfig) -> Any:
+    """The model's :class:`~sketchstream.models.boost.HeadBoost` from :data:`BOOST`."""
+    from sketchstream.models.boost import HeadBoost
+
+    if BOOST not in manifest.get("files", {}):
+        raise ArtifactError(f"model artifact {path}: config names boosted heads, no {BOOST}")
+    try:
+        boost = HeadBoost.from_dict(json.loads((path / BOOST).read_text()), mlp_config.heads)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SketchstreamError) as exc:
+        raise ArtifactError(f"model artifact {path}: {BOOST} is unusable: {exc}") from exc
+    if boost.n_dense != mlp_config.n_dense:
+        raise ArtifactError(
+            f"model artifact {path}: {BOOST} reads {boost.n_dense} dense columns, the MLP "
+            f"{mlp_config.n_dense}"
+        )
+    return boost
 
 
 _RECOMMEND_FILES = (RECOMMEND_WEIGHTS, RECOMMEND_CATALOGUE)

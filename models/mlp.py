@@ -34,7 +34,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ from scipy.special import expit
 from sketchstream.models import kernels, mlp_kernels
 from sketchstream.models.errors import ModelError
 from torch import nn
+
+if TYPE_CHECKING:
+    from sketchstream.models.boost import HeadBoost
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +370,9 @@ class EngagementMLP(nn.Module):
     def __init__(self, config: MLPConfig) -> None:
         super().__init__()
         self.config = config
+        # trees on the dense block blended with some heads' logits (models.boost; None: none),
+        # fitted after the weights by the trainer, applied by predict, saved beside the weights
+        self.boost: HeadBoost | None = None
         if config.members > 1:
             one = MLPConfig.from_dict({**config.to_dict(), "members": 1})
             self.members = nn.ModuleList(EngagementMLP(one) for _ in range(config.members))
@@ -529,14 +535,18 @@ class EngagementMLP(nn.Module):
         Runs the forward outside torch (:meth:`_logits_compiled`: compiled loops and BLAS
         products, a fraction of torch's fixed cost per call on small batches) unless
         :data:`~sketchstream.models.kernels.ENABLED` is off; then torch's own forward, the
-        reference it is tested against (within 1e-6)."""
+        reference it is tested against (within 1e-6). With :attr:`boost`, its heads' logits
+        are blended with their trees' before the sigmoid."""
         self._check(inputs)
         if kernels.ENABLED:
             out = np.empty((len(inputs), len(self.config.heads)), dtype=np.float32)
             for start in range(0, len(inputs), batch_size):
                 stop = min(start + batch_size, len(inputs))
                 part = inputs.take(slice(start, stop))
-                out[start:stop] = expit(self._logits_compiled(part.dense, part.codes))
+                logits = self._logits_compiled(part.dense, part.codes)
+                if self.boost is not None:
+                    self.boost.blend(part.dense, logits)
+                out[start:stop] = expit(logits)
             return out
         was_training = self.training
         if was_training:  # toggling walks every submodule: a third of a ms a call, per batch
@@ -547,7 +557,10 @@ class EngagementMLP(nn.Module):
                 for start in range(0, len(inputs), batch_size):
                     stop = min(start + batch_size, len(inputs))
                     dense, codes = to_tensors(inputs.take(slice(start, stop)))
-                    out[start:stop] = torch.sigmoid(self(dense, codes)).numpy()
+                    logits = self(dense, codes).numpy()
+                    if self.boost is not None:
+                        self.boost.blend(inputs.dense[start:stop], logits)
+                    out[start:stop] = expit(logits)
         finally:
             if was_training:
                 self.train()

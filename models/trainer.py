@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from sketchstream.models.aggregator import Aggregator
 from sketchstream.models.batches import EventBatch, Features
+from sketchstream.models.boost import BOOST_HEADS, boost_heads, fit_boost
 from sketchstream.models.channels import (
     DAY,
     AggregatorConfig,
@@ -130,6 +131,9 @@ class TrainConfig:
     # item-identity input: on small data sets they overfit (validation picks "off"), on
     # large ones they add what the density and CF columns miss
     item_codes: str = "auto"
+    # gradient-boosted trees on the dense inputs, their logit blended with these heads' at a
+    # weight chosen on validation (models.boost): "return" (the return heads), "all", "off"
+    boost: str = "return"
     # --- optimization --------------------------------------------------------------------
     epochs: int = 6  # upper bound; early stopping usually ends sooner
     patience: int = 1  # epochs without validation AUC gain before stopping
@@ -150,6 +154,8 @@ class TrainConfig:
             raise ModelError(
                 f"item_codes={self.item_codes!r}: expected one of {', '.join(ITEM_CODES)}"
             )
+        if self.boost not in BOOST_HEADS:
+            raise ModelError(f"boost={self.boost!r}: expected one of {', '.join(BOOST_HEADS)}")
         if self.teacher_hidden < 0:
             raise ModelError(f"teacher_hidden={self.teacher_hidden}: expected 0 (none) or a width")
         if not 0.0 <= self.distill_weight <= 1.0:
@@ -387,6 +393,8 @@ class ProtocolResult:
     metrics: dict[str, dict[str, float]]
     history: list[dict[str, float]]
     timings: dict[str, float] = field(default_factory=dict)
+    # per boosted head, what models.boost.fit_boost chose: weight, trees, validation AUCs
+    boost: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _head_metrics(
@@ -642,6 +650,26 @@ def run_protocol(
                 float_metrics[name]["test"]["rce"],
                 float(np.nanmax(np.abs(p - p_float))),
             )
+    boosted, boost_report = boost_heads(config.boost, heads), {}
+    if boosted:
+        import torch
+        from scipy.special import logit
+
+        t0 = time.perf_counter()
+        # the MLP's own validation logits, from its float32 probabilities (clipped off 0 and 1)
+        z_val = logit(np.clip(p[val_rows].astype(np.float64), 1e-30, 1.0 - 2.0**-24))
+        model.boost, boost_report = fit_boost(
+            boosted,
+            head_names,
+            (train_in.dense, y[train_rows]),
+            (val_in.dense, y[val_rows], z_val),
+            seed=config.seed,
+            threads=torch.get_num_threads(),
+        )
+        if model.boost is not None:
+            p = model.predict(inputs)
+            metrics = _head_metrics(y, p, split, head_names)
+        timings["boost"] = time.perf_counter() - t0
     return ProtocolResult(
         model=model,
         codebooks=codebooks,
@@ -655,6 +683,7 @@ def run_protocol(
         metrics=metrics,
         history=history,
         timings=timings,
+        boost=boost_report,
     )
 
 

@@ -10,9 +10,9 @@ waiting for the GIL behind the worker's Python waits the interpreter's switch in
 time (measured: a tenth of the gain of the process).
 
 Each row's score depends on its own inputs only, and the helper runs the worker's own code on
-the worker's own weights (sent through the pipe as arrays, once per model: it never reads the
-artifact store), so a batch's scores are those the worker would have computed, up to the
-float32 head product's summation order (within 1e-6).
+the worker's own weights (sent through the pipe as arrays, with its boosted heads' trees, once
+per model: it never reads the artifact store), so a batch's scores are those the worker would
+have computed, up to the float32 head product's summation order (within 1e-6).
 
 The helper only accelerates. Whatever goes wrong in it (not started yet, a model still
 loading, an exception, a crash, no answer within ``timeout``), the rows it was given are
@@ -215,7 +215,8 @@ class MLPHelper:
     def _send_model(self, mlp: Any) -> None:
         self._sent_id += 1
         state = {k: v.detach().numpy() for k, v in mlp.state_dict().items()}
-        self._put(("model", self._sent_id, mlp.config.to_dict(), state))
+        boost = mlp.boost.to_dict() if mlp.boost is not None else None
+        self._put(("model", self._sent_id, mlp.config.to_dict(), state, boost))
         self._sent = mlp
 
     def submit(self, mlp: Any, inputs: Any) -> PendingScores | None:
@@ -304,11 +305,13 @@ class MLPHelper:
 
 
 def _serve(conn: Connection, threads: int) -> None:
-    """The helper's loop. ``("model", id, config, weights)`` replaces its MLP and answers
+    """The helper's loop. ``("model", id, config, weights, boost)`` replaces its MLP (``boost``:
+    its :class:`~sketchstream.models.boost.HeadBoost` as a dict, or None) and answers
     ``("loaded", id)`` (or ``("refused", (id, text))``); ``("score", dense, codes)`` answers
     ``("ok", scores)`` or ``("error", text)``. None or a closed pipe ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when it stops
     import torch
+    from sketchstream.models.boost import HeadBoost
     from sketchstream.models.mlp import EngagementMLP, MLPConfig, MLPInputs, set_threads
 
     set_threads(threads)
@@ -322,11 +325,13 @@ def _serve(conn: Connection, threads: int) -> None:
         if message is None:
             return
         if message[0] == "model":
-            _, model_id, config, state = message
+            _, model_id, config, state, boost = message
             mlp = None
             try:
                 model = EngagementMLP(MLPConfig.from_dict(config))
                 model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+                if boost is not None:
+                    model.boost = HeadBoost.from_dict(boost, model.config.heads)
                 model.eval()
                 model.warm_up()  # its kernels compiled (or loaded from numba's cache) now
                 mlp = model

@@ -30,7 +30,9 @@ DAY = 86_400.0
 def build_tiny_artifact(root: Path, seed: int = 0, *, recommender: bool = False) -> str:
     """A small but real model artifact: one codebook (depth 4, width 8) over 60 items, two
     channels, the recency and calendar count columns (so the tests that hold the worker to
-    the offline replay cover them), a 16-wide MLP; with ``recommender``, also a top-k
+    the offline replay cover them), a 16-wide MLP whose head is blended with trees on its
+    dense inputs (:func:`_tiny_boost`: the worker, its helper and the offline replay all
+    score through it); with ``recommender``, also a top-k
     recommender fitted on :func:`synthetic_events` (recent-item inputs, items with
     categories). Returns its version."""
     import torch
@@ -61,6 +63,7 @@ def build_tiny_artifact(root: Path, seed: int = 0, *, recommender: bool = False)
         MLPConfig(n_dense=n_dense, modalities=1, depth=4, width=8, hidden=16, blocks=1)
     )
     mlp.set_normalization(rng.normal(size=(64, n_dense)).astype(np.float32) + 1.0)
+    mlp.boost = _tiny_boost(n_dense, seed)
     codebooks = {"interactions": codebook}
     return save_model_artifact(
         root,
@@ -69,6 +72,21 @@ def build_tiny_artifact(root: Path, seed: int = 0, *, recommender: bool = False)
         aggregator_config=aggregator_config_to_dict(config),
         recommender=_tiny_recommender(config, codebooks, seed) if recommender else None,
     )
+
+
+def _tiny_boost(n_dense: int, seed: int) -> Any:
+    """Trees for the tiny MLP's one head, half of its logit: fitted on made-up rows (labels a
+    step on the first two columns, near the counts' values), so the score moves with the
+    features the worker computes."""
+    import lightgbm as lgb
+    from sketchstream.models.boost import BoostedHead, HeadBoost
+
+    rng = np.random.default_rng(seed + 1)
+    x = rng.exponential(2.0, size=(2000, n_dense)).astype(np.float32)
+    y = ((x[:, 0] > 1.0) ^ (x[:, 1] > 2.0)).astype(np.float64)
+    params = {"objective": "binary", "num_leaves": 7, "verbose": -1, "num_threads": 1}
+    booster = lgb.train(params, lgb.Dataset(x, y), num_boost_round=10)
+    return HeadBoost([BoostedHead("like", 0, 0.5, booster.model_to_string(), 10)], n_dense)
 
 
 def item_categories(item: str) -> tuple[str, ...]:

@@ -66,6 +66,7 @@ def submit_when_loaded(helper, mlp, inputs, timeout=60.0):
 
 def test_the_helper_scores_as_the_worker_does(model, helper):
     mlp = model.mlp
+    assert mlp.boost is not None  # its head blended with trees: the helper gets them too
     for n in (1, 7, 300):
         inputs = inputs_for(mlp, n, seed=n)
         got = submit_when_loaded(helper, mlp, inputs).result()
@@ -260,7 +261,7 @@ class Unloadable:
     """An MLP whose weights do not fit its own config: the helper refuses to load it."""
 
     def __init__(self, mlp):
-        self.config, self._mlp = mlp.config, mlp
+        self.config, self.boost, self._mlp = mlp.config, mlp.boost, mlp
 
     def state_dict(self):
         state = dict(self._mlp.state_dict())
