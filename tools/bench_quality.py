@@ -21,14 +21,16 @@ Each data set's artifact and reports go under ``<out>/<id>/`` (``model/``, ``mod
      "best_baseline_rce", "auc_diff", "auc_diff_ci95": [low, high], "draws", "held_out",
      "baselines": {name: {"auc", "rce"}}, "model", "stream_md5", "seconds": {...}, "config",
      "item_codes", "return": {"head", "auc", "rce", "recency_gbdt_auc", "recency_gbdt_rce",
-     "auc_diff", "auc_diff_ci95"}}
+     "auc_diff", "auc_diff_ci95", "boost"}}
 
 ``item_codes`` is what ``train`` chose for the MLP's item-code input (``--item-codes auto``:
 "on" or "off", by validation AUC).
 
 The model's return head (when the heads have one) is compared with its own baseline,
 ``recency_gbdt``, in the row's ``return`` block and the table's last column, with the paired
-user-level interval of the AUC difference on its labelled test events.
+user-level interval of the AUC difference on its labelled test events; its ``boost`` is what
+``train`` chose for the trees blended with it (:mod:`~sketchstream.models.boost`: ``{"weight",
+"rounds", "val_auc_mlp", "val_auc"}``, weight 0: the MLP alone; null: not tried, ``boost=off``).
 """
 
 from __future__ import annotations
@@ -189,6 +191,7 @@ def run_dataset(
                 "rce": mine["rce"],
                 "recency_gbdt_auc": base.get("auc"),
                 "recency_gbdt_rce": base.get("rce"),
+                "boost": (trained.get("boost") or {}).get(head.name),
             }
             if key in done.baseline_p:  # its labelled test events, paired by user
                 y_h = done.y[test, h].astype(np.float64)

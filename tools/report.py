@@ -99,6 +99,21 @@ def markdown(report: Mapping[str, Any]) -> str:
                 f"| {name} | {_fmt(fig['test'].get('auc'))} | {_fmt(fig['test'].get('rce'), 2)} "
                 f"| {_fmt(fig['val'].get('auc'))} |"
             )
+    boost = report.get("boost") or {}
+    if boost:
+        lines += [
+            "",
+            "Trees on the MLP's dense inputs, blended with these heads' logits at the weight "
+            "validation chose (0: the MLP alone):",
+            "",
+            "| head | weight | trees | val AUC, MLP alone | val AUC, blended |",
+            "|---|---|---|---|---|",
+        ]
+        for name, fig in boost.items():
+            lines.append(
+                f"| {name} | {fig['weight']:.1f} | {fig['rounds']} | "
+                f"{_fmt(fig['val_auc_mlp'])} | {_fmt(fig['val_auc'])} |"
+            )
     timings = report.get("timings") or {}
     if timings:
         lines += ["", "| step | seconds |", "|---|---|"]

@@ -27,7 +27,15 @@ from sketchstream.tools.options import (
     exit_on_error,
 )
 
-__all__ = ["ItemCodes", "Products", "RecProducts", "load_codebooks", "train", "train_model"]
+__all__ = [
+    "Boost",
+    "ItemCodes",
+    "Products",
+    "RecProducts",
+    "load_codebooks",
+    "train",
+    "train_model",
+]
 
 
 class ItemCodes(StrEnum):
@@ -44,6 +52,14 @@ class Products(StrEnum):
     FIXED16 = "fixed16"
     INT8 = "int8"
     FLOAT32 = "float32"
+
+
+class Boost(StrEnum):
+    """``--boost``: the values of ``TrainConfig.boost``."""
+
+    RETURN = "return"
+    ALL = "all"
+    OFF = "off"
 
 
 class RecProducts(StrEnum):
@@ -118,6 +134,16 @@ def train(
             "(README, Benchmarks).",
         ),
     ] = Products.INT8,
+    boost: Annotated[
+        Boost,
+        typer.Option(
+            help="Gradient-boosted trees (LightGBM, at most 100 of 15 leaves) on the MLP's own "
+            "dense inputs, their logit blended with a head's at the weight validation AUC "
+            "picks (0 to 1 by 0.1; 0: the MLP alone, no trees kept): on the return heads "
+            "(default), all heads, or off. The served model applies them, worker included; "
+            "the report gives each head's weight and validation AUC with and without.",
+        ),
+    ] = Boost.RETURN,
     head: HeadOption = None,
     baselines: BaselinesOption = True,
     threads: ThreadsOption = 0,
@@ -225,6 +251,7 @@ def train(
         seed=seed,
         item_codes=item_codes.value,
         products=products.value,
+        boost=boost.value,
     )
     with exit_on_error():
         given = load_codebooks(codebooks) if codebooks is not None else None
@@ -292,6 +319,8 @@ def train_model(
     # what --item-codes auto chose (or what was asked), in the manifest and the report
     extra["item_codes"] = "on" if result.model.config.modalities else "off"
     parts, more = None, {"item_codes": extra["item_codes"]}
+    if result.boost:  # what the trees on the dense inputs added, head by head (models.boost)
+        more["boost"] = result.boost
     if recommender:
         t0 = time.perf_counter()
         parts, more["recommend"] = train_recommender(

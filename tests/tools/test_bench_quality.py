@@ -72,8 +72,10 @@ def test_a_row_has_the_figures_the_issue_asks_for(row) -> None:
     assert row["config"]["item_codes"] == "auto" and row["item_codes"] in ("on", "off")
     assert set(row["return"]) == {
         *("head", "auc", "rce", "recency_gbdt_auc", "recency_gbdt_rce"),
-        *("auc_diff", "auc_diff_ci95"),
+        *("auc_diff", "auc_diff_ci95", "boost"),
     }
+    # the trees train tried on the return head (the default boost), and the weight it chose
+    assert set(row["return"]["boost"]) == {"weight", "rounds", "val_auc_mlp", "val_auc"}
     json.dumps(row)  # one JSON line
 
 

@@ -174,6 +174,12 @@ def test_a_return_head_is_trained_served_and_compared_with_its_own_baseline(tmp_
     channels = [c["name"] for c in config["aggregator"]["channels"]]
     assert channels[-1] == "activity_1d"
     assert "global_rate_back" not in json.dumps(config) and "rate_back" not in json.dumps(config)
+    # trees tried on the return head (--boost's default), kept only at a weight above 0
+    fit = json.loads((out / "report" / "report.json").read_text())["boost"]
+    assert list(fit) == ["back"] and 0.0 <= fit["back"]["weight"] <= 1.0
+    kept = {"back": {"weight": fit["back"]["weight"], "rounds": fit["back"]["rounds"]}}
+    assert config.get("boost") == (kept if fit["back"]["weight"] > 0 else None)
+    assert (version / "boost.json").is_file() == (fit["back"]["weight"] > 0)
     with_baselines = [
         a for a in _evaluate_args(data_dir, out, tmp_path / "e") if a != "--no-baselines"
     ]
