@@ -238,9 +238,11 @@ def stream(
         ),
     ] = None,
     model: Annotated[
-        Path | None,
+        list[Path] | None,
         typer.Option(
-            help="Artifact store to serve (default: the artifact dir, else a bench model)."
+            help="Artifact store to serve (default: the artifact dir, else a bench model). "
+            "Repeatable: the worker runs once a store, each round, against the same raw run "
+            "(two models compared in one run).",
         ),
     ] = None,
     hidden: Annotated[int, typer.Option(min=1, help="Hidden width of a bench-built model.")] = 512,
@@ -322,6 +324,7 @@ def stream(
     for r in runs:
         if r.get("profile"):
             which = f" (round {r['round']})" if rounds > 1 else ""
+            which += f" (model {r['model']})" if model and len(model) > 1 else ""
             table += f"\n\nworker, by stage of a batch{which}:\n" + profile_table(r["profile"])
     split = [r["latency_parts"] for r in runs if r.get("latency_parts")]
     if split:

@@ -110,7 +110,7 @@ def run_bench(
     latency_seconds: float,
     latency_rate: float | None,
     data: Path | None,
-    model: Path | None,
+    model: Path | Sequence[Path] | None,
     hidden: int,
     train_events: int,
     blocks: int,
@@ -128,6 +128,10 @@ def run_bench(
     run and ``model`` for the worker; ``broker_cpu_us_per_event`` when the broker is the local
     one (:func:`local_broker_pid`, else None); with ``profile``, the worker's ``profile``:
     :func:`~sketchstream.tools.bench_profile.profile_rows` of the drain and of the latency run).
+
+    ``model``: an artifact store to serve, or several (the worker runs once for each, in
+    every round, one after the other: two models compared in the same run, each against the
+    same round's raw).
 
     :class:`StreamBenchError` when no broker answers, the events file is empty or ``model``
     holds no artifact,
@@ -173,34 +177,45 @@ def run_bench(
             after += later_copies(pool, n - len(after))
         return after, user_keys(after)
 
-    store = version = how = None
+    served: list[tuple[Path, str, str]] = []  # (store, version, how chosen) a worker run
     if "worker" in systems:
-        try:
-            store, version, how = bench_model(
-                model,
-                settings.artifact_dir,
-                settings.home / "bench" / "models",
-                lambda: event_lines(folder / "events.jsonl", train_events)[0],
-                items_path=folder / "items.jsonl",
-                hidden=hidden,
-                blocks=blocks,
-                say=say,
-            )
-        except FileNotFoundError as exc:  # --model names a folder without an artifact store
-            raise StreamBenchError(f"--model {exc}") from None
+        given = [model] if model is None or isinstance(model, Path) else list(model)
+        for one in given or [None]:
+            try:
+                served.append(
+                    bench_model(
+                        one,
+                        settings.artifact_dir,
+                        settings.home / "bench" / "models",
+                        lambda: event_lines(folder / "events.jsonl", train_events)[0],
+                        items_path=folder / "items.jsonl",
+                        hidden=hidden,
+                        blocks=blocks,
+                        say=say,
+                    )
+                )
+            except FileNotFoundError as exc:  # --model names a folder without an artifact store
+                raise StreamBenchError(f"--model {exc}") from None
     load1, load5, _ = os.getloadavg()
     say(
         f"stream bench: {len(lines):,} events drained per system, the ones after them for the "
         f"latency run (from {origin}); {partitions} partitions, batches of up to {batch_size} "
         f"(the passthroughs' within {batch_within}s); {os.cpu_count()} CPUs, "
-        f"load average {load1:.2f}/{load5:.2f}" + (f"; model {version} ({how})" if version else "")
+        f"load average {load1:.2f}/{load5:.2f}"
+        + "".join(f"; model {version} ({how})" for _, version, how in served)
     )
     broker_pid = local_broker_pid(settings)
     rows = []
     for k in range(1, rounds + 1):
         runs = []
-        for system in systems:
-            say(f"[{system}] ..." if rounds == 1 else f"[{system}, round {k} of {rounds}] ...")
+        plan = [
+            (system, store, version)
+            for system in systems
+            for store, version, _ in (served if system == "worker" else [(None, None, None)])
+        ]
+        for system, store, version in plan:
+            name = system if len(served) < 2 or version is None else f"{system} {version}"
+            say(f"[{name}] ..." if rounds == 1 else f"[{name}, round {k} of {rounds}] ...")
             runs.append(
                 _bench_one(
                     system,
@@ -221,6 +236,8 @@ def run_bench(
                     broker_pid=broker_pid,
                 )
             )
+            if system == "worker":
+                runs[-1]["model"] = version
         raw = next((r for r in runs if r["system"] == "raw"), None)
         for r in runs:
             r["round"] = k
@@ -230,8 +247,6 @@ def run_bench(
                     r["cpu_ratio_vs_raw"] = round(
                         raw["cpu_us_per_event"] / r["cpu_us_per_event"], 3
                     )
-            if r["system"] == "worker":
-                r["model"] = version
         rows += runs
     return rows
 
@@ -248,16 +263,19 @@ def _bench_one(
 
 def rounds_summary(rows: Sequence[dict[str, Any]]) -> str:
     """Each system's events/s and ratio to raw over the rounds of :func:`run_bench`, one line
-    a system: every round's figure in order, then the median."""
+    a system (a worker line a model, when it served several): every round's figure in order,
+    then the median."""
 
     def series(values: list[float], spec: str) -> str:
         shown = " / ".join(format(v, spec) for v in values)
         return f"{shown} (median {format(statistics.median(values), spec)})"
 
     lines = []
-    for system in dict.fromkeys(r["system"] for r in rows):
-        mine = [r for r in rows if r["system"] == system]
-        text = f"{system}: events/s " + series([r["events_per_s"] for r in mine], ",.0f")
+    several = len({r.get("model") for r in rows if r["system"] == "worker"}) > 1
+    for system, model in dict.fromkeys((r["system"], r.get("model")) for r in rows):
+        mine = [r for r in rows if r["system"] == system and r.get("model") == model]
+        name = f"{system} {model}" if several and model else system
+        text = f"{name}: events/s " + series([r["events_per_s"] for r in mine], ",.0f")
         ratios = [r["ratio_vs_raw"] for r in mine if r.get("ratio_vs_raw") is not None]
         if ratios:
             text += "; x raw " + series(ratios, ".3f")
@@ -268,8 +286,10 @@ def rounds_summary(rows: Sequence[dict[str, Any]]) -> str:
 def stream_table(rows: list[dict[str, Any]]) -> str:
     """The rows of :func:`run_bench` as a text table."""
     cols = [("round", "round")] if any(r.get("round", 1) > 1 for r in rows) else []
+    cols += [("system", "system")]
+    if len({r.get("model") for r in rows if r["system"] == "worker"}) > 1:
+        cols += [("model", "model")]
     cols += [
-        ("system", "system"),
         ("events_per_s", "events/s"),
         ("ratio_vs_raw", "x raw"),
         ("cpu_us_per_event", "CPU µs/event"),

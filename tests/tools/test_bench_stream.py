@@ -83,16 +83,21 @@ def test_bench_stream_writes_one_json_line_per_system(kafka_bootstrap: str, tmp_
     assert "system" in result.output  # the table
 
 
-def bench_on_tiny_model(tmp_path: Path, kafka: str, *args: str) -> tuple[Any, list[dict]]:
-    """``sketchstream bench stream ARGS`` on the synthetic stream, serving a tiny artifact:
-    the CLI's result (exit code 0 checked) and its JSON lines."""
-    models = tmp_path / "models"
-    build_tiny_artifact(models)
+def bench_on_tiny_model(
+    tmp_path: Path, kafka: str, *args: str, models: int = 1
+) -> tuple[Any, list[dict]]:
+    """``sketchstream bench stream ARGS`` on the synthetic stream, serving a tiny artifact
+    (``models`` of them, seeds 0, 1, ..., each in its own store, one ``--model`` each): the
+    CLI's result (exit code 0 checked) and its JSON lines."""
+    given = []
+    for seed in range(models):
+        build_tiny_artifact(tmp_path / f"models{seed}", seed)
+        given += ["--model", str(tmp_path / f"models{seed}")]
     out = tmp_path / "stream.jsonl"
     result = CliRunner().invoke(
         app,
         [
-            *["bench", "stream", *args, "--data", str(tmp_path), "--model", str(models)],
+            *["bench", "stream", *args, "--data", str(tmp_path), *given],
             *["--kafka", kafka, "--timeout", "60", "--json", str(out)],
         ],
     )
@@ -122,27 +127,35 @@ def test_rounds_summary_gives_every_rounds_figures_then_the_median():
 
 @pytest.mark.slow
 @pytest.mark.kafka
-def test_bench_stream_rounds_alternate_the_systems_each_against_its_own_raw(
+def test_bench_stream_rounds_alternate_the_systems_and_models_each_against_its_own_raw(
     kafka_bootstrap: str, tmp_path: Path
 ):
+    """Two rounds of raw and a worker for each of two models: every worker run's ratio is
+    against its own round's raw run; the summary has a line a model."""
     result, rows = bench_on_tiny_model(
         tmp_path,
         kafka_bootstrap,
         *["--system", "raw", "--system", "worker", "--rounds", "2"],
         *["--events", "1000", "--latency-seconds", "0"],
+        models=2,
     )
-    assert [(r["system"], r["round"]) for r in rows] == [
-        ("raw", 1),
-        ("worker", 1),
-        ("raw", 2),
-        ("worker", 2),
+    a, b = rows[1]["model"], rows[2]["model"]
+    assert a != b
+    assert [(r["system"], r["round"], r.get("model")) for r in rows] == [
+        ("raw", 1, None),
+        ("worker", 1, a),
+        ("worker", 1, b),
+        ("raw", 2, None),
+        ("worker", 2, a),
+        ("worker", 2, b),
     ]
-    for raw, worker in (rows[:2], rows[2:]):
-        assert worker["ratio_vs_raw"] == pytest.approx(
-            worker["events_per_s"] / raw["events_per_s"], rel=1e-2
-        )
+    for raw, *workers in (rows[:3], rows[3:]):
+        for worker in workers:
+            assert worker["ratio_vs_raw"] == pytest.approx(
+                worker["events_per_s"] / raw["events_per_s"], rel=1e-2
+            )
     assert "over the rounds:" in result.output
-    assert "worker: events/s" in result.output
+    assert f"worker {a}: events/s" in result.output and f"worker {b}: events/s" in result.output
 
 
 @pytest.mark.slow
