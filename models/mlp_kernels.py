@@ -14,7 +14,9 @@ or, for a ``products="fixed16"`` model, to exact int8 products (``FixedLayer``):
 - :func:`norm_act`: ``LeakyReLU(LayerNorm(x))`` in place;
 - :func:`quantize16`, :func:`dequantize16`: around the fixed-point products of a model
   whose ``MLPConfig.products`` is ``"fixed16"`` (see ``EngagementMLP.calibrate_products``);
-  :func:`dequantize8` after the recommender's ``"int8"`` products (``Int8Layer``).
+  :func:`dequantize8` after the recommender's ``"int8"`` products (``Int8Layer``);
+- :func:`tree_scores`: the raw score of a boosted head's trees (``models.boost.Trees``),
+  LightGBM's own to the bit.
 
 Same arithmetic as the torch forward, in float32 where it is float32 (the products and
 sums' order differ, so probabilities agree within 1e-6, not to the bit:
@@ -27,7 +29,15 @@ from __future__ import annotations
 import numpy as np
 from sketchstream.models.kernels import compiled
 
-__all__ = ["add_code_rows", "dense_inputs", "dequantize8", "dequantize16", "norm_act", "quantize16"]
+__all__ = [
+    "add_code_rows",
+    "dense_inputs",
+    "dequantize8",
+    "dequantize16",
+    "norm_act",
+    "quantize16",
+    "tree_scores",
+]
 
 
 @compiled
@@ -190,3 +200,30 @@ def dequantize8(g_hi: np.ndarray, g_lo: np.ndarray, scale: np.ndarray, out: np.n
         a, b, o = g_hi[r], g_lo[r], out[r]
         for j in range(m):
             o[j] = np.float32(scale[j] * (np.float64(a[j]) + np.float64(b[j]) / 256.0))
+
+
+@compiled
+def tree_scores(
+    x: np.ndarray,
+    feature: np.ndarray,
+    threshold: np.ndarray,
+    left: np.ndarray,
+    right: np.ndarray,
+    leaf_value: np.ndarray,
+    roots: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """``out (n,)`` float64, written: the sum over the trees of ``roots`` (in order) of the
+    leaf each row ``x (n, F)`` reaches. From a node, a row goes left when its ``feature`` value
+    (float64; NaN read as 0) is ``<= threshold``, else right; a child ``c < 0`` is leaf ``~c``.
+    Tree by tree, all rows through one tree while its nodes are in cache."""
+    out[:] = 0.0
+    for root in roots:
+        for i in range(x.shape[0]):
+            node = root
+            while node >= 0:
+                v = np.float64(x[i, feature[node]])
+                if np.isnan(v):
+                    v = 0.0
+                node = left[node] if v <= threshold[node] else right[node]
+            out[i] += leaf_value[~node]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from sketchstream.models import kernels
 from sketchstream.models.artifacts import BOOST, load_model_artifact, save_model_artifact
-from sketchstream.models.boost import HeadBoost, boost_heads, fit_boost
+from sketchstream.models.boost import HeadBoost, Trees, boost_heads, fit_boost
 from sketchstream.models.channels import aggregator_config_to_dict, default_config
 from sketchstream.models.emde import Codebook
 from sketchstream.models.errors import ArtifactError, ModelError
@@ -107,7 +107,7 @@ def test_predict_blends_the_boosted_head_in_both_forwards(fitted, monkeypatch):
     model.boost = boost
     got = model.predict(inputs, batch_size=64)  # blended chunk by chunk
     np.testing.assert_array_equal(got[:, 0], plain[:, 0])
-    raw = boost._boosters[0].predict(inputs.dense, raw_score=True)
+    raw = boost.heads[0].trees.raw(inputs.dense)
     w = boost.heads[0].weight
     z = np.log(plain[:, 1].astype(np.float64)) - np.log1p(-plain[:, 1].astype(np.float64))
     want = 1.0 / (1.0 + np.exp(-((1 - w) * z + w * raw)))
@@ -126,15 +126,61 @@ def test_the_boost_round_trips_through_its_dict_and_refuses_another_models_heads
     np.testing.assert_array_equal(a, b)
     with pytest.raises(ModelError, match="the model's heads are"):
         HeadBoost.from_dict(boost.to_dict(), ("like", "click"))
-    with pytest.raises(ModelError, match="unreadable booster"):
-        HeadBoost.from_dict(
-            {**boost.to_dict(), "heads": [{**boost.to_dict()["heads"][0], "model": "not a tree"}]},
-            HEADS,
-        )
-    with pytest.raises(ModelError, match="reads 4 columns"):
-        HeadBoost.from_dict({**boost.to_dict(), "n_dense": 5}, HEADS)
+    trees = boost.heads[0].trees
+    assert trees.columns > 2  # its trees read column 2 at least (the label's own)
+    with pytest.raises(ModelError, match="the model's dense block has 2"):
+        HeadBoost.from_dict({**boost.to_dict(), "n_dense": 2}, HEADS)
     with pytest.raises(ModelError, match="malformed"):
         HeadBoost.from_dict({"heads": [{"head": "return"}]}, HEADS)
+    with pytest.raises(ModelError, match="malformed"):
+        HeadBoost.from_dict({**boost.to_dict(), "heads": [{"head": "return", "trees": 7}]}, HEADS)
+
+
+def broken(trees, **change):
+    """``trees``' dict with some arrays replaced: what a hand-edited file might hold."""
+    return {**trees.to_dict(), **change}
+
+
+def test_trees_that_would_not_end_or_read_outside_are_refused(fitted):
+    trees = fitted[0].heads[0].trees
+    n = len(trees.feature)
+    loop = [0, *trees.to_dict()["left"][1:]]  # node 0's left child is itself
+    for bad, match in (
+        (broken(trees, left=loop), "node 0 has a bad left child"),
+        (broken(trees, right=[n] * n), "bad right child"),
+        (broken(trees, roots=[~len(trees.leaf_value)]), "root is neither"),
+        (broken(trees, feature=[-1] * n), "negative column"),
+        (broken(trees, leaf_value=[float("nan")] * len(trees.leaf_value)), "not a number"),
+        (broken(trees, threshold=trees.to_dict()["threshold"][:-1]), "differ in length"),
+    ):
+        with pytest.raises(ModelError, match=match):
+            Trees.from_dict(bad)
+
+
+def test_the_trees_score_as_lightgbm_does_compiled_and_in_numpy(monkeypatch):
+    """The arrays walked by the kernel and by the numpy reference give LightGBM's own raw
+    score to the bit, NaN included (read as 0: its rule for splits that saw no missing value),
+    for the best iteration and for all of them."""
+    import lightgbm as lgb
+
+    x, y = rows(3000, 8)
+    booster = lgb.train(
+        {"objective": "binary", "num_leaves": 15, "verbose": -1, "num_threads": 1},
+        lgb.Dataset(x, np.nan_to_num(y[:, 1])),
+        num_boost_round=30,
+    )
+    probe = rows(500, 9)[0]
+    probe[::7, 1] = np.nan
+    probe[::11, 2] = np.inf
+    for rounds in (12, 30):
+        trees = Trees.from_booster(booster, rounds)
+        want = booster.predict(probe, raw_score=True, num_iteration=rounds)
+        assert len(trees.roots) == rounds
+        np.testing.assert_array_equal(trees.raw(probe), want)
+        np.testing.assert_array_equal(trees.raw_reference(probe), want)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    np.testing.assert_array_equal(trees.raw(probe), want)
+    assert trees.raw(probe[:0]).shape == (0,)
 
 
 def save(root, model):

@@ -79,14 +79,14 @@ def _tiny_boost(n_dense: int, seed: int) -> Any:
     step on the first two columns, near the counts' values), so the score moves with the
     features the worker computes."""
     import lightgbm as lgb
-    from sketchstream.models.boost import BoostedHead, HeadBoost
+    from sketchstream.models.boost import BoostedHead, HeadBoost, Trees
 
     rng = np.random.default_rng(seed + 1)
     x = rng.exponential(2.0, size=(2000, n_dense)).astype(np.float32)
     y = ((x[:, 0] > 1.0) ^ (x[:, 1] > 2.0)).astype(np.float64)
     params = {"objective": "binary", "num_leaves": 7, "verbose": -1, "num_threads": 1}
     booster = lgb.train(params, lgb.Dataset(x, y), num_boost_round=10)
-    return HeadBoost([BoostedHead("like", 0, 0.5, booster.model_to_string(), 10)], n_dense)
+    return HeadBoost([BoostedHead("like", 0, 0.5, Trees.from_booster(booster, 10), 10)], n_dense)
 
 
 def item_categories(item: str) -> tuple[str, ...]:
