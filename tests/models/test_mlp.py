@@ -443,6 +443,7 @@ import json
 import sys
 import numpy as np
 from sketchstream.models import mlp_kernels
+from sketchstream.models.boost import BoostedHead, HeadBoost, Trees
 from sketchstream.models.mlp import EngagementMLP, MLPConfig, MLPInputs
 
 names = [n for n in mlp_kernels.__all__ if hasattr(getattr(mlp_kernels, n), "signatures")]
@@ -456,6 +457,10 @@ model.set_normalization(rng.normal(size=(50, 5)))
 model.calibrate_products(
     MLPInputs(rng.normal(size=(50, 5)).astype(np.float32), np.zeros((50, 2, 3), np.int16))
 )
+# its head blended with a tree (one split), so that warm_up compiles the trees' kernel too
+tree = Trees(*(np.array(a, t) for a, t in (([1], "i4"), ([0.0], "f8"), ([-1], "i4"),
+             ([-2], "i4"), ([0.5, -0.5], "f8"), ([0], "i4"))))
+model.boost = HeadBoost([BoostedHead("like", 0, 0.5, tree, 1)], 5)
 # a fresh process: only warm_up may compile (calibration ran float32 products and the
 # kernels around them, so count from here)
 model.warm_up()
@@ -481,5 +486,5 @@ def test_warm_up_compiles_every_kernel_predict_calls(products):
     )
     assert out.returncode == 0, out.stderr
     warm, after = json.loads(out.stdout)
-    assert len(warm) == 5 and all(n == 1 for n in warm.values()), warm
+    assert len(warm) == 6 and all(n == 1 for n in warm.values()), warm
     assert after == warm
