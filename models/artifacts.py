@@ -10,7 +10,7 @@ hash) holding everything a worker needs to rebuild the exact scorer::
       codebook-<modality>.bin  one EMDE codebook per modality (``Codebook.to_bytes``)
       item-snapshot.safetensors  the item snapshot the worker scores with (optional;
                                ``ItemSnapshot.to_bytes``, no pickle)
-      boost.json               the boosted heads' trees (LightGBM's text) and blend weights
+      boost.json               the boosted heads' trees (plain arrays) and blend weights
                                (optional: ``EngagementMLP.boost``, models/boost.py)
       recommend.safetensors    the top-k recommender's weights (optional, with the next file)
       recommend-catalogue.json the items it ranks, in catalogue-row order, and their categories

@@ -179,8 +179,8 @@ def run_bench(
 
     served: list[tuple[Path, str, str]] = []  # (store, version, how chosen) a worker run
     if "worker" in systems:
-        given = [model] if model is None or isinstance(model, Path) else list(model)
-        for one in given or [None]:
+        given = [model] if model is None or isinstance(model, Path) else list(model) or [None]
+        for one in given:
             try:
                 served.append(
                     bench_model(
@@ -208,11 +208,10 @@ def run_bench(
     rows = []
     for k in range(1, rounds + 1):
         runs = []
-        plan = [
-            (system, store, version)
-            for system in systems
-            for store, version, _ in (served if system == "worker" else [(None, None, None)])
-        ]
+        plan: list[tuple[str, Path | None, str | None]] = []  # (system, store, version) a run
+        for system in systems:
+            worker = system == "worker"
+            plan += [(system, s, v) for s, v, _ in served] if worker else [(system, None, None)]
         for system, store, version in plan:
             name = system if len(served) < 2 or version is None else f"{system} {version}"
             say(f"[{name}] ..." if rounds == 1 else f"[{name}, round {k} of {rounds}] ...")
