@@ -189,6 +189,9 @@ def test_a_return_head_is_trained_served_and_compared_with_its_own_baseline(tmp_
     assert list(report["heads"]) == ["like", "back"]
     assert report["heads"]["back"]["test"]["n"] > 0
     assert 0 < report["heads"]["back"]["test"]["auc"] < 1
+    # evaluate scores the return head as train did, its trees (if kept) included
+    trained = json.loads((out / "report" / "report.json").read_text())["heads"]["back"]
+    assert report["heads"]["back"]["test"]["auc"] == pytest.approx(trained["test"]["auc"], abs=1e-6)
     assert {"recency_gbdt/back", "counts_cf_gbdt/like"} <= set(report["baselines"])
     assert "counts_gbdt/back" not in report["baselines"]
 
