@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import statistics
@@ -240,7 +241,11 @@ def run_bench(
         raw = next((r for r in runs if r["system"] == "raw"), None)
         for r in runs:
             r["round"] = k
-            if raw is not None and r["system"] != "raw" and raw["events_per_s"] > 0:
+            # a drain too short to time (its outputs within one millisecond) gives no ratio
+            rated = raw is not None and all(
+                math.isfinite(x["events_per_s"]) and x["events_per_s"] > 0 for x in (r, raw)
+            )
+            if r["system"] != "raw" and rated:
                 r["ratio_vs_raw"] = round(r["events_per_s"] / raw["events_per_s"], 3)
                 if raw["cpu_us_per_event"] and r["cpu_us_per_event"]:
                     r["cpu_ratio_vs_raw"] = round(

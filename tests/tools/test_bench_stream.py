@@ -136,7 +136,8 @@ def test_bench_stream_rounds_alternate_the_systems_and_models_each_against_its_o
         tmp_path,
         kafka_bootstrap,
         *["--system", "raw", "--system", "worker", "--rounds", "2"],
-        *["--events", "1000", "--latency-seconds", "0"],
+        # batches of 100: a drain of several sends, never one (which leaves no span to time)
+        *["--events", "1000", "--batch-size", "100", "--latency-seconds", "0"],
         models=2,
     )
     a, b = rows[1]["model"], rows[2]["model"]
@@ -179,7 +180,10 @@ def test_bench_stream_profile_splits_the_workers_wall_time_by_stage(
             assert spent[stage]["us_per_event"] > 0, (phase, stage)
         if phase == "paced":  # many batches, each waiting for the one before to finish
             assert spent["send_wait"]["us_per_event"] > 0
-        assert all(p["us_per_event"] >= 0 for p in spent.values()), phase
+        assert all(p["us_per_event"] >= 0 for p in spent.values()), (
+            phase,
+            {stage: p["us_per_event"] for stage, p in spent.items()},
+        )
         assert sum(spent[s]["pct_of_wall"] for s in STAGES) <= 100.0 + 0.1 * len(STAGES)
         assert spent["busy (wall)"]["pct_of_wall"] == 100.0
     assert "drain µs/event" in result.output and "paced µs/event" in result.output
