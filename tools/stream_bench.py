@@ -111,7 +111,7 @@ def run_bench(
     latency_seconds: float,
     latency_rate: float | None,
     data: Path | None,
-    model: Path | Sequence[Path] | None,
+    model: Sequence[Path] | None,
     hidden: int,
     train_events: int,
     blocks: int,
@@ -130,9 +130,9 @@ def run_bench(
     one (:func:`local_broker_pid`, else None); with ``profile``, the worker's ``profile``:
     :func:`~sketchstream.tools.bench_profile.profile_rows` of the drain and of the latency run).
 
-    ``model``: an artifact store to serve, or several (the worker runs once for each, in
-    every round, one after the other: two models compared in the same run, each against the
-    same round's raw).
+    ``model``: the artifact stores to serve (the worker runs once for each, in every round, one
+    after the other: two models compared in the same run, each against the same round's raw;
+    none: :func:`bench_model`'s default).
 
     :class:`StreamBenchError` when no broker answers, the events file is empty or ``model``
     holds no artifact,
@@ -180,8 +180,7 @@ def run_bench(
 
     served: list[tuple[Path, str, str]] = []  # (store, version, how chosen) a worker run
     if "worker" in systems:
-        given = [model] if model is None or isinstance(model, Path) else list(model) or [None]
-        for one in given:
+        for one in list(model or ()) or [None]:
             try:
                 served.append(
                     bench_model(
